@@ -1,0 +1,52 @@
+# Entry point for everything. `make run` and `make test` are the quick start.
+SHELL := /bin/bash
+CARGO ?= cargo
+APT_GET := $(if $(filter 0,$(shell id -u)),apt-get,sudo apt-get)
+
+.PHONY: run test lint unit e2e deps deps-system deps-node conformance check-config clean-tools
+
+## One node with the embedded broker; chat demo at http://127.0.0.1:8080/
+run:
+	$(CARGO) run -p gateway -- --allow-anonymous --publish-allow 'chat:*' \
+		--listen 127.0.0.1:8080 --admin-listen 127.0.0.1:9090
+
+## Everything CI runs: install what is missing, lint, Rust tests, browser test.
+test: deps lint unit e2e
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace
+
+## Headless Chromium drives the demo page (needs the debug gateway binary).
+e2e: deps-node
+	$(CARGO) build -p gateway
+	cd e2e && node --test
+
+## System packages the tests need; installed only when absent.
+deps: deps-system deps-node
+
+deps-system:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v node >/dev/null || missing="$$missing nodejs npm"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq $$missing; \
+	fi
+
+deps-node: e2e/node_modules/.package-lock.json
+
+e2e/node_modules/.package-lock.json: e2e/package.json e2e/package-lock.json
+	cd e2e && npm ci --no-audit --no-fund
+	touch $@
+
+## Autobahn fuzzingclient (cases 1-10) against gateway/examples/echo.rs. Not part of `make test`.
+conformance:
+	bash scripts/conformance.sh
+
+check-config:
+	$(CARGO) run -q -p gateway -- --allow-anonymous --check-config

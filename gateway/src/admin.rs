@@ -1,0 +1,205 @@
+//! The admin listener: probes, metrics and the HTTP API for backends.
+//!
+//! - `GET /healthz`: 200 while the process serves.
+//! - `GET /readyz`: 200 when ready for new connections; 503 while draining or while the
+//!   broker is unreachable.
+//! - `GET /metrics`: Prometheus text.
+//! - `POST /v1/channels/{channel}/publish` with `{"data": <json>}`: publishes cluster-wide.
+//!
+//! With `admin_token` set, `/v1/*` requires `Authorization: Bearer <token>`. Probes and
+//! metrics stay open because kubelet and scrapers reach them on this internal port only.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::{json, json_error, HttpResponse};
+use crate::node::Node;
+
+/// Accepts admin connections until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, node: Arc<Node>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let node = node.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let node = node.clone();
+                async move { Ok::<_, Infallible>(route(node, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn route(node: Arc<Node>, req: Request<Incoming>) -> HttpResponse {
+    let path = req.uri().path().to_owned();
+    let response = match (req.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        (&Method::GET, "/readyz") => readiness(&node),
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(Full::new(Bytes::from(node.metrics.render())));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        (_, p) if p.starts_with("/v1/") => match refuse_unauthorized(&node, &req) {
+            Some(refusal) => refusal,
+            None => api(&node, req, &path).await,
+        },
+        _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such path"),
+    };
+    node.metrics.inc(
+        "gateway_http_requests_total",
+        &[
+            ("listener", "admin"),
+            ("status", response.status().as_str()),
+        ],
+    );
+    response
+}
+
+fn readiness(node: &Node) -> HttpResponse {
+    let (status, state) = if node.draining.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if !node.hub.broker_healthy() {
+        (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable")
+    } else {
+        (StatusCode::OK, "ready")
+    };
+    json(
+        status,
+        &serde_json::json!({ "status": state, "connections": node.open_connections() }),
+    )
+}
+
+/// The 401 answer when an admin token is configured and the request lacks it.
+fn refuse_unauthorized(node: &Node, req: &Request<Incoming>) -> Option<HttpResponse> {
+    let token = node.config.admin_token.as_deref()?;
+    let given = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compare in constant time so the token cannot be guessed byte by byte from timings.
+    let ok = given.is_some_and(|g| {
+        g.len() == token.len()
+            && g.bytes()
+                .zip(token.bytes())
+                .fold(0u8, |a, (x, y)| a | (x ^ y))
+                == 0
+    });
+    if ok {
+        return None;
+    }
+    tracing::info!("admin request refused: missing or wrong bearer token");
+    let mut r = json_error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "admin token required",
+    );
+    r.headers_mut()
+        .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+    Some(r)
+}
+
+#[derive(Deserialize)]
+struct PublishBody {
+    data: Box<RawValue>,
+}
+
+async fn api(node: &Node, req: Request<Incoming>, path: &str) -> HttpResponse {
+    let channel = path
+        .strip_prefix("/v1/channels/")
+        .and_then(|r| r.strip_suffix("/publish"));
+    let Some(channel) = channel else {
+        return json_error(StatusCode::NOT_FOUND, "not_found", "no such path");
+    };
+    if req.method() != Method::POST {
+        return json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use POST",
+        );
+    }
+    if !shared::channel::is_valid(channel) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_channel",
+            "channel must match [A-Za-z0-9_.:@/-]{1,200}",
+        );
+    }
+    let max = node.config.max_message_bytes;
+    let body = match Limited::new(req.into_body(), max).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return json_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                &format!("body over {max} bytes"),
+            )
+        }
+    };
+    let parsed: PublishBody = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                &format!("expected {{\"data\": <json>}}: {e}"),
+            )
+        }
+    };
+    let depth = shared::protocol::MAX_DATA_DEPTH;
+    if shared::protocol::nesting_exceeds(parsed.data.get(), depth) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            &format!("`data` nests deeper than {depth} levels"),
+        );
+    }
+    match node.hub.publish(channel, parsed.data.get()).await {
+        Ok(()) => {
+            node.metrics.inc("gateway_admin_publishes_total", &[]);
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "status": "published" }),
+            )
+        }
+        Err(e) => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            &e.to_string(),
+        ),
+    }
+}

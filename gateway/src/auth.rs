@@ -1,0 +1,492 @@
+//! JWT verification at the handshake, JWKS caching, and the per-connection token clock.
+//!
+//! Keys come from `jwt_secret` (HS*), `jwt_public_key` PEM files (RS*, PS*, ES256/384,
+//! EdDSA) and/or a JWKS URL. Several keys may be live at once, which is how rotation works:
+//! publish the new key next to the old one, switch the signer, drop the old key later.
+//! JWKS keys are chosen by `kid`; an unknown `kid` triggers a refetch, at most once per
+//! `jwks_min_refresh_secs`, so a flood of forged `kid`s cannot turn the node into a JWKS
+//! hammer.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use shared::claims::Claims;
+
+use crate::config::Config;
+use crate::error::StartError;
+use crate::metrics::Metrics;
+
+/// Why a token was refused. `code()` is the `error` field of the 401 body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no token: send `Authorization: Bearer <jwt>` or `?access_token=<jwt>`")]
+    Missing,
+    #[error("token is not a well-formed JWT")]
+    Malformed,
+    #[error("token signature does not verify")]
+    BadSignature,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("token issuer is not accepted")]
+    WrongIssuer,
+    #[error("token audience is not accepted")]
+    WrongAudience,
+    #[error("token algorithm is not accepted by this node")]
+    UnsupportedAlgorithm,
+    #[error("no key with this token's kid")]
+    UnknownKey,
+    #[error("signing keys are unavailable right now")]
+    KeysUnavailable,
+}
+
+impl AuthError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "token_missing",
+            AuthError::Malformed => "token_malformed",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::Expired => "token_expired",
+            AuthError::NotYetValid => "token_not_yet_valid",
+            AuthError::WrongIssuer => "wrong_issuer",
+            AuthError::WrongAudience => "wrong_audience",
+            AuthError::UnsupportedAlgorithm => "unsupported_algorithm",
+            AuthError::UnknownKey => "unknown_key",
+            AuthError::KeysUnavailable => "keys_unavailable",
+        }
+    }
+}
+
+/// A verified token's meaning for the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: String,
+    /// Subscribe patterns; `None` means no limit.
+    pub channels: Option<Vec<String>>,
+    /// Extra publish patterns on top of `publish_allow`.
+    pub publish: Vec<String>,
+    /// Expiry, Unix seconds.
+    pub exp: u64,
+}
+
+/// See the module docs.
+pub struct Authenticator {
+    secret: Option<DecodingKey>,
+    public: Vec<DecodingKey>,
+    jwks: Option<Arc<Jwks>>,
+    leeway: u64,
+    issuer: Option<String>,
+    audience: Option<String>,
+}
+
+impl Authenticator {
+    /// Builds the verifier from the config, or `None` when no key is configured.
+    pub fn from_config(c: &Config, metrics: Arc<Metrics>) -> Result<Option<Arc<Self>>, StartError> {
+        if !c.has_auth() {
+            return Ok(None);
+        }
+        let mut public = Vec::new();
+        for path in &c.jwt_public_key {
+            public.push(load_public_key(path)?);
+        }
+        let jwks = match &c.jwks_url {
+            Some(url) => Some(Arc::new(Jwks::new(url, c, metrics)?)),
+            None => None,
+        };
+        Ok(Some(Arc::new(Authenticator {
+            secret: c
+                .jwt_secret
+                .as_deref()
+                .map(|s| DecodingKey::from_secret(s.as_bytes())),
+            public,
+            jwks,
+            leeway: c.jwt_leeway_secs,
+            issuer: c.jwt_issuer.clone(),
+            audience: c.jwt_audience.clone(),
+        })))
+    }
+
+    /// The JWKS cache, for the refresh task.
+    pub fn jwks(&self) -> Option<Arc<Jwks>> {
+        self.jwks.clone()
+    }
+
+    /// Verifies a token and returns who it names and what it allows.
+    pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+        let alg = header.alg;
+        let hmac = matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
+        let mut candidates: Vec<DecodingKey> = Vec::new();
+        if hmac {
+            candidates.extend(self.secret.clone());
+        } else {
+            candidates.extend(
+                self.public
+                    .iter()
+                    .filter(|k| k.family() == alg.family())
+                    .cloned(),
+            );
+            if let Some(jwks) = &self.jwks {
+                candidates.extend(jwks.keys_for(header.kid.as_deref(), alg).await?);
+            }
+        }
+        if candidates.is_empty() {
+            return Err(if hmac || self.jwks.is_none() {
+                AuthError::UnsupportedAlgorithm
+            } else {
+                AuthError::UnknownKey
+            });
+        }
+        let validation = self.validation(alg);
+        let mut last = AuthError::BadSignature;
+        for key in &candidates {
+            match jsonwebtoken::decode::<Claims>(token, key, &validation) {
+                Ok(data) => {
+                    let c = data.claims;
+                    return Ok(Identity {
+                        user_id: c.sub,
+                        channels: c.channels,
+                        publish: c.publish,
+                        exp: c.exp,
+                    });
+                }
+                Err(e) => {
+                    last = map_error(e.kind());
+                    if last != AuthError::BadSignature {
+                        // The signature verified (claims are checked after it): this key is
+                        // the right one and the claims are what is wrong.
+                        return Err(last);
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn validation(&self, alg: Algorithm) -> Validation {
+        let mut v = Validation::new(alg);
+        v.leeway = self.leeway;
+        v.validate_nbf = true;
+        v.set_required_spec_claims(&["exp", "sub"]);
+        if let Some(iss) = &self.issuer {
+            v.set_issuer(&[iss]);
+        }
+        match &self.audience {
+            Some(aud) => v.set_audience(&[aud]),
+            None => v.validate_aud = false,
+        }
+        v
+    }
+}
+
+fn map_error(kind: &ErrorKind) -> AuthError {
+    match kind {
+        ErrorKind::InvalidSignature => AuthError::BadSignature,
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+        ErrorKind::InvalidAudience => AuthError::WrongAudience,
+        ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => {
+            AuthError::UnsupportedAlgorithm
+        }
+        ErrorKind::MissingRequiredClaim(c) if c == "iss" => AuthError::WrongIssuer,
+        ErrorKind::MissingRequiredClaim(c) if c == "aud" => AuthError::WrongAudience,
+        _ => AuthError::Malformed,
+    }
+}
+
+fn load_public_key(path: &Path) -> Result<DecodingKey, StartError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| StartError::Key(path.display().to_string(), e.to_string()))?;
+    DecodingKey::from_rsa_pem(&pem)
+        .or_else(|_| DecodingKey::from_ec_pem(&pem))
+        .or_else(|_| DecodingKey::from_ed_pem(&pem))
+        .map_err(|e| StartError::Key(path.display().to_string(), e.to_string()))
+}
+
+/// Unix time in seconds.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A cached JWKS.
+pub struct Jwks {
+    url: hyper::Uri,
+    tls: Option<tokio_rustls::TlsConnector>,
+    set: RwLock<Option<JwkSet>>,
+    last_fetch: Mutex<Option<Instant>>,
+    fetching: tokio::sync::Mutex<()>,
+    min_refresh: Duration,
+    pub refresh: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Jwks {
+    fn new(url: &str, c: &Config, metrics: Arc<Metrics>) -> Result<Self, StartError> {
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|_| StartError::Jwks(format!("bad URL {url}")))?;
+        let tls = if uri.scheme_str() == Some("https") {
+            let mut roots = rustls::RootCertStore::empty();
+            use rustls::pki_types::pem::PemObject;
+            let certs =
+                rustls::pki_types::CertificateDer::pem_file_iter(&c.jwks_ca_file).map_err(|e| {
+                    StartError::Jwks(format!("CA file {}: {e}", c.jwks_ca_file.display()))
+                })?;
+            for cert in certs.flatten() {
+                let _ = roots.add(cert);
+            }
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| StartError::Jwks(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+        } else {
+            None
+        };
+        Ok(Jwks {
+            url: uri,
+            tls,
+            set: RwLock::new(None),
+            last_fetch: Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(()),
+            min_refresh: Duration::from_secs(c.jwks_min_refresh_secs),
+            refresh: Duration::from_secs(c.jwks_refresh_secs.max(1)),
+            metrics,
+        })
+    }
+
+    fn lookup(&self, kid: Option<&str>, alg: Algorithm) -> Option<Vec<DecodingKey>> {
+        let set = self.set.read().unwrap_or_else(|p| p.into_inner());
+        let set = set.as_ref()?;
+        let keys = set
+            .keys
+            .iter()
+            .filter(|k| match kid {
+                Some(kid) => k.common.key_id.as_deref() == Some(kid),
+                None => true,
+            })
+            .filter_map(|k| DecodingKey::from_jwk(k).ok())
+            .filter(|k| k.family() == alg.family())
+            .collect::<Vec<_>>();
+        (!keys.is_empty()).then_some(keys)
+    }
+
+    /// Keys matching `kid` (all keys when the token has none), refetching once on a miss.
+    async fn keys_for(
+        &self,
+        kid: Option<&str>,
+        alg: Algorithm,
+    ) -> Result<Vec<DecodingKey>, AuthError> {
+        if let Some(keys) = self.lookup(kid, alg) {
+            return Ok(keys);
+        }
+        let had_keys = self.set.read().unwrap_or_else(|p| p.into_inner()).is_some();
+        let recently = self
+            .last_fetch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < self.min_refresh);
+        if !recently {
+            self.fetch().await;
+        }
+        match self.lookup(kid, alg) {
+            Some(keys) => Ok(keys),
+            None if !had_keys && self.set.read().unwrap_or_else(|p| p.into_inner()).is_none() => {
+                Err(AuthError::KeysUnavailable)
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Fetches the JWKS now (one fetch at a time); keeps the old set on failure.
+    pub async fn fetch(&self) {
+        let _one = self.fetching.lock().await;
+        *self.last_fetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        match tokio::time::timeout(Duration::from_secs(5), self.get()).await {
+            Ok(Ok(set)) => {
+                tracing::info!(url = %self.url, keys = set.keys.len(), "JWKS refreshed");
+                self.metrics
+                    .inc("gateway_jwks_fetches_total", &[("outcome", "ok")]);
+                *self.set.write().unwrap_or_else(|p| p.into_inner()) = Some(set);
+            }
+            Ok(Err(e)) => {
+                self.metrics
+                    .inc("gateway_jwks_fetches_total", &[("outcome", "error")]);
+                tracing::warn!(url = %self.url, error = %e, "JWKS fetch failed; keeping cached keys");
+            }
+            Err(_) => {
+                self.metrics
+                    .inc("gateway_jwks_fetches_total", &[("outcome", "timeout")]);
+                tracing::warn!(url = %self.url, "JWKS fetch timed out; keeping cached keys");
+            }
+        }
+    }
+
+    async fn get(&self) -> Result<JwkSet, String> {
+        let host = self.url.host().ok_or("URL has no host")?.to_owned();
+        let tls = self.tls.is_some();
+        let port = self.url.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let path = self
+            .url
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, &host)
+            .header(hyper::header::ACCEPT, "application/json")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let body = match &self.tls {
+            Some(connector) => {
+                let name = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| e.to_string())?;
+                let stream = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                request(stream, req).await?
+            }
+            None => request(tcp, req).await?,
+        };
+        serde_json::from_slice(&body).map_err(|e| format!("not a JWKS: {e}"))
+    }
+}
+
+async fn request<S>(io: S, req: hyper::Request<Empty<Bytes>>) -> Result<Bytes, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("HTTP {}", resp.status()));
+    }
+    let body = Limited::new(resp.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(body.to_bytes())
+}
+
+/// Refreshes the JWKS every `refresh` until `stop`.
+pub async fn refresh_jwks(jwks: Arc<Jwks>, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        jwks.fetch().await;
+        tokio::select! {
+            _ = tokio::time::sleep(jwks.refresh) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// A connection's token expiry, watched by its writer loop.
+///
+/// At `exp` the client is told (`{"type":"token_expired","grace_ms":N}`); if no valid
+/// `refresh` arrives within the grace period, the connection is closed with 4002.
+pub struct TokenClock {
+    /// Token expiry, Unix seconds.
+    exp: AtomicU64,
+    /// Unix ms at which the grace period ends; 0 while the client has not been warned.
+    close_at_ms: AtomicU64,
+    grace: Duration,
+}
+
+/// What the writer should do when the clock's deadline passes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClockEvent {
+    /// Refreshed in the meantime, or not due yet: nothing.
+    NotYet,
+    /// Tell the client its token expired and how long it has to refresh.
+    Warn(u64),
+    /// Grace is over: close with 4002.
+    Expired,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl TokenClock {
+    pub fn new(exp: u64, grace: Duration) -> Self {
+        TokenClock {
+            exp: AtomicU64::new(exp),
+            close_at_ms: AtomicU64::new(0),
+            grace,
+        }
+    }
+
+    /// A refresh moved expiry to `exp`.
+    pub fn renew(&self, exp: u64) {
+        self.exp.store(exp, Ordering::Release);
+        self.close_at_ms.store(0, Ordering::Release);
+    }
+
+    /// When the writer should next call [`TokenClock::fire`].
+    pub fn deadline(&self) -> tokio::time::Instant {
+        let close_at = self.close_at_ms.load(Ordering::Acquire);
+        let due_ms = if close_at == 0 {
+            self.exp.load(Ordering::Acquire) * 1000
+        } else {
+            close_at
+        };
+        tokio::time::Instant::now() + Duration::from_millis(due_ms.saturating_sub(unix_ms()))
+    }
+
+    pub fn fire(&self) -> ClockEvent {
+        let now = unix_ms();
+        if now < self.exp.load(Ordering::Acquire) * 1000 {
+            return ClockEvent::NotYet;
+        }
+        let close_at = self.close_at_ms.load(Ordering::Acquire);
+        if close_at == 0 {
+            self.close_at_ms
+                .store(now + self.grace.as_millis() as u64, Ordering::Release);
+            return ClockEvent::Warn(self.grace.as_millis() as u64);
+        }
+        if now >= close_at {
+            ClockEvent::Expired
+        } else {
+            ClockEvent::NotYet
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_warns_then_expires_unless_renewed() {
+        let clock = TokenClock::new(unix_now() - 1, Duration::from_millis(50));
+        assert_eq!(clock.fire(), ClockEvent::Warn(50));
+        assert_eq!(clock.fire(), ClockEvent::NotYet);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(clock.fire(), ClockEvent::Expired);
+        clock.renew(unix_now() + 100);
+        assert_eq!(clock.fire(), ClockEvent::NotYet);
+        assert!(clock.deadline() > tokio::time::Instant::now() + Duration::from_secs(90));
+    }
+}

@@ -1,0 +1,151 @@
+//! The conformance suite every [`Broker`] implementation must pass.
+//!
+//! Call [`run_all`] from an integration test with a factory that builds a fresh broker around
+//! the given sink. The suite only uses the public trait, so the in-memory and the Redis broker
+//! are held to exactly the same contract.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{Broker, Sink};
+
+/// Messages a test sink received, in order.
+#[derive(Clone, Default)]
+pub struct Recorder(Arc<Mutex<Vec<(String, String)>>>);
+
+impl Recorder {
+    pub fn sink(&self) -> Sink {
+        let inner = self.0.clone();
+        Arc::new(move |c: &str, d: &str| {
+            inner
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((c.to_owned(), d.to_owned()))
+        })
+    }
+
+    pub fn messages(&self) -> Vec<(String, String)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits (up to 5 s) until at least `n` messages arrived, then returns all of them.
+    pub async fn wait_for(&self, n: usize) -> Vec<(String, String)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.messages().len() < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.messages()
+    }
+
+    /// Waits long enough for a message that should not arrive to show up, then returns all.
+    pub async fn settle(&self) -> Vec<(String, String)> {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.messages()
+    }
+}
+
+fn pair(c: &str, d: &str) -> (String, String) {
+    (c.to_owned(), d.to_owned())
+}
+
+/// Runs every case against brokers made by `make`. Panics on the first failure.
+pub async fn run_all<F, Fut>(make: F)
+where
+    F: Fn(Sink) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    delivers_subscribed_channels_only(&make).await;
+    unsubscribe_stops_delivery(&make).await;
+    subscribe_is_idempotent(&make).await;
+    preserves_order_and_bytes(&make).await;
+    reports_healthy(&make).await;
+}
+
+async fn delivers_subscribed_channels_only<F, Fut>(make: &F)
+where
+    F: Fn(Sink) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let rec = Recorder::default();
+    let b = make(rec.sink()).await;
+    b.subscribe("conf:a").await.expect("subscribe");
+    b.publish("conf:b", "1").await.expect("publish b");
+    b.publish("conf:a", "2").await.expect("publish a");
+    assert_eq!(rec.wait_for(1).await, vec![pair("conf:a", "2")]);
+    assert_eq!(
+        rec.settle().await,
+        vec![pair("conf:a", "2")],
+        "channel b leaked"
+    );
+}
+
+async fn unsubscribe_stops_delivery<F, Fut>(make: &F)
+where
+    F: Fn(Sink) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let rec = Recorder::default();
+    let b = make(rec.sink()).await;
+    b.subscribe("conf:u").await.expect("subscribe");
+    b.publish("conf:u", "1").await.expect("publish");
+    rec.wait_for(1).await;
+    b.unsubscribe("conf:u").await.expect("unsubscribe");
+    b.unsubscribe("conf:u")
+        .await
+        .expect("second unsubscribe is a no-op");
+    b.publish("conf:u", "2").await.expect("publish");
+    assert_eq!(rec.settle().await, vec![pair("conf:u", "1")]);
+}
+
+async fn subscribe_is_idempotent<F, Fut>(make: &F)
+where
+    F: Fn(Sink) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let rec = Recorder::default();
+    let b = make(rec.sink()).await;
+    b.subscribe("conf:i").await.expect("subscribe");
+    b.subscribe("conf:i").await.expect("subscribe again");
+    b.publish("conf:i", "true").await.expect("publish");
+    rec.wait_for(1).await;
+    assert_eq!(
+        rec.settle().await.len(),
+        1,
+        "double subscribe must not double deliver"
+    );
+}
+
+async fn preserves_order_and_bytes<F, Fut>(make: &F)
+where
+    F: Fn(Sink) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let rec = Recorder::default();
+    let b = make(rec.sink()).await;
+    b.subscribe("conf:o").await.expect("subscribe");
+    let odd = r#"{"s":"é \"q\" \\ \u0000 😀","n":[1,2.5e3,null]}"#;
+    b.publish("conf:o", odd).await.expect("publish");
+    for i in 0..200 {
+        b.publish("conf:o", &i.to_string()).await.expect("publish");
+    }
+    let got = rec.wait_for(201).await;
+    assert_eq!(got.len(), 201);
+    assert_eq!(
+        got[0],
+        pair("conf:o", odd),
+        "data must arrive byte for byte"
+    );
+    for (i, m) in got[1..].iter().enumerate() {
+        assert_eq!(m.1, i.to_string(), "order broken at {i}");
+    }
+}
+
+async fn reports_healthy<F, Fut>(make: &F)
+where
+    F: Fn(Sink) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let b = make(Recorder::default().sink()).await;
+    assert!(b.is_healthy());
+}

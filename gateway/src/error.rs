@@ -1,0 +1,151 @@
+//! Error types. Each records who caused it ([`Blame`]): that decides the close code sent to
+//! the client, the log level and the `blame` label on `gateway_connection_closes_total`.
+
+use std::path::PathBuf;
+
+use shared::close;
+
+/// Who caused an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The client sent something wrong or behaved badly; logged at debug.
+    Client,
+    /// A dependency (the broker) failed; logged at warn.
+    Upstream,
+    /// A bug or resource failure in this node; logged at error.
+    Internal,
+    /// Nobody: a normal close (client goodbye, shutdown, drain).
+    None,
+}
+
+impl Blame {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Blame::Client => "client",
+            Blame::Upstream => "upstream",
+            Blame::Internal => "internal",
+            Blame::None => "none",
+        }
+    }
+}
+
+/// Why a WebSocket connection ends. Maps one-to-one to a close frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CloseReason {
+    #[error("client closed with {0}")]
+    ClientClosed(u16),
+    /// The payload is a snake_case slug naming the violation (metric label).
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+    #[error("binary frames are not supported")]
+    Binary,
+    #[error("text is not valid UTF-8")]
+    InvalidUtf8,
+    #[error("message exceeds {0} bytes")]
+    TooBig(usize),
+    #[error("outbound queue over {0} bytes")]
+    SlowConsumer(usize),
+    #[error("no frame within heartbeat timeout")]
+    HeartbeatTimeout,
+    #[error("policy violation: {0}")]
+    Policy(&'static str),
+    #[error("token expired and was not refreshed")]
+    TokenExpired,
+    #[error("node shutting down")]
+    Shutdown,
+    #[error("disconnected by operator")]
+    Disconnected,
+    #[error("internal error")]
+    Internal,
+    /// The transport ended without a close handshake; nothing can be sent.
+    #[error("connection lost")]
+    Abnormal,
+}
+
+impl CloseReason {
+    /// The close code sent to the peer.
+    pub fn code(&self) -> u16 {
+        match self {
+            CloseReason::ClientClosed(c) => *c,
+            CloseReason::Protocol(_) => close::PROTOCOL_ERROR,
+            CloseReason::Binary => close::UNSUPPORTED_DATA,
+            CloseReason::InvalidUtf8 => close::INVALID_PAYLOAD,
+            CloseReason::TooBig(_) => close::MESSAGE_TOO_BIG,
+            CloseReason::SlowConsumer(_) => close::SLOW_CONSUMER,
+            CloseReason::HeartbeatTimeout => close::HEARTBEAT_TIMEOUT,
+            CloseReason::Policy(_) => close::POLICY_VIOLATION,
+            CloseReason::TokenExpired => close::TOKEN_EXPIRED,
+            CloseReason::Shutdown => close::GOING_AWAY,
+            CloseReason::Disconnected => close::DISCONNECTED,
+            CloseReason::Internal => close::INTERNAL_ERROR,
+            CloseReason::Abnormal => 1006,
+        }
+    }
+
+    /// Short snake_case label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed(_) => "client_closed",
+            CloseReason::Protocol(_) => "protocol_error",
+            CloseReason::Binary => "binary_frame",
+            CloseReason::InvalidUtf8 => "invalid_utf8",
+            CloseReason::TooBig(_) => "message_too_big",
+            CloseReason::SlowConsumer(_) => "slow_consumer",
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::Policy(_) => "rate_limited",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Disconnected => "disconnected",
+            CloseReason::Internal => "internal",
+            CloseReason::Abnormal => "connection_lost",
+        }
+    }
+
+    pub fn blame(&self) -> Blame {
+        match self {
+            CloseReason::ClientClosed(_)
+            | CloseReason::Shutdown
+            | CloseReason::Disconnected
+            | CloseReason::Abnormal => Blame::None,
+            CloseReason::Internal => Blame::Internal,
+            _ => Blame::Client,
+        }
+    }
+}
+
+/// Broker failures. Always blamed on upstream for the remote broker, internal for the
+/// in-memory one (which cannot fail in practice).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("broker call timed out")]
+    Timeout,
+}
+
+/// Invalid or unreadable configuration. Blamed on the operator; `main` prints it and exits 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "no client authentication is configured: set a JWT key, or pass --allow-anonymous \
+         (GATEWAY_ALLOW_ANONYMOUS=true) to accept clients without tokens"
+    )]
+    NoAuth,
+    #[error("invalid setting `{0}`: {1}")]
+    Invalid(&'static str, String),
+    #[error("cannot read config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("cannot parse config file {0}: {1}")]
+    Parse(PathBuf, toml::de::Error),
+}
+
+/// Failures while starting a node (bad key material, unreachable files). `main` exits 1.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot load JWT key {0}: {1}")]
+    Key(String, String),
+    #[error("JWKS: {0}")]
+    Jwks(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+}

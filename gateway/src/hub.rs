@@ -1,0 +1,273 @@
+//! The local hub: which connections of this node listen to which channel.
+//!
+//! Sharded by channel name so that fan-out on one busy channel does not contend with
+//! subscribes on others. Each shard has two locks with different jobs:
+//!
+//! - `channels` (a std `RwLock`) is what fan-out reads. It is never held across an await.
+//! - `control` (a tokio mutex) serialises subscribe/unsubscribe transitions of the shard, so
+//!   that "first local subscriber → broker subscribe" and "last one left → broker unsubscribe"
+//!   happen in the order they were decided, even though the broker calls are async.
+//!
+//! Fan-out encodes the `message` frame once and pushes the same [`Bytes`] to every
+//! subscriber's [`Outbound`] queue.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::broker::{Broker, Sink};
+use crate::error::BrokerError;
+use crate::metrics::Metrics;
+use crate::outbound::{Outbound, Pushed};
+use crate::websocket::frame;
+
+/// A connection's id, unique within the node.
+pub type ConnId = u64;
+
+type Subscribers = HashMap<ConnId, Arc<Outbound>>;
+
+struct Shard {
+    control: tokio::sync::Mutex<()>,
+    channels: RwLock<HashMap<String, Subscribers>>,
+}
+
+/// See the module docs.
+pub struct Hub {
+    shards: Box<[Shard]>,
+    broker: Arc<dyn Broker>,
+    metrics: Arc<Metrics>,
+    broker_timeout: Duration,
+}
+
+impl Hub {
+    /// Builds the hub and its broker. The broker gets a sink that feeds [`Hub::deliver`].
+    pub fn new(
+        shards: usize,
+        metrics: Arc<Metrics>,
+        broker_timeout: Duration,
+        make_broker: impl FnOnce(Sink) -> Arc<dyn Broker>,
+    ) -> Arc<Hub> {
+        Arc::new_cyclic(|weak: &Weak<Hub>| {
+            let weak = weak.clone();
+            let sink: Sink = Arc::new(move |channel: &str, data: &str| {
+                if let Some(hub) = weak.upgrade() {
+                    hub.deliver(channel, data);
+                }
+            });
+            Hub {
+                shards: (0..shards.max(1))
+                    .map(|_| Shard {
+                        control: tokio::sync::Mutex::new(()),
+                        channels: RwLock::new(HashMap::new()),
+                    })
+                    .collect(),
+                broker: make_broker(sink),
+                metrics,
+                broker_timeout,
+            }
+        })
+    }
+
+    fn shard(&self, channel: &str) -> &Shard {
+        let mut h = DefaultHasher::new();
+        channel.hash(&mut h);
+        &self.shards[h.finish() as usize % self.shards.len()]
+    }
+
+    /// Adds `conn` to `channel`; the first local subscriber makes the node subscribe to the
+    /// broker. Idempotent per connection.
+    pub async fn subscribe(
+        &self,
+        channel: &str,
+        conn: ConnId,
+        out: &Arc<Outbound>,
+    ) -> Result<(), BrokerError> {
+        let shard = self.shard(channel);
+        let _order = shard.control.lock().await;
+        let first = {
+            let mut map = write(&shard.channels);
+            let subs = map.entry(channel.to_owned()).or_default();
+            subs.insert(conn, out.clone());
+            subs.len() == 1
+        };
+        if first {
+            if let Err(e) = self
+                .broker_call("subscribe", self.broker.subscribe(channel))
+                .await
+            {
+                let mut map = write(&shard.channels);
+                if let Some(subs) = map.get_mut(channel) {
+                    subs.remove(&conn);
+                    if subs.is_empty() {
+                        map.remove(channel);
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `conn` from `channel`; the last local subscriber leaving makes the node
+    /// unsubscribe from the broker. Removing an absent subscriber is a no-op.
+    pub async fn unsubscribe(&self, channel: &str, conn: ConnId) -> Result<(), BrokerError> {
+        let shard = self.shard(channel);
+        let _order = shard.control.lock().await;
+        let last = {
+            let mut map = write(&shard.channels);
+            let emptied = map
+                .get_mut(channel)
+                .is_some_and(|subs| subs.remove(&conn).is_some() && subs.is_empty());
+            if emptied {
+                map.remove(channel);
+            }
+            emptied
+        };
+        if last {
+            self.broker_call("unsubscribe", self.broker.unsubscribe(channel))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes through the broker, reaching subscribers on every node.
+    pub async fn publish(&self, channel: &str, data: &str) -> Result<(), BrokerError> {
+        self.broker_call("publish", self.broker.publish(channel, data))
+            .await
+    }
+
+    /// Queues a channel message to every local subscriber. The frame is encoded once.
+    pub fn deliver(&self, channel: &str, data: &str) {
+        let shard = self.shard(channel);
+        let map = shard.channels.read().unwrap_or_else(|p| p.into_inner());
+        let Some(subs) = map.get(channel) else { return };
+        let bytes: Bytes = frame::text(&shared::protocol::encode_message(channel, data));
+        let mut delivered = 0u64;
+        for out in subs.values() {
+            match out.push(bytes.clone()) {
+                Pushed::Queued => delivered += 1,
+                Pushed::Overflowed => {
+                    self.metrics
+                        .inc("gateway_slow_consumer_disconnects_total", &[]);
+                }
+                Pushed::Closing => {}
+            }
+        }
+        drop(map);
+        self.metrics
+            .deliveries
+            .fetch_add(delivered, Ordering::Relaxed);
+        self.metrics
+            .messages_out
+            .fetch_add(delivered, Ordering::Relaxed);
+        self.metrics
+            .bytes_out
+            .fetch_add(delivered * bytes.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Number of local subscribers of `channel`.
+    pub fn subscribers(&self, channel: &str) -> usize {
+        let map = self
+            .shard(channel)
+            .channels
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        map.get(channel).map_or(0, HashMap::len)
+    }
+
+    /// False while the broker cannot reach its backend.
+    pub fn broker_healthy(&self) -> bool {
+        self.broker.is_healthy()
+    }
+
+    async fn broker_call(
+        &self,
+        op: &'static str,
+        call: crate::broker::BoxFuture<'_, Result<(), BrokerError>>,
+    ) -> Result<(), BrokerError> {
+        let result = match tokio::time::timeout(self.broker_timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(BrokerError::Timeout),
+        };
+        if let Err(e) = &result {
+            self.metrics
+                .inc("gateway_broker_errors_total", &[("op", op)]);
+            tracing::warn!(op, error = %e, "broker call failed");
+        }
+        result
+    }
+}
+
+fn write(
+    lock: &RwLock<HashMap<String, Subscribers>>,
+) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Subscribers>> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+    use std::collections::VecDeque;
+
+    fn hub() -> Arc<Hub> {
+        Hub::new(4, Arc::default(), Duration::from_secs(1), |sink| {
+            Arc::new(MemoryBroker::new(sink)) as Arc<dyn Broker>
+        })
+    }
+
+    #[tokio::test]
+    async fn fan_out_shares_one_encoding() {
+        let hub = hub();
+        let (a, b) = (
+            Arc::new(Outbound::new(1 << 16)),
+            Arc::new(Outbound::new(1 << 16)),
+        );
+        hub.subscribe("c", 1, &a).await.expect("sub a");
+        hub.subscribe("c", 2, &b).await.expect("sub b");
+        hub.publish("c", "[1]").await.expect("publish");
+        let (mut qa, mut qb) = (VecDeque::new(), VecDeque::new());
+        a.take(&mut qa);
+        b.take(&mut qb);
+        assert_eq!(
+            qa[0],
+            frame::text(r#"{"type":"message","channel":"c","data":[1]}"#)
+        );
+        assert_eq!(
+            qa[0].as_ptr(),
+            qb[0].as_ptr(),
+            "both subscribers share one buffer"
+        );
+    }
+
+    #[tokio::test]
+    async fn broker_subscription_follows_first_and_last_subscriber() {
+        let hub = hub();
+        let out = Arc::new(Outbound::new(1 << 16));
+        hub.subscribe("c", 1, &out).await.expect("sub");
+        hub.subscribe("c", 2, &out).await.expect("sub");
+        hub.unsubscribe("c", 1).await.expect("unsub");
+        assert_eq!(hub.subscribers("c"), 1);
+        hub.publish("c", "1").await.expect("publish");
+        let mut q = VecDeque::new();
+        out.take(&mut q);
+        assert_eq!(
+            q.len(),
+            1,
+            "broker still subscribed while one subscriber is left"
+        );
+        hub.unsubscribe("c", 2).await.expect("unsub");
+        hub.unsubscribe("c", 2)
+            .await
+            .expect("unsub twice is a no-op");
+        assert_eq!(hub.subscribers("c"), 0);
+        hub.publish("c", "2").await.expect("publish");
+        out.take(&mut q);
+        assert_eq!(q.len(), 1, "no delivery after the last subscriber left");
+    }
+}

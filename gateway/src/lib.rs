@@ -1,0 +1,45 @@
+//! A WebSocket gateway node.
+//!
+//! Map of the modules, from the socket inwards:
+//!
+//! - [`server`]: `run(listener, admin_listener, config, shutdown)`, the accept loop and the
+//!   shutdown order.
+//! - [`tls`]: rustls acceptor and certificate hot reload.
+//! - [`client_ip`]: the real client address (trusted proxies, X-Forwarded-For, PROXY v2).
+//! - [`http`]: the public listener: handshake checks, `GET /ws` upgrade, demo page, 404s.
+//! - [`origin`], [`auth`], [`ratelimit`]: the handshake's Origin, JWT and rate checks (auth
+//!   also holds the JWKS cache and the per-connection token clock).
+//! - [`websocket`]: the connection layer: reader task, writer loop, frame encoding, heartbeat,
+//!   close handshake, message cap.
+//! - [`outbound`]: a connection's byte-bounded outbound queue and slow-consumer policy.
+//! - [`session`]: protocol v1 for one connection (subscribe, unsubscribe, publish).
+//! - [`hub`]: channel → local subscribers, sharded; drives broker subscriptions.
+//! - [`broker`]: the `Broker` trait, the in-memory broker and the conformance suite.
+//! - [`admin`]: probes, metrics and the admin HTTP API.
+//! - [`node`]: state shared by a node's tasks.
+//! - [`config`]: the settings struct, its layering and validation.
+//! - [`metrics`]: counters and gauges in Prometheus text.
+//! - [`error`]: error enums and who is to blame for each.
+//!
+//! Wire types (requests, replies, close codes, channel names) live in the `shared` crate.
+
+pub mod admin;
+pub mod auth;
+pub mod broker;
+pub mod client_ip;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod node;
+pub mod origin;
+pub mod outbound;
+pub mod ratelimit;
+pub mod server;
+pub mod session;
+pub mod tls;
+pub mod websocket;
+
+pub use config::Config;
+pub use server::run;

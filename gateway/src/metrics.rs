@@ -1,0 +1,160 @@
+//! Node metrics in Prometheus text format, served at the admin `GET /metrics`.
+//!
+//! Hot-path counters (per message, per delivery) are plain atomics; labelled counters (per
+//! handshake, per close, per error) sit behind a mutex because they are rare. Labels are
+//! fixed snake_case words, never user input, so cardinality stays low. Names and meanings are
+//! listed in `docs/observability.md`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// See the module docs.
+#[derive(Default)]
+pub struct Metrics {
+    pub connections_open: AtomicI64,
+    pub messages_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub deliveries: AtomicU64,
+    labelled: Mutex<BTreeMap<(&'static str, String), u64>>,
+}
+
+const HELP: &[(&str, &str, &str)] = &[
+    (
+        "gateway_connections_open",
+        "gauge",
+        "Open WebSocket connections.",
+    ),
+    (
+        "gateway_messages_in_total",
+        "counter",
+        "Complete client messages received.",
+    ),
+    (
+        "gateway_bytes_in_total",
+        "counter",
+        "Bytes of complete client messages received.",
+    ),
+    (
+        "gateway_messages_out_total",
+        "counter",
+        "Frames queued to clients.",
+    ),
+    (
+        "gateway_bytes_out_total",
+        "counter",
+        "Bytes of frames queued to clients.",
+    ),
+    (
+        "gateway_deliveries_total",
+        "counter",
+        "Channel messages queued to subscribers.",
+    ),
+    (
+        "gateway_handshakes_total",
+        "counter",
+        "Upgrade attempts by outcome.",
+    ),
+    (
+        "gateway_connection_closes_total",
+        "counter",
+        "Closed connections by reason and blame.",
+    ),
+    (
+        "gateway_slow_consumer_disconnects_total",
+        "counter",
+        "Clients closed with 4000.",
+    ),
+    (
+        "gateway_request_errors_total",
+        "counter",
+        "Error replies to client requests, by code.",
+    ),
+    (
+        "gateway_http_requests_total",
+        "counter",
+        "Plain HTTP answers on both listeners.",
+    ),
+    (
+        "gateway_broker_errors_total",
+        "counter",
+        "Failed broker calls by operation.",
+    ),
+    (
+        "gateway_admin_publishes_total",
+        "counter",
+        "Publishes through the admin API.",
+    ),
+];
+
+impl Metrics {
+    /// Adds 1 to `name{labels}`.
+    pub fn inc(&self, name: &'static str, labels: &[(&str, &str)]) {
+        self.add(name, labels, 1)
+    }
+
+    /// Adds `n` to `name{labels}`.
+    pub fn add(&self, name: &'static str, labels: &[(&str, &str)], n: u64) {
+        let mut key = String::new();
+        for (i, (k, v)) in labels.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            let _ = write!(key, "{sep}{k}=\"{v}\"");
+        }
+        let mut m = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry((name, key)).or_default() += n;
+    }
+
+    /// Current value of a labelled counter (tests and `/metrics`).
+    pub fn get(&self, name: &str, labels: &str) -> u64 {
+        let m = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .filter(|((n, l), _)| *n == name && l == labels)
+            .map(|(_, v)| *v)
+            .sum()
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let plain = [
+            (
+                "gateway_connections_open",
+                self.connections_open.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "gateway_messages_in_total",
+                self.messages_in.load(Ordering::Relaxed),
+            ),
+            (
+                "gateway_bytes_in_total",
+                self.bytes_in.load(Ordering::Relaxed),
+            ),
+            (
+                "gateway_messages_out_total",
+                self.messages_out.load(Ordering::Relaxed),
+            ),
+            (
+                "gateway_bytes_out_total",
+                self.bytes_out.load(Ordering::Relaxed),
+            ),
+            (
+                "gateway_deliveries_total",
+                self.deliveries.load(Ordering::Relaxed),
+            ),
+        ];
+        let labelled = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, kind, help) in HELP {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            if let Some((_, v)) = plain.iter().find(|(n, _)| n == name) {
+                let _ = writeln!(out, "{name} {v}");
+            }
+            for ((n, labels), v) in labelled.iter().filter(|((n, _), _)| n == name) {
+                let _ = writeln!(out, "{n}{{{labels}}} {v}");
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,118 @@
+//! State shared by every task of one node.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::broker::memory::MemoryBroker;
+use crate::broker::Broker;
+use crate::client_ip::TrustedProxies;
+use crate::config::Config;
+use crate::error::StartError;
+use crate::hub::{ConnId, Hub};
+use crate::metrics::Metrics;
+use crate::ratelimit::HandshakeLimiter;
+use crate::websocket::Limits;
+
+/// Shared node state. Cheap to reach from any task through an `Arc`.
+pub struct Node {
+    pub config: Config,
+    /// Token verifier; `None` when no key is configured (anonymous only).
+    pub auth: Option<Arc<Authenticator>>,
+    pub handshake_limiter: HandshakeLimiter,
+    pub proxies: TrustedProxies,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when shutdown starts: readiness turns false at once.
+    pub draining: CancellationToken,
+    /// Cancelled once the listener is closed: every connection sends close 1001.
+    pub close_all: CancellationToken,
+    open: AtomicUsize,
+    next_conn: AtomicU64,
+    boot_ms: u64,
+}
+
+impl Node {
+    pub fn new(config: Config, draining: CancellationToken) -> Result<Arc<Node>, StartError> {
+        let metrics = Arc::new(Metrics::default());
+        let auth = Authenticator::from_config(&config, metrics.clone())?;
+        let handshake_limiter =
+            HandshakeLimiter::new(config.handshake_rate_per_ip, config.handshake_burst_per_ip);
+        let proxies = TrustedProxies::new(&config.trusted_proxies);
+        let shards = std::thread::available_parallelism().map_or(4, |n| n.get() * 4);
+        let hub = Hub::new(shards, metrics.clone(), Duration::from_secs(5), |sink| {
+            Arc::new(MemoryBroker::new(sink)) as Arc<dyn Broker>
+        });
+        let boot_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Ok(Arc::new(Node {
+            config,
+            auth,
+            handshake_limiter,
+            proxies,
+            hub,
+            metrics,
+            draining,
+            close_all: CancellationToken::new(),
+            open: AtomicUsize::new(0),
+            next_conn: AtomicU64::new(1),
+            boot_ms,
+        }))
+    }
+
+    /// Ready for new connections: not draining and the broker is reachable.
+    pub fn is_ready(&self) -> bool {
+        !self.draining.is_cancelled() && self.hub.broker_healthy()
+    }
+
+    /// Reserves a connection slot, or `None` when the node is at `max_connections`.
+    pub fn try_admit(self: &Arc<Self>) -> Option<Slot> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.config.max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        self.metrics
+            .connections_open
+            .fetch_add(1, Ordering::Relaxed);
+        Some(Slot(self.clone()))
+    }
+
+    /// Connections currently holding a slot.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// A new connection id and its wire form. The wire form includes the node and its boot
+    /// time, so ids stay unique across nodes and restarts.
+    pub fn next_conn_id(&self) -> (ConnId, String) {
+        let n = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        (n, format!("{}.{:x}.{n}", self.config.node_id, self.boot_ms))
+    }
+
+    /// Per-connection limits from the config.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_message_bytes: self.config.max_message_bytes,
+            ping_interval: self.config.ping_interval(),
+            ping_timeout: self.config.ping_timeout(),
+            write_timeout: Duration::from_secs(2).min(self.config.ping_timeout()),
+        }
+    }
+}
+
+/// A reserved connection slot; released on drop.
+pub struct Slot(Arc<Node>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0
+            .metrics
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,143 @@
+//! A connection's outbound queue, bounded in bytes.
+//!
+//! Producers (the hub's fan-out, the connection's own replies) never wait: [`Outbound::push`]
+//! either queues the already-encoded frame or, when the queued bytes would pass the cap,
+//! drops everything queued and marks the connection for closing as a slow consumer
+//! (close 4000). Waiting on one slow socket would stall fan-out for every other subscriber,
+//! and dropping single messages silently would hand clients a gap they cannot see, so the
+//! policy is: disconnect, and let the client reconnect and resync.
+//!
+//! The writer takes the whole queue at once ([`Outbound::take`]) and writes it with one
+//! vectored write, so a burst costs one syscall rather than one per frame. Memory per
+//! connection is therefore bounded by twice the cap: one queue being filled, one batch being
+//! written.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::error::CloseReason;
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct Outbound {
+    state: Mutex<State>,
+    notify: Notify,
+    cap: usize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    close: Option<CloseReason>,
+}
+
+/// What [`Outbound::push`] did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// The queue overflowed just now: the connection is being closed as a slow consumer.
+    Overflowed,
+    /// The connection is already closing; the frame was dropped.
+    Closing,
+}
+
+impl Outbound {
+    pub fn new(cap: usize) -> Self {
+        Outbound {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            cap,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave State inconsistent (every update is a
+        // single push/assignment), so a poisoned lock is still safe to use.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues one encoded frame. Never blocks.
+    pub fn push(&self, frame: Bytes) -> Pushed {
+        let mut s = self.lock();
+        if s.close.is_some() {
+            return Pushed::Closing;
+        }
+        if s.bytes + frame.len() > self.cap {
+            s.frames.clear();
+            s.bytes = 0;
+            s.close = Some(CloseReason::SlowConsumer(self.cap));
+            drop(s);
+            self.notify.notify_one();
+            return Pushed::Overflowed;
+        }
+        s.bytes += frame.len();
+        s.frames.push_back(frame);
+        drop(s);
+        self.notify.notify_one();
+        Pushed::Queued
+    }
+
+    /// Asks the writer to close the connection. The first reason given wins; frames already
+    /// queued are still written before the close frame.
+    pub fn close(&self, reason: CloseReason) {
+        let mut s = self.lock();
+        if s.close.is_none() {
+            s.close = Some(reason);
+        }
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// True once a close was requested.
+    pub fn is_closing(&self) -> bool {
+        self.lock().close.is_some()
+    }
+
+    /// Moves every queued frame into `batch` and returns the close reason, if one is set.
+    pub fn take(&self, batch: &mut VecDeque<Bytes>) -> Option<CloseReason> {
+        let mut s = self.lock();
+        batch.append(&mut s.frames);
+        s.bytes = 0;
+        s.close.clone()
+    }
+
+    /// Resolves after the next push or close (or at once if one happened since the last wait).
+    pub async fn changed(&self) {
+        self.notify.notified().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overflow_drops_queue_and_closes() {
+        let q = Outbound::new(10);
+        assert_eq!(q.push(Bytes::from_static(b"12345")), Pushed::Queued);
+        assert_eq!(q.push(Bytes::from_static(b"12345")), Pushed::Queued);
+        assert_eq!(q.push(Bytes::from_static(b"1")), Pushed::Overflowed);
+        assert_eq!(q.push(Bytes::from_static(b"1")), Pushed::Closing);
+        let mut batch = VecDeque::new();
+        assert_eq!(q.take(&mut batch), Some(CloseReason::SlowConsumer(10)));
+        assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn take_frees_room_and_first_close_wins() {
+        let q = Outbound::new(10);
+        q.push(Bytes::from_static(b"1234567890"));
+        let mut batch = VecDeque::new();
+        assert_eq!(q.take(&mut batch), None);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(q.push(Bytes::from_static(b"1234567890")), Pushed::Queued);
+        q.close(CloseReason::Shutdown);
+        q.close(CloseReason::Internal);
+        assert_eq!(q.take(&mut batch), Some(CloseReason::Shutdown));
+        assert_eq!(batch.len(), 2);
+    }
+}

@@ -1,0 +1,159 @@
+//! The node's top level: accept loop, background tasks and the shutdown sequence.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::StartError;
+use crate::node::Node;
+
+/// Runs a node on already-bound listeners until `shutdown` is cancelled, then shuts down in
+/// order:
+///
+/// 1. readiness turns false (`/readyz` answers 503) the moment `shutdown` is cancelled;
+/// 2. the public listener is closed, so no new connection is accepted;
+/// 3. every client gets close 1001, and the node waits up to `shutdown_grace_ms` for the
+///    connections to finish their close handshakes;
+/// 4. the admin listener and background tasks stop and this function returns.
+///
+/// Fails only at start, on key material it cannot load.
+pub async fn run(
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let node = Node::new(config, shutdown.clone())?;
+    let background = CancellationToken::new();
+    spawn_background(&node, tls.as_ref().map(|(_, r)| r.clone()), &background);
+    let admin = tokio::spawn(crate::admin::serve(
+        admin_listener,
+        node.clone(),
+        background.clone(),
+    ));
+    let acceptor = tls.map(|(a, _)| a);
+    tracing::info!(
+        node = %node.config.node_id,
+        listen = ?listener.local_addr().ok(),
+        tls = acceptor.is_some(),
+        admin = ?node.config.admin_listen,
+        auth = node.auth.is_some(),
+        "gateway serving"
+    );
+
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(accept(node.clone(), acceptor.clone(), stream, peer));
+                }
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning on the error.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    drop(listener);
+    shutdown_connections(&node).await;
+    background.cancel();
+    let _ = admin.await;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// PROXY header (from trusted proxies), TLS handshake (when configured), then HTTP. Both
+/// steps are bounded by the handshake timeout.
+async fn accept(
+    node: Arc<Node>,
+    tls: Option<TlsAcceptor>,
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
+) {
+    let timeout = node.config.handshake_timeout();
+    if node.config.proxy_protocol && node.proxies.trusts(peer.ip()) {
+        match crate::client_ip::read_proxy_v2(&mut stream, timeout).await {
+            Ok(Some(source)) => peer = source,
+            Ok(None) => {}
+            Err(e) => {
+                node.metrics
+                    .inc("gateway_handshakes_total", &[("outcome", "bad_request")]);
+                tracing::info!(%peer, error = %e, "bad PROXY header; connection dropped");
+                return;
+            }
+        }
+    }
+    match tls {
+        None => crate::http::serve_connection(node, stream, peer).await,
+        Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls_stream)) => crate::http::serve_connection(node, tls_stream, peer).await,
+            Ok(Err(e)) => {
+                node.metrics
+                    .inc("gateway_tls_handshake_failures_total", &[]);
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            }
+            Err(_) => {
+                node.metrics
+                    .inc("gateway_tls_handshake_failures_total", &[]);
+                tracing::debug!(%peer, "TLS handshake timed out");
+            }
+        },
+    }
+}
+
+fn spawn_background(
+    node: &Arc<Node>,
+    resolver: Option<Arc<crate::tls::Resolver>>,
+    stop: &CancellationToken,
+) {
+    if let (Some(resolver), Some(cert), Some(key)) =
+        (resolver, &node.config.tls_cert, &node.config.tls_key)
+    {
+        tokio::spawn(crate::tls::watch(
+            resolver,
+            cert.clone(),
+            key.clone(),
+            Duration::from_millis(node.config.tls_reload_interval_ms.max(100)),
+            node.metrics.clone(),
+            stop.clone(),
+        ));
+    }
+    if let Some(jwks) = node.auth.as_ref().and_then(|a| a.jwks()) {
+        tokio::spawn(crate::auth::refresh_jwks(jwks, stop.clone()));
+    }
+    let (node, stop) = (node.clone(), stop.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(60)) => node.handshake_limiter.evict(),
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
+}
+
+async fn shutdown_connections(node: &Arc<Node>) {
+    let open = node.open_connections();
+    tracing::info!(open, "closing connections with 1001");
+    node.close_all.cancel();
+    let deadline = tokio::time::Instant::now() + node.config.shutdown_grace();
+    while node.open_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let left = node.open_connections();
+    if left > 0 {
+        tracing::warn!(left, "shutdown grace over; dropping remaining connections");
+    }
+}

@@ -1,0 +1,114 @@
+//! TLS for the public listener (rustls with the ring provider, TLS 1.2 and 1.3, ALPN
+//! `http/1.1`), with certificate hot reload.
+//!
+//! The certificate is served through a resolver that holds the current key pair. A watcher
+//! task checks the files' modification times every `tls_reload_interval_ms` and swaps in the
+//! new pair when they change (cert-manager rewrites the Secret volume through a symlink
+//! swap, which changes the mtime). New handshakes get the new certificate; established
+//! connections keep their session and are not touched. A failed reload keeps the old pair.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::StartError;
+use crate::metrics::Metrics;
+
+/// Serves whatever key pair was loaded last.
+#[derive(Debug)]
+pub struct Resolver(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Loads a PEM chain and key into a rustls key pair.
+pub fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate found", cert.display()));
+    }
+    let key_der =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key_der)
+        .map_err(|e| format!("{}: {e}", key.display()))?;
+    Ok(CertifiedKey::new(chain, signing))
+}
+
+/// The acceptor for the public listener and its resolver (for the reload task).
+pub fn acceptor(cert: &Path, key: &Path) -> Result<(TlsAcceptor, Arc<Resolver>), StartError> {
+    let pair = load(cert, key).map_err(StartError::Tls)?;
+    let resolver = Arc::new(Resolver(RwLock::new(Arc::new(pair))));
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| StartError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver.clone());
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((TlsAcceptor::from(Arc::new(config)), resolver))
+}
+
+fn stamp(paths: &[&Path]) -> Vec<Option<(SystemTime, u64)>> {
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
+        .collect()
+}
+
+/// Reloads the key pair when the files change, until `stop`.
+pub async fn watch(
+    resolver: Arc<Resolver>,
+    cert: PathBuf,
+    key: PathBuf,
+    every: Duration,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let mut seen = stamp(&[&cert, &key]);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        let now = stamp(&[&cert, &key]);
+        if now == seen {
+            continue;
+        }
+        match load(&cert, &key) {
+            Ok(pair) => {
+                *resolver.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(pair);
+                seen = now;
+                metrics.inc("gateway_tls_reloads_total", &[("outcome", "ok")]);
+                tracing::info!(cert = %cert.display(), "TLS certificate reloaded");
+            }
+            Err(e) => {
+                // Often a half-written pair (cert updated, key not yet): retry next tick.
+                metrics.inc("gateway_tls_reloads_total", &[("outcome", "error")]);
+                tracing::warn!(error = %e, "TLS reload failed; keeping the current certificate");
+            }
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Wire protocol v1: one JSON object per WebSocket text frame. See `docs/protocol.md`.
+//!
+//! Client requests are parsed in two steps: first into a lenient [`Envelope`] that keeps the
+//! request `id` even when the rest is wrong, then into a typed [`Request`]. That way every
+//! error reply can name the request it answers.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// Request id chosen by the client, echoed in the `ack` or `error` reply.
+pub type RequestId = u64;
+
+/// A parsed client request.
+#[derive(Debug, Clone)]
+pub enum Request<'a> {
+    /// Start receiving a channel's messages.
+    Subscribe { channel: &'a str },
+    /// Stop receiving a channel's messages.
+    Unsubscribe { channel: &'a str },
+    /// Publish `data` (any JSON value, kept as raw text) to a channel.
+    Publish {
+        channel: &'a str,
+        data: &'a RawValue,
+    },
+    /// Replace the connection's token before it expires.
+    Refresh { token: &'a str },
+}
+
+/// The lenient first parse of a client frame.
+#[derive(Debug, Deserialize)]
+pub struct Envelope<'a> {
+    #[serde(rename = "type", borrow)]
+    pub kind: Option<&'a str>,
+    #[serde(default)]
+    pub id: Option<RequestId>,
+    #[serde(default, borrow)]
+    pub channel: Option<&'a str>,
+    /// `Some` whenever the field is present, even when it is `null`.
+    #[serde(default, borrow, deserialize_with = "present")]
+    pub data: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    pub token: Option<&'a str>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// Why a client frame was refused. The `code` is the `error.code` on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    pub id: Option<RequestId>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Parses one client text frame. Channel names are validated here, so every later stage can
+/// trust them.
+pub fn parse_request(text: &str) -> Result<(Option<RequestId>, Request<'_>), ParseError> {
+    let env: Envelope<'_> = serde_json::from_str(text).map_err(|e| ParseError {
+        id: None,
+        code: ErrorCode::MalformedJson,
+        message: format!("frame is not a valid request object: {e}"),
+    })?;
+    let id = env.id;
+    let fail = |code: ErrorCode, message: String| ParseError { id, code, message };
+    let channel = || -> Result<&str, ParseError> {
+        let c = env
+            .channel
+            .ok_or_else(|| fail(ErrorCode::BadRequest, "missing field `channel`".into()))?;
+        if crate::channel::is_valid(c) {
+            Ok(c)
+        } else {
+            Err(fail(
+                ErrorCode::InvalidChannel,
+                "channel must match [A-Za-z0-9_.:@/-]{1,200}".into(),
+            ))
+        }
+    };
+    let req = match env.kind {
+        Some("subscribe") => Request::Subscribe {
+            channel: channel()?,
+        },
+        Some("unsubscribe") => Request::Unsubscribe {
+            channel: channel()?,
+        },
+        Some("publish") => {
+            let channel = channel()?;
+            let data = env
+                .data
+                .ok_or_else(|| fail(ErrorCode::BadRequest, "missing field `data`".into()))?;
+            if nesting_exceeds(data.get(), MAX_DATA_DEPTH) {
+                return Err(fail(
+                    ErrorCode::MalformedJson,
+                    format!("`data` nests deeper than {MAX_DATA_DEPTH} levels"),
+                ));
+            }
+            Request::Publish { channel, data }
+        }
+        Some("refresh") => Request::Refresh {
+            token: env
+                .token
+                .ok_or_else(|| fail(ErrorCode::BadRequest, "missing field `token`".into()))?,
+        },
+        Some(other) => {
+            let shown: String = other.chars().take(40).collect();
+            return Err(fail(
+                ErrorCode::UnknownType,
+                format!("unknown request type `{shown}`"),
+            ));
+        }
+        None => return Err(fail(ErrorCode::BadRequest, "missing field `type`".into())),
+    };
+    Ok((id, req))
+}
+
+/// Deepest nesting of arrays and objects accepted in `data`. serde_json limits the depth of
+/// values it builds, but `data` is kept raw and forwarded to every subscriber, so the gateway
+/// checks it itself: a JSON bomb must not reach browsers whose parsers recurse.
+pub const MAX_DATA_DEPTH: usize = 64;
+
+/// True when the (already syntax-checked) JSON text nests arrays/objects deeper than `max`.
+pub fn nesting_exceeds(json: &str, max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Machine-readable error codes of `error` replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not a JSON object (or nests too deep).
+    MalformedJson,
+    /// `type` names no request of this protocol version.
+    UnknownType,
+    /// A required field is missing or has the wrong type.
+    BadRequest,
+    /// The channel name breaks the naming rule.
+    InvalidChannel,
+    /// The connection already holds the maximum number of subscriptions.
+    TooManySubscriptions,
+    /// The connection may not do this on this channel.
+    Forbidden,
+    /// The connection sends too fast; further excess closes it with 1008.
+    RateLimited,
+    /// The broker is unreachable right now; retry later.
+    Unavailable,
+    /// A token refresh was refused.
+    Unauthorized,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedJson => "malformed_json",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::InvalidChannel => "invalid_channel",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Unauthorized => "unauthorized",
+        }
+    }
+}
+
+/// Frames the gateway sends.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    /// First frame of every connection.
+    Welcome {
+        conn_id: String,
+        node_id: String,
+        user_id: Option<String>,
+    },
+    /// A request succeeded.
+    Ack { id: Option<RequestId> },
+    /// A request failed; the connection stays open.
+    Error {
+        id: Option<RequestId>,
+        code: ErrorCode,
+        message: String,
+    },
+    /// The connection's token expired; send `refresh` within `grace_ms` or be closed (4002).
+    TokenExpired { grace_ms: u64 },
+    /// A channel message.
+    Message {
+        channel: String,
+        #[serde(borrow)]
+        data: &'a RawValue,
+    },
+}
+
+impl ServerFrame<'_> {
+    /// The JSON text of this frame.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
+/// The JSON text of a `message` frame, built without a serializer pass over `data`.
+///
+/// `channel` must be a valid channel name (no escaping needed) and `data` valid JSON text;
+/// the gateway checks both before anything reaches a subscriber. Equal to serializing
+/// [`ServerFrame::Message`].
+pub fn encode_message(channel: &str, data: &str) -> String {
+    debug_assert!(crate::channel::is_valid(channel));
+    let mut s = String::with_capacity(40 + channel.len() + data.len());
+    s.push_str(r#"{"type":"message","channel":""#);
+    s.push_str(channel);
+    s.push_str(r#"","data":"#);
+    s.push_str(data);
+    s.push('}');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_requests() {
+        let (id, r) = parse_request(r#"{"type":"subscribe","channel":"a:b","id":7}"#).unwrap();
+        assert_eq!(id, Some(7));
+        assert!(matches!(r, Request::Subscribe { channel: "a:b" }));
+        let (_, r) =
+            parse_request(r#"{"type":"publish","channel":"c","data":{"x":[1,2]},"id":1}"#).unwrap();
+        match r {
+            Request::Publish { data, .. } => assert_eq!(data.get(), r#"{"x":[1,2]}"#),
+            _ => panic!("wrong request"),
+        }
+    }
+
+    #[test]
+    fn errors_keep_the_id() {
+        let e = parse_request(r#"{"type":"nope","id":3}"#).unwrap_err();
+        assert_eq!((e.id, e.code), (Some(3), ErrorCode::UnknownType));
+        let e = parse_request(r#"{"type":"subscribe","channel":"bad name","id":4}"#).unwrap_err();
+        assert_eq!((e.id, e.code), (Some(4), ErrorCode::InvalidChannel));
+        let e = parse_request(r#"{"type":"publish","channel":"ok","id":5}"#).unwrap_err();
+        assert_eq!((e.id, e.code), (Some(5), ErrorCode::BadRequest));
+        let e = parse_request("{not json").unwrap_err();
+        assert_eq!((e.id, e.code), (None, ErrorCode::MalformedJson));
+        let e = parse_request("[1,2]").unwrap_err();
+        assert_eq!(e.code, ErrorCode::MalformedJson);
+    }
+
+    #[test]
+    fn json_bomb_is_rejected_not_overflowed() {
+        let deep = format!(
+            r#"{{"type":"publish","channel":"c","id":1,"data":{}{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_eq!(
+            parse_request(&deep).unwrap_err().code,
+            ErrorCode::MalformedJson
+        );
+        // brackets inside strings (including after an escaped quote) do not count
+        let inner = format!("{}{}{}", "[".repeat(64), r#""[[\"{""#, "]".repeat(64));
+        let ok = format!(r#"{{"type":"publish","channel":"c","id":1,"data":{inner}}}"#);
+        assert!(parse_request(&ok).is_ok(), "{ok}");
+    }
+
+    #[test]
+    fn message_encoding() {
+        let data = RawValue::from_string("{\"a\":1}".into()).unwrap();
+        let f = ServerFrame::Message {
+            channel: "c".into(),
+            data: &data,
+        };
+        assert_eq!(
+            f.to_json(),
+            r#"{"type":"message","channel":"c","data":{"a":1}}"#
+        );
+        assert_eq!(encode_message("c", data.get()), f.to_json());
+        let e = ServerFrame::Error {
+            id: None,
+            code: ErrorCode::Forbidden,
+            message: "m".into(),
+        };
+        assert_eq!(
+            e.to_json(),
+            r#"{"type":"error","id":null,"code":"forbidden","message":"m"}"#
+        );
+    }
+}
