@@ -295,6 +295,12 @@ impl Jwks {
         if let Some(keys) = self.lookup(kid, alg) {
             return Ok(keys);
         }
+        // A fetch may be in flight (the first one at startup, or a refetch another handshake
+        // started): wait for it rather than refuse. Fetches time out, so this wait is bounded.
+        drop(self.fetching.lock().await);
+        if let Some(keys) = self.lookup(kid, alg) {
+            return Ok(keys);
+        }
         let had_keys = self.set.read().unwrap_or_else(|p| p.into_inner()).is_some();
         let recently = self
             .last_fetch

@@ -38,6 +38,7 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let timeout = node.config.handshake_timeout();
+    let metrics = node.metrics.clone();
     let service = hyper::service::service_fn(move |req| {
         let node = node.clone();
         async move { Ok::<_, Infallible>(route(node, req, peer).await) }
@@ -48,7 +49,22 @@ where
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     if let Err(e) = conn.await {
-        tracing::debug!(%peer, error = %e, "http connection ended with an error");
+        // hyper answers a malformed request itself (400, or 431 for oversized headers) and
+        // drops a client that trickles its headers past the timeout; count both here.
+        let kind = if e.is_timeout() {
+            Some("handshake_timeout")
+        } else if e.is_parse() || e.is_parse_too_large() {
+            Some("malformed_http")
+        } else {
+            None
+        };
+        match kind {
+            Some(kind) => {
+                metrics.inc("gateway_protocol_violations_total", &[("kind", kind)]);
+                tracing::info!(%peer, kind, error = %e, "http request refused");
+            }
+            None => tracing::debug!(%peer, error = %e, "http connection ended with an error"),
+        }
     }
 }
 

@@ -88,6 +88,31 @@ const HELP: &[(&str, &str, &str)] = &[
         "counter",
         "Publishes through the admin API.",
     ),
+    (
+        "gateway_protocol_violations_total",
+        "counter",
+        "Connections closed for breaking RFC 6455, by kind.",
+    ),
+    (
+        "gateway_rate_limit_hits_total",
+        "counter",
+        "Requests refused by a rate limit, by kind (handshake, message, bytes).",
+    ),
+    (
+        "gateway_tls_reloads_total",
+        "counter",
+        "Certificate reloads from disk, by result.",
+    ),
+    (
+        "gateway_tls_handshake_failures_total",
+        "counter",
+        "TLS handshakes that failed or timed out.",
+    ),
+    (
+        "gateway_jwks_fetches_total",
+        "counter",
+        "JWKS fetches by result.",
+    ),
 ];
 
 impl Metrics {
@@ -152,9 +177,19 @@ impl Metrics {
                 let _ = writeln!(out, "{name} {v}");
             }
             for ((n, labels), v) in labelled.iter().filter(|((n, _), _)| n == name) {
-                let _ = writeln!(out, "{n}{{{labels}}} {v}");
+                if labels.is_empty() {
+                    let _ = writeln!(out, "{n} {v}");
+                } else {
+                    let _ = writeln!(out, "{n}{{{labels}}} {v}");
+                }
             }
         }
+        debug_assert!(
+            labelled
+                .keys()
+                .all(|(n, _)| HELP.iter().any(|(h, _, _)| h == n)),
+            "every metric needs a HELP entry"
+        );
         out
     }
 }

@@ -95,6 +95,17 @@ pub fn parse_request(text: &str) -> Result<(Option<RequestId>, Request<'_>), Par
                     format!("`data` nests deeper than {MAX_DATA_DEPTH} levels"),
                 ));
             }
+            if has_surrogate_escape(data.get())
+                && serde_json::from_str::<serde_json::Value>(data.get()).is_err()
+            {
+                // Raw values are not checked for lone UTF-16 surrogates (`"\ud800"`), which
+                // strict parsers downstream refuse; only text with such escapes pays for a
+                // full parse.
+                return Err(fail(
+                    ErrorCode::MalformedJson,
+                    "`data` holds an unpaired UTF-16 surrogate escape".into(),
+                ));
+            }
             Request::Publish { channel, data }
         }
         Some("refresh") => Request::Refresh {
@@ -118,6 +129,13 @@ pub fn parse_request(text: &str) -> Result<(Option<RequestId>, Request<'_>), Par
 /// values it builds, but `data` is kept raw and forwarded to every subscriber, so the gateway
 /// checks it itself: a JSON bomb must not reach browsers whose parsers recurse.
 pub const MAX_DATA_DEPTH: usize = 64;
+
+/// True when the JSON text has a `\uD800`-`\uDFFF` escape (case-insensitive).
+fn has_surrogate_escape(json: &str) -> bool {
+    json.as_bytes().windows(3).any(|w| {
+        w[0] == b'u' && (w[1] | 0x20) == b'd' && matches!(w[2] | 0x20, b'8'..=b'9' | b'a'..=b'f')
+    })
+}
 
 /// True when the (already syntax-checked) JSON text nests arrays/objects deeper than `max`.
 pub fn nesting_exceeds(json: &str, max: usize) -> bool {

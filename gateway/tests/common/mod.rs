@@ -96,6 +96,23 @@ impl TestNode {
     pub async fn metrics(&self) -> String {
         self.admin("GET", "/metrics", "", None).await.1
     }
+
+    /// Waits until `/metrics` has the line `series` (counters are bumped after the close
+    /// frame goes out, so a test may see the close first).
+    pub async fn wait_metric(&self, series: &str) {
+        let deadline = tokio::time::Instant::now() + T;
+        loop {
+            let m = self.metrics().await;
+            if m.lines().any(|l| l == series) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no `{series}` in\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// Sends a request and expects its ack.
