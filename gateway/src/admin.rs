@@ -5,6 +5,13 @@
 //!   broker is unreachable.
 //! - `GET /metrics`: Prometheus text.
 //! - `POST /v1/channels/{channel}/publish` with `{"data": <json>}`: publishes cluster-wide.
+//! - `POST /v1/users/{user}/send`, `POST /v1/connections/{conn}/send` with
+//!   `{"data": <json>}`: unicast, answered with `{"delivered": n}`.
+//! - `DELETE /v1/connections/{conn}`: closes that connection (4003) on whichever node.
+//! - `GET /v1/users/{user}/connections`: the user's live connections.
+//!
+//! Each call is one directory lookup in Redis on whichever node receives it: no call asks
+//! the other nodes.
 //!
 //! With `admin_token` set, `/v1/*` requires `Authorization: Bearer <token>`. Probes and
 //! metrics stay open because kubelet and scrapers reach them on this internal port only.
@@ -134,72 +141,115 @@ fn refuse_unauthorized(node: &Node, req: &Request<Incoming>) -> Option<HttpRespo
 }
 
 #[derive(Deserialize)]
-struct PublishBody {
+struct DataBody {
     data: Box<RawValue>,
 }
 
+fn not_found() -> HttpResponse {
+    json_error(StatusCode::NOT_FOUND, "not_found", "no such path")
+}
+
+fn unavailable(e: crate::error::BrokerError) -> HttpResponse {
+    json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        &e.to_string(),
+    )
+}
+
+/// Routes `/v1/...`. Ids in paths are checked with the channel-name rule: user and
+/// connection ids use the same safe alphabet.
 async fn api(node: &Node, req: Request<Incoming>, path: &str) -> HttpResponse {
-    let channel = path
-        .strip_prefix("/v1/channels/")
-        .and_then(|r| r.strip_suffix("/publish"));
-    let Some(channel) = channel else {
-        return json_error(StatusCode::NOT_FOUND, "not_found", "no such path");
+    // Ids may contain '/', so the action is matched as a suffix.
+    let Some((kind, rest)) = path.trim_start_matches("/v1/").split_once('/') else {
+        return not_found();
     };
-    if req.method() != Method::POST {
+    let (id, action) = ["publish", "send", "connections"]
+        .iter()
+        .find_map(|a| Some((rest.strip_suffix(a)?.strip_suffix('/')?, *a)))
+        .unwrap_or((rest, ""));
+    let method = req.method().clone();
+    let allowed = match (kind, action) {
+        ("channels", "publish") | ("users", "send") | ("connections", "send") => Method::POST,
+        ("users", "connections") => Method::GET,
+        ("connections", "") => Method::DELETE,
+        _ => return not_found(),
+    };
+    if method != allowed {
         return json_error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
-            "use POST",
+            &format!("use {allowed}"),
         );
     }
-    if !shared::channel::is_valid(channel) {
+    if !shared::channel::is_valid(id) {
         return json_error(
             StatusCode::BAD_REQUEST,
-            "invalid_channel",
-            "channel must match [A-Za-z0-9_.:@/-]{1,200}",
+            "invalid_id",
+            "ids must match [A-Za-z0-9_.:@/-]{1,200}",
         );
     }
+    let dir = &node.directory;
+    match (kind, action) {
+        ("users", "connections") => match dir.user_connections(id).await {
+            Ok(conns) => json(StatusCode::OK, &serde_json::json!({ "connections": conns })),
+            Err(e) => unavailable(e),
+        },
+        ("connections", "") => match dir.disconnect(id).await {
+            Ok(true) => json(
+                StatusCode::OK,
+                &serde_json::json!({ "status": "disconnecting" }),
+            ),
+            Ok(false) => json_error(StatusCode::NOT_FOUND, "not_found", "no such connection"),
+            Err(e) => unavailable(e),
+        },
+        _ => {
+            let data = match read_data(node, req).await {
+                Ok(d) => d,
+                Err(r) => return r,
+            };
+            let sent = match kind {
+                "channels" => node.hub.publish(id, data.get()).await.map(|()| None),
+                "users" => dir.send_user(id, data.get()).await.map(Some),
+                _ => dir.send_conn(id, data.get()).await.map(Some),
+            };
+            match sent {
+                Ok(None) => {
+                    node.metrics.inc("gateway_admin_publishes_total", &[]);
+                    json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "status": "published" }),
+                    )
+                }
+                Ok(Some(n)) => json(StatusCode::OK, &serde_json::json!({ "delivered": n })),
+                Err(e) => unavailable(e),
+            }
+        }
+    }
+}
+
+/// Reads `{"data": <json>}`, bounded by `max_message_bytes`, with the same checks as a
+/// client's `data`.
+async fn read_data(node: &Node, req: Request<Incoming>) -> Result<Box<RawValue>, HttpResponse> {
     let max = node.config.max_message_bytes;
     let body = match Limited::new(req.into_body(), max).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => {
-            return json_error(
+            return Err(json_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
                 &format!("body over {max} bytes"),
-            )
+            ))
         }
     };
-    let parsed: PublishBody = match serde_json::from_slice(&body) {
-        Ok(p) => p,
-        Err(e) => {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "malformed_json",
-                &format!("expected {{\"data\": <json>}}: {e}"),
-            )
-        }
-    };
-    let depth = shared::protocol::MAX_DATA_DEPTH;
-    if shared::protocol::nesting_exceeds(parsed.data.get(), depth) {
-        return json_error(
+    let parsed: DataBody = serde_json::from_slice(&body).map_err(|e| {
+        json_error(
             StatusCode::BAD_REQUEST,
             "malformed_json",
-            &format!("`data` nests deeper than {depth} levels"),
-        );
-    }
-    match node.hub.publish(channel, parsed.data.get()).await {
-        Ok(()) => {
-            node.metrics.inc("gateway_admin_publishes_total", &[]);
-            json(
-                StatusCode::OK,
-                &serde_json::json!({ "status": "published" }),
-            )
-        }
-        Err(e) => json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            &e.to_string(),
-        ),
-    }
+            &format!("expected {{\"data\": <json>}}: {e}"),
+        )
+    })?;
+    shared::protocol::check_data(parsed.data.get())
+        .map_err(|why| json_error(StatusCode::BAD_REQUEST, "malformed_json", why))?;
+    Ok(parsed.data)
 }

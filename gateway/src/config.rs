@@ -114,6 +114,29 @@ pub struct Config {
     pub trusted_proxies: Vec<String>,
     /// Expect a PROXY protocol v2 header on connections from `trusted_proxies`.
     pub proxy_protocol: bool,
+
+    // ---- Cluster (Redis) ----
+    /// Redis URL (`redis://[:password@]host:port[/db]`); unset runs one node with the
+    /// in-process broker. With `redis_cluster`, a comma-separated list of seed nodes.
+    pub redis_url: Option<String>,
+    /// Password, when it is not in the URL (so it can come from a Secret via env).
+    pub redis_password: Option<String>,
+    /// Prefix of every Redis key and channel this gateway uses.
+    pub redis_prefix: String,
+    /// `redis_url` names Redis Cluster seed nodes.
+    pub redis_cluster: bool,
+    /// With `redis_cluster`: channel messages use sharded pub/sub (SSUBSCRIBE/SPUBLISH).
+    pub redis_sharded_pubsub: bool,
+    /// Timeout of every Redis call, in milliseconds.
+    pub redis_timeout_ms: u64,
+    /// How often a node refreshes its liveness record, in milliseconds.
+    pub node_heartbeat_ms: u64,
+    /// A node whose liveness record is older than this is dead and its routes are purged.
+    pub node_ttl_ms: u64,
+    /// Cluster-wide cap on one user's connections (0: no cap). Anonymous clients are exempt.
+    pub max_connections_per_user: usize,
+    /// Approximate length cap of the inbound stream (`XADD ... MAXLEN ~`).
+    pub inbound_maxlen: usize,
 }
 
 impl Default for Config {
@@ -160,6 +183,16 @@ impl Default for Config {
             rate_limit_strikes: 10,
             trusted_proxies: Vec::new(),
             proxy_protocol: false,
+            redis_url: None,
+            redis_password: None,
+            redis_prefix: "gw:".into(),
+            redis_cluster: false,
+            redis_sharded_pubsub: false,
+            redis_timeout_ms: 2_000,
+            node_heartbeat_ms: 2_000,
+            node_ttl_ms: 10_000,
+            max_connections_per_user: 0,
+            inbound_maxlen: 100_000,
         }
     }
 }
@@ -216,6 +249,27 @@ impl Config {
         }
         if self.message_rate > 0 && self.message_burst == 0 {
             return bad("message_burst", "must be at least 1");
+        }
+        if self.redis_prefix.is_empty() || self.redis_prefix.contains(['{', '}', ' ']) {
+            return bad(
+                "redis_prefix",
+                "must be non-empty, without braces or spaces",
+            );
+        }
+        if self.redis_sharded_pubsub && !self.redis_cluster {
+            return bad("redis_sharded_pubsub", "needs redis_cluster");
+        }
+        if self.node_heartbeat_ms == 0 || self.node_ttl_ms < 2 * self.node_heartbeat_ms {
+            return bad("node_ttl_ms", "must be at least twice node_heartbeat_ms");
+        }
+        if self.redis_timeout_ms == 0 {
+            return bad("redis_timeout_ms", "must be at least 1");
+        }
+        if self.max_connections_per_user > 0 && self.redis_url.is_some() && !self.has_auth() {
+            return bad(
+                "max_connections_per_user",
+                "needs JWT: anonymous clients have no user to count",
+            );
         }
         Ok(())
     }
@@ -289,7 +343,13 @@ impl Config {
             byte_rate,
             rate_limit_strikes,
             trusted_proxies,
-            jwt_public_key
+            jwt_public_key,
+            redis_prefix,
+            redis_timeout_ms,
+            node_heartbeat_ms,
+            node_ttl_ms,
+            max_connections_per_user,
+            inbound_maxlen
         );
         macro_rules! layer_opt {
             ($($f:ident),*) => { $( if cli.$f.is_some() { c.$f = cli.$f; } )* };
@@ -300,8 +360,16 @@ impl Config {
             jwt_secret,
             jwks_url,
             jwt_issuer,
-            jwt_audience
+            jwt_audience,
+            redis_url,
+            redis_password
         );
+        if cli.redis_cluster {
+            c.redis_cluster = true;
+        }
+        if cli.redis_sharded_pubsub {
+            c.redis_sharded_pubsub = true;
+        }
         if cli.proxy_protocol {
             c.proxy_protocol = true;
         }
@@ -410,6 +478,30 @@ pub struct Cli {
     /// Expect PROXY protocol v2 from trusted proxies.
     #[arg(long, env = "GATEWAY_PROXY_PROTOCOL")]
     pub proxy_protocol: bool,
+    /// Redis URL (or cluster seed list); unset: single node, in-process broker.
+    #[arg(long, env = "GATEWAY_REDIS_URL")]
+    pub redis_url: Option<String>,
+    #[arg(long, env = "GATEWAY_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+    #[arg(long, env = "GATEWAY_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// Treat --redis-url as Redis Cluster seed nodes.
+    #[arg(long, env = "GATEWAY_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+    /// Use sharded pub/sub for channel messages (Redis Cluster only).
+    #[arg(long, env = "GATEWAY_REDIS_SHARDED_PUBSUB")]
+    pub redis_sharded_pubsub: bool,
+    #[arg(long, env = "GATEWAY_REDIS_TIMEOUT_MS")]
+    pub redis_timeout_ms: Option<u64>,
+    #[arg(long, env = "GATEWAY_NODE_HEARTBEAT_MS")]
+    pub node_heartbeat_ms: Option<u64>,
+    #[arg(long, env = "GATEWAY_NODE_TTL_MS")]
+    pub node_ttl_ms: Option<u64>,
+    /// Cluster-wide cap on one user's connections (0: none).
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS_PER_USER")]
+    pub max_connections_per_user: Option<usize>,
+    #[arg(long, env = "GATEWAY_INBOUND_MAXLEN")]
+    pub inbound_maxlen: Option<usize>,
 }
 
 #[cfg(test)]

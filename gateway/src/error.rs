@@ -148,4 +148,6 @@ pub enum StartError {
     Jwks(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("Redis: {0}")]
+    Redis(String),
 }

@@ -19,7 +19,10 @@ use shared::protocol::ServerFrame;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::auth::{AuthError, Identity, TokenClock};
+use crate::directory::AddError;
 use crate::error::{Blame, CloseReason};
+use crate::hub::ConnId;
+use crate::inbound::Event;
 use crate::node::{Node, Slot};
 use crate::outbound::Outbound;
 use crate::session::Session;
@@ -187,24 +190,58 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, peer: SocketAddr) 
             return r;
         }
     };
+    let (id, conn_id) = node.next_conn_id();
+    let out = Arc::new(Outbound::new(node.config.outbound_queue_bytes));
+    let user = identity.as_ref().map(|i| i.user_id.as_str());
+    match node.directory.add(&conn_id, user, out.clone()).await {
+        Ok(()) => {}
+        Err(AddError::UserLimit) => {
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "user_limit",
+                "user_connection_limit",
+                "this user already has the maximum number of connections",
+            )
+        }
+        Err(AddError::Unavailable(_)) => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "directory_unavailable",
+                "directory_unavailable",
+                "cannot check the per-user connection cap right now; retry",
+            )
+        }
+    }
+    let conn = Conn {
+        id,
+        conn_id,
+        out,
+        slot,
+        ip,
+        identity,
+    };
     let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(r) => r,
         Err(e) => {
+            node.directory.remove(&conn.conn_id).await;
             return refuse(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 "bad_request",
                 &e.to_string(),
-            )
+            );
         }
     };
     node.metrics
         .inc("gateway_handshakes_total", &[("outcome", "ok")]);
-    tracing::debug!(%ip, user = identity.as_ref().map(|i| i.user_id.as_str()), "handshake ok");
+    tracing::debug!(%ip, user = conn.identity.as_ref().map(|i| i.user_id.as_str()), "handshake ok");
     tokio::spawn(async move {
         match fut.await {
-            Ok(ws) => run_connection(node, slot, ws.into_inner(), ip, identity).await,
-            Err(e) => tracing::debug!(%ip, error = %e, "upgrade did not complete"),
+            Ok(ws) => run_connection(node, conn, ws.into_inner()).await,
+            Err(e) => {
+                tracing::debug!(%ip, error = %e, "upgrade did not complete");
+                node.directory.remove(&conn.conn_id).await;
+            }
         }
     });
     response.map(|_| Full::new(Bytes::new()))
@@ -232,27 +269,48 @@ async fn authenticate(node: &Node, req: &Request<Incoming>) -> Result<Option<Ide
     }
 }
 
-/// Runs one WebSocket connection from welcome to cleanup.
-async fn run_connection<S>(
-    node: Arc<Node>,
+/// A connection admitted at the handshake: slot taken, registered in the directory.
+struct Conn {
+    id: ConnId,
+    conn_id: String,
+    out: Arc<Outbound>,
     slot: Slot,
-    io: S,
-    peer: IpAddr,
+    ip: IpAddr,
     identity: Option<Identity>,
-) where
+}
+
+/// Runs one WebSocket connection from welcome to cleanup.
+async fn run_connection<S>(node: Arc<Node>, conn: Conn, io: S)
+where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (id, conn_id) = node.next_conn_id();
-    let out = Arc::new(Outbound::new(node.config.outbound_queue_bytes));
+    let Conn {
+        id,
+        conn_id,
+        out,
+        slot,
+        ip: peer,
+        identity,
+    } = conn;
     let clock = identity
         .as_ref()
         .map(|i| Arc::new(TokenClock::new(i.exp, node.config.token_grace())));
     let user_id = identity.as_ref().map(|i| i.user_id.clone());
-    let session = Session::new(id, node.clone(), out.clone(), identity, clock.clone());
+    node.inbound
+        .lifecycle(Event::Connect, &conn_id, user_id.as_deref(), "")
+        .await;
+    let session = Session::new(
+        id,
+        conn_id.clone(),
+        node.clone(),
+        out.clone(),
+        identity,
+        clock.clone(),
+    );
     session.send(&ServerFrame::Welcome {
         conn_id: conn_id.clone(),
         node_id: node.config.node_id.clone(),
-        user_id,
+        user_id: user_id.clone(),
     });
     let subs = session.subscriptions();
     tracing::debug!(%peer, conn = %conn_id, "connection open");
@@ -275,6 +333,11 @@ async fn run_connection<S>(
     for channel in channels {
         let _ = node.hub.unsubscribe(&channel, id).await;
     }
+    node.directory.remove(&conn_id).await;
+    let close = serde_json::json!({"code": reason.code(), "reason": reason.label()}).to_string();
+    node.inbound
+        .lifecycle(Event::Disconnect, &conn_id, user_id.as_deref(), &close)
+        .await;
     let (label, blame) = (reason.label(), reason.blame());
     if let CloseReason::Protocol(kind) = &reason {
         node.metrics

@@ -14,7 +14,11 @@
 //! - [`outbound`]: a connection's byte-bounded outbound queue and slow-consumer policy.
 //! - [`session`]: protocol v1 for one connection (subscribe, unsubscribe, publish).
 //! - [`hub`]: channel → local subscribers, sharded; drives broker subscriptions.
-//! - [`broker`]: the `Broker` trait, the in-memory broker and the conformance suite.
+//! - [`broker`]: the `Broker` trait, the in-memory and Redis brokers, the conformance suite.
+//! - [`redis`]: the node's one Redis connection and the router of its pub/sub pushes.
+//! - [`directory`]: which user and connection lives on which node; unicast, remote
+//!   disconnect, per-user caps, node liveness and the janitor.
+//! - [`inbound`]: client `send` messages and lifecycle events to the backends' stream.
 //! - [`admin`]: probes, metrics and the admin HTTP API.
 //! - [`node`]: state shared by a node's tasks.
 //! - [`config`]: the settings struct, its layering and validation.
@@ -28,14 +32,17 @@ pub mod auth;
 pub mod broker;
 pub mod client_ip;
 pub mod config;
+pub mod directory;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod inbound;
 pub mod metrics;
 pub mod node;
 pub mod origin;
 pub mod outbound;
 pub mod ratelimit;
+pub mod redis;
 pub mod server;
 pub mod session;
 pub mod tls;

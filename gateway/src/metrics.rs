@@ -113,6 +113,31 @@ const HELP: &[(&str, &str, &str)] = &[
         "counter",
         "JWKS fetches by result.",
     ),
+    (
+        "gateway_directory_ops_total",
+        "counter",
+        "Connection directory operations, by op.",
+    ),
+    (
+        "gateway_redis_errors_total",
+        "counter",
+        "Failed Redis calls and lost connections, by op.",
+    ),
+    (
+        "gateway_redis_reconnects_total",
+        "counter",
+        "Times Redis became reachable again after an outage.",
+    ),
+    (
+        "gateway_broker_dropped_total",
+        "counter",
+        "Messages published on Redis that were dropped (not JSON).",
+    ),
+    (
+        "gateway_inbound_appends_total",
+        "counter",
+        "Entries appended to the inbound stream, by event.",
+    ),
 ];
 
 impl Metrics {

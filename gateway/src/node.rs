@@ -8,13 +8,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::RedisBroker;
 use crate::broker::Broker;
 use crate::client_ip::TrustedProxies;
 use crate::config::Config;
+use crate::directory::Directory;
 use crate::error::StartError;
 use crate::hub::{ConnId, Hub};
+use crate::inbound::Inbound;
 use crate::metrics::Metrics;
 use crate::ratelimit::HandshakeLimiter;
+use crate::redis::Redis;
 use crate::websocket::Limits;
 
 /// Shared node state. Cheap to reach from any task through an `Arc`.
@@ -25,6 +29,12 @@ pub struct Node {
     pub handshake_limiter: HandshakeLimiter,
     pub proxies: TrustedProxies,
     pub hub: Arc<Hub>,
+    /// Where every user and connection of the cluster lives; unicast and disconnects.
+    pub directory: Arc<Directory>,
+    /// Client `send` messages and lifecycle events to the backends.
+    pub inbound: Inbound,
+    /// The Redis connection; `None` on a single node with the in-process broker.
+    pub redis: Option<Arc<Redis>>,
     pub metrics: Arc<Metrics>,
     /// Cancelled when shutdown starts: readiness turns false at once.
     pub draining: CancellationToken,
@@ -36,16 +46,34 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn new(config: Config, draining: CancellationToken) -> Result<Arc<Node>, StartError> {
+    /// Builds the node; connects to Redis first when `redis_url` is set.
+    pub async fn new(config: Config, draining: CancellationToken) -> Result<Arc<Node>, StartError> {
         let metrics = Arc::new(Metrics::default());
         let auth = Authenticator::from_config(&config, metrics.clone())?;
         let handshake_limiter =
             HandshakeLimiter::new(config.handshake_rate_per_ip, config.handshake_burst_per_ip);
         let proxies = TrustedProxies::new(&config.trusted_proxies);
+        let redis = match &config.redis_url {
+            Some(_) => Some(Redis::connect(&config, metrics.clone()).await?),
+            None => None,
+        };
         let shards = std::thread::available_parallelism().map_or(4, |n| n.get() * 4);
-        let hub = Hub::new(shards, metrics.clone(), Duration::from_secs(5), |sink| {
-            Arc::new(MemoryBroker::new(sink)) as Arc<dyn Broker>
+        let timeout = Duration::from_millis(config.redis_timeout_ms);
+        let hub = Hub::new(shards, metrics.clone(), timeout, |sink| match &redis {
+            Some(r) => {
+                r.set_sink(sink);
+                Arc::new(RedisBroker(r.clone())) as Arc<dyn Broker>
+            }
+            None => Arc::new(MemoryBroker::new(sink)) as Arc<dyn Broker>,
         });
+        let directory = Directory::new(&config, redis.clone(), metrics.clone());
+        directory.start().await?;
+        let inbound = Inbound::new(
+            redis.clone(),
+            &config.node_id,
+            config.inbound_maxlen,
+            metrics.clone(),
+        );
         let boot_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -55,6 +83,9 @@ impl Node {
             handshake_limiter,
             proxies,
             hub,
+            directory,
+            inbound,
+            redis,
             metrics,
             draining,
             close_all: CancellationToken::new(),

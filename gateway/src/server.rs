@@ -21,7 +21,7 @@ use crate::node::Node;
 ///    connections to finish their close handshakes;
 /// 4. the admin listener and background tasks stop and this function returns.
 ///
-/// Fails only at start, on key material it cannot load.
+/// Fails only at start, on key material it cannot load or a Redis it cannot reach.
 pub async fn run(
     listener: TcpListener,
     admin_listener: TcpListener,
@@ -32,7 +32,7 @@ pub async fn run(
         (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
         _ => None,
     };
-    let node = Node::new(config, shutdown.clone())?;
+    let node = Node::new(config, shutdown.clone()).await?;
     let background = CancellationToken::new();
     spawn_background(&node, tls.as_ref().map(|(_, r)| r.clone()), &background);
     let admin = tokio::spawn(crate::admin::serve(
@@ -68,6 +68,7 @@ pub async fn run(
     }
     drop(listener);
     shutdown_connections(&node).await;
+    node.directory.leave().await;
     background.cancel();
     let _ = admin.await;
     tracing::info!("gateway stopped");
@@ -130,6 +131,7 @@ fn spawn_background(
             stop.clone(),
         ));
     }
+    tokio::spawn(node.directory.clone().run(stop.clone()));
     if let Some(jwks) = node.auth.as_ref().and_then(|a| a.jwks()) {
         tokio::spawn(crate::auth::refresh_jwks(jwks, stop.clone()));
     }

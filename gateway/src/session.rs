@@ -1,5 +1,7 @@
 //! Protocol v1 for one connection: turns client requests into hub calls and replies.
 //!
+//! `send` is acknowledged only once the message is in the backends' Redis stream.
+//!
 //! Request errors (bad JSON, unknown type, bad channel, too many subscriptions, forbidden)
 //! are answered with an `error` frame and leave the connection open: a client bug should cost
 //! one request, not the connection and every subscription on it.
@@ -25,6 +27,8 @@ pub type Subscriptions = Arc<Mutex<HashSet<String>>>;
 /// One connection's protocol state.
 pub struct Session {
     id: ConnId,
+    /// The wire id (`welcome.conn_id`), as the directory and the inbound stream know it.
+    conn_id: String,
     node: Arc<Node>,
     out: Arc<Outbound>,
     subs: Subscriptions,
@@ -39,6 +43,7 @@ type Failure = (ErrorCode, String);
 impl Session {
     pub fn new(
         id: ConnId,
+        conn_id: String,
         node: Arc<Node>,
         out: Arc<Outbound>,
         identity: Option<Identity>,
@@ -54,6 +59,7 @@ impl Session {
         );
         Session {
             id,
+            conn_id,
             node,
             out,
             subs: Subscriptions::default(),
@@ -116,6 +122,19 @@ impl Session {
                     .map_err(unavailable)
             }
             Request::Refresh { token } => self.refresh(token).await,
+            Request::Send { data } => {
+                let user = self.identity.as_ref().map(|i| i.user_id.as_str());
+                self.node
+                    .inbound
+                    .append(
+                        crate::inbound::Event::Message,
+                        &self.conn_id,
+                        user,
+                        data.get(),
+                    )
+                    .await
+                    .map_err(unavailable)
+            }
         }
     }
 

@@ -24,6 +24,8 @@ pub enum Request<'a> {
     },
     /// Replace the connection's token before it expires.
     Refresh { token: &'a str },
+    /// Send `data` to the backends (the inbound stream).
+    Send { data: &'a RawValue },
 }
 
 /// The lenient first parse of a client frame.
@@ -77,6 +79,13 @@ pub fn parse_request(text: &str) -> Result<(Option<RequestId>, Request<'_>), Par
             ))
         }
     };
+    let data = || -> Result<&RawValue, ParseError> {
+        let data = env
+            .data
+            .ok_or_else(|| fail(ErrorCode::BadRequest, "missing field `data`".into()))?;
+        check_data(data.get()).map_err(|m| fail(ErrorCode::MalformedJson, m.into()))?;
+        Ok(data)
+    };
     let req = match env.kind {
         Some("subscribe") => Request::Subscribe {
             channel: channel()?,
@@ -84,30 +93,11 @@ pub fn parse_request(text: &str) -> Result<(Option<RequestId>, Request<'_>), Par
         Some("unsubscribe") => Request::Unsubscribe {
             channel: channel()?,
         },
-        Some("publish") => {
-            let channel = channel()?;
-            let data = env
-                .data
-                .ok_or_else(|| fail(ErrorCode::BadRequest, "missing field `data`".into()))?;
-            if nesting_exceeds(data.get(), MAX_DATA_DEPTH) {
-                return Err(fail(
-                    ErrorCode::MalformedJson,
-                    format!("`data` nests deeper than {MAX_DATA_DEPTH} levels"),
-                ));
-            }
-            if has_surrogate_escape(data.get())
-                && serde_json::from_str::<serde_json::Value>(data.get()).is_err()
-            {
-                // Raw values are not checked for lone UTF-16 surrogates (`"\ud800"`), which
-                // strict parsers downstream refuse; only text with such escapes pays for a
-                // full parse.
-                return Err(fail(
-                    ErrorCode::MalformedJson,
-                    "`data` holds an unpaired UTF-16 surrogate escape".into(),
-                ));
-            }
-            Request::Publish { channel, data }
-        }
+        Some("publish") => Request::Publish {
+            channel: channel()?,
+            data: data()?,
+        },
+        Some("send") => Request::Send { data: data()? },
         Some("refresh") => Request::Refresh {
             token: env
                 .token
@@ -129,6 +119,23 @@ pub fn parse_request(text: &str) -> Result<(Option<RequestId>, Request<'_>), Par
 /// values it builds, but `data` is kept raw and forwarded to every subscriber, so the gateway
 /// checks it itself: a JSON bomb must not reach browsers whose parsers recurse.
 pub const MAX_DATA_DEPTH: usize = 64;
+
+/// Checks JSON text that the gateway forwards verbatim (client `data`, backend publishes):
+/// syntax, nesting depth, and unpaired surrogate escapes. Returns why it is refused.
+pub fn check_data(json: &str) -> Result<(), &'static str> {
+    if serde_json::from_str::<serde::de::IgnoredAny>(json).is_err() {
+        return Err("`data` is not valid JSON");
+    }
+    if nesting_exceeds(json, MAX_DATA_DEPTH) {
+        return Err("`data` nests deeper than 64 levels");
+    }
+    // Raw values are not checked for lone UTF-16 surrogates (`"\ud800"`), which strict
+    // parsers downstream refuse; only text with such escapes pays for a full parse.
+    if has_surrogate_escape(json) && serde_json::from_str::<serde_json::Value>(json).is_err() {
+        return Err("`data` holds an unpaired UTF-16 surrogate escape");
+    }
+    Ok(())
+}
 
 /// True when the JSON text has a `\uD800`-`\uDFFF` escape (case-insensitive).
 fn has_surrogate_escape(json: &str) -> bool {
@@ -245,6 +252,16 @@ impl ServerFrame<'_> {
 /// `channel` must be a valid channel name (no escaping needed) and `data` valid JSON text;
 /// the gateway checks both before anything reaches a subscriber. Equal to serializing
 /// [`ServerFrame::Message`].
+/// `{"type":"direct","data":<data>}` for a unicast to a user or connection; `data` must be
+/// valid JSON text (see [`check_data`]).
+pub fn encode_direct(data: &str) -> String {
+    let mut s = String::with_capacity(26 + data.len());
+    s.push_str(r#"{"type":"direct","data":"#);
+    s.push_str(data);
+    s.push('}');
+    s
+}
+
 pub fn encode_message(channel: &str, data: &str) -> String {
     debug_assert!(crate::channel::is_valid(channel));
     let mut s = String::with_capacity(40 + channel.len() + data.len());

@@ -153,6 +153,10 @@ fn parser_never_panics_and_answers_every_input() {
                             data.get()
                         );
                     }
+                    Request::Send { data } => assert!(
+                        serde_json::from_str::<serde::de::IgnoredAny>(data.get()).is_ok(),
+                        "case {i}: data is not JSON"
+                    ),
                     Request::Refresh { .. } => {}
                 }
             }

@@ -5,11 +5,13 @@
 //! channel however many clients listen. Messages for subscribed channels come back through the
 //! [`Sink`] given when the broker is built.
 //!
-//! Implementations: [`memory::MemoryBroker`] (single node, the default). Every implementation
-//! must pass [`conformance`].
+//! Implementations: [`memory::MemoryBroker`] (single node, the default) and
+//! [`redis::RedisBroker`] (a cluster of nodes sharing Redis). Every implementation must pass
+//! [`conformance`].
 
 pub mod conformance;
 pub mod memory;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;

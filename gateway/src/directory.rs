@@ -1,0 +1,545 @@
+//! The connection directory: which user and which connection lives on which node.
+//!
+//! Every node keeps its own connections in a local map (the only place that holds their
+//! outbound queues). With Redis, it also records them there, so that any node, or any backend
+//! with a Redis client, can reach them without asking every node:
+//!
+//! - `<P>user:{user}` hash `conn → "node connected_ms"`: unicast to a user, per-user cap;
+//! - `<P>conn:{conn}` string `"node connected_ms user"`: unicast to and disconnect of one
+//!   connection;
+//! - `<P>nodeconns:{node}` hash `conn → user`: what to purge when that node dies;
+//! - `<P>nodes` sorted set `node → expiry_ms`: liveness, refreshed every heartbeat.
+//!
+//! Delivery goes through the node's own channel `<P>node:<node>` (see `directory.lua`), so a
+//! unicast costs one `FCALL` and one `PUBLISH` per node that holds the user's connections.
+//!
+//! A node that dies without cleaning up (`kill -9`) stops refreshing its liveness entry; the
+//! janitor (one node at a time, elected by a Redis lock) purges its routes once the entry is
+//! older than `node_ttl_ms`. A node that loses Redis keeps serving its local connections and,
+//! when Redis is back, reloads the functions and re-registers every local connection (Redis
+//! may have restarted empty).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::{BrokerError, CloseReason, StartError};
+use crate::metrics::Metrics;
+use crate::outbound::{Outbound, Pushed};
+use crate::redis::Redis;
+use crate::websocket::frame;
+
+const LIBRARY: &str = include_str!("directory.lua");
+
+/// A connection held by this node.
+struct Local {
+    out: Arc<Outbound>,
+    user: Option<String>,
+    connected_ms: u64,
+}
+
+/// One connection of a user, as listed by the admin API.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct ConnInfo {
+    pub conn_id: String,
+    pub node_id: String,
+    pub connected_ms: u64,
+}
+
+/// Why a connection could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    #[error("this user already has the maximum number of connections")]
+    UserLimit,
+    #[error("the directory is unavailable: {0}")]
+    Unavailable(#[from] BrokerError),
+}
+
+/// See the module docs.
+pub struct Directory {
+    node_id: String,
+    redis: Option<Arc<Redis>>,
+    local: Mutex<HashMap<String, Local>>,
+    max_per_user: usize,
+    heartbeat: Duration,
+    ttl: Duration,
+    /// A registration failed while Redis was away: re-register everything on the next beat.
+    dirty: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Directory {
+    pub fn new(c: &Config, redis: Option<Arc<Redis>>, metrics: Arc<Metrics>) -> Arc<Directory> {
+        let dir = Arc::new(Directory {
+            node_id: c.node_id.clone(),
+            redis,
+            local: Mutex::new(HashMap::new()),
+            max_per_user: c.max_connections_per_user,
+            heartbeat: Duration::from_millis(c.node_heartbeat_ms),
+            ttl: Duration::from_millis(c.node_ttl_ms),
+            dirty: AtomicBool::new(false),
+            metrics,
+        });
+        if let Some(redis) = &dir.redis {
+            let weak: Weak<Directory> = Arc::downgrade(&dir);
+            redis.set_node_handler(Arc::new(move |payload: &[u8]| {
+                if let Some(dir) = weak.upgrade() {
+                    dir.on_node_message(payload);
+                }
+            }));
+        }
+        dir
+    }
+
+    fn local(&self) -> std::sync::MutexGuard<'_, HashMap<String, Local>> {
+        self.local.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        let p = self.redis.as_ref().map_or("", |r| r.prefix.as_str());
+        format!("{p}{kind}:{{{id}}}")
+    }
+
+    fn count(&self, op: &'static str) {
+        self.metrics
+            .inc("gateway_directory_ops_total", &[("op", op)]);
+    }
+
+    /// Loads the function library, clears what a previous run of this node left behind,
+    /// subscribes to this node's channel and writes the first heartbeat.
+    pub async fn start(&self) -> Result<(), StartError> {
+        let Some(redis) = &self.redis else {
+            return Ok(());
+        };
+        let fail = |e: BrokerError| StartError::Redis(e.to_string());
+        self.load_functions(redis).await.map_err(fail)?;
+        self.purge_node(redis, &self.node_id).await.map_err(fail)?;
+        redis
+            .subscribe(
+                &crate::redis::node_channel(&redis.prefix, &self.node_id),
+                false,
+            )
+            .await
+            .map_err(fail)?;
+        self.beat(redis).await.map_err(fail)
+    }
+
+    async fn load_functions(&self, redis: &Redis) -> Result<(), BrokerError> {
+        let code = LIBRARY.replace("__PREFIX__", &redis.prefix).replace(
+            "__CLUSTER__",
+            if redis.is_cluster() { "true" } else { "false" },
+        );
+        redis.load_functions(&code).await
+    }
+
+    /// Registers a new connection of this node. Fails only on the per-user cap, or when the
+    /// cap cannot be checked because Redis is away. Without a cap, a connection opened
+    /// during an outage is registered when Redis comes back.
+    pub async fn add(
+        &self,
+        conn: &str,
+        user: Option<&str>,
+        out: Arc<Outbound>,
+    ) -> Result<(), AddError> {
+        let connected_ms = now_ms();
+        let capped = self.max_per_user > 0 && user.is_some();
+        match (&self.redis, user) {
+            (None, Some(u)) if capped => {
+                let held = self
+                    .local()
+                    .values()
+                    .filter(|l| l.user.as_deref() == Some(u))
+                    .count();
+                if held >= self.max_per_user {
+                    return Err(AddError::UserLimit);
+                }
+            }
+            (Some(redis), _) => {
+                match self.register(redis, conn, user, connected_ms, capped).await {
+                    Ok(true) => {}
+                    Ok(false) => return Err(AddError::UserLimit),
+                    Err(e) if capped => return Err(e.into()),
+                    Err(_) => self.dirty.store(true, Ordering::Release),
+                }
+            }
+            _ => {}
+        }
+        self.local().insert(
+            conn.to_owned(),
+            Local {
+                out,
+                user: user.map(str::to_owned),
+                connected_ms,
+            },
+        );
+        self.count("add");
+        Ok(())
+    }
+
+    /// Writes one connection's records. `Ok(false)`: the user is at the cap.
+    async fn register(
+        &self,
+        redis: &Redis,
+        conn: &str,
+        user: Option<&str>,
+        connected_ms: u64,
+        capped: bool,
+    ) -> Result<bool, BrokerError> {
+        if let Some(u) = user {
+            let mut add = redis::cmd("FCALL");
+            add.arg("gw_add_conn")
+                .arg(1)
+                .arg(u)
+                .arg(conn)
+                .arg(&self.node_id)
+                .arg(connected_ms)
+                .arg(if capped { self.max_per_user } else { 0 });
+            if redis.call::<i64>("add", add).await? == 0 {
+                return Ok(false);
+            }
+        }
+        let mut set = redis::cmd("SET");
+        set.arg(self.key("conn", conn)).arg(format!(
+            "{} {connected_ms} {}",
+            self.node_id,
+            user.unwrap_or("-")
+        ));
+        let mut own = redis::cmd("HSET");
+        own.arg(self.key("nodeconns", &self.node_id))
+            .arg(conn)
+            .arg(user.unwrap_or("-"));
+        let (a, b) = tokio::join!(redis.call::<()>("add", set), redis.call::<()>("add", own));
+        a.and(b).map(|_| true)
+    }
+
+    /// Forgets a connection of this node (it closed).
+    pub async fn remove(&self, conn: &str) {
+        let Some(local) = self.local().remove(conn) else {
+            return;
+        };
+        self.count("remove");
+        let Some(redis) = &self.redis else { return };
+        let mut del = redis::cmd("DEL");
+        del.arg(self.key("conn", conn));
+        let mut own = redis::cmd("HDEL");
+        own.arg(self.key("nodeconns", &self.node_id)).arg(conn);
+        let user = async {
+            if let Some(u) = &local.user {
+                let mut hdel = redis::cmd("HDEL");
+                hdel.arg(self.key("user", u)).arg(conn);
+                let _ = redis.call::<()>("remove", hdel).await;
+            }
+        };
+        let _ = tokio::join!(
+            redis.call::<()>("remove", del),
+            redis.call::<()>("remove", own),
+            user
+        );
+    }
+
+    /// Sends `{"type":"direct","data":data}` to every connection of `user`, on any node.
+    /// Returns how many connections it reached.
+    pub async fn send_user(&self, user: &str, data: &str) -> Result<u64, BrokerError> {
+        self.count("send_user");
+        match &self.redis {
+            Some(redis) => {
+                let mut cmd = redis::cmd("FCALL");
+                cmd.arg("gw_send_user").arg(1).arg(user).arg(data);
+                redis.call("send_user", cmd).await
+            }
+            None => {
+                let conns: Vec<String> = self
+                    .local()
+                    .iter()
+                    .filter(|(_, l)| l.user.as_deref() == Some(user))
+                    .map(|(c, _)| c.clone())
+                    .collect();
+                Ok(self.deliver(conns.iter().map(String::as_str), data))
+            }
+        }
+    }
+
+    /// Sends `{"type":"direct","data":data}` to one connection, on any node: 1 or 0.
+    pub async fn send_conn(&self, conn: &str, data: &str) -> Result<u64, BrokerError> {
+        self.count("send_conn");
+        match &self.redis {
+            Some(redis) => {
+                let mut cmd = redis::cmd("FCALL");
+                cmd.arg("gw_send_conn").arg(1).arg(conn).arg(data);
+                redis.call("send_conn", cmd).await
+            }
+            None => Ok(self.deliver(std::iter::once(conn), data)),
+        }
+    }
+
+    /// Closes one connection, on any node, with 4003. False when no such connection exists.
+    pub async fn disconnect(&self, conn: &str) -> Result<bool, BrokerError> {
+        self.count("disconnect");
+        let Some(redis) = &self.redis else {
+            return Ok(self.kick(conn));
+        };
+        let mut get = redis::cmd("GET");
+        get.arg(self.key("conn", conn));
+        let Some(entry) = redis.call::<Option<String>>("disconnect", get).await? else {
+            return Ok(false);
+        };
+        let node = entry.split(' ').next().unwrap_or_default();
+        let channel = crate::redis::node_channel(&redis.prefix, node);
+        redis
+            .publish(&channel, &format!("K {conn}\n"), false)
+            .await?;
+        Ok(true)
+    }
+
+    /// Lists a user's live connections, from any node.
+    pub async fn user_connections(&self, user: &str) -> Result<Vec<ConnInfo>, BrokerError> {
+        self.count("list");
+        let Some(redis) = &self.redis else {
+            let mut v: Vec<ConnInfo> = self
+                .local()
+                .iter()
+                .filter(|(_, l)| l.user.as_deref() == Some(user))
+                .map(|(c, l)| ConnInfo {
+                    conn_id: c.clone(),
+                    node_id: self.node_id.clone(),
+                    connected_ms: l.connected_ms,
+                })
+                .collect();
+            v.sort_by(|a, b| a.conn_id.cmp(&b.conn_id));
+            return Ok(v);
+        };
+        let mut all = redis::cmd("HGETALL");
+        all.arg(self.key("user", user));
+        let entries: HashMap<String, String> = redis.call("list", all).await?;
+        let mut live: HashMap<String, bool> = HashMap::new();
+        let mut out = Vec::new();
+        for (conn_id, entry) in entries {
+            let mut parts = entry.split(' ');
+            let node_id = parts.next().unwrap_or_default().to_owned();
+            let connected_ms = parts.next().and_then(|t| t.parse().ok()).unwrap_or(0);
+            if !live.contains_key(&node_id) {
+                let mut score = redis::cmd("ZSCORE");
+                score.arg(format!("{}nodes", redis.prefix)).arg(&node_id);
+                let expiry: Option<f64> = redis.call("list", score).await?;
+                live.insert(node_id.clone(), expiry.is_some_and(|e| e as u64 > now_ms()));
+            }
+            if live[&node_id] {
+                out.push(ConnInfo {
+                    conn_id,
+                    node_id,
+                    connected_ms,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.conn_id.cmp(&b.conn_id));
+        Ok(out)
+    }
+
+    /// Queues a direct frame, encoded once, to local connections. Returns how many got it.
+    fn deliver<'a>(&self, conns: impl Iterator<Item = &'a str>, data: &str) -> u64 {
+        let bytes: Bytes = frame::text(&shared::protocol::encode_direct(data));
+        let local = self.local();
+        let mut n = 0;
+        for conn in conns {
+            if let Some(l) = local.get(conn) {
+                match l.out.push(bytes.clone()) {
+                    Pushed::Queued => n += 1,
+                    Pushed::Overflowed => self
+                        .metrics
+                        .inc("gateway_slow_consumer_disconnects_total", &[]),
+                    Pushed::Closing => {}
+                }
+            }
+        }
+        self.metrics.deliveries.fetch_add(n, Ordering::Relaxed);
+        n
+    }
+
+    fn kick(&self, conn: &str) -> bool {
+        match self.local().get(conn) {
+            Some(l) => {
+                l.out.close(CloseReason::Disconnected);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A message on this node's channel: `D conns\njson` or `K conn\n`.
+    fn on_node_message(&self, payload: &[u8]) {
+        let Ok(text) = std::str::from_utf8(payload) else {
+            return;
+        };
+        let (head, body) = text.split_once('\n').unwrap_or((text, ""));
+        match head.split_once(' ') {
+            Some(("D", conns)) => match shared::protocol::check_data(body) {
+                Ok(()) => {
+                    self.deliver(conns.split(' '), body);
+                }
+                Err(why) => {
+                    if let Some(r) = &self.redis {
+                        r.drop_message(why);
+                    }
+                }
+            },
+            Some(("K", conn)) => {
+                self.kick(conn);
+            }
+            _ => tracing::debug!(head, "unknown node message"),
+        }
+    }
+
+    /// Connections held by this node.
+    pub fn local_count(&self) -> usize {
+        self.local().len()
+    }
+
+    /// Heartbeat, resync after an outage, and the janitor, until `stop`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let Some(redis) = self.redis.clone() else {
+            return;
+        };
+        let mut resync = false;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.heartbeat) => {}
+                _ = stop.cancelled() => return,
+            }
+            resync |= redis.take_resync() | self.dirty.swap(false, Ordering::AcqRel);
+            let ok = self.beat(&redis).await.is_ok();
+            resync |= !ok;
+            redis.set_healthy(ok);
+            if !ok {
+                continue;
+            }
+            if resync {
+                match self.resync(&redis).await {
+                    Ok(n) => {
+                        resync = false;
+                        tracing::info!(connections = n, "directory restored in Redis");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "directory resync failed; retrying"),
+                }
+            }
+            if let Err(e) = self.janitor(&redis).await {
+                tracing::debug!(error = %e, "janitor pass failed");
+            }
+        }
+    }
+
+    /// Marks this node alive until now + ttl.
+    async fn beat(&self, redis: &Redis) -> Result<(), BrokerError> {
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(format!("{}nodes", redis.prefix))
+            .arg(now_ms() + self.ttl.as_millis() as u64)
+            .arg(&self.node_id);
+        redis.call::<()>("heartbeat", zadd).await
+    }
+
+    /// Reloads the functions and re-registers every local connection.
+    async fn resync(&self, redis: &Redis) -> Result<usize, BrokerError> {
+        self.load_functions(redis).await?;
+        let conns: Vec<(String, Option<String>, u64)> = self
+            .local()
+            .iter()
+            .map(|(c, l)| (c.clone(), l.user.clone(), l.connected_ms))
+            .collect();
+        for (conn, user, at) in &conns {
+            self.register(redis, conn, user.as_deref(), *at, false)
+                .await?;
+        }
+        self.count("resync");
+        Ok(conns.len())
+    }
+
+    /// One janitor pass, on the node holding the janitor lock: purges nodes whose liveness
+    /// entry expired.
+    async fn janitor(&self, redis: &Redis) -> Result<(), BrokerError> {
+        let lock = format!("{}janitor", redis.prefix);
+        let mut take = redis::cmd("SET");
+        take.arg(&lock)
+            .arg(&self.node_id)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.ttl.as_millis() as u64);
+        let mine = redis
+            .call::<Option<String>>("janitor", take)
+            .await?
+            .is_some()
+            || {
+                let mut get = redis::cmd("GET");
+                get.arg(&lock);
+                let holder: Option<String> = redis.call("janitor", get).await?;
+                if holder.as_deref() == Some(&self.node_id) {
+                    let mut extend = redis::cmd("PEXPIRE");
+                    extend.arg(&lock).arg(self.ttl.as_millis() as u64);
+                    redis.call::<()>("janitor", extend).await?;
+                    true
+                } else {
+                    false
+                }
+            };
+        if !mine {
+            return Ok(());
+        }
+        let mut dead = redis::cmd("ZRANGEBYSCORE");
+        dead.arg(format!("{}nodes", redis.prefix))
+            .arg("-inf")
+            .arg(now_ms());
+        let dead: Vec<String> = redis.call("janitor", dead).await?;
+        for node in dead.iter().filter(|n| **n != self.node_id) {
+            let n = self.purge_node(redis, node).await?;
+            tracing::info!(node, routes = n, "purged the routes of a dead node");
+        }
+        Ok(())
+    }
+
+    /// Deletes every route of `node` and its liveness entry. Returns how many connections
+    /// it had.
+    async fn purge_node(&self, redis: &Redis, node: &str) -> Result<usize, BrokerError> {
+        let own_key = self.key("nodeconns", node);
+        let mut all = redis::cmd("HGETALL");
+        all.arg(&own_key);
+        let conns: HashMap<String, String> = redis.call("purge", all).await?;
+        for (conn, user) in &conns {
+            if user != "-" {
+                let mut hdel = redis::cmd("HDEL");
+                hdel.arg(self.key("user", user)).arg(conn);
+                redis.call::<()>("purge", hdel).await?;
+            }
+            let mut del = redis::cmd("DEL");
+            del.arg(self.key("conn", conn));
+            redis.call::<()>("purge", del).await?;
+        }
+        let mut del = redis::cmd("DEL");
+        del.arg(&own_key);
+        redis.call::<()>("purge", del).await?;
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(format!("{}nodes", redis.prefix)).arg(node);
+        redis.call::<()>("purge", zrem).await?;
+        self.metrics.add(
+            "gateway_directory_ops_total",
+            &[("op", "purge")],
+            conns.len() as u64,
+        );
+        Ok(conns.len())
+    }
+
+    /// Removes this node from the cluster's routing (graceful shutdown).
+    pub async fn leave(&self) {
+        if let Some(redis) = &self.redis {
+            let _ = self.purge_node(redis, &self.node_id).await;
+        }
+    }
+}

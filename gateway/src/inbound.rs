@@ -1,0 +1,106 @@
+//! Events to the backends: client `send` messages and connection lifecycle, appended to the
+//! Redis stream `<prefix>inbound` (capped with `MAXLEN ~ inbound_maxlen`). Backends read it
+//! with consumer groups (`XREADGROUP`); see `docs/backends.md`.
+//!
+//! Entries of one connection are appended in order: `connect` before the connection reads
+//! its first frame, each `message` before its `ack`, and `disconnect` after the last one.
+//! Without Redis there is no stream: `send` is refused with `unavailable`, and lifecycle
+//! events are not recorded.
+
+use std::sync::Arc;
+
+use crate::directory::now_ms;
+use crate::error::BrokerError;
+use crate::metrics::Metrics;
+use crate::redis::Redis;
+
+/// What happened, as the `event` field says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Connect,
+    Message,
+    Disconnect,
+}
+
+impl Event {
+    fn as_str(self) -> &'static str {
+        match self {
+            Event::Connect => "connect",
+            Event::Message => "message",
+            Event::Disconnect => "disconnect",
+        }
+    }
+}
+
+/// See the module docs.
+pub struct Inbound {
+    redis: Option<Arc<Redis>>,
+    node_id: String,
+    maxlen: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Inbound {
+    pub fn new(
+        redis: Option<Arc<Redis>>,
+        node_id: &str,
+        maxlen: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Inbound {
+            redis,
+            node_id: node_id.to_owned(),
+            maxlen,
+            metrics,
+        }
+    }
+
+    /// Appends one entry. `data` is JSON text (`""` for connect).
+    pub async fn append(
+        &self,
+        event: Event,
+        conn_id: &str,
+        user_id: Option<&str>,
+        data: &str,
+    ) -> Result<(), BrokerError> {
+        let Some(redis) = &self.redis else {
+            return Err(BrokerError::Unavailable("no Redis is configured".into()));
+        };
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(format!("{}inbound", redis.prefix))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.maxlen)
+            .arg("*")
+            .arg("event")
+            .arg(event.as_str())
+            .arg("conn_id")
+            .arg(conn_id)
+            .arg("user_id")
+            .arg(user_id.unwrap_or(""))
+            .arg("node_id")
+            .arg(&self.node_id)
+            .arg("ts")
+            .arg(now_ms())
+            .arg("data")
+            .arg(data);
+        let r = redis.call::<String>("xadd", xadd).await.map(|_| ());
+        if r.is_ok() {
+            self.metrics.inc(
+                "gateway_inbound_appends_total",
+                &[("event", event.as_str())],
+            );
+        }
+        r
+    }
+
+    /// Appends a lifecycle event; failures are logged, never fatal to the connection.
+    pub async fn lifecycle(&self, event: Event, conn_id: &str, user_id: Option<&str>, data: &str) {
+        if self.redis.is_none() {
+            return;
+        }
+        if let Err(e) = self.append(event, conn_id, user_id, data).await {
+            tracing::warn!(conn = conn_id, event = event.as_str(), error = %e, "inbound event lost");
+        }
+    }
+}
