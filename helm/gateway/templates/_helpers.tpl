@@ -124,9 +124,6 @@ integers here. Strings use JSON escaping, which is valid TOML basic-string synta
 {{- if and .Values.redis.existingSecret (not .Values.redis.url) }}
 {{- fail "redis.existingSecret is set but redis.url is empty" }}
 {{- end }}
-{{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) }}
-{{- fail "podDisruptionBudget: set only one of maxUnavailable and minAvailable" }}
-{{- end }}
 {{- end }}
 
 {{/* URL scheme of the public listener. */}}
