@@ -118,6 +118,9 @@ integers here. Strings use JSON escaping, which is valid TOML basic-string synta
 {{- if and (not .Values.auth.allowAnonymous) (not .Values.auth.jwt.hmac.existingSecret) (not .Values.auth.jwt.publicKeys.existingSecret) (not (get (default dict .Values.config) "jwks_url")) }}
 {{- fail "no way to authenticate clients: set auth.jwt.hmac.existingSecret, auth.jwt.publicKeys.existingSecret or config.jwks_url, or auth.allowAnonymous=true" }}
 {{- end }}
+{{- if and (eq .Values.lifecycle.preStopMode "sleep") (semverCompare "<1.30-0" .Capabilities.KubeVersion.Version) }}
+{{- fail (printf "lifecycle.preStopMode=sleep needs Kubernetes >= 1.30 (this cluster: %s); use exec" .Capabilities.KubeVersion.Version) }}
+{{- end }}
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) }}
 {{- fail "tls.enabled needs tls.existingSecret (a kubernetes.io/tls Secret, e.g. from cert-manager)" }}
 {{- end }}
