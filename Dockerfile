@@ -37,7 +37,7 @@ RUN find gateway shared loadtest -name '*.rs' -exec touch {} + \
 FROM gcr.io/distroless/cc-debian12:nonroot
 # `sleep` for the Helm chart's exec preStop hook (distroless has no shell or coreutils);
 # it needs only glibc, which this base image provides.
-COPY --from=builder /bin/sleep /bin/sleep
+COPY --from=builder /usr/bin/sleep /bin/sleep
 COPY --from=builder /out/gateway /usr/local/bin/gateway
 # Listen on all interfaces inside the container; the admin port must still never be
 # published beyond the cluster (the Helm chart exposes it on an internal Service only).

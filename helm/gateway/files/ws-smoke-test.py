@@ -132,7 +132,7 @@ def main():
             return 0
         except (OSError, RuntimeError, ValueError) as e:
             if time.monotonic() > deadline:
-                print("FAIL after %d attempts: %s" % (attempt, e), file=sys.stderr)
+                print("failed after %d attempts: %s" % (attempt, e), file=sys.stderr)
                 return 1
             print("attempt %d: %s; retrying" % (attempt, e), file=sys.stderr)
             time.sleep(2)
