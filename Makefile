@@ -11,7 +11,7 @@ run:
 		--listen 127.0.0.1:8080 --admin-listen 127.0.0.1:9090
 
 ## Everything CI runs: install what is missing, lint, Rust tests, browser test.
-test: deps lint unit e2e
+test: deps lint unit e2e k8s-check
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -50,3 +50,6 @@ conformance:
 
 check-config:
 	$(CARGO) run -q -p gateway -- --allow-anonymous --check-config
+
+# Kubernetes packaging: k8s-tools, k8s-check, image.
+include mk/k8s.mk

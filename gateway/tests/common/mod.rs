@@ -1,6 +1,8 @@
 //! Helpers for integration tests: a real node on 127.0.0.1:0, real clients, raw sockets.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod redis_server;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
