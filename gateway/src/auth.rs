@@ -176,7 +176,16 @@ impl Authenticator {
         let mut v = Validation::new(alg);
         v.leeway = self.leeway;
         v.validate_nbf = true;
-        v.set_required_spec_claims(&["exp", "sub"]);
+        // jsonwebtoken checks iss/aud only when the token has them: require them whenever
+        // they are configured, or a token without them would pass.
+        let mut required = vec!["exp", "sub"];
+        if self.issuer.is_some() {
+            required.push("iss");
+        }
+        if self.audience.is_some() {
+            required.push("aud");
+        }
+        v.set_required_spec_claims(&required);
         if let Some(iss) = &self.issuer {
             v.set_issuer(&[iss]);
         }

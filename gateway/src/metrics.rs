@@ -96,7 +96,7 @@ const HELP: &[(&str, &str, &str)] = &[
     (
         "gateway_rate_limit_hits_total",
         "counter",
-        "Requests refused by a rate limit, by kind (handshake, message, bytes).",
+        "Requests refused by a rate limit, by kind (handshake, messages, bytes).",
     ),
     (
         "gateway_tls_reloads_total",

@@ -200,6 +200,19 @@ async fn hs256_tokens_are_verified_and_rejections_name_the_reason() {
             "wrong_audience",
         ),
         (
+            "no issuer",
+            hs(secret, &json!({"sub":"x","exp":now()+60,"aud":"gateway"})),
+            "wrong_issuer",
+        ),
+        (
+            "no audience",
+            hs(
+                secret,
+                &json!({"sub":"x","exp":now()+60,"iss":"https://issuer.test"}),
+            ),
+            "wrong_audience",
+        ),
+        (
             "no sub",
             hs(
                 secret,

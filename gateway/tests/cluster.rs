@@ -1,0 +1,472 @@
+//! Several nodes sharing one real `redis-server` (started by the test on a free port): fan-out
+//! across nodes, unicast through the Redis functions and the admin API, remote disconnect,
+//! the per-user cap, Redis restarts, a node killed with SIGKILL, and the inbound stream.
+
+// Test helpers panic on setup failures by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis_server::RedisServer;
+use common::*;
+use jsonwebtoken::{EncodingKey, Header};
+use loadtest::client::Client;
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+
+const SECRET: &str = "cluster-test-secret-0123456789-abcdef";
+
+fn cluster_config(redis: &RedisServer, node_id: &str) -> gateway::Config {
+    gateway::Config {
+        node_id: node_id.into(),
+        redis_url: Some(redis.url()),
+        jwt_secret: Some(SECRET.into()),
+        node_heartbeat_ms: 200,
+        node_ttl_ms: 1_000,
+        ..config()
+    }
+}
+
+fn token(sub: &str) -> String {
+    let claims = json!({"sub": sub, "exp": gateway::auth::unix_now() + 600});
+    jsonwebtoken::encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A client of `user` on `node`; returns it and its conn_id.
+async fn user_client(node: &TestNode, user: &str) -> (Client, String) {
+    let auth = format!("Bearer {}", token(user));
+    let mut c = Client::connect_with(&node.url(), &[("Authorization", &auth)])
+        .await
+        .expect("connect");
+    let welcome = c.recv_json(T).await.unwrap();
+    assert_eq!(welcome["user_id"], user);
+    (c, welcome["conn_id"].as_str().unwrap().to_owned())
+}
+
+/// Asserts that nothing more arrives for a moment.
+async fn quiet(c: &mut Client) {
+    assert!(
+        c.recv_json(Duration::from_millis(300)).await.is_err(),
+        "unexpected extra frame"
+    );
+}
+
+#[tokio::test]
+async fn channel_messages_reach_every_node_exactly_once() {
+    let redis = RedisServer::start().await;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(start(cluster_config(&redis, &format!("n{i}"))).await);
+    }
+    let mut subs = Vec::new();
+    for node in &nodes {
+        // two subscribers per node share one Redis subscription
+        subs.push(node.subscriber("chat:room").await);
+        subs.push(node.subscriber("chat:room").await);
+    }
+    let mut backend = redis.client().await;
+    let numsub: Vec<(String, u64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("gw:ch:chat:room")
+        .query_async(&mut backend)
+        .await
+        .unwrap();
+    assert_eq!(numsub[0].1, 3, "one Redis subscription per node");
+
+    // a backend publishes on Redis; a client publishes on n0; the admin API on n2
+    let _: i64 = backend
+        .publish("gw:ch:chat:room", r#"{"from":"backend"}"#)
+        .await
+        .unwrap();
+    let (mut p, _) = nodes[0].client().await;
+    request(
+        &mut p,
+        json!({"type":"publish","channel":"chat:room","data":{"from":"client"},"id":1}),
+    )
+    .await;
+    let (status, _) = nodes[2]
+        .admin(
+            "POST",
+            "/v1/channels/chat:room/publish",
+            r#"{"data":{"from":"admin"}}"#,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    // a body that is not JSON is dropped and counted
+    let _: i64 = backend
+        .publish("gw:ch:chat:room", "not json")
+        .await
+        .unwrap();
+    for s in &mut subs {
+        for from in ["backend", "client", "admin"] {
+            let m = s.recv_json(T).await.unwrap();
+            assert_eq!(
+                m,
+                json!({"type":"message","channel":"chat:room","data":{"from":from}})
+            );
+        }
+        quiet(s).await;
+    }
+    for node in &nodes {
+        node.wait_metric("gateway_broker_dropped_total 1").await;
+    }
+}
+
+#[tokio::test]
+async fn unicast_reaches_a_users_connections_on_every_node() {
+    let redis = RedisServer::start().await;
+    let a = start(cluster_config(&redis, "a")).await;
+    let b = start(cluster_config(&redis, "b")).await;
+    let c = start(cluster_config(&redis, "c")).await;
+    let (mut on_a, conn_a) = user_client(&a, "alice").await;
+    let (mut on_b, conn_b) = user_client(&b, "alice").await;
+    let (mut bob, _) = user_client(&c, "bob").await;
+
+    // a backend: one FCALL, any Redis client
+    let mut backend = redis.client().await;
+    let reached: i64 = redis::cmd("FCALL")
+        .arg("gw_send_user")
+        .arg(1)
+        .arg("alice")
+        .arg(r#"{"n":1}"#)
+        .query_async(&mut backend)
+        .await
+        .unwrap();
+    assert_eq!(reached, 2);
+    for cl in [&mut on_a, &mut on_b] {
+        assert_eq!(
+            cl.recv_json(T).await.unwrap(),
+            json!({"type":"direct","data":{"n":1}})
+        );
+    }
+    quiet(&mut bob).await;
+    let one: i64 = redis::cmd("FCALL")
+        .arg("gw_send_conn")
+        .arg(1)
+        .arg(&conn_b)
+        .arg(r#""just b""#)
+        .query_async(&mut backend)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    assert_eq!(on_b.recv_json(T).await.unwrap()["data"], "just b");
+    let none: i64 = redis::cmd("FCALL")
+        .arg("gw_send_conn")
+        .arg(1)
+        .arg("no-such-conn")
+        .arg("1")
+        .query_async(&mut backend)
+        .await
+        .unwrap();
+    assert_eq!(none, 0);
+    let bad: redis::RedisResult<i64> = redis::cmd("FCALL")
+        .arg("gw_send_user")
+        .arg(1)
+        .arg("alice")
+        .arg("{oops")
+        .query_async(&mut backend)
+        .await;
+    assert!(bad.is_err(), "non-JSON is refused by the function");
+
+    // the admin API on a third node
+    let (status, body) = c
+        .admin("POST", "/v1/users/alice/send", r#"{"data":[2]}"#, None)
+        .await;
+    assert_eq!((status, body.as_str()), (200, r#"{"delivered":2}"#));
+    for cl in [&mut on_a, &mut on_b] {
+        assert_eq!(cl.recv_json(T).await.unwrap()["data"], json!([2]));
+    }
+    let (status, body) = c
+        .admin(
+            "POST",
+            &format!("/v1/connections/{conn_a}/send"),
+            r#"{"data":3}"#,
+            None,
+        )
+        .await;
+    assert_eq!((status, body.as_str()), (200, r#"{"delivered":1}"#));
+    assert_eq!(on_a.recv_json(T).await.unwrap()["data"], 3);
+    let (status, body) = c
+        .admin("GET", "/v1/users/alice/connections", "", None)
+        .await;
+    assert_eq!(status, 200);
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    let mut pairs: Vec<(String, String)> = listed["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            assert!(c["connected_ms"].as_u64().unwrap() > 0);
+            (
+                c["conn_id"].as_str().unwrap().to_owned(),
+                c["node_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    pairs.sort();
+    let mut expected = vec![(conn_a.clone(), "a".to_owned()), (conn_b, "b".to_owned())];
+    expected.sort();
+    assert_eq!(pairs, expected);
+
+    // disconnect a connection held by another node
+    let (status, _) = c
+        .admin("DELETE", &format!("/v1/connections/{conn_a}"), "", None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(on_a.recv_close(T).await.unwrap().0, 4003);
+    let (status, _) = c.admin("DELETE", "/v1/connections/gone", "", None).await;
+    assert_eq!(status, 404);
+    // once closed, the connection leaves the directory
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let (_, body) = b
+            .admin("GET", "/v1/users/alice/connections", "", None)
+            .await;
+        if !body.contains(&conn_a) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    quiet(&mut bob).await;
+}
+
+#[tokio::test]
+async fn per_user_cap_holds_across_nodes() {
+    let redis = RedisServer::start().await;
+    let capped = |id: &str| gateway::Config {
+        max_connections_per_user: 2,
+        ..cluster_config(&redis, id)
+    };
+    let a = start(capped("a")).await;
+    let b = start(capped("b")).await;
+    let (mut first, _) = user_client(&a, "carol").await;
+    let (_second, _) = user_client(&b, "carol").await;
+    let auth = format!("Bearer {}", token("carol"));
+    let (status, body) = http(
+        a.addr,
+        "GET",
+        "/ws",
+        "",
+        &format!(
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\nAuthorization: {auth}\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("user_connection_limit"), "{body}");
+    // other users are not affected
+    user_client(&b, "dave").await;
+    // a slot frees up when a connection closes
+    first.close(1000, "bye").await.unwrap();
+    first.recv_close(T).await.unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        match Client::connect_with(&a.url(), &[("Authorization", &auth)]).await {
+            Ok(_) => break,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("cap never released: {e}"),
+        }
+    }
+    assert!(a
+        .metrics()
+        .await
+        .contains("gateway_handshakes_total{outcome=\"user_limit\"}"));
+}
+
+#[tokio::test]
+async fn redis_restart_is_survived_without_node_restarts() {
+    let mut redis = RedisServer::start().await;
+    let a = start(cluster_config(&redis, "a")).await;
+    let b = start(cluster_config(&redis, "b")).await;
+    let mut sub_a = a.subscriber("chat:r").await;
+    let mut sub_b = b.subscriber("chat:r").await;
+    let (mut alice, _) = user_client(&b, "alice").await;
+
+    redis.kill();
+    for node in [&a, &b] {
+        let deadline = tokio::time::Instant::now() + T;
+        while node.admin("GET", "/readyz", "", None).await.0 != 503 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "readyz never failed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // local connections stay up; requests that need Redis get a clear error
+    let reply = ask(
+        &mut sub_a,
+        r#"{"type":"publish","channel":"chat:r","data":1,"id":5}"#,
+    )
+    .await;
+    assert_eq!(reply["code"], "unavailable", "{reply}");
+    let (status, _) = a
+        .admin("POST", "/v1/users/alice/send", r#"{"data":1}"#, None)
+        .await;
+    assert_eq!(status, 503);
+
+    redis.restart().await;
+    for node in [&a, &b] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while node.admin("GET", "/readyz", "", None).await.0 != 200 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "readyz never recovered"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // subscriptions, functions and the directory are back, in a Redis that restarted empty
+    let mut backend = redis.client().await;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let reached: redis::RedisResult<i64> = redis::cmd("FCALL")
+            .arg("gw_send_user")
+            .arg(1)
+            .arg("alice")
+            .arg(r#""back""#)
+            .query_async(&mut backend)
+            .await;
+        if reached == Ok(1) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{reached:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(alice.recv_json(T).await.unwrap()["data"], "back");
+    let _: i64 = backend.publish("gw:ch:chat:r", "42").await.unwrap();
+    assert_eq!(sub_a.recv_json(T).await.unwrap()["data"], 42);
+    assert_eq!(sub_b.recv_json(T).await.unwrap()["data"], 42);
+    assert!(!a.task.is_finished() && !b.task.is_finished());
+    a.wait_metric("gateway_redis_reconnects_total 1").await;
+}
+
+#[tokio::test]
+async fn a_killed_node_vanishes_from_routing_within_the_ttl() {
+    let redis = RedisServer::start().await;
+    let survivor = start(cluster_config(&redis, "survivor")).await;
+    let port = common::redis_server::free_port();
+    let admin_port = common::redis_server::free_port();
+    let mut doomed = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+        .args(["--node-id", "doomed", "--redis-url", &redis.url()])
+        .args(["--jwt-secret", SECRET])
+        .args(["--node-heartbeat-ms", "200", "--node-ttl-ms", "1000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let auth = format!("Bearer {}", token("erin"));
+    let deadline = tokio::time::Instant::now() + T;
+    let mut c = loop {
+        match Client::connect_with(&url, &[("Authorization", &auth)]).await {
+            Ok(c) => break c,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("node did not start: {e}"),
+        }
+    };
+    let conn = c.recv_json(T).await.unwrap()["conn_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, body) = survivor
+        .admin("GET", "/v1/users/erin/connections", "", None)
+        .await;
+    assert!(body.contains(&conn), "{body}");
+
+    doomed.kill().unwrap(); // SIGKILL
+    doomed.wait().unwrap();
+    let killed = std::time::Instant::now();
+    let mut backend = redis.client().await;
+    loop {
+        let left: i64 = redis::cmd("EXISTS")
+            .arg(format!("gw:conn:{{{conn}}}"))
+            .arg("gw:user:{erin}")
+            .arg("gw:nodeconns:{doomed}")
+            .query_async(&mut backend)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        // bound: ttl (1 s) + one janitor period (200 ms) + slack for a loaded machine
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "routes not purged"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, body) = survivor
+        .admin("GET", "/v1/users/erin/connections", "", None)
+        .await;
+    assert_eq!(body, r#"{"connections":[]}"#);
+    let score: Option<f64> = backend.zscore("gw:nodes", "doomed").await.unwrap();
+    assert_eq!(score, None);
+}
+
+#[tokio::test]
+async fn inbound_stream_gets_connect_message_disconnect_in_order() {
+    let redis = RedisServer::start().await;
+    let node = start(cluster_config(&redis, "n1")).await;
+    let (mut c, conn) = user_client(&node, "frank").await;
+    request(&mut c, json!({"type":"send","data":{"order":42},"id":1})).await;
+    c.close(1000, "done").await.unwrap();
+    c.recv_close(T).await.unwrap();
+    let mut backend = redis.client().await;
+    let deadline = tokio::time::Instant::now() + T;
+    let entries = loop {
+        let r: redis::streams::StreamRangeReply = backend.xrange_all("gw:inbound").await.unwrap();
+        if r.ids.len() >= 3 || tokio::time::Instant::now() > deadline {
+            break r.ids;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let field = |e: &redis::streams::StreamId, k: &str| -> String {
+        e.get::<String>(k).unwrap_or_default()
+    };
+    let events: Vec<String> = entries.iter().map(|e| field(e, "event")).collect();
+    assert_eq!(events, ["connect", "message", "disconnect"]);
+    for e in &entries {
+        assert_eq!(field(e, "conn_id"), conn);
+        assert_eq!(field(e, "user_id"), "frank");
+        assert_eq!(field(e, "node_id"), "n1");
+        assert!(field(e, "ts").parse::<u64>().unwrap() > 0);
+    }
+    assert_eq!(field(&entries[1], "data"), r#"{"order":42}"#);
+    let close: Value = serde_json::from_str(&field(&entries[2], "data")).unwrap();
+    assert_eq!(close["code"], 1000);
+    // a consumer group reads it as a backend would
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("gw:inbound")
+        .arg("backend")
+        .arg("0")
+        .query_async(&mut backend)
+        .await
+        .unwrap();
+    let read: redis::streams::StreamReadReply = backend
+        .xread_options(
+            &["gw:inbound"],
+            &[">"],
+            &redis::streams::StreamReadOptions::default().group("backend", "worker-1"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(read.keys[0].ids.len(), 3);
+}
