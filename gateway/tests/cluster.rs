@@ -470,3 +470,146 @@ async fn inbound_stream_gets_connect_message_disconnect_in_order() {
         .unwrap();
     assert_eq!(read.keys[0].ids.len(), 3);
 }
+
+/// A 3-master Redis Cluster on free ports, made with `redis-cli --cluster create`.
+struct RedisCluster {
+    servers: Vec<RedisServer>,
+    _dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    async fn start() -> RedisCluster {
+        let dir = std::env::temp_dir().join(format!("gw-cluster-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut servers = Vec::new();
+        for _ in 0..3 {
+            let port = common::redis_server::free_port();
+            let conf = format!("nodes-{port}.conf");
+            let d = dir.to_str().unwrap();
+            servers.push(
+                RedisServer::start_with(
+                    port,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        &conf,
+                        "--dir",
+                        d,
+                    ],
+                )
+                .await,
+            );
+        }
+        let addrs: Vec<String> = servers
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // wait until every node agrees the cluster is up
+        for s in &servers {
+            let mut c = s.client().await;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{info}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        RedisCluster { servers, _dir: dir }
+    }
+
+    fn seeds(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| s.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+#[tokio::test]
+async fn sharded_pubsub_and_unicast_on_a_three_master_cluster() {
+    let cluster = RedisCluster::start().await;
+    let on_cluster = |id: &str| gateway::Config {
+        node_id: id.into(),
+        redis_url: Some(cluster.seeds()),
+        redis_cluster: true,
+        redis_sharded_pubsub: true,
+        jwt_secret: Some(SECRET.into()),
+        ..config()
+    };
+    let a = start(on_cluster("a")).await;
+    let b = start(on_cluster("b")).await;
+    // channels whose slots land on different masters
+    let channels: Vec<String> = (0..6).map(|i| format!("chat:c{i}")).collect();
+    let mut subs = Vec::new();
+    for ch in &channels {
+        subs.push((ch.clone(), a.subscriber(ch).await));
+        subs.push((ch.clone(), b.subscriber(ch).await));
+    }
+    let backend = redis::cluster::ClusterClient::new(
+        cluster.servers.iter().map(|s| s.url()).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let mut backend = backend.get_async_connection().await.unwrap();
+    for ch in &channels {
+        let _: i64 = redis::cmd("SPUBLISH")
+            .arg(format!("gw:ch:{ch}"))
+            .arg(format!(r#"{{"on":"{ch}"}}"#))
+            .query_async(&mut backend)
+            .await
+            .unwrap();
+    }
+    let (mut p, _) = a.client().await;
+    request(
+        &mut p,
+        json!({"type":"publish","channel":"chat:c0","data":"client","id":1}),
+    )
+    .await;
+    for (ch, s) in &mut subs {
+        assert_eq!(s.recv_json(T).await.unwrap()["data"]["on"], ch.as_str());
+    }
+    for (ch, s) in &mut subs {
+        if ch == "chat:c0" {
+            assert_eq!(s.recv_json(T).await.unwrap()["data"], "client");
+        }
+    }
+    // unicast through the functions, loaded on every master
+    let (mut on_a, _) = user_client(&a, "gina").await;
+    let (mut on_b, _) = user_client(&b, "gina").await;
+    let reached: i64 = redis::cmd("FCALL")
+        .arg("gw_send_user")
+        .arg(1)
+        .arg("gina")
+        .arg("7")
+        .query_async(&mut backend)
+        .await
+        .unwrap();
+    assert_eq!(reached, 2);
+    assert_eq!(on_a.recv_json(T).await.unwrap()["data"], 7);
+    assert_eq!(on_b.recv_json(T).await.unwrap()["data"], 7);
+    let (status, body) = b
+        .admin("POST", "/v1/users/gina/send", r#"{"data":8}"#, None)
+        .await;
+    assert_eq!((status, body.as_str()), (200, r#"{"delivered":2}"#));
+    assert_eq!(on_a.recv_json(T).await.unwrap()["data"], 8);
+}
