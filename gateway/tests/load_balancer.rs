@@ -1,0 +1,280 @@
+//! Three gateway processes behind a real nginx (Debian's package), once round-robin
+//! (non-sticky) and once with `ip_hash` (sticky). One node is killed with SIGKILL; its clients
+//! reconnect through nginx to the survivors, resubscribe, and keep receiving channel messages
+//! and unicasts. Nothing a client needs lives only in the dead node.
+
+// Test helpers panic on setup failures by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::redis_server::{free_port, RedisServer};
+use common::*;
+use jsonwebtoken::{EncodingKey, Header};
+use loadtest::client::Client;
+use redis::AsyncCommands;
+use serde_json::json;
+
+const SECRET: &str = "lb-test-secret-0123456789-abcdefghij";
+
+/// A gateway process; SIGKILLed on drop.
+struct Gateway {
+    child: Child,
+    admin: SocketAddr,
+    port: u16,
+}
+
+impl Gateway {
+    async fn start(id: &str, redis: &RedisServer) -> Gateway {
+        let (port, admin_port) = (free_port(), free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .args(["--node-id", id, "--redis-url", &redis.url()])
+            .args(["--jwt-secret", SECRET, "--trusted-proxies", "127.0.0.1/32"])
+            .args(["--node-heartbeat-ms", "200", "--node-ttl-ms", "1000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gateway binary");
+        let g = Gateway {
+            child,
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            port,
+        };
+        let deadline = tokio::time::Instant::now() + T;
+        loop {
+            let up = tokio::net::TcpStream::connect(g.admin).await.is_ok()
+                && http(g.admin, "GET", "/readyz", "", "").await.0 == 200;
+            if up {
+                return g;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{id} not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// nginx in the foreground with a private prefix; killed on drop.
+struct Nginx {
+    child: Child,
+    port: u16,
+    _dir: PathBuf,
+}
+
+impl Nginx {
+    async fn start(balance: &str, upstreams: &[u16], name: &str) -> Nginx {
+        let dir = std::env::temp_dir().join(format!("gw-nginx-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("tmp")).unwrap();
+        let port = free_port();
+        let servers: String = upstreams
+            .iter()
+            .map(|p| format!("    server 127.0.0.1:{p} max_fails=1 fail_timeout=5s;\n"))
+            .collect();
+        let d = dir.display();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n\
+             fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n\
+             upstream gateway {{\n    {balance}\n{servers}  }}\n\
+             server {{\n    listen 127.0.0.1:{port};\n    location /ws {{\n\
+             proxy_pass http://gateway;\n      proxy_http_version 1.1;\n\
+             proxy_set_header Upgrade $http_upgrade;\n      proxy_set_header Connection \"upgrade\";\n\
+             proxy_set_header Host $host;\n\
+             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
+             proxy_connect_timeout 1s;\n      proxy_read_timeout 3600s;\n\
+             proxy_next_upstream error timeout;\n    }}\n  }}\n}}\n"
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new(nginx_binary())
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx runs (make test installs it)");
+        let deadline = tokio::time::Instant::now() + T;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nginx did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Nginx {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nginx_binary() -> &'static str {
+    if Path::new("/usr/sbin/nginx").exists() {
+        "/usr/sbin/nginx"
+    } else {
+        "nginx"
+    }
+}
+
+fn token(sub: &str) -> String {
+    let claims = json!({"sub": sub, "exp": gateway::auth::unix_now() + 600});
+    jsonwebtoken::encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A client as an application would write it: connect through the load balancer, subscribe,
+/// and on loss reconnect and resubscribe.
+struct App {
+    user: String,
+    client: Client,
+    node: String,
+}
+
+impl App {
+    async fn connect(lb: &Nginx, user: &str) -> App {
+        let url = format!("ws://127.0.0.1:{}/ws", lb.port);
+        let auth = format!("Bearer {}", token(user));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut client) = Client::connect_with(&url, &[("Authorization", &auth)]).await {
+                if let Ok(welcome) = client.recv_json(T).await {
+                    request(
+                        &mut client,
+                        json!({"type":"subscribe","channel":"chat:lb","id":1}),
+                    )
+                    .await;
+                    return App {
+                        user: user.into(),
+                        node: welcome["node_id"].as_str().unwrap().into(),
+                        client,
+                    };
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no reconnect");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn survive_a_node_kill(balance: &str, name: &str) {
+    let redis = RedisServer::start().await;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push((
+            format!("g{i}"),
+            Gateway::start(&format!("g{i}"), &redis).await,
+        ));
+    }
+    let ports: Vec<u16> = nodes.iter().map(|(_, g)| g.port).collect();
+    let lb = Nginx::start(balance, &ports, name).await;
+    let mut apps = Vec::new();
+    for i in 0..6 {
+        apps.push(App::connect(&lb, &format!("user{i}")).await);
+    }
+    let mut spread: Vec<&str> = apps.iter().map(|a| a.node.as_str()).collect();
+    spread.sort();
+    spread.dedup();
+    if balance.is_empty() {
+        assert_eq!(spread.len(), 3, "round-robin spreads clients");
+    } else {
+        assert_eq!(spread.len(), 1, "ip_hash keeps one address on one node");
+    }
+    let mut backend = redis.client().await;
+    let _: i64 = backend.publish("gw:ch:chat:lb", "1").await.unwrap();
+    for app in &mut apps {
+        assert_eq!(app.client.recv_json(T).await.unwrap()["data"], 1);
+    }
+
+    // kill the node that holds the first client
+    let victim = apps[0].node.clone();
+    nodes
+        .iter_mut()
+        .find(|(id, _)| *id == victim)
+        .unwrap()
+        .1
+        .kill();
+    let mut moved = 0;
+    for app in &mut apps {
+        if app.node == victim {
+            // the socket dies with the node; the app notices and reconnects through nginx
+            assert!(app.client.recv_json(T).await.is_err());
+            *app = App::connect(&lb, &app.user.clone()).await;
+            assert_ne!(app.node, victim);
+            moved += 1;
+        }
+    }
+    assert!(moved >= 1);
+    eprintln!(
+        "{name}: {moved} of {} clients moved off {victim}",
+        apps.len()
+    );
+
+    // channel messages and unicasts reach every client, on whichever node it now is
+    let _: i64 = backend.publish("gw:ch:chat:lb", "2").await.unwrap();
+    for app in &mut apps {
+        assert_eq!(app.client.recv_json(T).await.unwrap()["data"], 2);
+    }
+    for app in &mut apps {
+        let reached: i64 = redis::cmd("FCALL")
+            .arg("gw_send_user")
+            .arg(1)
+            .arg(&app.user)
+            .arg(r#""hi""#)
+            .query_async(&mut backend)
+            .await
+            .unwrap();
+        assert_eq!(reached, 1, "{} on {}", app.user, app.node);
+        assert_eq!(
+            app.client.recv_json(T).await.unwrap(),
+            json!({"type":"direct","data":"hi"})
+        );
+    }
+}
+
+#[tokio::test]
+async fn non_sticky_round_robin_survives_a_node_kill() {
+    survive_a_node_kill("", "rr").await;
+}
+
+#[tokio::test]
+async fn sticky_ip_hash_survives_a_node_kill() {
+    survive_a_node_kill("ip_hash;", "iphash").await;
+}
