@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 APT_GET := $(if $(filter 0,$(shell id -u)),apt-get,sudo apt-get)
 
-.PHONY: run test lint unit e2e deps deps-system deps-node conformance check-config clean-tools
+.PHONY: run cluster test lint unit e2e deps deps-system deps-node conformance check-config clean-tools
 
 ## One node with the embedded broker; chat demo at http://127.0.0.1:8080/
 run:
@@ -44,6 +44,11 @@ deps-node: e2e/node_modules/.package-lock.json
 e2e/node_modules/.package-lock.json: e2e/package.json e2e/package-lock.json
 	cd e2e && npm ci --no-audit --no-fund
 	touch $@
+
+## Three nodes + Redis (port 6390) behind nginx on ws://127.0.0.1:8000/ws (STICKY=1: ip_hash).
+cluster:
+	$(CARGO) build -p gateway
+	bash scripts/cluster.sh
 
 ## Autobahn fuzzingclient (cases 1-10) against gateway/examples/echo.rs. Not part of `make test`.
 conformance:

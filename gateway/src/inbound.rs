@@ -14,23 +14,7 @@ use crate::error::BrokerError;
 use crate::metrics::Metrics;
 use crate::redis::Redis;
 
-/// What happened, as the `event` field says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
-    Connect,
-    Message,
-    Disconnect,
-}
-
-impl Event {
-    fn as_str(self) -> &'static str {
-        match self {
-            Event::Connect => "connect",
-            Event::Message => "message",
-            Event::Disconnect => "disconnect",
-        }
-    }
-}
+pub use shared::backend::Event;
 
 /// See the module docs.
 pub struct Inbound {
@@ -67,7 +51,7 @@ impl Inbound {
             return Err(BrokerError::Unavailable("no Redis is configured".into()));
         };
         let mut xadd = redis::cmd("XADD");
-        xadd.arg(format!("{}inbound", redis.prefix))
+        xadd.arg(shared::backend::Names::new(&redis.prefix).inbound())
             .arg("MAXLEN")
             .arg("~")
             .arg(self.maxlen)

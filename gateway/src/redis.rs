@@ -128,7 +128,7 @@ impl Redis {
     pub async fn connect(c: &Config, metrics: Arc<Metrics>) -> Result<Arc<Redis>, StartError> {
         let url = c.redis_url.as_deref().unwrap_or_default();
         let router = Arc::new(PushRouter {
-            channel_prefix: format!("{}ch:", c.redis_prefix),
+            channel_prefix: shared::backend::Names::new(&c.redis_prefix).channel(""),
             node_channel: node_channel(&c.redis_prefix, &c.node_id),
             sink: OnceLock::new(),
             node_handler: OnceLock::new(),
@@ -227,7 +227,7 @@ impl Redis {
 
     /// `<prefix>ch:<channel>`: the pub/sub channel that carries a gateway channel.
     pub fn channel_key(&self, channel: &str) -> String {
-        format!("{}ch:{channel}", self.prefix)
+        shared::backend::Names::new(&self.prefix).channel(channel)
     }
 
     /// Runs one command with the node's Redis timeout. `op` labels the error metric.
