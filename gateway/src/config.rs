@@ -137,6 +137,20 @@ pub struct Config {
     pub max_connections_per_user: usize,
     /// Approximate length cap of the inbound stream (`XADD ... MAXLEN ~`).
     pub inbound_maxlen: usize,
+
+    // ---- Drain and rebalancing ----
+    /// After SIGTERM, keep serving (and accepting) this long with `/readyz` failing, so the
+    /// load balancer stops routing here first. 0 when a Kubernetes preStop hook already waits.
+    pub pre_stop_delay_ms: u64,
+    /// Connections are closed with 1012 gradually over this window, not all at once.
+    pub drain_window_ms: u64,
+    /// Shed connections (close 1013) when this node holds more than the cluster mean by
+    /// `rebalance_slack`, so that new nodes get a share after scale-out.
+    pub rebalance: bool,
+    /// Tolerated excess over the cluster mean, as a fraction (0.1: 10 %).
+    pub rebalance_slack: f64,
+    /// Most connections shed per second.
+    pub rebalance_rate: u32,
 }
 
 impl Default for Config {
@@ -193,6 +207,11 @@ impl Default for Config {
             node_ttl_ms: 10_000,
             max_connections_per_user: 0,
             inbound_maxlen: 100_000,
+            pre_stop_delay_ms: 0,
+            drain_window_ms: 10_000,
+            rebalance: true,
+            rebalance_slack: 0.1,
+            rebalance_rate: 20,
         }
     }
 }
@@ -261,6 +280,12 @@ impl Config {
         }
         if self.node_heartbeat_ms == 0 || self.node_ttl_ms < 2 * self.node_heartbeat_ms {
             return bad("node_ttl_ms", "must be at least twice node_heartbeat_ms");
+        }
+        if !(0.0..=10.0).contains(&self.rebalance_slack) {
+            return bad("rebalance_slack", "must be between 0 and 10");
+        }
+        if self.drain_window_ms < 100 {
+            return bad("drain_window_ms", "must be at least 100");
         }
         if self.redis_timeout_ms == 0 {
             return bad("redis_timeout_ms", "must be at least 1");
@@ -349,7 +374,12 @@ impl Config {
             node_heartbeat_ms,
             node_ttl_ms,
             max_connections_per_user,
-            inbound_maxlen
+            inbound_maxlen,
+            pre_stop_delay_ms,
+            drain_window_ms,
+            rebalance,
+            rebalance_slack,
+            rebalance_rate
         );
         macro_rules! layer_opt {
             ($($f:ident),*) => { $( if cli.$f.is_some() { c.$f = cli.$f; } )* };
@@ -502,6 +532,17 @@ pub struct Cli {
     pub max_connections_per_user: Option<usize>,
     #[arg(long, env = "GATEWAY_INBOUND_MAXLEN")]
     pub inbound_maxlen: Option<usize>,
+    #[arg(long, env = "GATEWAY_PRE_STOP_DELAY_MS")]
+    pub pre_stop_delay_ms: Option<u64>,
+    #[arg(long, env = "GATEWAY_DRAIN_WINDOW_MS")]
+    pub drain_window_ms: Option<u64>,
+    /// Shed load after scale-out (`--rebalance false` turns it off).
+    #[arg(long, env = "GATEWAY_REBALANCE", num_args = 0..=1, default_missing_value = "true")]
+    pub rebalance: Option<bool>,
+    #[arg(long, env = "GATEWAY_REBALANCE_SLACK")]
+    pub rebalance_slack: Option<f64>,
+    #[arg(long, env = "GATEWAY_REBALANCE_RATE")]
+    pub rebalance_rate: Option<u32>,
 }
 
 #[cfg(test)]

@@ -60,6 +60,27 @@ pub enum AddError {
     Unavailable(#[from] BrokerError),
 }
 
+/// Load shedding after scale-out; see [`Directory::rebalance`].
+struct Rebalance {
+    slack: f64,
+    /// Most connections shed per heartbeat (from `rebalance_rate`).
+    per_beat: usize,
+    /// No shedding before this time: after a round, the shed clients need a few heartbeats
+    /// to land on other nodes and show in their counts, or this node would shed on stale
+    /// figures and overshoot.
+    quiet_until_ms: std::sync::atomic::AtomicU64,
+}
+
+/// A reconnect hint: a random delay, so that clients told to leave at the same moment do not
+/// come back at the same moment.
+pub fn jittered_ms(min: u64, max: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    min + r % (max.saturating_sub(min) + 1)
+}
+
 /// See the module docs.
 pub struct Directory {
     node_id: String,
@@ -70,6 +91,7 @@ pub struct Directory {
     ttl: Duration,
     /// A registration failed while Redis was away: re-register everything on the next beat.
     dirty: AtomicBool,
+    rebalance: Option<Rebalance>,
     metrics: Arc<Metrics>,
 }
 
@@ -89,6 +111,11 @@ impl Directory {
             heartbeat: Duration::from_millis(c.node_heartbeat_ms),
             ttl: Duration::from_millis(c.node_ttl_ms),
             dirty: AtomicBool::new(false),
+            rebalance: c.rebalance.then_some(Rebalance {
+                slack: c.rebalance_slack,
+                per_beat: ((c.rebalance_rate as u64 * c.node_heartbeat_ms) / 1000).max(1) as usize,
+                quiet_until_ms: Default::default(),
+            }),
             metrics,
         });
         if let Some(redis) = &dir.redis {
@@ -405,8 +432,26 @@ impl Directory {
         self.local().len()
     }
 
-    /// Heartbeat, resync after an outage, and the janitor, until `stop`.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+    /// Closes up to `n` of this node's connections, oldest first, with the reason `why`
+    /// gives each. Returns how many it closed. Oldest first because a connection that has
+    /// just arrived (perhaps just shed by another node) should not be bounced again.
+    pub fn close_oldest(&self, n: usize, why: impl Fn() -> CloseReason) -> usize {
+        let local = self.local();
+        let mut open: Vec<(&u64, &Arc<Outbound>)> = local
+            .values()
+            .filter(|l| !l.out.is_closing())
+            .map(|l| (&l.connected_ms, &l.out))
+            .collect();
+        open.sort_by_key(|(at, _)| **at);
+        for (_, out) in open.iter().take(n) {
+            out.close(why());
+        }
+        n.min(open.len())
+    }
+
+    /// Heartbeat, resync after an outage, the janitor and rebalancing (not while
+    /// `draining`), until `stop`.
+    pub async fn run(self: Arc<Self>, draining: CancellationToken, stop: CancellationToken) {
         let Some(redis) = self.redis.clone() else {
             return;
         };
@@ -435,16 +480,92 @@ impl Directory {
             if let Err(e) = self.janitor(&redis).await {
                 tracing::debug!(error = %e, "janitor pass failed");
             }
+            if !draining.is_cancelled() {
+                if let Err(e) = self.rebalance(&redis).await {
+                    tracing::debug!(error = %e, "rebalance pass failed");
+                }
+            }
         }
     }
 
-    /// Marks this node alive until now + ttl.
+    /// Marks this node alive until now + ttl and publishes its connection count.
     async fn beat(&self, redis: &Redis) -> Result<(), BrokerError> {
         let mut zadd = redis::cmd("ZADD");
         zadd.arg(format!("{}nodes", redis.prefix))
             .arg(now_ms() + self.ttl.as_millis() as u64)
             .arg(&self.node_id);
-        redis.call::<()>("heartbeat", zadd).await
+        let mut load = redis::cmd("HSET");
+        load.arg(format!("{}load", redis.prefix))
+            .arg(&self.node_id)
+            .arg(self.local_count());
+        let (a, b) = tokio::join!(
+            redis.call::<()>("heartbeat", zadd),
+            redis.call::<()>("heartbeat", load)
+        );
+        a.and(b)
+    }
+
+    /// The cluster's live nodes and their connection counts.
+    async fn cluster_load(&self, redis: &Redis) -> Result<Vec<(String, u64)>, BrokerError> {
+        let mut live = redis::cmd("ZRANGEBYSCORE");
+        live.arg(format!("{}nodes", redis.prefix))
+            .arg(now_ms())
+            .arg("+inf");
+        let live: Vec<String> = redis.call("heartbeat", live).await?;
+        let mut all = redis::cmd("HGETALL");
+        all.arg(format!("{}load", redis.prefix));
+        let load: HashMap<String, u64> = redis.call("heartbeat", all).await?;
+        Ok(live
+            .into_iter()
+            .map(|n| {
+                let c = load.get(&n).copied().unwrap_or(0);
+                (n, c)
+            })
+            .collect())
+    }
+
+    /// After scale-out, long-lived sockets stay on the old nodes. A node above the cluster
+    /// mean by more than the slack closes its excess with 1013 and a reconnect hint, at most
+    /// `per_beat` per round and then quiet for three heartbeats, so the load balancer moves
+    /// them to the new nodes gradually and the figures settle before the next round.
+    async fn rebalance(&self, redis: &Redis) -> Result<(), BrokerError> {
+        let load = self.cluster_load(redis).await?;
+        let total: u64 = load.iter().map(|(_, c)| c).sum();
+        let nodes = load.len().max(1) as u64;
+        self.metrics.set("gateway_cluster_connections", &[], total);
+        self.metrics.set("gateway_cluster_nodes", &[], nodes);
+        let Some(r) = &self.rebalance else {
+            return Ok(());
+        };
+        if now_ms() < r.quiet_until_ms.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mine = self.local_count() as f64;
+        let limit = (total as f64 / nodes as f64 * (1.0 + r.slack)).ceil();
+        if nodes < 2 || mine <= limit {
+            return Ok(());
+        }
+        let excess = (mine - limit) as usize;
+        let shed = self.close_oldest(excess.min(r.per_beat), || {
+            CloseReason::Rebalance(jittered_ms(500, 5_000))
+        });
+        if shed > 0 {
+            r.quiet_until_ms.store(
+                now_ms() + 3 * self.heartbeat.as_millis() as u64,
+                Ordering::Release,
+            );
+            self.metrics
+                .add("gateway_rebalance_shed_total", &[], shed as u64);
+            tracing::info!(
+                shed,
+                mine,
+                limit,
+                nodes,
+                total,
+                "shedding connections to rebalance"
+            );
+        }
+        Ok(())
     }
 
     /// Reloads the functions and re-registers every local connection.
@@ -528,6 +649,9 @@ impl Directory {
         let mut zrem = redis::cmd("ZREM");
         zrem.arg(format!("{}nodes", redis.prefix)).arg(node);
         redis.call::<()>("purge", zrem).await?;
+        let mut hdel = redis::cmd("HDEL");
+        hdel.arg(format!("{}load", redis.prefix)).arg(node);
+        redis.call::<()>("purge", hdel).await?;
         self.metrics.add(
             "gateway_directory_ops_total",
             &[("op", "purge")],

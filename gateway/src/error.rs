@@ -53,6 +53,12 @@ pub enum CloseReason {
     TokenExpired,
     #[error("node shutting down")]
     Shutdown,
+    /// Graceful drain: reconnect (to another node) after the hinted delay.
+    #[error("service restart; retry_after_ms={0}")]
+    Restart(u64),
+    /// Rebalancing after scale-out: this node sheds load; reconnect after the hinted delay.
+    #[error("rebalancing; retry_after_ms={0}")]
+    Rebalance(u64),
     #[error("disconnected by operator")]
     Disconnected,
     #[error("internal error")]
@@ -76,6 +82,8 @@ impl CloseReason {
             CloseReason::Policy(_) => close::POLICY_VIOLATION,
             CloseReason::TokenExpired => close::TOKEN_EXPIRED,
             CloseReason::Shutdown => close::GOING_AWAY,
+            CloseReason::Restart(_) => close::SERVICE_RESTART,
+            CloseReason::Rebalance(_) => close::TRY_AGAIN_LATER,
             CloseReason::Disconnected => close::DISCONNECTED,
             CloseReason::Internal => close::INTERNAL_ERROR,
             CloseReason::Abnormal => 1006,
@@ -95,6 +103,8 @@ impl CloseReason {
             CloseReason::Policy(_) => "rate_limited",
             CloseReason::TokenExpired => "token_expired",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Restart(_) => "drain",
+            CloseReason::Rebalance(_) => "rebalance",
             CloseReason::Disconnected => "disconnected",
             CloseReason::Internal => "internal",
             CloseReason::Abnormal => "connection_lost",
@@ -105,6 +115,8 @@ impl CloseReason {
         match self {
             CloseReason::ClientClosed(_)
             | CloseReason::Shutdown
+            | CloseReason::Restart(_)
+            | CloseReason::Rebalance(_)
             | CloseReason::Disconnected
             | CloseReason::Abnormal => Blame::None,
             CloseReason::Internal => Blame::Internal,

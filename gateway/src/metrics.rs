@@ -134,6 +134,21 @@ const HELP: &[(&str, &str, &str)] = &[
         "Messages published on Redis that were dropped (not JSON).",
     ),
     (
+        "gateway_cluster_connections",
+        "gauge",
+        "Connections on all live nodes, from the last heartbeat.",
+    ),
+    (
+        "gateway_cluster_nodes",
+        "gauge",
+        "Live nodes in the cluster, this one included.",
+    ),
+    (
+        "gateway_rebalance_shed_total",
+        "counter",
+        "Connections closed with 1013 to rebalance after scale-out.",
+    ),
+    (
         "gateway_inbound_appends_total",
         "counter",
         "Entries appended to the inbound stream, by event.",
@@ -148,13 +163,14 @@ impl Metrics {
 
     /// Adds `n` to `name{labels}`.
     pub fn add(&self, name: &'static str, labels: &[(&str, &str)], n: u64) {
-        let mut key = String::new();
-        for (i, (k, v)) in labels.iter().enumerate() {
-            let sep = if i == 0 { "" } else { "," };
-            let _ = write!(key, "{sep}{k}=\"{v}\"");
-        }
         let mut m = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry((name, key)).or_default() += n;
+        *m.entry((name, label_key(labels))).or_default() += n;
+    }
+
+    /// Sets a labelled gauge.
+    pub fn set(&self, name: &'static str, labels: &[(&str, &str)], v: u64) {
+        let mut m = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
+        m.insert((name, label_key(labels)), v);
     }
 
     /// Current value of a labelled counter (tests and `/metrics`).
@@ -217,4 +233,14 @@ impl Metrics {
         );
         out
     }
+}
+
+/// `k1="v1",k2="v2"`.
+fn label_key(labels: &[(&str, &str)]) -> String {
+    let mut key = String::new();
+    for (i, (k, v)) in labels.iter().enumerate() {
+        let sep = if i == 0 { "" } else { "," };
+        let _ = write!(key, "{sep}{k}=\"{v}\"");
+    }
+    key
 }

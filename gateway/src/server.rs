@@ -12,16 +12,19 @@ use crate::config::Config;
 use crate::error::StartError;
 use crate::node::Node;
 
-/// Runs a node on already-bound listeners until `shutdown` is cancelled, then shuts down in
-/// order:
+/// Runs a node on already-bound listeners until `shutdown` is cancelled (SIGTERM in
+/// `main`), then drains in order:
 ///
 /// 1. readiness turns false (`/readyz` answers 503) the moment `shutdown` is cancelled;
-/// 2. the public listener is closed, so no new connection is accepted;
-/// 3. every client gets close 1001, and the node waits up to `shutdown_grace_ms` for the
-///    connections to finish their close handshakes;
-/// 4. the admin listener and background tasks stop and this function returns.
+/// 2. the node keeps serving, and accepting, for `pre_stop_delay_ms`, so that the load
+///    balancer notices and stops routing here;
+/// 3. the public listener is closed, and connections are closed gradually over 80 % of
+///    `drain_window_ms` with 1012 and a jittered `retry_after_ms` hint, oldest first, so
+///    that clients do not all reconnect elsewhere at the same moment;
+/// 4. each closing connection leaves the directory and appends its `disconnect` event;
+/// 5. whatever is still open when the window ends gets 1001 and `shutdown_grace_ms` to
+///    finish; then the node leaves the cluster and this function returns.
 ///
-/// Fails only at start, on key material it cannot load or a Redis it cannot reach.
 pub async fn run(
     listener: TcpListener,
     admin_listener: TcpListener,
@@ -50,6 +53,15 @@ pub async fn run(
         "gateway serving"
     );
 
+    let stop_accepting = async {
+        shutdown.cancelled().await;
+        tracing::info!(
+            delay_ms = node.config.pre_stop_delay_ms,
+            "draining: readiness is false; still serving during the pre-stop delay"
+        );
+        tokio::time::sleep(Duration::from_millis(node.config.pre_stop_delay_ms)).await;
+    };
+    tokio::pin!(stop_accepting);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -63,10 +75,11 @@ pub async fn run(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = shutdown.cancelled() => break,
+            _ = &mut stop_accepting => break,
         }
     }
     drop(listener);
+    drain(&node).await;
     shutdown_connections(&node).await;
     node.directory.leave().await;
     background.cancel();
@@ -131,7 +144,11 @@ fn spawn_background(
             stop.clone(),
         ));
     }
-    tokio::spawn(node.directory.clone().run(stop.clone()));
+    tokio::spawn(
+        node.directory
+            .clone()
+            .run(node.draining.clone(), stop.clone()),
+    );
     if let Some(jwks) = node.auth.as_ref().and_then(|a| a.jwks()) {
         tokio::spawn(crate::auth::refresh_jwks(jwks, stop.clone()));
     }
@@ -146,9 +163,42 @@ fn spawn_background(
     });
 }
 
+/// Closes the node's connections gradually: the share of connections closed grows linearly
+/// to all of them at 80 % of the drain window; the rest of the window lets the last close
+/// handshakes finish. Returns early once no connection is left.
+async fn drain(node: &Arc<Node>) {
+    let window = Duration::from_millis(node.config.drain_window_ms);
+    let spread = window.mul_f64(0.8);
+    let total = node.directory.local_count();
+    tracing::info!(
+        connections = total,
+        window_ms = window.as_millis() as u64,
+        "draining connections with 1012"
+    );
+    let started = tokio::time::Instant::now();
+    let mut closed = 0usize;
+    while node.open_connections() > 0 && started.elapsed() < window {
+        let due = if started.elapsed() >= spread {
+            total
+        } else {
+            (total as f64 * started.elapsed().as_secs_f64() / spread.as_secs_f64()).ceil() as usize
+        };
+        if due > closed {
+            let max_hint = node.config.drain_window_ms.max(1_000);
+            closed += node.directory.close_oldest(due - closed, || {
+                crate::error::CloseReason::Restart(crate::directory::jittered_ms(500, max_hint))
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn shutdown_connections(node: &Arc<Node>) {
     let open = node.open_connections();
-    tracing::info!(open, "closing connections with 1001");
+    if open == 0 {
+        return;
+    }
+    tracing::info!(open, "drain window over; closing the rest with 1001");
     node.close_all.cancel();
     let deadline = tokio::time::Instant::now() + node.config.shutdown_grace();
     while node.open_connections() > 0 && tokio::time::Instant::now() < deadline {

@@ -1,4 +1,5 @@
-//! Shutdown order: readiness false, listener closed, clients closed with 1001, exit 0.
+//! Shutdown order: readiness false, listener closed, clients drained with 1012 and a
+//! reconnect hint, exit 0.
 
 mod common;
 
@@ -8,13 +9,16 @@ use std::time::Duration;
 use common::*;
 
 #[tokio::test]
-async fn shutdown_closes_clients_with_1001_and_stops_accepting() {
+async fn shutdown_drains_clients_with_1012_and_stops_accepting() {
     let node = start(config()).await;
     let (mut a, _) = node.client().await;
     let (mut b, _) = node.client().await;
     node.shutdown.cancel();
-    assert_eq!(a.recv_close(T).await.expect("close a").0, 1001);
-    assert_eq!(b.recv_close(T).await.expect("close b").0, 1001);
+    for c in [&mut a, &mut b] {
+        let (code, reason) = c.recv_close(T).await.expect("close");
+        assert_eq!(code, 1012);
+        assert!(reason.contains("retry_after_ms="), "{reason}");
+    }
     tokio::time::timeout(T, node.task)
         .await
         .expect("run returns within the grace")
@@ -35,7 +39,7 @@ async fn readiness_turns_false_before_clients_are_closed() {
     // which gives the test time to look at /readyz while shutdown is in progress.
     let mut raw = Raw::connect(&node).await;
     node.shutdown.cancel();
-    assert_eq!(raw.close_code().await, 1001);
+    assert_eq!(raw.close_code().await, 1012);
     let (status, body) = node.admin("GET", "/readyz", "", None).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("draining"));
@@ -53,6 +57,8 @@ fn sigterm_exits_zero_after_closing_clients() {
             &format!("127.0.0.1:{port}"),
             "--admin-listen",
             &format!("127.0.0.1:{admin}"),
+            "--drain-window-ms",
+            "1000",
         ])
         .stderr(Stdio::null())
         .spawn()
@@ -72,7 +78,7 @@ fn sigterm_exits_zero_after_closing_clients() {
             .status()
             .expect("kill");
         assert!(status.success());
-        assert_eq!(client.recv_close(T).await.expect("close").0, 1001);
+        assert_eq!(client.recv_close(T).await.expect("close").0, 1012);
     });
     let deadline = std::time::Instant::now() + T;
     loop {

@@ -35,6 +35,7 @@ pub fn config() -> Config {
         handshake_burst_per_ip: 1000,
         message_rate: 0,
         byte_rate: 0,
+        drain_window_ms: 500,
         ..Config::default()
     }
 }

@@ -1,0 +1,172 @@
+//! Operations over a real `redis-server`: a drained node closes its clients with 1012 spread
+//! over the drain window, and they carry on on another node; after scale-out, an overloaded
+//! node sheds its excess with 1013 until the cluster is balanced within the slack.
+
+// Test helpers panic on setup failures by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis_server::RedisServer;
+use common::*;
+use loadtest::client::Client;
+use redis::AsyncCommands;
+
+fn on(redis: &RedisServer, id: &str) -> gateway::Config {
+    gateway::Config {
+        node_id: id.into(),
+        redis_url: Some(redis.url()),
+        node_heartbeat_ms: 200,
+        node_ttl_ms: 1_000,
+        ..config()
+    }
+}
+
+fn retry_hint(reason: &str) -> u64 {
+    reason
+        .split("retry_after_ms=")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no retry_after_ms in {reason:?}"))
+}
+
+#[tokio::test]
+async fn drain_closes_gradually_with_1012_and_clients_move_on() {
+    let redis = RedisServer::start().await;
+    let window = 2_000u64;
+    let a = start(gateway::Config {
+        drain_window_ms: window,
+        rebalance: false,
+        ..on(&redis, "a")
+    })
+    .await;
+    let b = start(gateway::Config {
+        rebalance: false,
+        ..on(&redis, "b")
+    })
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(a.subscriber("chat:d").await);
+    }
+    let started = Instant::now();
+    a.shutdown.cancel();
+    let mut closes = Vec::new();
+    let mut hints = Vec::new();
+    for c in &mut clients {
+        let (code, reason) = c.recv_close(T).await.unwrap();
+        assert_eq!(code, 1012, "{reason}");
+        hints.push(retry_hint(&reason));
+        closes.push(started.elapsed());
+    }
+    closes.sort();
+    let (first, last) = (closes[0], closes[closes.len() - 1]);
+    assert!(
+        last < Duration::from_millis(window),
+        "all closed within the window: {last:?}"
+    );
+    assert!(
+        last - first > Duration::from_millis(window / 2),
+        "spread over time, not at once: {first:?}..{last:?}"
+    );
+    hints.sort();
+    hints.dedup();
+    assert!(hints.len() > 1, "jittered hints: {hints:?}");
+    tokio::time::timeout(T, a.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // the clients reconnect to another node and keep receiving
+    let mut moved = Vec::new();
+    for _ in 0..clients.len() {
+        moved.push(b.subscriber("chat:d").await);
+    }
+    let mut backend = redis.client().await;
+    let _: i64 = backend.publish("gw:ch:chat:d", "1").await.unwrap();
+    for c in &mut moved {
+        assert_eq!(c.recv_json(T).await.unwrap()["data"], 1);
+    }
+    // the drained node left the cluster
+    let live: Vec<String> = backend.zrange("gw:nodes", 0, -1).await.unwrap();
+    assert_eq!(live, ["b"]);
+}
+
+/// A client that, like one behind a load balancer after scale-out, lands on the new node
+/// when it reconnects.
+async fn reconnect(node: &TestNode) -> Client {
+    node.subscriber("chat:r").await
+}
+
+#[tokio::test]
+async fn scale_out_rebalances_within_the_slack() {
+    let redis = RedisServer::start().await;
+    let rebalancing = |id: &str| gateway::Config {
+        rebalance_slack: 0.1,
+        rebalance_rate: 25, // 5 per 200 ms heartbeat
+        ..on(&redis, id)
+    };
+    let a = start(rebalancing("a")).await;
+    let n = 20;
+    let mut on_a = Vec::new();
+    for _ in 0..n {
+        on_a.push(a.subscriber("chat:r").await);
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(a.metrics().await.contains("gateway_cluster_nodes 1"));
+
+    let b = start(rebalancing("b")).await;
+    let mut on_b = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    // limit = ceil(20 / 2 * 1.1) = 11: a keeps at most 11, b gets at least 9
+    while on_a.len() > 11 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a kept {}",
+            on_a.len()
+        );
+        let mut kept = Vec::new();
+        for mut c in on_a.drain(..) {
+            match c.recv(Duration::from_millis(20)).await {
+                Ok(loadtest::client::Received::Close(code, reason)) => {
+                    assert_eq!(code, 1013, "{reason}");
+                    retry_hint(&reason);
+                    on_b.push(reconnect(&b).await);
+                }
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => kept.push(c), // nothing yet
+            }
+        }
+        on_a = kept;
+    }
+    // it settles: no further shedding once within the slack
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for c in &mut on_a {
+        assert!(
+            c.recv(Duration::from_millis(10)).await.is_err(),
+            "over-shed"
+        );
+    }
+    assert!(
+        on_a.len() >= 9 && on_b.len() <= 11,
+        "{} / {}",
+        on_a.len(),
+        on_b.len()
+    );
+    let m = a.metrics().await;
+    assert!(
+        m.contains(&format!("gateway_rebalance_shed_total {}", on_b.len())),
+        "{m}"
+    );
+    assert!(m.contains("gateway_cluster_nodes 2"), "{m}");
+
+    // every client, moved or not, still gets channel messages
+    let mut backend = redis.client().await;
+    let _: i64 = backend.publish("gw:ch:chat:r", "2").await.unwrap();
+    for c in on_a.iter_mut().chain(on_b.iter_mut()) {
+        assert_eq!(c.recv_json(T).await.unwrap()["data"], 2);
+    }
+}
