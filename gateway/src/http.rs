@@ -191,7 +191,10 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, peer: SocketAddr) 
         }
     };
     let (id, conn_id) = node.next_conn_id();
-    let out = Arc::new(Outbound::new(node.config.outbound_queue_bytes));
+    let out = Arc::new(Outbound::with_latency(
+        node.config.outbound_queue_bytes,
+        node.metrics.fanout_latency.clone(),
+    ));
     let user = identity.as_ref().map(|i| i.user_id.as_str());
     match node.directory.add(&conn_id, user, out.clone()).await {
         Ok(()) => {}

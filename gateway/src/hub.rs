@@ -147,9 +147,10 @@ impl Hub {
         let map = shard.channels.read().unwrap_or_else(|p| p.into_inner());
         let Some(subs) = map.get(channel) else { return };
         let bytes: Bytes = frame::text(&shared::protocol::encode_message(channel, data));
+        let received = std::time::Instant::now();
         let mut delivered = 0u64;
         for out in subs.values() {
-            match out.push(bytes.clone()) {
+            match out.push_received(bytes.clone(), received) {
                 Pushed::Queued => delivered += 1,
                 Pushed::Overflowed => {
                     self.metrics

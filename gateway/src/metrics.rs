@@ -1,25 +1,48 @@
-//! Node metrics in Prometheus text format, served at the admin `GET /metrics`.
+//! Node metrics through the OpenTelemetry SDK, exposed in Prometheus text format at the
+//! admin `GET /metrics` (opentelemetry-prometheus).
 //!
-//! Hot-path counters (per message, per delivery) are plain atomics; labelled counters (per
-//! handshake, per close, per error) sit behind a mutex because they are rare. Labels are
-//! fixed snake_case words, never user input, so cardinality stays low. Names and meanings are
-//! listed in `docs/observability.md`.
+//! Hot-path counts (per message, per delivery) are plain atomics that observable instruments
+//! read at scrape time, so a delivery costs one relaxed add. Labelled counters (per
+//! handshake, per close, per error) are OpenTelemetry counters with attributes. Labels are
+//! fixed snake_case words, never user input, so cardinality stays low. Every name starts
+//! with `gateway_`, is declared in `HELP` below and is listed in `docs/observability.md`.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
+use std::collections::HashMap;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::Arc;
 
-/// See the module docs.
+use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter, MeterProvider};
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+
+/// The per-message counts, read by observable instruments.
 #[derive(Default)]
-pub struct Metrics {
+pub struct Hot {
     pub connections_open: AtomicI64,
     pub messages_in: AtomicU64,
     pub bytes_in: AtomicU64,
     pub messages_out: AtomicU64,
     pub bytes_out: AtomicU64,
     pub deliveries: AtomicU64,
-    labelled: Mutex<BTreeMap<(&'static str, String), u64>>,
+}
+
+/// See the module docs.
+pub struct Metrics {
+    hot: Arc<Hot>,
+    counters: HashMap<&'static str, Counter<u64>>,
+    gauges: HashMap<&'static str, Gauge<u64>>,
+    /// Broker receipt to socket write, per write (see `HELP`).
+    pub fanout_latency: Histogram<f64>,
+    registry: prometheus::Registry,
+    provider: SdkMeterProvider,
+}
+
+impl Deref for Metrics {
+    type Target = Hot;
+    fn deref(&self) -> &Hot {
+        &self.hot
+    }
 }
 
 const HELP: &[(&str, &str, &str)] = &[
@@ -134,6 +157,11 @@ const HELP: &[(&str, &str, &str)] = &[
         "Messages published on Redis that were dropped (not JSON).",
     ),
     (
+        "gateway_fanout_latency_seconds",
+        "histogram",
+        "Age of the oldest channel message in a socket write: broker receipt to write.",
+    ),
+    (
         "gateway_cluster_connections",
         "gauge",
         "Connections on all live nodes, from the last heartbeat.",
@@ -155,92 +183,168 @@ const HELP: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// Latency buckets, in seconds: 100 µs to 5 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let registry = prometheus::Registry::new();
+        // Names are declared in full (`..._total`), without scope labels or unit suffixes,
+        // so that they read the same in Prometheus as in the docs.
+        let reader = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .without_counter_suffixes()
+            .without_units()
+            .scope_info_enabled(false)
+            .without_target_info()
+            .build();
+        let provider = match reader {
+            Ok(reader) => SdkMeterProvider::builder().with_reader(reader).build(),
+            Err(e) => {
+                tracing::error!(error = %e, "metrics exporter failed to start; /metrics is empty");
+                SdkMeterProvider::builder().build()
+            }
+        };
+        let meter = provider.meter("gateway");
+        let hot = Arc::new(Hot::default());
+        observe(&meter, &hot);
+        let (mut counters, mut gauges) = (HashMap::new(), HashMap::new());
+        let mut fanout_latency = None;
+        for (name, kind, help) in HELP {
+            if HOT.contains(name) {
+                continue;
+            }
+            match *kind {
+                "counter" => {
+                    counters.insert(
+                        *name,
+                        meter.u64_counter(*name).with_description(*help).build(),
+                    );
+                }
+                "gauge" => {
+                    gauges.insert(
+                        *name,
+                        meter.u64_gauge(*name).with_description(*help).build(),
+                    );
+                }
+                _ => {
+                    fanout_latency = Some(
+                        meter
+                            .f64_histogram(*name)
+                            .with_description(*help)
+                            .with_boundaries(LATENCY_BUCKETS.to_vec())
+                            .build(),
+                    )
+                }
+            }
+        }
+        // Unlabelled counters start at 0, so that dashboards and alerts see them at once.
+        for (name, c) in &counters {
+            if UNLABELLED.contains(name) {
+                c.add(0, &[]);
+            }
+        }
+        Metrics {
+            hot,
+            counters,
+            gauges,
+            fanout_latency: fanout_latency
+                .unwrap_or_else(|| meter.f64_histogram("gateway_unused").build()),
+            registry,
+            provider,
+        }
+    }
+}
+
+/// Counters without labels.
+const UNLABELLED: &[&str] = &[
+    "gateway_slow_consumer_disconnects_total",
+    "gateway_admin_publishes_total",
+    "gateway_tls_handshake_failures_total",
+    "gateway_redis_reconnects_total",
+    "gateway_broker_dropped_total",
+    "gateway_rebalance_shed_total",
+];
+
+/// Names served by observable instruments over [`Hot`].
+const HOT: &[&str] = &[
+    "gateway_connections_open",
+    "gateway_messages_in_total",
+    "gateway_bytes_in_total",
+    "gateway_messages_out_total",
+    "gateway_bytes_out_total",
+    "gateway_deliveries_total",
+];
+
+fn observe(meter: &Meter, hot: &Arc<Hot>) {
+    let help = |name: &str| {
+        HELP.iter()
+            .find(|(n, _, _)| *n == name)
+            .map_or("", |(_, _, h)| *h)
+    };
+    let h = hot.clone();
+    meter
+        .i64_observable_gauge("gateway_connections_open")
+        .with_description(help("gateway_connections_open"))
+        .with_callback(move |o| o.observe(h.connections_open.load(Ordering::Relaxed), &[]))
+        .build();
+    let counts: [(&'static str, fn(&Hot) -> &AtomicU64); 5] = [
+        ("gateway_messages_in_total", |h| &h.messages_in),
+        ("gateway_bytes_in_total", |h| &h.bytes_in),
+        ("gateway_messages_out_total", |h| &h.messages_out),
+        ("gateway_bytes_out_total", |h| &h.bytes_out),
+        ("gateway_deliveries_total", |h| &h.deliveries),
+    ];
+    for (name, field) in counts {
+        let h = hot.clone();
+        meter
+            .u64_observable_counter(name)
+            .with_description(help(name))
+            .with_callback(move |o| o.observe(field(&h).load(Ordering::Relaxed), &[]))
+            .build();
+    }
+}
+
+fn attributes(labels: &[(&str, &str)]) -> Vec<KeyValue> {
+    labels
+        .iter()
+        .map(|(k, v)| KeyValue::new(k.to_string(), v.to_string()))
+        .collect()
+}
+
 impl Metrics {
     /// Adds 1 to `name{labels}`.
     pub fn inc(&self, name: &'static str, labels: &[(&str, &str)]) {
         self.add(name, labels, 1)
     }
 
-    /// Adds `n` to `name{labels}`.
+    /// Adds `n` to the counter `name{labels}`.
     pub fn add(&self, name: &'static str, labels: &[(&str, &str)], n: u64) {
-        let mut m = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry((name, label_key(labels))).or_default() += n;
+        match self.counters.get(name) {
+            Some(c) => c.add(n, &attributes(labels)),
+            None => debug_assert!(false, "{name} needs a HELP entry as a counter"),
+        }
     }
 
-    /// Sets a labelled gauge.
+    /// Sets the gauge `name{labels}`.
     pub fn set(&self, name: &'static str, labels: &[(&str, &str)], v: u64) {
-        let mut m = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
-        m.insert((name, label_key(labels)), v);
-    }
-
-    /// Current value of a labelled counter (tests and `/metrics`).
-    pub fn get(&self, name: &str, labels: &str) -> u64 {
-        let m = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
-        m.iter()
-            .filter(|((n, l), _)| *n == name && l == labels)
-            .map(|(_, v)| *v)
-            .sum()
+        match self.gauges.get(name) {
+            Some(g) => g.record(v, &attributes(labels)),
+            None => debug_assert!(false, "{name} needs a HELP entry as a gauge"),
+        }
     }
 
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
+        let _ = &self.provider;
         let mut out = String::new();
-        let plain = [
-            (
-                "gateway_connections_open",
-                self.connections_open.load(Ordering::Relaxed) as u64,
-            ),
-            (
-                "gateway_messages_in_total",
-                self.messages_in.load(Ordering::Relaxed),
-            ),
-            (
-                "gateway_bytes_in_total",
-                self.bytes_in.load(Ordering::Relaxed),
-            ),
-            (
-                "gateway_messages_out_total",
-                self.messages_out.load(Ordering::Relaxed),
-            ),
-            (
-                "gateway_bytes_out_total",
-                self.bytes_out.load(Ordering::Relaxed),
-            ),
-            (
-                "gateway_deliveries_total",
-                self.deliveries.load(Ordering::Relaxed),
-            ),
-        ];
-        let labelled = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
-        for (name, kind, help) in HELP {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            if let Some((_, v)) = plain.iter().find(|(n, _)| n == name) {
-                let _ = writeln!(out, "{name} {v}");
-            }
-            for ((n, labels), v) in labelled.iter().filter(|((n, _), _)| n == name) {
-                if labels.is_empty() {
-                    let _ = writeln!(out, "{n} {v}");
-                } else {
-                    let _ = writeln!(out, "{n}{{{labels}}} {v}");
-                }
-            }
+        if let Err(e) =
+            prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out)
+        {
+            tracing::warn!(error = %e, "encoding metrics failed");
         }
-        debug_assert!(
-            labelled
-                .keys()
-                .all(|(n, _)| HELP.iter().any(|(h, _, _)| h == n)),
-            "every metric needs a HELP entry"
-        );
         out
     }
-}
-
-/// `k1="v1",k2="v2"`.
-fn label_key(labels: &[(&str, &str)]) -> String {
-    let mut key = String::new();
-    for (i, (k, v)) in labels.iter().enumerate() {
-        let sep = if i == 0 { "" } else { "," };
-        let _ = write!(key, "{sep}{k}=\"{v}\"");
-    }
-    key
 }

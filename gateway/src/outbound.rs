@@ -16,6 +16,8 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use std::time::Instant;
+
 use tokio::sync::Notify;
 
 use crate::error::CloseReason;
@@ -26,6 +28,8 @@ pub struct Outbound {
     state: Mutex<State>,
     notify: Notify,
     cap: usize,
+    /// Where [`Outbound::written`] records the fan-out latency; `None` in tools and tests.
+    latency: Option<opentelemetry::metrics::Histogram<f64>>,
 }
 
 #[derive(Debug, Default)]
@@ -33,6 +37,10 @@ struct State {
     frames: VecDeque<Bytes>,
     bytes: usize,
     close: Option<CloseReason>,
+    /// Broker receipt time of the oldest channel message queued, and of the oldest in the
+    /// batch the writer took last.
+    oldest: Option<Instant>,
+    taken_oldest: Option<Instant>,
 }
 
 /// What [`Outbound::push`] did with a frame.
@@ -51,6 +59,15 @@ impl Outbound {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             cap,
+            latency: None,
+        }
+    }
+
+    /// A queue that records broker-receipt-to-write latency in `latency`.
+    pub fn with_latency(cap: usize, latency: opentelemetry::metrics::Histogram<f64>) -> Self {
+        Outbound {
+            latency: Some(latency),
+            ..Outbound::new(cap)
         }
     }
 
@@ -62,7 +79,19 @@ impl Outbound {
 
     /// Queues one encoded frame. Never blocks.
     pub fn push(&self, frame: Bytes) -> Pushed {
+        self.push_at(frame, None)
+    }
+
+    /// Queues a channel message that the broker handed over at `received`.
+    pub fn push_received(&self, frame: Bytes, received: Instant) -> Pushed {
+        self.push_at(frame, Some(received))
+    }
+
+    fn push_at(&self, frame: Bytes, received: Option<Instant>) -> Pushed {
         let mut s = self.lock();
+        if s.oldest.is_none() {
+            s.oldest = received;
+        }
         if s.close.is_some() {
             return Pushed::Closing;
         }
@@ -102,7 +131,16 @@ impl Outbound {
         let mut s = self.lock();
         batch.append(&mut s.frames);
         s.bytes = 0;
+        s.taken_oldest = s.oldest.take();
         s.close.clone()
+    }
+
+    /// The writer wrote the batch it took: records how long its oldest channel message
+    /// waited since the broker handed it over.
+    pub fn written(&self) {
+        if let (Some(h), Some(at)) = (&self.latency, self.lock().taken_oldest.take()) {
+            h.record(at.elapsed().as_secs_f64(), &[]);
+        }
     }
 
     /// Resolves after the next push or close (or at once if one happened since the last wait).

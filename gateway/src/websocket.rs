@@ -93,12 +93,14 @@ where
     );
     let reason = loop {
         let closing = outbound.take(&mut batch);
-        if !batch.is_empty()
-            && write_batch(&mut write_half, &mut batch, limits)
+        if !batch.is_empty() {
+            if write_batch(&mut write_half, &mut batch, limits)
                 .await
                 .is_err()
-        {
-            break CloseReason::Abnormal;
+            {
+                break CloseReason::Abnormal;
+            }
+            outbound.written();
         }
         if let Some(reason) = closing {
             break reason;

@@ -235,7 +235,7 @@ async fn hostile_frames_get_exact_close_codes_and_spare_bystanders() {
         assert_eq!(raw.close_code().await, code, "{name}");
         drop(raw);
         let metric =
-            format!("gateway_connection_closes_total{{reason=\"{label}\",blame=\"client\"}}");
+            format!("gateway_connection_closes_total{{blame=\"client\",reason=\"{label}\"}}");
         let deadline = tokio::time::Instant::now() + T;
         while count(&node.metrics().await, &metric) <= count(&before, &metric) {
             assert!(

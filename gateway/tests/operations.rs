@@ -170,3 +170,62 @@ async fn scale_out_rebalances_within_the_slack() {
         assert_eq!(c.recv_json(T).await.unwrap()["data"], 2);
     }
 }
+
+#[tokio::test]
+async fn metrics_show_every_required_family_after_real_traffic() {
+    let mut redis = RedisServer::start().await;
+    let node = start(gateway::Config {
+        handshake_rate_per_ip: 1,
+        handshake_burst_per_ip: 2,
+        ..on(&redis, "m")
+    })
+    .await;
+    let mut sub = node.subscriber("chat:m").await;
+    let (mut publisher, _) = node.client().await;
+    request(
+        &mut publisher,
+        serde_json::json!({"type":"publish","channel":"chat:m","data":1,"id":1}),
+    )
+    .await;
+    sub.recv_json(T).await.unwrap();
+    request(
+        &mut publisher,
+        serde_json::json!({"type":"send","data":{"x":1},"id":2}),
+    )
+    .await;
+    // rate limited handshake
+    assert!(Client::connect(&node.url()).await.is_err());
+    // a Redis outage and its recovery
+    redis.kill();
+    let deadline = tokio::time::Instant::now() + T;
+    while node.admin("GET", "/readyz", "", None).await.0 != 503 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    redis.restart().await;
+    node.wait_metric("gateway_redis_reconnects_total 1").await;
+    let m = node.metrics().await;
+    for family in [
+        "gateway_connections_open 2",
+        "gateway_handshakes_total{outcome=\"ok\"} 2",
+        "gateway_handshakes_total{outcome=\"rate_limited\"} 1",
+        "gateway_messages_in_total ",
+        "gateway_bytes_in_total ",
+        "gateway_messages_out_total ",
+        "gateway_bytes_out_total ",
+        "gateway_deliveries_total 1",
+        "gateway_fanout_latency_seconds_count 1",
+        "gateway_slow_consumer_disconnects_total 0",
+        "gateway_rate_limit_hits_total{kind=\"handshake\"} 1",
+        "gateway_redis_errors_total{op=",
+        "gateway_redis_reconnects_total 1",
+        "gateway_directory_ops_total{op=\"add\"} 2",
+        "gateway_inbound_appends_total{event=\"message\"} 1",
+        "gateway_inbound_appends_total{event=\"connect\"} 2",
+    ] {
+        assert!(m.contains(family), "{family} missing in\n{m}");
+    }
+    for line in m.lines().filter(|l| !l.starts_with('#')) {
+        assert!(line.starts_with("gateway_"), "{line}");
+    }
+}

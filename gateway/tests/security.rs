@@ -531,7 +531,7 @@ async fn expiring_tokens_get_a_warning_a_grace_period_and_4002() {
     let reply = ask(&mut good, r#"{"type":"refresh","token":"nope","id":10}"#).await;
     assert_eq!(reply["code"], "unauthorized", "{reply}");
     node.wait_metric(
-        "gateway_connection_closes_total{reason=\"token_expired\",blame=\"client\"} 2",
+        "gateway_connection_closes_total{blame=\"client\",reason=\"token_expired\"} 2",
     )
     .await;
 }
@@ -738,7 +738,7 @@ async fn message_and_byte_floods_get_errors_then_1008() {
         "{m}"
     );
     assert!(
-        m.contains("gateway_connection_closes_total{reason=\"rate_limited\",blame=\"client\"} 1")
+        m.contains("gateway_connection_closes_total{blame=\"client\",reason=\"rate_limited\"} 1")
     );
     // the bystander is untouched
     let (mut p, _) = node.client().await;
