@@ -290,7 +290,8 @@ fn observe(meter: &Meter, hot: &Arc<Hot>) {
         .with_description(help("gateway_connections_open"))
         .with_callback(move |o| o.observe(h.connections_open.load(Ordering::Relaxed), &[]))
         .build();
-    let counts: [(&'static str, fn(&Hot) -> &AtomicU64); 5] = [
+    type Field = fn(&Hot) -> &AtomicU64;
+    let counts: [(&'static str, Field); 5] = [
         ("gateway_messages_in_total", |h| &h.messages_in),
         ("gateway_bytes_in_total", |h| &h.bytes_in),
         ("gateway_messages_out_total", |h| &h.messages_out),
