@@ -157,9 +157,42 @@ fn unavailable(e: crate::error::BrokerError) -> HttpResponse {
     )
 }
 
-/// Routes `/v1/...`. Ids in paths are checked with the channel-name rule: user and
-/// connection ids use the same safe alphabet.
+/// Routes `/v1/...` inside an `admin` span that carries the caller's `traceparent`.
 async fn api(node: &Node, req: Request<Incoming>, path: &str) -> HttpResponse {
+    let method = req.method().clone();
+    // W3C trace context: `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`.
+    let traceparent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            v.len() == 55
+                && v.bytes()
+                    .enumerate()
+                    .all(|(i, b)| matches!(i, 2 | 35 | 52) == (b == b'-') && (b == b'-' || b.is_ascii_hexdigit()))
+        })
+        .map(str::to_owned);
+    let span = tracing::info_span!(
+        "admin",
+        method = %method,
+        path,
+        traceparent = traceparent.as_deref().unwrap_or("")
+    );
+    use tracing::Instrument;
+    call(node, req, path, method, traceparent)
+        .instrument(span)
+        .await
+}
+
+/// Ids in paths are checked with the channel-name rule: user and connection ids use the
+/// same safe alphabet.
+async fn call(
+    node: &Node,
+    req: Request<Incoming>,
+    path: &str,
+    method: Method,
+    traceparent: Option<String>,
+) -> HttpResponse {
     // Ids may contain '/', so the action is matched as a suffix.
     let Some((kind, rest)) = path.trim_start_matches("/v1/").split_once('/') else {
         return not_found();
@@ -168,7 +201,6 @@ async fn api(node: &Node, req: Request<Incoming>, path: &str) -> HttpResponse {
         .iter()
         .find_map(|a| Some((rest.strip_suffix(a)?.strip_suffix('/')?, *a)))
         .unwrap_or((rest, ""));
-    let method = req.method().clone();
     let allowed = match (kind, action) {
         ("channels", "publish") | ("users", "send") | ("connections", "send") => Method::POST,
         ("users", "connections") => Method::GET,
@@ -208,9 +240,14 @@ async fn api(node: &Node, req: Request<Incoming>, path: &str) -> HttpResponse {
                 Ok(d) => d,
                 Err(r) => return r,
             };
-            let sent = match kind {
-                "channels" => node.hub.publish(id, data.get()).await.map(|()| None),
-                "users" => dir.send_user(id, data.get()).await.map(Some),
+            let sent = match (kind, &traceparent) {
+                ("channels", Some(tp)) => node
+                    .hub
+                    .publish_traced(id, data.get(), tp)
+                    .await
+                    .map(|()| None),
+                ("channels", None) => node.hub.publish(id, data.get()).await.map(|()| None),
+                ("users", _) => dir.send_user(id, data.get()).await.map(Some),
                 _ => dir.send_conn(id, data.get()).await.map(Some),
             };
             match sent {

@@ -73,7 +73,17 @@ where
 
 async fn route(node: Arc<Node>, req: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
     let response = match (req.method(), req.uri().path()) {
-        (_, "/ws") => upgrade(node.clone(), req, peer).await,
+        (_, "/ws") => {
+            let span = tracing::info_span!(
+                "handshake",
+                node = %node.config.node_id,
+                %peer,
+                user = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+            );
+            use tracing::Instrument;
+            upgrade(node.clone(), req, peer).instrument(span).await
+        }
         (&Method::GET, "/") => {
             let mut r = Response::new(Full::new(Bytes::from_static(DEMO_PAGE.as_bytes())));
             r.headers_mut().insert(
@@ -103,6 +113,7 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, peer: SocketAddr) 
     let refuse = |status: StatusCode, outcome: &'static str, code: &str, message: &str| {
         node.metrics
             .inc("gateway_handshakes_total", &[("outcome", outcome)]);
+        tracing::Span::current().record("outcome", outcome);
         tracing::info!(%ip, outcome, code, status = status.as_u16(), message, "handshake refused");
         json_error(status, code, message)
     };
@@ -237,6 +248,11 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, peer: SocketAddr) 
     };
     node.metrics
         .inc("gateway_handshakes_total", &[("outcome", "ok")]);
+    let span = tracing::Span::current();
+    span.record("outcome", "ok");
+    if let Some(i) = &conn.identity {
+        span.record("user", i.user_id.as_str());
+    }
     tracing::debug!(%ip, user = conn.identity.as_ref().map(|i| i.user_id.as_str()), "handshake ok");
     tokio::spawn(async move {
         match fut.await {

@@ -36,6 +36,19 @@ struct Shard {
     channels: RwLock<HashMap<String, Subscribers>>,
 }
 
+/// Marks a payload that starts with trace context: `\x1etraceparent=<value>\n<json>`. JSON
+/// text cannot start with U+001E, so a backend's plain JSON is never mistaken for it.
+const TRACE_MARK: char = '\u{1e}';
+
+/// Splits a broker payload into its optional `traceparent` and the JSON data.
+pub fn split_trace(payload: &str) -> (Option<&str>, &str) {
+    payload
+        .strip_prefix(TRACE_MARK)
+        .and_then(|r| r.strip_prefix("traceparent="))
+        .and_then(|r| r.split_once('\n'))
+        .map_or((None, payload), |(tp, data)| (Some(tp), data))
+}
+
 /// See the module docs.
 pub struct Hub {
     shards: Box<[Shard]>,
@@ -141,11 +154,27 @@ impl Hub {
             .await
     }
 
+    /// Publishes with a W3C `traceparent`: it travels in front of the data (see
+    /// [`split_trace`]) so that every node's delivery log line carries it.
+    pub async fn publish_traced(
+        &self,
+        channel: &str,
+        data: &str,
+        traceparent: &str,
+    ) -> Result<(), BrokerError> {
+        let payload = format!("{TRACE_MARK}traceparent={traceparent}\n{data}");
+        self.publish(channel, &payload).await
+    }
+
     /// Queues a channel message to every local subscriber. The frame is encoded once.
-    pub fn deliver(&self, channel: &str, data: &str) {
+    pub fn deliver(&self, channel: &str, payload: &str) {
+        let (trace, data) = split_trace(payload);
         let shard = self.shard(channel);
         let map = shard.channels.read().unwrap_or_else(|p| p.into_inner());
         let Some(subs) = map.get(channel) else { return };
+        if let Some(traceparent) = trace {
+            tracing::info!(traceparent, channel, subscribers = subs.len(), "delivering traced message");
+        }
         let bytes: Bytes = frame::text(&shared::protocol::encode_message(channel, data));
         let received = std::time::Instant::now();
         let mut delivered = 0u64;
