@@ -167,9 +167,9 @@ async fn api(node: &Node, req: Request<Incoming>, path: &str) -> HttpResponse {
         .and_then(|v| v.to_str().ok())
         .filter(|v| {
             v.len() == 55
-                && v.bytes()
-                    .enumerate()
-                    .all(|(i, b)| matches!(i, 2 | 35 | 52) == (b == b'-') && (b == b'-' || b.is_ascii_hexdigit()))
+                && v.bytes().enumerate().all(|(i, b)| {
+                    matches!(i, 2 | 35 | 52) == (b == b'-') && (b == b'-' || b.is_ascii_hexdigit())
+                })
         })
         .map(str::to_owned);
     let span = tracing::info_span!(

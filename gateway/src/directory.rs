@@ -91,6 +91,9 @@ pub struct Directory {
     ttl: Duration,
     /// A registration failed while Redis was away: re-register everything on the next beat.
     dirty: AtomicBool,
+    /// Connections that closed while Redis was away, whose records are still to delete
+    /// (Redis may have kept them), as `(conn, user)`.
+    orphans: Mutex<Vec<(String, Option<String>)>>,
     rebalance: Option<Rebalance>,
     metrics: Arc<Metrics>,
 }
@@ -111,6 +114,7 @@ impl Directory {
             heartbeat: Duration::from_millis(c.node_heartbeat_ms),
             ttl: Duration::from_millis(c.node_ttl_ms),
             dirty: AtomicBool::new(false),
+            orphans: Mutex::new(Vec::new()),
             rebalance: c.rebalance.then_some(Rebalance {
                 slack: c.rebalance_slack,
                 per_beat: ((c.rebalance_rate as u64 * c.node_heartbeat_ms) / 1000).max(1) as usize,
@@ -257,22 +261,46 @@ impl Directory {
         };
         self.count("remove");
         let Some(redis) = &self.redis else { return };
+        if self
+            .unregister(redis, conn, local.user.as_deref())
+            .await
+            .is_err()
+        {
+            self.orphans
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((conn.to_owned(), local.user));
+            self.dirty.store(true, Ordering::Release);
+        }
+    }
+
+    /// Deletes one connection's records.
+    async fn unregister(
+        &self,
+        redis: &Redis,
+        conn: &str,
+        user: Option<&str>,
+    ) -> Result<(), BrokerError> {
         let mut del = redis::cmd("DEL");
         del.arg(self.key("conn", conn));
         let mut own = redis::cmd("HDEL");
         own.arg(self.key("nodeconns", &self.node_id)).arg(conn);
-        let user = async {
-            if let Some(u) = &local.user {
-                let mut hdel = redis::cmd("HDEL");
-                hdel.arg(self.key("user", u)).arg(conn);
-                let _ = redis.call::<()>("remove", hdel).await;
+        let by_user = async {
+            match user {
+                Some(u) => {
+                    let mut hdel = redis::cmd("HDEL");
+                    hdel.arg(self.key("user", u)).arg(conn);
+                    redis.call::<()>("remove", hdel).await
+                }
+                None => Ok(()),
             }
         };
-        let _ = tokio::join!(
+        let (a, b, c) = tokio::join!(
             redis.call::<()>("remove", del),
             redis.call::<()>("remove", own),
-            user
+            by_user
         );
+        a.and(b).and(c)
     }
 
     /// Sends `{"type":"direct","data":data}` to every connection of `user`, on any node.
@@ -568,9 +596,20 @@ impl Directory {
         Ok(())
     }
 
-    /// Reloads the functions and re-registers every local connection.
+    /// Reloads the functions, deletes the records of connections that closed during the
+    /// outage, and re-registers every local connection.
     async fn resync(&self, redis: &Redis) -> Result<usize, BrokerError> {
         self.load_functions(redis).await?;
+        let orphans = std::mem::take(&mut *self.orphans.lock().unwrap_or_else(|p| p.into_inner()));
+        for (i, (conn, user)) in orphans.iter().enumerate() {
+            if let Err(e) = self.unregister(redis, conn, user.as_deref()).await {
+                self.orphans
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(orphans[i..].iter().cloned());
+                return Err(e);
+            }
+        }
         let conns: Vec<(String, Option<String>, u64)> = self
             .local()
             .iter()

@@ -173,7 +173,12 @@ impl Hub {
         let map = shard.channels.read().unwrap_or_else(|p| p.into_inner());
         let Some(subs) = map.get(channel) else { return };
         if let Some(traceparent) = trace {
-            tracing::info!(traceparent, channel, subscribers = subs.len(), "delivering traced message");
+            tracing::info!(
+                traceparent,
+                channel,
+                subscribers = subs.len(),
+                "delivering traced message"
+            );
         }
         let bytes: Bytes = frame::text(&shared::protocol::encode_message(channel, data));
         let received = std::time::Instant::now();

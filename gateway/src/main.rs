@@ -16,7 +16,18 @@ fn main() -> ExitCode {
     };
     if check_only {
         let mut shown = config.clone();
-        for secret in [&mut shown.admin_token, &mut shown.jwt_secret] {
+        if let Some(url) = &mut shown.redis_url {
+            // redis://user:password@host → redis://user:<redacted>@host
+            if let Some((creds, host)) = url.split_once('@') {
+                let scheme_user = creds.rsplit_once(':').map_or(creds, |(u, _)| u);
+                *url = format!("{scheme_user}:<redacted>@{host}");
+            }
+        }
+        for secret in [
+            &mut shown.admin_token,
+            &mut shown.jwt_secret,
+            &mut shown.redis_password,
+        ] {
             if secret.is_some() {
                 *secret = Some("<redacted>".into());
             }

@@ -229,3 +229,74 @@ async fn metrics_show_every_required_family_after_real_traffic() {
         assert!(line.starts_with("gateway_"), "{line}");
     }
 }
+
+#[tokio::test]
+async fn traceparent_travels_from_admin_publish_to_the_delivery_log_line() {
+    let redis = RedisServer::start().await;
+    let a = start(on(&redis, "a")).await;
+    let (port, admin_port) = (
+        common::redis_server::free_port(),
+        common::redis_server::free_port(),
+    );
+    let log = std::env::temp_dir().join(format!("gw-trace-{}.log", std::process::id()));
+    let mut b = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+        .args(["--node-id", "b", "--redis-url", &redis.url()])
+        .args(["--allow-anonymous", "--log-format", "json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let deadline = tokio::time::Instant::now() + T;
+    let mut sub = loop {
+        match Client::connect(&url).await {
+            Ok(c) => break c,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    sub.recv_json(T).await.unwrap();
+    request(
+        &mut sub,
+        serde_json::json!({"type":"subscribe","channel":"news","id":1}),
+    )
+    .await;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (status, _) = http(
+        a.admin,
+        "POST",
+        "/v1/channels/news/publish",
+        r#"{"data":{"n":1}}"#,
+        &format!("traceparent: {tp}\r\n"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // the client sees the data only; the log line on the other node carries the trace
+    assert_eq!(
+        sub.recv_json(T).await.unwrap(),
+        serde_json::json!({"type":"message","channel":"news","data":{"n":1}})
+    );
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.contains("delivering traced message"))
+        {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["fields"]["traceparent"], tp, "{line}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no delivery log line:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = b.kill();
+    let _ = b.wait();
+}

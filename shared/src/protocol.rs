@@ -247,11 +247,6 @@ impl ServerFrame<'_> {
     }
 }
 
-/// The JSON text of a `message` frame, built without a serializer pass over `data`.
-///
-/// `channel` must be a valid channel name (no escaping needed) and `data` valid JSON text;
-/// the gateway checks both before anything reaches a subscriber. Equal to serializing
-/// [`ServerFrame::Message`].
 /// `{"type":"direct","data":<data>}` for a unicast to a user or connection; `data` must be
 /// valid JSON text (see [`check_data`]).
 pub fn encode_direct(data: &str) -> String {
@@ -262,6 +257,11 @@ pub fn encode_direct(data: &str) -> String {
     s
 }
 
+/// The JSON text of a `message` frame, built without a serializer pass over `data`.
+///
+/// `channel` must be a valid channel name (no escaping needed) and `data` valid JSON text;
+/// the gateway checks both before anything reaches a subscriber. Equal to serializing
+/// [`ServerFrame::Message`].
 pub fn encode_message(channel: &str, data: &str) -> String {
     debug_assert!(crate::channel::is_valid(channel));
     let mut s = String::with_capacity(40 + channel.len() + data.len());
