@@ -1,6 +1,9 @@
 # Entry point for everything. `make run` and `make test` are the quick start.
 SHELL := /bin/bash
 CARGO ?= cargo
+# One build for everything: the kube feature (as in the container image) is on, so its
+# mocked-API tests run too.
+FEATURES ?= --features gateway/kube
 APT_GET := $(if $(filter 0,$(shell id -u)),apt-get,sudo apt-get)
 
 .PHONY: run cluster test lint unit e2e deps deps-system deps-node conformance check-config clean-tools
@@ -15,14 +18,14 @@ test: deps lint unit e2e k8s-check
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets $(FEATURES) -- -D warnings
 
 unit:
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace $(FEATURES)
 
 ## Headless Chromium drives the demo page (needs the debug gateway binary).
 e2e: deps-node
-	$(CARGO) build -p gateway
+	$(CARGO) build -p gateway $(FEATURES)
 	cd e2e && node --test
 
 ## System packages the tests need; installed only when absent.

@@ -9,6 +9,7 @@
 //!   `{"data": <json>}`: unicast, answered with `{"delivered": n}`.
 //! - `DELETE /v1/connections/{conn}`: closes that connection (4003) on whichever node.
 //! - `GET /v1/users/{user}/connections`: the user's live connections.
+//! - `POST /v1/drain`: drain this node as on SIGTERM, but keep the process up.
 //!
 //! Each call is one directory lookup in Redis on whichever node receives it: no call asks
 //! the other nodes.
@@ -97,7 +98,7 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> HttpResponse {
 }
 
 fn readiness(node: &Node) -> HttpResponse {
-    let (status, state) = if node.draining.is_cancelled() {
+    let (status, state) = if node.draining.is_cancelled() || node.maintenance.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
     } else if !node.hub.broker_healthy() {
         (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable")
@@ -193,6 +194,21 @@ async fn call(
     method: Method,
     traceparent: Option<String>,
 ) -> HttpResponse {
+    if path == "/v1/drain" {
+        if method != Method::POST {
+            return json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use POST",
+            );
+        }
+        tracing::info!("drain requested through the admin API");
+        node.maintenance.cancel();
+        return json(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({ "status": "draining", "connections": node.open_connections() }),
+        );
+    }
     // Ids may contain '/', so the action is matched as a suffix.
     let Some((kind, rest)) = path.trim_start_matches("/v1/").split_once('/') else {
         return not_found();

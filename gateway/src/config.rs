@@ -284,6 +284,12 @@ impl Config {
         if !(0.0..=10.0).contains(&self.rebalance_slack) {
             return bad("rebalance_slack", "must be between 0 and 10");
         }
+        if self.rebalance && self.rebalance_rate == 0 {
+            return bad(
+                "rebalance_rate",
+                "must be at least 1 (or set rebalance = false)",
+            );
+        }
         if self.drain_window_ms < 100 {
             return bad("drain_window_ms", "must be at least 100");
         }

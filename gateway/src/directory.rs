@@ -81,6 +81,14 @@ pub fn jittered_ms(min: u64, max: u64) -> u64 {
     min + r % (max.saturating_sub(min) + 1)
 }
 
+pub use crate::broker::BoxFuture;
+
+/// Picks the one node that runs the janitor. Without one, a Redis lock does.
+pub trait Elector: Send + Sync {
+    /// Takes or renews leadership; true while this node leads.
+    fn acquire(&self) -> BoxFuture<'_, bool>;
+}
+
 /// See the module docs.
 pub struct Directory {
     node_id: String,
@@ -95,6 +103,7 @@ pub struct Directory {
     /// (Redis may have kept them), as `(conn, user)`.
     orphans: Mutex<Vec<(String, Option<String>)>>,
     rebalance: Option<Rebalance>,
+    elector: std::sync::OnceLock<Arc<dyn Elector>>,
     metrics: Arc<Metrics>,
 }
 
@@ -115,6 +124,7 @@ impl Directory {
             ttl: Duration::from_millis(c.node_ttl_ms),
             dirty: AtomicBool::new(false),
             orphans: Mutex::new(Vec::new()),
+            elector: std::sync::OnceLock::new(),
             rebalance: c.rebalance.then_some(Rebalance {
                 slack: c.rebalance_slack,
                 per_beat: ((c.rebalance_rate as u64 * c.node_heartbeat_ms) / 1000).max(1) as usize,
@@ -623,9 +633,34 @@ impl Directory {
         Ok(conns.len())
     }
 
-    /// One janitor pass, on the node holding the janitor lock: purges nodes whose liveness
-    /// entry expired.
+    /// Elects the janitor through `elector` (a Kubernetes Lease) instead of the Redis lock.
+    pub fn set_elector(&self, elector: Arc<dyn Elector>) {
+        let _ = self.elector.set(elector);
+    }
+
+    /// One janitor pass, on the elected node: purges nodes whose liveness entry expired.
     async fn janitor(&self, redis: &Redis) -> Result<(), BrokerError> {
+        let mine = match self.elector.get() {
+            Some(e) => e.acquire().await,
+            None => self.redis_lock(redis).await?,
+        };
+        if !mine {
+            return Ok(());
+        }
+        let mut dead = redis::cmd("ZRANGEBYSCORE");
+        dead.arg(format!("{}nodes", redis.prefix))
+            .arg("-inf")
+            .arg(now_ms());
+        let dead: Vec<String> = redis.call("janitor", dead).await?;
+        for node in dead.iter().filter(|n| **n != self.node_id) {
+            let n = self.purge_node(redis, node).await?;
+            tracing::info!(node, routes = n, "purged the routes of a dead node");
+        }
+        Ok(())
+    }
+
+    /// The janitor lock in Redis: `SET <P>janitor <node> NX PX ttl`, renewed by its holder.
+    async fn redis_lock(&self, redis: &Redis) -> Result<bool, BrokerError> {
         let lock = format!("{}janitor", redis.prefix);
         let mut take = redis::cmd("SET");
         take.arg(&lock)
@@ -650,19 +685,7 @@ impl Directory {
                     false
                 }
             };
-        if !mine {
-            return Ok(());
-        }
-        let mut dead = redis::cmd("ZRANGEBYSCORE");
-        dead.arg(format!("{}nodes", redis.prefix))
-            .arg("-inf")
-            .arg(now_ms());
-        let dead: Vec<String> = redis.call("janitor", dead).await?;
-        for node in dead.iter().filter(|n| **n != self.node_id) {
-            let n = self.purge_node(redis, node).await?;
-            tracing::info!(node, routes = n, "purged the routes of a dead node");
-        }
-        Ok(())
+        Ok(mine)
     }
 
     /// Deletes every route of `node` and its liveness entry. Returns how many connections

@@ -179,6 +179,14 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, peer: SocketAddr) 
             message,
         );
     }
+    if node.maintenance.is_cancelled() {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "over_capacity",
+            "draining",
+            "this node is draining; connect through the load balancer to another node",
+        );
+    }
     let Some(slot) = node.try_admit() else {
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,

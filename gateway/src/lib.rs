@@ -19,6 +19,7 @@
 //! - [`directory`]: which user and connection lives on which node; unicast, remote
 //!   disconnect, per-user caps, node liveness and the janitor.
 //! - [`inbound`]: client `send` messages and lifecycle events to the backends' stream.
+//! - `kube` (feature `kube`): drain on a pod annotation, and the janitor's Lease election.
 //! - [`admin`]: probes, metrics and the admin HTTP API.
 //! - [`node`]: state shared by a node's tasks.
 //! - [`config`]: the settings struct, its layering and validation.
@@ -37,6 +38,8 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod inbound;
+#[cfg(feature = "kube")]
+pub mod kube;
 pub mod metrics;
 pub mod node;
 pub mod origin;

@@ -16,12 +16,19 @@ fn main() -> ExitCode {
     };
     if check_only {
         let mut shown = config.clone();
-        if let Some(url) = &mut shown.redis_url {
-            // redis://user:password@host → redis://user:<redacted>@host
-            if let Some((creds, host)) = url.split_once('@') {
-                let scheme_user = creds.rsplit_once(':').map_or(creds, |(u, _)| u);
-                *url = format!("{scheme_user}:<redacted>@{host}");
-            }
+        if let Some(urls) = &mut shown.redis_url {
+            // redis://user:password@host → redis://user:<redacted>@host, for every seed
+            *urls = urls
+                .split(',')
+                .map(|url| match url.split_once('@') {
+                    Some((creds, host)) => {
+                        let scheme_user = creds.rsplit_once(':').map_or(creds, |(u, _)| u);
+                        format!("{scheme_user}:<redacted>@{host}")
+                    }
+                    None => url.to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join(",");
         }
         for secret in [
             &mut shown.admin_token,

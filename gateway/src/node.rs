@@ -38,6 +38,9 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     /// Cancelled when shutdown starts: readiness turns false at once.
     pub draining: CancellationToken,
+    /// Cancelled by a drain on demand (`POST /v1/drain`, or the pod annotation): the node
+    /// drains as on SIGTERM but keeps running, refusing new connections with 503.
+    pub maintenance: CancellationToken,
     /// Cancelled once the listener is closed: every connection sends close 1001.
     pub close_all: CancellationToken,
     open: AtomicUsize,
@@ -88,6 +91,7 @@ impl Node {
             redis,
             metrics,
             draining,
+            maintenance: CancellationToken::new(),
             close_all: CancellationToken::new(),
             open: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
@@ -97,7 +101,9 @@ impl Node {
 
     /// Ready for new connections: not draining and the broker is reachable.
     pub fn is_ready(&self) -> bool {
-        !self.draining.is_cancelled() && self.hub.broker_healthy()
+        !self.draining.is_cancelled()
+            && !self.maintenance.is_cancelled()
+            && self.hub.broker_healthy()
     }
 
     /// Reserves a connection slot, or `None` when the node is at `max_connections`.

@@ -149,6 +149,22 @@ fn spawn_background(
             .clone()
             .run(node.draining.clone(), stop.clone()),
     );
+    // Drain on demand: as on SIGTERM, but the process stays up.
+    let (n, s) = (node.clone(), stop.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = n.maintenance.cancelled() => {}
+            _ = s.cancelled() => return,
+        }
+        tracing::info!("drain requested: readiness is false; draining connections, staying up");
+        tokio::time::sleep(Duration::from_millis(n.config.pre_stop_delay_ms)).await;
+        drain(&n).await;
+    });
+    #[cfg(feature = "kube")]
+    {
+        let (n, s) = (node.clone(), stop.clone());
+        tokio::spawn(async move { crate::kube::start(&n, &s).await });
+    }
     if let Some(jwks) = node.auth.as_ref().and_then(|a| a.jwks()) {
         tokio::spawn(crate::auth::refresh_jwks(jwks, stop.clone()));
     }

@@ -300,3 +300,31 @@ async fn traceparent_travels_from_admin_publish_to_the_delivery_log_line() {
     let _ = b.kill();
     let _ = b.wait();
 }
+
+#[tokio::test]
+async fn drain_on_demand_empties_the_node_and_keeps_it_running() {
+    let node = start(gateway::Config {
+        drain_window_ms: 600,
+        ..config()
+    })
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(node.client().await.0);
+    }
+    let (status, body) = node.admin("POST", "/v1/drain", "", None).await;
+    assert_eq!(status, 202, "{body}");
+    for c in &mut clients {
+        let (code, reason) = c.recv_close(T).await.unwrap();
+        assert_eq!(code, 1012);
+        retry_hint(&reason);
+    }
+    assert_eq!(node.admin("GET", "/readyz", "", None).await.0, 503);
+    assert!(matches!(
+        Client::connect(&node.url()).await,
+        Err(loadtest::client::ConnectError::Status(503))
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!node.task.is_finished(), "the process stays up");
+    assert_eq!(node.admin("GET", "/healthz", "", None).await.0, 200);
+}
