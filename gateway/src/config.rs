@@ -296,12 +296,6 @@ impl Config {
         if self.redis_timeout_ms == 0 {
             return bad("redis_timeout_ms", "must be at least 1");
         }
-        if self.max_connections_per_user > 0 && self.redis_url.is_some() && !self.has_auth() {
-            return bad(
-                "max_connections_per_user",
-                "needs JWT: anonymous clients have no user to count",
-            );
-        }
         Ok(())
     }
 

@@ -126,6 +126,11 @@ impl Outbound {
         self.lock().close.is_some()
     }
 
+    /// The close requested so far, if any.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.lock().close.clone()
+    }
+
     /// Moves every queued frame into `batch` and returns the close reason, if one is set.
     pub fn take(&self, batch: &mut VecDeque<Bytes>) -> Option<CloseReason> {
         let mut s = self.lock();

@@ -98,7 +98,9 @@ where
                 .await
                 .is_err()
             {
-                break CloseReason::Abnormal;
+                // A write that timed out on a peer that stopped reading, whose queue then
+                // overflowed, is a slow consumer, not a lost connection.
+                break outbound.close_reason().unwrap_or(CloseReason::Abnormal);
             }
             outbound.written();
         }
