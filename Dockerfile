@@ -23,14 +23,14 @@ RUN mkdir -p gateway/src shared/src loadtest/src \
  && touch gateway/src/lib.rs shared/src/lib.rs loadtest/src/lib.rs \
  && echo 'fn main() {}' > gateway/src/main.rs \
  && echo 'fn main() {}' > loadtest/src/main.rs \
- && cargo build --release --locked -p gateway --features kube \
+ && cargo build --release --locked -p gateway --features kube,otlp \
  && rm -rf gateway/src shared/src loadtest/src
 
 # 2. The real sources. COPY keeps the context's mtimes, which can be older than the stub
 #    build above, so touch them to make cargo rebuild the workspace crates.
 COPY . .
 RUN find gateway shared loadtest -name '*.rs' -exec touch {} + \
- && cargo build --release --locked -p gateway --features kube \
+ && cargo build --release --locked -p gateway --features kube,otlp \
  && install -D -m 0755 target/release/gateway /out/gateway \
  && /out/gateway --version
 

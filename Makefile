@@ -1,9 +1,9 @@
 # Entry point for everything. `make run` and `make test` are the quick start.
 SHELL := /bin/bash
 CARGO ?= cargo
-# One build for everything: the kube feature (as in the container image) is on, so its
-# mocked-API tests run too.
-FEATURES ?= --features gateway/kube
+# One build for everything: the features of the container image (kube, otlp) are on, so
+# their tests run too.
+FEATURES ?= --features gateway/kube,gateway/otlp
 APT_GET := $(if $(filter 0,$(shell id -u)),apt-get,sudo apt-get)
 
 .PHONY: run cluster test lint unit e2e deps deps-system deps-node conformance check-config clean-tools

@@ -151,6 +151,13 @@ pub struct Config {
     pub rebalance_slack: f64,
     /// Most connections shed per second.
     pub rebalance_rate: u32,
+
+    // ---- Telemetry ----
+    /// Also push metrics over OTLP/HTTP (protobuf) to this URL, e.g.
+    /// `http://otel-collector:4318/v1/metrics` (needs the `otlp` build feature).
+    pub otlp_endpoint: Option<String>,
+    /// How often to push, in milliseconds.
+    pub otlp_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -212,6 +219,8 @@ impl Default for Config {
             rebalance: true,
             rebalance_slack: 0.1,
             rebalance_rate: 20,
+            otlp_endpoint: None,
+            otlp_interval_ms: 10_000,
         }
     }
 }
@@ -289,6 +298,15 @@ impl Config {
                 "rebalance_rate",
                 "must be at least 1 (or set rebalance = false)",
             );
+        }
+        if self.otlp_endpoint.is_some() && !cfg!(feature = "otlp") {
+            return bad(
+                "otlp_endpoint",
+                "this build has no OTLP support (feature `otlp`)",
+            );
+        }
+        if self.otlp_interval_ms < 100 {
+            return bad("otlp_interval_ms", "must be at least 100");
         }
         if self.drain_window_ms < 100 {
             return bad("drain_window_ms", "must be at least 100");
@@ -379,7 +397,8 @@ impl Config {
             drain_window_ms,
             rebalance,
             rebalance_slack,
-            rebalance_rate
+            rebalance_rate,
+            otlp_interval_ms
         );
         macro_rules! layer_opt {
             ($($f:ident),*) => { $( if cli.$f.is_some() { c.$f = cli.$f; } )* };
@@ -392,7 +411,8 @@ impl Config {
             jwt_issuer,
             jwt_audience,
             redis_url,
-            redis_password
+            redis_password,
+            otlp_endpoint
         );
         if cli.redis_cluster {
             c.redis_cluster = true;
@@ -543,6 +563,11 @@ pub struct Cli {
     pub rebalance_slack: Option<f64>,
     #[arg(long, env = "GATEWAY_REBALANCE_RATE")]
     pub rebalance_rate: Option<u32>,
+    /// Push metrics over OTLP/HTTP to this URL (build feature `otlp`).
+    #[arg(long, env = "GATEWAY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    #[arg(long, env = "GATEWAY_OTLP_INTERVAL_MS")]
+    pub otlp_interval_ms: Option<u64>,
 }
 
 #[cfg(test)]

@@ -190,6 +190,22 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 impl Default for Metrics {
     fn default() -> Self {
+        Metrics::new(None)
+    }
+}
+
+/// Where and how often to push metrics over OTLP/HTTP (feature `otlp`).
+#[derive(Debug, Clone)]
+pub struct OtlpPush {
+    /// The collector's metrics URL, e.g. `http://otel-collector:4318/v1/metrics`.
+    pub endpoint: String,
+    pub interval: std::time::Duration,
+}
+
+impl Metrics {
+    /// Metrics served at `/metrics`, and also pushed over OTLP when `otlp` is given. Must run
+    /// inside the Tokio runtime when pushing (the exporter runs on it).
+    pub fn new(otlp: Option<OtlpPush>) -> Self {
         let registry = prometheus::Registry::new();
         // Names are declared in full (`..._total`), without scope labels or unit suffixes,
         // so that they read the same in Prometheus as in the docs.
@@ -200,13 +216,17 @@ impl Default for Metrics {
             .scope_info_enabled(false)
             .without_target_info()
             .build();
-        let provider = match reader {
-            Ok(reader) => SdkMeterProvider::builder().with_reader(reader).build(),
+        let mut builder = SdkMeterProvider::builder();
+        match reader {
+            Ok(reader) => builder = builder.with_reader(reader),
             Err(e) => {
-                tracing::error!(error = %e, "metrics exporter failed to start; /metrics is empty");
-                SdkMeterProvider::builder().build()
+                tracing::error!(error = %e, "metrics exporter failed to start; /metrics is empty")
             }
-        };
+        }
+        if let Some(push) = otlp {
+            builder = with_otlp(builder, &push);
+        }
+        let provider = builder.build();
         let meter = provider.meter("gateway");
         let hot = Arc::new(Hot::default());
         observe(&meter, &hot);
@@ -256,6 +276,45 @@ impl Default for Metrics {
             provider,
         }
     }
+}
+
+#[cfg(feature = "otlp")]
+fn with_otlp(
+    builder: opentelemetry_sdk::metrics::MeterProviderBuilder,
+    push: &OtlpPush,
+) -> opentelemetry_sdk::metrics::MeterProviderBuilder {
+    use opentelemetry_otlp::{Protocol, WithExportConfig};
+    use opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicReader;
+    let exporter = opentelemetry_otlp::MetricExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary)
+        .with_endpoint(&push.endpoint)
+        .with_timeout(std::time::Duration::from_secs(5))
+        .build();
+    match exporter {
+        Ok(exporter) => {
+            tracing::info!(endpoint = %push.endpoint, "pushing metrics over OTLP/HTTP");
+            builder.with_reader(
+                PeriodicReader::builder(exporter, opentelemetry_sdk::runtime::Tokio)
+                    .with_interval(push.interval)
+                    .build(),
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "OTLP metrics exporter failed to start");
+            builder
+        }
+    }
+}
+
+/// Without the `otlp` feature `Config::validate` refuses an OTLP endpoint, so this is never
+/// reached with one.
+#[cfg(not(feature = "otlp"))]
+fn with_otlp(
+    builder: opentelemetry_sdk::metrics::MeterProviderBuilder,
+    _push: &OtlpPush,
+) -> opentelemetry_sdk::metrics::MeterProviderBuilder {
+    builder
 }
 
 /// Counters without labels.

@@ -51,7 +51,12 @@ pub struct Node {
 impl Node {
     /// Builds the node; connects to Redis first when `redis_url` is set.
     pub async fn new(config: Config, draining: CancellationToken) -> Result<Arc<Node>, StartError> {
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(config.otlp_endpoint.as_ref().map(
+            |endpoint| crate::metrics::OtlpPush {
+                endpoint: endpoint.clone(),
+                interval: Duration::from_millis(config.otlp_interval_ms),
+            },
+        )));
         let auth = Authenticator::from_config(&config, metrics.clone())?;
         let handshake_limiter =
             HandshakeLimiter::new(config.handshake_rate_per_ip, config.handshake_burst_per_ip);
