@@ -22,10 +22,13 @@ redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >"$
 pids+=($!)
 until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
 
+# Rebalancing sheds clients from a busy node; behind ip_hash they would come straight back.
+rebalance=true
+[ "${STICKY:-0}" = 1 ] && rebalance=false
 for i in 1 2 3; do
   "$BIN" --node-id "node-$i" --listen "127.0.0.1:808$i" --admin-listen "127.0.0.1:909$i" \
     --redis-url "redis://127.0.0.1:$REDIS_PORT" --allow-anonymous --publish-allow 'chat:*' \
-    --trusted-proxies 127.0.0.1/32 &
+    --trusted-proxies 127.0.0.1/32 --rebalance "$rebalance" &
   pids+=($!)
 done
 

@@ -25,6 +25,8 @@ fn cluster_config(redis: &RedisServer, node_id: &str) -> gateway::Config {
         jwt_secret: Some(SECRET.into()),
         node_heartbeat_ms: 200,
         node_ttl_ms: 1_000,
+        // these tests place clients on purpose; rebalancing is tested in operations.rs
+        rebalance: false,
         ..config()
     }
 }
@@ -555,6 +557,7 @@ async fn sharded_pubsub_and_unicast_on_a_three_master_cluster() {
         redis_cluster: true,
         redis_sharded_pubsub: true,
         jwt_secret: Some(SECRET.into()),
+        rebalance: false,
         ..config()
     };
     let a = start(on_cluster("a")).await;

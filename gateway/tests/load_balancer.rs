@@ -38,6 +38,9 @@ impl Gateway {
             .args(["--node-id", id, "--redis-url", &redis.url()])
             .args(["--jwt-secret", SECRET, "--trusted-proxies", "127.0.0.1/32"])
             .args(["--node-heartbeat-ms", "200", "--node-ttl-ms", "1000"])
+            // failover is under test here; rebalancing (which would also move clients, and
+            // loops under ip_hash) is tested in operations.rs
+            .args(["--rebalance", "false"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
