@@ -427,6 +427,8 @@ struct Seen {
     count: u64,
     hist: Histogram<u64>,
     ended: bool,
+    /// The close code, when the server closed the connection before the end marker.
+    closed: Option<u16>,
 }
 
 /// Receives until the end marker: counts frames with a timestamp and records their latency.
@@ -435,6 +437,7 @@ async fn receive(mut c: Client, kind: &'static str, idle: Duration) -> anyhow::R
         count: 0,
         hist: stats::new_histogram()?,
         ended: false,
+        closed: None,
     };
     loop {
         match c.recv(idle).await {
@@ -453,7 +456,11 @@ async fn receive(mut c: Client, kind: &'static str, idle: Duration) -> anyhow::R
                 }
             }
             Ok(Received::Binary(_)) => {}
-            Ok(Received::Close(..)) | Err(_) => return Ok(seen),
+            Ok(Received::Close(code, _)) => {
+                seen.closed = Some(code);
+                return Ok(seen);
+            }
+            Err(_) => return Ok(seen),
         }
     }
 }
@@ -500,7 +507,9 @@ fn delivery_result(d: &Delivery, receivers: usize) -> anyhow::Result<(Value, Str
     let mut hist = stats::new_histogram()?;
     let mut delivered = 0;
     let mut ended = 0;
+    let mut close_codes: Vec<u16> = Vec::new();
     for s in &d.seen {
+        close_codes.extend(s.closed);
         hist.add(&s.hist)?;
         delivered += s.count;
         ended += usize::from(s.ended);
@@ -532,6 +541,8 @@ fn delivery_result(d: &Delivery, receivers: usize) -> anyhow::Result<(Value, Str
             "delivered": delivered,
             "lost": d.expected.saturating_sub(delivered),
             "receivers_ended": ended,
+            "closed_by_server": close_codes.len(),
+            "close_codes": close_codes.iter().take(10).collect::<Vec<_>>(),
             "secs": d.secs,
             "deliveries_per_sec": per_sec,
             "server_cpu_secs": d.cpu,
