@@ -1,13 +1,13 @@
 # Benchmarks (scripts/bench.sh): `make bench-smoke` (seconds, debug build, every scenario end
 # to end, JSON checked) and `make bench` (release, < 15 min, writes docs/benchmarks.md).
-.PHONY: bench bench-smoke bench-tools
+.PHONY: bench bench-smoke bench-tools bench-peer
 
 BENCH_VENV := .tools/bench-venv
 
 bench-smoke:
 	bash scripts/bench.sh smoke
 
-bench: bench-tools
+bench: bench-tools bench-peer
 	bash scripts/bench.sh full
 
 ## matplotlib for the charts, from PyPI into .tools/; charts are skipped if this fails.
@@ -20,3 +20,10 @@ $(BENCH_VENV)/.ok:
 	else \
 		echo "matplotlib could not be installed: charts will be skipped"; \
 	fi
+
+## The Socket.IO peer's packages, from npm into bench/peer/node_modules (ignored).
+bench-peer: bench/peer/node_modules/.package-lock.json
+
+bench/peer/node_modules/.package-lock.json: bench/peer/package.json bench/peer/package-lock.json
+	cd bench/peer && npm ci --no-audit --no-fund
+	touch $@

@@ -30,10 +30,10 @@ case "$MODE" in
   full)
     PROFILE=release; BUILD_FLAGS=(--release)
     IDLE_N=${IDLE_N:-15000}; IDLE_TLS_N=${IDLE_TLS_N:-5000}; IDLE_PROCS_N=$IDLE_N
-    FAN_S=${FAN_S:-1000}; FAN_RATES=${FAN_RATES:-"25 50 100 200 400"}; FAN_SECS=${FAN_SECS:-5}
+    FAN_S=${FAN_S:-1000}; FAN_RATES=${FAN_RATES:-"50 100 200 400"}; FAN_SECS=${FAN_SECS:-5}
     STORM_N=${STORM_N:-5000}; STORM_TLS_N=${STORM_TLS_N:-2000}
     UNI_USERS=${UNI_USERS:-2000}; UNI_RATE=${UNI_RATE:-5000}; UNI_SECS=${UNI_SECS:-5}
-    CHURN_SECS=${CHURN_SECS:-60}
+    CHURN_SECS=${CHURN_SECS:-30}
     OUT=$ROOT/docs/bench-results ;;
   *) echo "usage: $0 smoke|full" >&2; exit 2 ;;
 esac
@@ -177,6 +177,34 @@ start_floor
 "$LT" connect-storm "ws://127.0.0.1:$FL_PORT/ws" -n "$STORM_N" --concurrency 50 \
   --pid "$FL_PID" --sources "$SRC" --label floor --json "$OUT/storm-floor.json"
 stop "$FL_PID"
+
+# The Socket.IO peer (bench/peer, installed by `make bench-peer`): skipped when not installed.
+if [ -d bench/peer/node_modules ] && command -v node >/dev/null; then
+  log "peer (Socket.IO 4 + redis-adapter)"
+  start_peer() {
+    PEER_PORT=$(free_port)
+    node bench/peer/server.js "$PEER_PORT" "$REDIS" "$@" >>"$WORK/peer.log" 2>&1 &
+    PEER_PID=$!
+    pids+=("$PEER_PID")
+    wait_port "$PEER_PORT"
+  }
+  EIO=/socket.io/?EIO=4\&transport=websocket
+  start_peer
+  "$LT" idle "ws://127.0.0.1:$PEER_PORT$EIO" -n "$IDLE_N" --pid "$PEER_PID" --sources "$SRC" \
+    --proto eio --label peer --json "$OUT/idle-peer.json"
+  stop "$PEER_PID"
+  start_peer bridge; PA_PID=$PEER_PID; PA_PORT=$PEER_PORT
+  start_peer; PB_PID=$PEER_PID; PB_PORT=$PEER_PORT
+  for r in $FAN_RATES; do
+    "$LT" fanout --url "ws://127.0.0.1:$PA_PORT$EIO" --url "ws://127.0.0.1:$PB_PORT$EIO" \
+      -s "$FAN_S" --rate "$r" --duration-secs "$FAN_SECS" --redis-url "$REDIS" \
+      --pid "$PA_PID" --pid "$PB_PID" --sources "$SRC" --channel "bench-p$r" --proto eio \
+      --label peer-2procs --json "$OUT/fanout-peer-r$r.json"
+  done
+  stop "$PA_PID" "$PB_PID"
+else
+  log "peer skipped: run make bench-peer (npm) to install bench/peer"
+fi
 
 log "churn"
 start_gateway gw-churn

@@ -129,7 +129,7 @@ def report(d, out):
           "| server | connections | client procs | RSS before (MiB) | RSS after (MiB) | bytes/conn | vs floor |",
           "|---|---:|---:|---:|---:|---:|---:|"]
     floor = res.get("idle-floor", {}).get("rss_per_conn_bytes", 0)
-    for k in ["idle-gateway", "idle-gateway-2procs", "idle-gateway-tls", "idle-floor"]:
+    for k in ["idle-gateway", "idle-gateway-2procs", "idle-gateway-tls", "idle-floor", "idle-peer"]:
         r = res.get(k)
         if not r:
             continue
@@ -137,6 +137,9 @@ def report(d, out):
                  f"{f2(r['rss_before_bytes'] / 2**20)} | {f2(r['rss_after_bytes'] / 2**20)} | "
                  f"{f0(r['rss_per_conn_bytes'])} | {ratio(r['rss_per_conn_bytes'], floor)} |")
     g = res.get("idle-gateway")
+    if g and "idle-peer" in res:
+        L += ["", f"Gateway/peer RSS per connection: "
+              f"{ratio(g['rss_per_conn_bytes'], res['idle-peer']['rss_per_conn_bytes'])}."]
     if g:
         met = g["rss_per_conn_bytes"] <= 4096
         L += ["", f"Target ≤ 4 KiB/connection at 15k connections per node: "
@@ -190,6 +193,23 @@ def report(d, out):
               f"Target p99 ≤ 10 ms at half peak with 2 nodes: **{'met' if p99 <= 10 else 'MISSED'}** "
               f"(p99 {f2(p99)} ms at {h['rate']} msg/s × {h['receivers']} subscribers)."]
 
+    peer = sorted((k for k in res if k.startswith("fanout-peer-r")), key=lambda k: res[k]["rate"])
+    if peer:
+        L += ["", "### Against the Socket.IO peer (2 processes, @socket.io/redis-adapter)", "",
+              "Same subscribers and rates as the two-node gateway runs; one peer process bridges "
+              "`gw:ch:*` into `io.to(channel).emit`, the adapter carries it to the other. "
+              "Server-side costs only (both processes' CPU).", "",
+              "| rate (msg/s) | gateway CPU µs/delivery | peer CPU µs/delivery | gateway/peer | gateway p99 ms | peer p99 ms | gateway lost | peer lost |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for k in peer:
+            p_ = res[k]
+            g = res.get(f"fanout-2nodes-r{p_['rate']}")
+            if not g:
+                continue
+            L.append(f"| {p_['rate']} | {f2(g['cpu_per_delivery_us'])} | {f2(p_['cpu_per_delivery_us'])} | "
+                     f"{ratio(g['cpu_per_delivery_us'], p_['cpu_per_delivery_us'])} | {f2(g['latency']['p99_ms'])} | "
+                     f"{f2(p_['latency']['p99_ms'])} | {f0(g['lost'])} | {f0(p_['lost'])} |")
+
     r = res.get("unicast")
     if r:
         lat = r["latency"]
@@ -224,9 +244,10 @@ def report(d, out):
               f"{'yes' if r['keys_back_to_baseline'] else 'NO'} | {'yes' if r['rss_back_to_baseline'] else 'NO'} |"]
 
     L += ["", "## Not measured yet", "",
-          "- The Socket.IO 4 + @socket.io/redis-adapter peer (gateway/peer ratios) is not built yet.",
-          "- Idle and churn over TLS with several processes per address range beyond 2 client "
-          "processes; connect-storm against the floor over TLS."]
+          "- Against the Socket.IO peer: connect storm, unicast and churn (only idle RSS and "
+          "fan-out are compared)." if peer else "- The Socket.IO peer was not installed for this run.",
+          "- Idle with more than 2 client processes (needed beyond ~19,900 connections); churn "
+          "over TLS; connect storm against the floor over TLS."]
     charts = make_charts(res, os.path.join(os.path.dirname(out), "img"))
     L += ["", "## Charts", ""]
     L += [f"![{c}](img/{c}.png)" for c in charts] if charts else [

@@ -41,6 +41,10 @@ pub struct Common {
     /// Bearer token sent with every handshake.
     #[arg(long)]
     pub token: Option<String>,
+    /// Wire protocol: `gateway` (JSON frames) or `eio` (Engine.IO 4 websocket transport with
+    /// Socket.IO packets, to drive the Socket.IO peer: events `subscribe`, `ack`, `message`).
+    #[arg(long, default_value = "gateway")]
+    pub proto: String,
 }
 
 impl Common {
@@ -48,6 +52,10 @@ impl Common {
         Ok(Arc::new(Connector::new(Connector::parse_sources(
             &self.sources,
         )?)?))
+    }
+
+    fn eio(&self) -> bool {
+        self.proto == "eio"
     }
 
     fn rss(&self) -> anyhow::Result<u64> {
@@ -114,10 +122,18 @@ async fn connect_one(
     connector: &Connector,
     target: &Target,
     token: Option<String>,
+    eio: bool,
 ) -> anyhow::Result<Client> {
     let auth = token.map(|t| format!("Bearer {t}"));
     let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
     let mut c = connector.connect(target, &headers).await?;
+    if eio {
+        // Engine.IO open packet "0{...}", then the Socket.IO connect "40" and its answer.
+        eio_expect(&mut c, "0").await?;
+        c.send_text("40").await?;
+        eio_expect(&mut c, "40").await?;
+        return Ok(c);
+    }
     let w = c
         .recv_json(Duration::from_secs(30))
         .await
@@ -128,6 +144,38 @@ async fn connect_one(
     Ok(c)
 }
 
+/// Reads Engine.IO packets (answering pings) until one starts with `prefix`.
+async fn eio_expect(c: &mut Client, prefix: &str) -> anyhow::Result<String> {
+    loop {
+        match c.recv(Duration::from_secs(30)).await? {
+            Received::Text(t) if t == "2" => c.send_text("3").await?,
+            Received::Text(t) if t.starts_with(prefix) => return Ok(t),
+            Received::Text(_) | Received::Binary(_) => {}
+            Received::Close(code, r) => bail!("closed {code} {r}"),
+        }
+    }
+}
+
+/// Subscribes and waits for the ack, in either protocol.
+async fn subscribe(c: &mut Client, channel: &str, eio: bool) -> anyhow::Result<()> {
+    if eio {
+        c.send_text(&format!(r#"42["subscribe",{}]"#, json!(channel)))
+            .await?;
+        eio_expect(c, r#"42["ack""#).await?;
+        return Ok(());
+    }
+    c.send_json(&json!({"type": "subscribe", "channel": channel, "id": 1}))
+        .await?;
+    loop {
+        let v = c.recv_json(Duration::from_secs(30)).await?;
+        match v["type"].as_str() {
+            Some("ack") => return Ok(()),
+            Some("error") => bail!("subscribe refused: {v}"),
+            _ => {}
+        }
+    }
+}
+
 /// Opens `n` connections (connection `i` to `targets[i % len]`), `concurrency` at a time.
 /// Returns the clients by index, the number of failures and the first error.
 async fn open_many(
@@ -136,6 +184,7 @@ async fn open_many(
     n: usize,
     concurrency: usize,
     token: TokenFn,
+    eio: bool,
 ) -> anyhow::Result<(Vec<(usize, Client)>, usize, Option<String>)> {
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut set = JoinSet::new();
@@ -145,7 +194,7 @@ async fn open_many(
         set.spawn(async move {
             let _permit = permit;
             let t = &targets[i % targets.len()];
-            connect_one(&connector, t, token(i))
+            connect_one(&connector, t, token(i), eio)
                 .await
                 .map(|c| (i, c))
                 .map_err(|e| format!("connection {i}: {e:#}"))
@@ -182,6 +231,9 @@ async fn hold(mut c: Client) -> u64 {
     loop {
         match c.recv(Duration::from_secs(86_400)).await {
             Ok(Received::Close(..)) | Err(_) => return 1,
+            Ok(Received::Text(t)) if t == "2" => {
+                let _ = c.send_text("3").await;
+            }
             Ok(_) => {}
         }
     }
@@ -218,6 +270,7 @@ pub async fn idle_worker(a: IdleArgs) -> anyhow::Result<()> {
         a.n,
         a.common.concurrency,
         fixed_token(a.common.token.clone()),
+        a.common.eio(),
     )
     .await?;
     if let Some(e) = err {
@@ -255,6 +308,7 @@ pub async fn idle(a: IdleArgs) -> anyhow::Result<()> {
             a.n,
             c.concurrency,
             fixed_token(c.token.clone()),
+            c.eio(),
         )
         .await?;
         if let Some(e) = err {
@@ -292,6 +346,8 @@ pub async fn idle(a: IdleArgs) -> anyhow::Result<()> {
                 .arg(mine.join(","))
                 .arg("--concurrency")
                 .arg(c.concurrency.to_string())
+                .arg("--proto")
+                .arg(&c.proto)
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped());
             if let Some(tok) = &c.token {
@@ -442,6 +498,10 @@ async fn receive(mut c: Client, kind: &'static str, idle: Duration) -> anyhow::R
     loop {
         match c.recv(idle).await {
             Ok(Received::Text(t)) => {
+                if t == "2" {
+                    let _ = c.send_text("3").await;
+                    continue;
+                }
                 if !t.contains(kind) {
                     continue;
                 }
@@ -562,6 +622,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         a.s,
         c.concurrency,
         fixed_token(c.token.clone()),
+        c.eio(),
     )
     .await?;
     if let Some(e) = err {
@@ -573,17 +634,9 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     let mut set = JoinSet::new();
     for (_, mut cl) in clients {
         let (ch, ready) = (a.channel.clone(), ready_tx.clone());
+        let eio = c.eio();
         set.spawn(async move {
-            cl.send_json(&json!({"type": "subscribe", "channel": ch, "id": 1}))
-                .await?;
-            loop {
-                let v = cl.recv_json(Duration::from_secs(30)).await?;
-                match v["type"].as_str() {
-                    Some("ack") => break,
-                    Some("error") => bail!("subscribe refused: {v}"),
-                    _ => {}
-                }
-            }
+            subscribe(&mut cl, &ch, eio).await?;
             let _ = ready.send(()).await;
             receive(cl, "\"message\"", idle).await
         });
@@ -646,7 +699,7 @@ pub async fn unicast(a: UnicastArgs) -> anyhow::Result<()> {
     let token: TokenFn =
         Arc::new(move |i| mint(Some(&secret), None, &format!("bench-u{i}"), 3600).ok());
     let (clients, failed, err) =
-        open_many(c.connector()?, t, a.users, c.concurrency, token).await?;
+        open_many(c.connector()?, t, a.users, c.concurrency, token, false).await?;
     if let Some(e) = err {
         bail!("{failed} users failed to connect; first: {e}");
     }
@@ -723,6 +776,7 @@ pub async fn connect_storm(a: StormArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut set = JoinSet::new();
     for _ in 0..c.concurrency.max(1).min(a.n.max(1)) {
+        let eio = c.eio();
         let (t, connector, next, failed, token, n) = (
             t.clone(),
             connector.clone(),
@@ -736,7 +790,7 @@ pub async fn connect_storm(a: StormArgs) -> anyhow::Result<()> {
             let mut first_err = None;
             while next.fetch_add(1, Ordering::Relaxed) < n {
                 let t0 = Instant::now();
-                match connect_one(&connector, &t, token.clone()).await {
+                match connect_one(&connector, &t, token.clone(), eio).await {
                     Ok(mut cl) => {
                         let _ = hist.record((t0.elapsed().as_micros() as u64).max(1));
                         let _ = cl.close(1000, "").await;
@@ -839,7 +893,7 @@ async fn churn_cycles(
     let k = Arc::new(AtomicUsize::new(0));
     let mut set = JoinSet::new();
     for _ in 0..c.concurrency.max(1) {
-        let (t, connector, k) = (t.clone(), connector.clone(), k.clone());
+        let (t, connector, k, eio) = (t.clone(), connector.clone(), k.clone(), c.eio());
         let (secret, token, users, channels) = (
             a.jwt_secret.clone(),
             c.token.clone(),
@@ -855,18 +909,8 @@ async fn churn_cycles(
                     None => token.clone(),
                 };
                 let cycle = async {
-                    let mut cl = connect_one(&connector, &t, tok).await?;
-                    cl.send_json(&json!({"type": "subscribe", "channel": format!("churn:{}", i % channels), "id": 1}))
-                        .await?;
-                    loop {
-                        let v = cl.recv_json(Duration::from_secs(10)).await?;
-                        if v["type"] == "ack" {
-                            break;
-                        }
-                        if v["type"] == "error" {
-                            bail!("subscribe refused: {v}");
-                        }
-                    }
+                    let mut cl = connect_one(&connector, &t, tok, eio).await?;
+                    subscribe(&mut cl, &format!("churn:{}", i % channels), eio).await?;
                     cl.close(1000, "").await?;
                     let _ = cl.recv_close(Duration::from_secs(2)).await;
                     Ok::<_, anyhow::Error>(())
