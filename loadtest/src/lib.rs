@@ -2,5 +2,12 @@
 //! tests and benchmarks speak to the gateway through the same client.
 //!
 //! - [`client`]: a WebSocket client on fastwebsockets with JSON helpers.
+//! - [`net`]: `ws://`/`wss://` targets, source-address spreading, a TLS client for
+//!   self-signed benchmark certificates.
+//! - [`stats`]: server RSS and CPU from /proc, latency histograms.
+//! - [`scenarios`]: idle, fanout, unicast, connect-storm, churn.
 
 pub mod client;
+pub mod net;
+pub mod scenarios;
+pub mod stats;

@@ -1,13 +1,16 @@
-//! `loadtest`: client tools for the gateway.
+//! `loadtest`: client tools and load scenarios for the gateway.
 //!
 //! - `listen URL CHANNEL...`: subscribe and print every frame (a manual test client).
-//! - `idle URL -n N`: open N connections, wait for each welcome, hold them for `--hold-secs`.
+//! - `idle`, `fanout`, `unicast`, `connect-storm`, `churn`: load scenarios (see
+//!   `loadtest::scenarios`); each prints a summary and writes JSON with `--json FILE`.
+//! - `token`: mint an HS256 or RS256 token for benchmarks.
 
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use loadtest::client::{Client, Received};
+use loadtest::scenarios::{self, ChurnArgs, FanoutArgs, IdleArgs, StormArgs, UnicastArgs};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -24,13 +27,29 @@ struct Cli {
 enum Cmd {
     /// Subscribe to channels and print every frame received.
     Listen { url: String, channels: Vec<String> },
-    /// Open N connections and hold them idle.
-    Idle {
-        url: String,
-        #[arg(short, default_value_t = 100)]
-        n: usize,
-        #[arg(long, default_value_t = 10)]
-        hold_secs: u64,
+    /// Open N connections, hold them, and report the server's RSS per connection.
+    Idle(IdleArgs),
+    /// (internal) One client process of `idle --procs`.
+    #[command(hide = true)]
+    IdleWorker(IdleArgs),
+    /// Subscribers on one channel over one or more nodes, a publisher on Redis.
+    Fanout(FanoutArgs),
+    /// Messages to users through FCALL gw_send_user.
+    Unicast(UnicastArgs),
+    /// Handshakes per second and server CPU per handshake.
+    ConnectStorm(StormArgs),
+    /// Connect/subscribe/disconnect cycles; RSS and Redis keys must come back to baseline.
+    Churn(ChurnArgs),
+    /// Print a token for `sub`.
+    Token {
+        #[arg(long)]
+        hs256_secret: Option<String>,
+        #[arg(long)]
+        rs256_key: Option<PathBuf>,
+        #[arg(long, default_value = "bench-user")]
+        sub: String,
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: u64,
     },
 }
 
@@ -38,7 +57,27 @@ enum Cmd {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Listen { url, channels } => listen(&url, &channels).await,
-        Cmd::Idle { url, n, hold_secs } => idle(&url, n, hold_secs).await,
+        Cmd::Idle(a) => scenarios::idle(a).await,
+        Cmd::IdleWorker(a) => scenarios::idle_worker(a).await,
+        Cmd::Fanout(a) => scenarios::fanout(a).await,
+        Cmd::Unicast(a) => scenarios::unicast(a).await,
+        Cmd::ConnectStorm(a) => scenarios::connect_storm(a).await,
+        Cmd::Churn(a) => scenarios::churn(a).await,
+        Cmd::Token {
+            hs256_secret,
+            rs256_key,
+            sub,
+            ttl_secs,
+        } => {
+            let t = scenarios::mint(
+                hs256_secret.as_deref(),
+                rs256_key.as_deref(),
+                &sub,
+                ttl_secs,
+            )?;
+            println!("{t}");
+            Ok(())
+        }
     }
 }
 
@@ -58,25 +97,4 @@ async fn listen(url: &str, channels: &[String]) -> anyhow::Result<()> {
             Received::Binary(b) => println!("<{} binary bytes>", b.len()),
         }
     }
-}
-
-async fn idle(url: &str, n: usize, hold_secs: u64) -> anyhow::Result<()> {
-    let start = Instant::now();
-    let mut conns = Vec::with_capacity(n);
-    for i in 0..n {
-        let mut c = Client::connect(url)
-            .await
-            .with_context(|| format!("connection {i}"))?;
-        c.recv_json(Duration::from_secs(10))
-            .await
-            .context("welcome")?;
-        conns.push(c);
-    }
-    let took = start.elapsed();
-    println!(
-        "{}",
-        json!({"scenario": "idle", "connections": n, "connect_secs": took.as_secs_f64()})
-    );
-    tokio::time::sleep(Duration::from_secs(hold_secs)).await;
-    Ok(())
 }

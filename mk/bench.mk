@@ -1,0 +1,29 @@
+# Benchmarks (scripts/bench.sh): `make bench-smoke` (seconds, debug build, every scenario end
+# to end, JSON checked) and `make bench` (release, < 15 min, writes docs/benchmarks.md).
+.PHONY: bench bench-smoke bench-tools bench-peer
+
+BENCH_VENV := .tools/bench-venv
+
+bench-smoke:
+	bash scripts/bench.sh smoke
+
+bench: bench-tools bench-peer
+	bash scripts/bench.sh full
+
+## matplotlib for the charts, from PyPI into .tools/; charts are skipped if this fails.
+bench-tools: $(BENCH_VENV)/.ok
+
+$(BENCH_VENV)/.ok:
+	@mkdir -p .tools
+	@if python3 -m venv $(BENCH_VENV) && $(BENCH_VENV)/bin/pip install -q matplotlib; then \
+		touch $@; \
+	else \
+		echo "matplotlib could not be installed: charts will be skipped"; \
+	fi
+
+## The Socket.IO peer's packages, from npm into bench/peer/node_modules (ignored).
+bench-peer: bench/peer/node_modules/.package-lock.json
+
+bench/peer/node_modules/.package-lock.json: bench/peer/package.json bench/peer/package-lock.json
+	cd bench/peer && npm ci --no-audit --no-fund
+	touch $@

@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# Benchmark suite: the gateway against the floor (loadtest/examples/floor.rs).
+#
+#   scripts/bench.sh smoke   a few seconds, debug build, tiny sizes: every scenario end to end,
+#                            JSON outputs checked (well-formed, non-zero). `make bench-smoke`.
+#   scripts/bench.sh full    release build, moderate sizes (< 15 min); writes
+#                            docs/bench-results/*.json and docs/benchmarks.md. `make bench`.
+#
+# Everything runs on loopback: a private Redis on a free port (never 6379), gateway nodes and
+# the floor on free ports, load from 127.0.0.x source addresses. Stops by itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+MODE=${1:-smoke}
+CARGO=${CARGO:-cargo}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+export RUST_LOG=${RUST_LOG:-warn}
+PY=python3
+[ -x .tools/bench-venv/bin/python ] && PY=.tools/bench-venv/bin/python
+
+case "$MODE" in
+  smoke)
+    PROFILE=debug; BUILD_FLAGS=()
+    IDLE_N=60; IDLE_TLS_N=30; IDLE_PROCS_N=60
+    FAN_S=20; FAN_RATES="50"; FAN_SECS=2
+    STORM_N=200; STORM_TLS_N=60
+    UNI_USERS=20; UNI_RATE=100; UNI_SECS=2
+    CHURN_SECS=3
+    OUT=$(mktemp -d)/results ;;
+  full)
+    PROFILE=release; BUILD_FLAGS=(--release)
+    IDLE_N=${IDLE_N:-15000}; IDLE_TLS_N=${IDLE_TLS_N:-5000}; IDLE_PROCS_N=$IDLE_N
+    FAN_S=${FAN_S:-1000}; FAN_RATES=${FAN_RATES:-"50 100 200 400"}; FAN_SECS=${FAN_SECS:-5}
+    STORM_N=${STORM_N:-5000}; STORM_TLS_N=${STORM_TLS_N:-2000}
+    UNI_USERS=${UNI_USERS:-2000}; UNI_RATE=${UNI_RATE:-5000}; UNI_SECS=${UNI_SECS:-5}
+    CHURN_SECS=${CHURN_SECS:-30}
+    OUT=$ROOT/docs/bench-results ;;
+  *) echo "usage: $0 smoke|full" >&2; exit 2 ;;
+esac
+
+WORK=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+log() { printf '\n== %s\n' "$*"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "nothing listens on port $1" >&2; return 1
+}
+
+log "building ($PROFILE)"
+$CARGO build -q "${BUILD_FLAGS[@]}" -p gateway --bin gateway
+$CARGO build -q "${BUILD_FLAGS[@]}" -p loadtest --bin loadtest --example floor
+# Private copies: the target directory may be shared with other builds.
+mkdir -p "$WORK/bin"
+cp "$CARGO_TARGET_DIR/$PROFILE/gateway" "$CARGO_TARGET_DIR/$PROFILE/loadtest" \
+   "$CARGO_TARGET_DIR/$PROFILE/examples/floor" "$WORK/bin/"
+GW=$WORK/bin/gateway; LT=$WORK/bin/loadtest; FLOOR=$WORK/bin/floor
+rm -rf "$OUT"; mkdir -p "$OUT"
+
+# Keys: TLS certificate for 127.0.0.1, an RSA key pair for RS256 tokens, an HS256 secret.
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 \
+  -addext subjectAltName=IP:127.0.0.1 -keyout "$WORK/tls.key" -out "$WORK/tls.crt" 2>/dev/null
+openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$WORK/jwt.key" 2>/dev/null
+openssl pkey -in "$WORK/jwt.key" -pubout -out "$WORK/jwt.pub" 2>/dev/null
+SECRET=bench-secret-bench-secret-bench-secret-0123
+HS_TOKEN=$("$LT" token --hs256-secret "$SECRET" --sub bench-hs)
+RS_TOKEN=$("$LT" token --rs256-key "$WORK/jwt.key" --sub bench-rs)
+
+REDIS_PORT=$(free_port)
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+  >"$WORK/redis.log" 2>&1 &
+pids+=($!)
+wait_port "$REDIS_PORT"
+REDIS=redis://127.0.0.1:$REDIS_PORT
+
+# start_gateway NAME [extra flags...]: sets GW_PID and GW_PORT.
+start_gateway() {
+  local name=$1; shift
+  GW_PORT=$(free_port); local admin; admin=$(free_port)
+  "$GW" --node-id "$name" --listen "127.0.0.1:$GW_PORT" --admin-listen "127.0.0.1:$admin" \
+    --redis-url "$REDIS" --allow-anonymous --jwt-secret "$SECRET" \
+    --jwt-public-key "$WORK/jwt.pub" --handshake-rate-per-ip 0 --message-rate 0 \
+    --max-connections 200000 --rebalance false --pre-stop-delay-ms 0 "$@" >>"$WORK/$name.log" 2>&1 &
+  GW_PID=$!
+  pids+=("$GW_PID")
+  wait_port "$GW_PORT"
+}
+start_floor() {
+  FL_PORT=$(free_port)
+  "$FLOOR" "127.0.0.1:$FL_PORT" "$REDIS" >>"$WORK/floor.log" 2>&1 &
+  FL_PID=$!
+  pids+=("$FL_PID")
+  wait_port "$FL_PORT"
+}
+stop() { for p in "$@"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
+TLS=(--tls-cert "$WORK/tls.crt" --tls-key "$WORK/tls.key")
+SRC=127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5
+
+log "idle"
+start_gateway gw-idle
+"$LT" idle "ws://127.0.0.1:$GW_PORT/ws" -n "$IDLE_N" --pid "$GW_PID" --sources "$SRC" \
+  --label gateway --json "$OUT/idle-gateway.json"
+stop "$GW_PID"
+start_floor
+"$LT" idle "ws://127.0.0.1:$FL_PORT/ws" -n "$IDLE_N" --pid "$FL_PID" --sources "$SRC" \
+  --label floor --json "$OUT/idle-floor.json"
+stop "$FL_PID"
+start_gateway gw-idle-tls "${TLS[@]}"
+"$LT" idle "wss://127.0.0.1:$GW_PORT/ws" -n "$IDLE_TLS_N" --pid "$GW_PID" --sources "$SRC" \
+  --label gateway-tls --json "$OUT/idle-gateway-tls.json"
+stop "$GW_PID"
+start_gateway gw-idle-procs
+"$LT" idle "ws://127.0.0.1:$GW_PORT/ws" -n "$IDLE_PROCS_N" --procs 2 --pid "$GW_PID" \
+  --sources "$SRC" --label gateway-2procs --json "$OUT/idle-gateway-2procs.json"
+stop "$GW_PID"
+
+log "fanout"
+# One gateway node and the floor at the same rates (CPU per delivery), then two nodes.
+start_gateway gw-fan-1
+start_floor
+for r in $FAN_RATES; do
+  "$LT" fanout --url "ws://127.0.0.1:$GW_PORT/ws" -s "$FAN_S" --rate "$r" \
+    --duration-secs "$FAN_SECS" --redis-url "$REDIS" --pid "$GW_PID" --sources "$SRC" \
+    --channel "bench-g$r" --label gateway --json "$OUT/fanout-gateway-r$r.json"
+  "$LT" fanout --url "ws://127.0.0.1:$FL_PORT/ws" -s "$FAN_S" --rate "$r" \
+    --duration-secs "$FAN_SECS" --redis-url "$REDIS" --pid "$FL_PID" --sources "$SRC" \
+    --channel "bench-f$r" --label floor --json "$OUT/fanout-floor-r$r.json"
+done
+stop "$GW_PID" "$FL_PID"
+start_gateway gw-fan-a; A_PID=$GW_PID; A_PORT=$GW_PORT
+start_gateway gw-fan-b; B_PID=$GW_PID; B_PORT=$GW_PORT
+for r in $FAN_RATES; do
+  "$LT" fanout --url "ws://127.0.0.1:$A_PORT/ws" --url "ws://127.0.0.1:$B_PORT/ws" \
+    -s "$FAN_S" --rate "$r" --duration-secs "$FAN_SECS" --redis-url "$REDIS" \
+    --pid "$A_PID" --pid "$B_PID" --sources "$SRC" --channel "bench-2n$r" \
+    --label gateway-2nodes --json "$OUT/fanout-2nodes-r$r.json"
+done
+# Half the peak: the best delivered rate of the ramp, halved, as a message rate.
+HALF=$("$PY" scripts/bench_report.py half-peak "$OUT" "$FAN_S")
+"$LT" fanout --url "ws://127.0.0.1:$A_PORT/ws" --url "ws://127.0.0.1:$B_PORT/ws" \
+  -s "$FAN_S" --rate "$HALF" --duration-secs "$FAN_SECS" --redis-url "$REDIS" \
+  --pid "$A_PID" --pid "$B_PID" --sources "$SRC" --channel bench-half \
+  --label gateway-2nodes-half-peak --json "$OUT/fanout-2nodes-half.json"
+
+log "unicast"
+"$LT" unicast --url "ws://127.0.0.1:$A_PORT/ws" --url "ws://127.0.0.1:$B_PORT/ws" \
+  --users "$UNI_USERS" --jwt-secret "$SECRET" --rate "$UNI_RATE" --duration-secs "$UNI_SECS" \
+  --redis-url "$REDIS" --pid "$A_PID" --pid "$B_PID" --sources "$SRC" \
+  --label gateway-2nodes --json "$OUT/unicast.json"
+stop "$A_PID" "$B_PID"
+
+log "connect-storm"
+start_gateway gw-storm "${TLS[@]}"; TLS_PID=$GW_PID; TLS_PORT=$GW_PORT
+start_gateway gw-storm-plain
+"$LT" connect-storm "ws://127.0.0.1:$GW_PORT/ws" -n "$STORM_N" --concurrency 50 \
+  --pid "$GW_PID" --sources "$SRC" --label plain --json "$OUT/storm-plain.json"
+"$LT" connect-storm "wss://127.0.0.1:$TLS_PORT/ws" -n "$STORM_TLS_N" --concurrency 50 \
+  --pid "$TLS_PID" --sources "$SRC" --label tls --json "$OUT/storm-tls.json"
+"$LT" connect-storm "wss://127.0.0.1:$TLS_PORT/ws" -n "$STORM_TLS_N" --concurrency 50 \
+  --pid "$TLS_PID" --sources "$SRC" --token "$HS_TOKEN" --label tls-hs256 \
+  --json "$OUT/storm-tls-hs256.json"
+"$LT" connect-storm "wss://127.0.0.1:$TLS_PORT/ws" -n "$STORM_TLS_N" --concurrency 50 \
+  --pid "$TLS_PID" --sources "$SRC" --token "$RS_TOKEN" --label tls-rs256 \
+  --json "$OUT/storm-tls-rs256.json"
+stop "$GW_PID" "$TLS_PID"
+start_floor
+"$LT" connect-storm "ws://127.0.0.1:$FL_PORT/ws" -n "$STORM_N" --concurrency 50 \
+  --pid "$FL_PID" --sources "$SRC" --label floor --json "$OUT/storm-floor.json"
+stop "$FL_PID"
+
+# The Socket.IO peer (bench/peer, installed by `make bench-peer`): skipped when not installed.
+if [ -d bench/peer/node_modules ] && command -v node >/dev/null; then
+  log "peer (Socket.IO 4 + redis-adapter)"
+  start_peer() {
+    PEER_PORT=$(free_port)
+    node bench/peer/server.js "$PEER_PORT" "$REDIS" "$@" >>"$WORK/peer.log" 2>&1 &
+    PEER_PID=$!
+    pids+=("$PEER_PID")
+    wait_port "$PEER_PORT"
+  }
+  EIO=/socket.io/?EIO=4\&transport=websocket
+  start_peer
+  "$LT" idle "ws://127.0.0.1:$PEER_PORT$EIO" -n "$IDLE_N" --pid "$PEER_PID" --sources "$SRC" \
+    --proto eio --label peer --json "$OUT/idle-peer.json"
+  stop "$PEER_PID"
+  start_peer bridge; PA_PID=$PEER_PID; PA_PORT=$PEER_PORT
+  start_peer; PB_PID=$PEER_PID; PB_PORT=$PEER_PORT
+  for r in $FAN_RATES; do
+    "$LT" fanout --url "ws://127.0.0.1:$PA_PORT$EIO" --url "ws://127.0.0.1:$PB_PORT$EIO" \
+      -s "$FAN_S" --rate "$r" --duration-secs "$FAN_SECS" --redis-url "$REDIS" \
+      --pid "$PA_PID" --pid "$PB_PID" --sources "$SRC" --channel "bench-p$r" --proto eio \
+      --label peer-2procs --json "$OUT/fanout-peer-r$r.json"
+  done
+  stop "$PA_PID" "$PB_PID"
+else
+  log "peer skipped: run make bench-peer (npm) to install bench/peer"
+fi
+
+log "churn"
+start_gateway gw-churn
+"$LT" churn "ws://127.0.0.1:$GW_PORT/ws" --duration-secs "$CHURN_SECS" --concurrency 50 \
+  --redis-url "$REDIS" --jwt-secret "$SECRET" --pid "$GW_PID" --sources "$SRC" \
+  --label gateway-jwt --json "$OUT/churn.json"
+stop "$GW_PID"
+
+log "checking the JSON outputs"
+"$PY" scripts/bench_report.py check "$OUT"
+if [ "$MODE" = full ]; then
+  "$PY" scripts/bench_report.py report "$OUT" docs/benchmarks.md
+  echo "wrote docs/benchmarks.md"
+fi
