@@ -14,7 +14,7 @@ run:
 		--listen 127.0.0.1:8080 --admin-listen 127.0.0.1:9090
 
 ## Everything CI runs: install what is missing, lint, Rust tests, browser test.
-test: deps lint unit e2e k8s-check
+test: deps lint unit e2e bench-smoke k8s-check
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -62,3 +62,6 @@ check-config:
 
 # Kubernetes packaging: k8s-tools, k8s-check, image.
 include mk/k8s.mk
+
+# Load generator scenarios and benchmarks: bench-smoke (in make test), bench.
+include mk/bench.mk

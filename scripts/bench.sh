@@ -58,7 +58,8 @@ wait_port() {
 }
 
 log "building ($PROFILE)"
-$CARGO build -q "${BUILD_FLAGS[@]}" -p gateway --bin gateway
+# The container image's features, so that `make test` reuses its one build.
+$CARGO build -q "${BUILD_FLAGS[@]}" -p gateway --bin gateway --features "${GATEWAY_FEATURES:-kube,otlp}"
 $CARGO build -q "${BUILD_FLAGS[@]}" -p loadtest --bin loadtest --example floor
 # Private copies: the target directory may be shared with other builds.
 mkdir -p "$WORK/bin"
