@@ -200,7 +200,9 @@ async fn drain(node: &Arc<Node>) {
             (total as f64 * started.elapsed().as_secs_f64() / spread.as_secs_f64()).ceil() as usize
         };
         if due > closed {
-            let max_hint = node.config.drain_window_ms.max(1_000);
+            // The closes are already spread over the window; the hint only has to keep
+            // the clients closed in one tick from reconnecting in the same instant.
+            let max_hint = node.config.drain_window_ms.clamp(1_000, 5_000);
             closed += node.directory.close_oldest(due - closed, || {
                 crate::error::CloseReason::Restart(crate::directory::jittered_ms(500, max_hint))
             });
