@@ -266,6 +266,9 @@ def report(d, out):
           "fan-out are compared)." if peer else "- The Socket.IO peer was not installed for this run.",
           "- Idle with more than 2 client processes (needed beyond ~19,900 connections); churn "
           "over TLS; connect storm against the floor over TLS."]
+    L += ["", "## Profiles and fixes", "",
+          "Where a target was missed, what the profile showed and what changed: "
+          "[profiling.md](profiling.md)."]
     charts = make_charts(res, os.path.join(os.path.dirname(out), "img"))
     L += ["", "## Charts", ""]
     L += [f"![{c}](img/{c}.png)" for c in charts] if charts else [

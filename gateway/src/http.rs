@@ -306,6 +306,30 @@ struct Conn {
     identity: Option<Identity>,
 }
 
+/// After the socket closed: unsubscribe, leave the directory, append `disconnect`.
+async fn cleanup(
+    node: &Node,
+    id: ConnId,
+    conn_id: &str,
+    user_id: Option<&str>,
+    subs: &crate::session::Subscriptions,
+    reason: &CloseReason,
+) {
+    let channels: Vec<String> = subs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain()
+        .collect();
+    for channel in channels {
+        let _ = node.hub.unsubscribe(&channel, id).await;
+    }
+    node.directory.remove(conn_id).await;
+    let close = serde_json::json!({"code": reason.code(), "reason": reason.label()}).to_string();
+    node.inbound
+        .lifecycle(Event::Disconnect, conn_id, user_id, &close)
+        .await;
+}
+
 /// Runs one WebSocket connection from welcome to cleanup.
 async fn run_connection<S>(node: Arc<Node>, conn: Conn, io: S)
 where
@@ -323,9 +347,13 @@ where
         .as_ref()
         .map(|i| Arc::new(TokenClock::new(i.exp, node.config.token_grace())));
     let user_id = identity.as_ref().map(|i| i.user_id.clone());
-    node.inbound
-        .lifecycle(Event::Connect, &conn_id, user_id.as_deref(), "")
-        .await;
+    // Futures that run once per connection (Redis calls) are boxed: inline, their state
+    // would be reserved in every idle connection's task for its whole life.
+    Box::pin(
+        node.inbound
+            .lifecycle(Event::Connect, &conn_id, user_id.as_deref(), ""),
+    )
+    .await;
     let session = Session::new(
         id,
         conn_id.clone(),
@@ -352,19 +380,15 @@ where
     )
     .await;
 
-    let channels: Vec<String> = subs
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .drain()
-        .collect();
-    for channel in channels {
-        let _ = node.hub.unsubscribe(&channel, id).await;
-    }
-    node.directory.remove(&conn_id).await;
-    let close = serde_json::json!({"code": reason.code(), "reason": reason.label()}).to_string();
-    node.inbound
-        .lifecycle(Event::Disconnect, &conn_id, user_id.as_deref(), &close)
-        .await;
+    Box::pin(cleanup(
+        &node,
+        id,
+        &conn_id,
+        user_id.as_deref(),
+        &subs,
+        &reason,
+    ))
+    .await;
     let (label, blame) = (reason.label(), reason.blame());
     if let CloseReason::Protocol(kind) = &reason {
         node.metrics

@@ -245,12 +245,17 @@ async fn write_batch<W: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     let io = async {
         while !batch.is_empty() {
-            let mut slices = [IoSlice::new(&[]); 64];
-            let n = batch.len().min(slices.len());
-            for (slot, frame) in slices.iter_mut().zip(batch.iter()) {
-                *slot = IoSlice::new(frame);
-            }
-            let mut written = w.write_vectored(&slices[..n]).await?;
+            // The slices live only inside each poll, not across the await, so they take no
+            // room in the connection's task while it is idle.
+            let mut written = std::future::poll_fn(|cx| {
+                let mut slices = [IoSlice::new(&[]); 64];
+                let n = batch.len().min(slices.len());
+                for (slot, frame) in slices.iter_mut().zip(batch.iter()) {
+                    *slot = IoSlice::new(frame);
+                }
+                std::pin::Pin::new(&mut *w).poll_write_vectored(cx, &slices[..n])
+            })
+            .await?;
             if written == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
@@ -353,8 +358,10 @@ async fn read_loop<R, H>(
             // Once the writer is closing, messages are read (to reach the peer's close
             // frame) but no longer handled.
             _ if outbound.is_closing() => Ok(()),
+            // Boxed: a request's future (hub and Redis calls) is large and short-lived;
+            // inline, it would be reserved in every idle connection's reader task.
             Some((OpCode::Text, bytes)) => match String::from_utf8(bytes) {
-                Ok(text) => handler.on_text(text).await,
+                Ok(text) => Box::pin(handler.on_text(text)).await,
                 Err(_) => Err(CloseReason::InvalidUtf8),
             },
             Some((_, bytes)) => handler.on_binary(bytes).await,
