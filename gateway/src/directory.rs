@@ -107,6 +107,14 @@ pub struct Directory {
     metrics: Arc<Metrics>,
 }
 
+/// A Redis command from the argument list of a `shared::backend` call, so that the
+/// gateway and Rust backends use the same function names.
+fn command(args: [&str; 5]) -> redis::Cmd {
+    let mut cmd = redis::cmd(args[0]);
+    cmd.arg(&args[1..]);
+    cmd
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -319,9 +327,9 @@ impl Directory {
         self.count("send_user");
         match &self.redis {
             Some(redis) => {
-                let mut cmd = redis::cmd("FCALL");
-                cmd.arg("gw_send_user").arg(1).arg(user).arg(data);
-                redis.call("send_user", cmd).await
+                redis
+                    .call("send_user", command(shared::backend::send_user(user, data)))
+                    .await
             }
             None => {
                 let conns: Vec<String> = self
@@ -340,9 +348,9 @@ impl Directory {
         self.count("send_conn");
         match &self.redis {
             Some(redis) => {
-                let mut cmd = redis::cmd("FCALL");
-                cmd.arg("gw_send_conn").arg(1).arg(conn).arg(data);
-                redis.call("send_conn", cmd).await
+                redis
+                    .call("send_conn", command(shared::backend::send_conn(conn, data)))
+                    .await
             }
             None => Ok(self.deliver(std::iter::once(conn), data)),
         }

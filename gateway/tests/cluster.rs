@@ -9,9 +9,9 @@ mod common;
 
 use std::time::Duration;
 
+use common::process::GatewayProcess;
 use common::redis_server::RedisServer;
 use common::*;
-use jsonwebtoken::{EncodingKey, Header};
 use loadtest::client::Client;
 use redis::AsyncCommands;
 use serde_json::{json, Value};
@@ -31,19 +31,9 @@ fn cluster_config(redis: &RedisServer, node_id: &str) -> gateway::Config {
     }
 }
 
-fn token(sub: &str) -> String {
-    let claims = json!({"sub": sub, "exp": gateway::auth::unix_now() + 600});
-    jsonwebtoken::encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
-}
-
 /// A client of `user` on `node`; returns it and its conn_id.
 async fn user_client(node: &TestNode, user: &str) -> (Client, String) {
-    let auth = format!("Bearer {}", token(user));
+    let auth = format!("Bearer {}", user_token(SECRET, user));
     let mut c = Client::connect_with(&node.url(), &[("Authorization", &auth)])
         .await
         .expect("connect");
@@ -134,14 +124,12 @@ async fn unicast_reaches_a_users_connections_on_every_node() {
 
     // a backend: one FCALL, any Redis client
     let mut backend = redis.client().await;
-    let reached: i64 = redis::cmd("FCALL")
-        .arg("gw_send_user")
-        .arg(1)
-        .arg("alice")
-        .arg(r#"{"n":1}"#)
-        .query_async(&mut backend)
-        .await
-        .unwrap();
+    let reached: i64 = fcall(
+        &mut backend,
+        shared::backend::send_user("alice", r#"{"n":1}"#),
+    )
+    .await
+    .unwrap();
     assert_eq!(reached, 2);
     for cl in [&mut on_a, &mut on_b] {
         assert_eq!(
@@ -150,32 +138,23 @@ async fn unicast_reaches_a_users_connections_on_every_node() {
         );
     }
     quiet(&mut bob).await;
-    let one: i64 = redis::cmd("FCALL")
-        .arg("gw_send_conn")
-        .arg(1)
-        .arg(&conn_b)
-        .arg(r#""just b""#)
-        .query_async(&mut backend)
-        .await
-        .unwrap();
+    let one: i64 = fcall(
+        &mut backend,
+        shared::backend::send_conn(&conn_b, r#""just b""#),
+    )
+    .await
+    .unwrap();
     assert_eq!(one, 1);
     assert_eq!(on_b.recv_json(T).await.unwrap()["data"], "just b");
-    let none: i64 = redis::cmd("FCALL")
-        .arg("gw_send_conn")
-        .arg(1)
-        .arg("no-such-conn")
-        .arg("1")
-        .query_async(&mut backend)
-        .await
-        .unwrap();
+    let none: i64 = fcall(
+        &mut backend,
+        shared::backend::send_conn("no-such-conn", "1"),
+    )
+    .await
+    .unwrap();
     assert_eq!(none, 0);
-    let bad: redis::RedisResult<i64> = redis::cmd("FCALL")
-        .arg("gw_send_user")
-        .arg(1)
-        .arg("alice")
-        .arg("{oops")
-        .query_async(&mut backend)
-        .await;
+    let bad: redis::RedisResult<i64> =
+        fcall(&mut backend, shared::backend::send_user("alice", "{oops")).await;
     assert!(bad.is_err(), "non-JSON is refused by the function");
 
     // the admin API on a third node
@@ -252,7 +231,7 @@ async fn per_user_cap_holds_across_nodes() {
     let b = start(capped("b")).await;
     let (mut first, _) = user_client(&a, "carol").await;
     let (_second, _) = user_client(&b, "carol").await;
-    let auth = format!("Bearer {}", token("carol"));
+    let auth = format!("Bearer {}", user_token(SECRET, "carol"));
     let (status, body) = http(
         a.addr,
         "GET",
@@ -271,16 +250,7 @@ async fn per_user_cap_holds_across_nodes() {
     // a slot frees up when a connection closes
     first.close(1000, "bye").await.unwrap();
     first.recv_close(T).await.unwrap();
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        match Client::connect_with(&a.url(), &[("Authorization", &auth)]).await {
-            Ok(_) => break,
-            Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(e) => panic!("cap never released: {e}"),
-        }
-    }
+    connect_eventually(&a.url(), &[("Authorization", &auth)]).await;
     assert!(a
         .metrics()
         .await
@@ -334,13 +304,11 @@ async fn redis_restart_is_survived_without_node_restarts() {
     let mut backend = redis.client().await;
     let deadline = tokio::time::Instant::now() + T;
     loop {
-        let reached: redis::RedisResult<i64> = redis::cmd("FCALL")
-            .arg("gw_send_user")
-            .arg(1)
-            .arg("alice")
-            .arg(r#""back""#)
-            .query_async(&mut backend)
-            .await;
+        let reached: redis::RedisResult<i64> = fcall(
+            &mut backend,
+            shared::backend::send_user("alice", r#""back""#),
+        )
+        .await;
         if reached == Ok(1) {
             break;
         }
@@ -359,30 +327,24 @@ async fn redis_restart_is_survived_without_node_restarts() {
 async fn a_killed_node_vanishes_from_routing_within_the_ttl() {
     let redis = RedisServer::start().await;
     let survivor = start(cluster_config(&redis, "survivor")).await;
-    let port = common::redis_server::free_port();
-    let admin_port = common::redis_server::free_port();
-    let mut doomed = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-        .args(["--node-id", "doomed", "--redis-url", &redis.url()])
-        .args(["--jwt-secret", SECRET])
-        .args(["--node-heartbeat-ms", "200", "--node-ttl-ms", "1000"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("ws://127.0.0.1:{port}/ws");
-    let auth = format!("Bearer {}", token("erin"));
-    let deadline = tokio::time::Instant::now() + T;
-    let mut c = loop {
-        match Client::connect_with(&url, &[("Authorization", &auth)]).await {
-            Ok(c) => break c,
-            Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("node did not start: {e}"),
-        }
-    };
+    let mut doomed = GatewayProcess::start(
+        &[
+            "--node-id",
+            "doomed",
+            "--redis-url",
+            &redis.url(),
+            "--jwt-secret",
+            SECRET,
+            "--node-heartbeat-ms",
+            "200",
+            "--node-ttl-ms",
+            "1000",
+        ],
+        std::process::Stdio::null(),
+    )
+    .await;
+    let auth = format!("Bearer {}", user_token(SECRET, "erin"));
+    let mut c = connect_eventually(&doomed.url(), &[("Authorization", &auth)]).await;
     let conn = c.recv_json(T).await.unwrap()["conn_id"]
         .as_str()
         .unwrap()
@@ -392,8 +354,7 @@ async fn a_killed_node_vanishes_from_routing_within_the_ttl() {
         .await;
     assert!(body.contains(&conn), "{body}");
 
-    doomed.kill().unwrap(); // SIGKILL
-    doomed.wait().unwrap();
+    doomed.kill(); // SIGKILL
     let killed = std::time::Instant::now();
     let mut backend = redis.client().await;
     loop {
@@ -599,12 +560,7 @@ async fn sharded_pubsub_and_unicast_on_a_three_master_cluster() {
     // unicast through the functions, loaded on every master
     let (mut on_a, _) = user_client(&a, "gina").await;
     let (mut on_b, _) = user_client(&b, "gina").await;
-    let reached: i64 = redis::cmd("FCALL")
-        .arg("gw_send_user")
-        .arg(1)
-        .arg("gina")
-        .arg("7")
-        .query_async(&mut backend)
+    let reached: i64 = fcall(&mut backend, shared::backend::send_user("gina", "7"))
         .await
         .unwrap();
     assert_eq!(reached, 2);

@@ -72,16 +72,7 @@ async fn connection_cap_answers_503_before_upgrade() {
     b.close(1000, "bye").await.expect("close");
     b.recv_close(T).await.expect("close echo");
     // the slot is released once the connection is gone
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        match Client::connect(&node.url()).await {
-            Ok(_) => break,
-            Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(e) => panic!("slot never released: {e}"),
-        }
-    }
+    connect_eventually(&node.url(), &[]).await;
 }
 
 #[tokio::test]

@@ -8,70 +8,42 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::process::GatewayProcess;
 use common::redis_server::{free_port, RedisServer};
 use common::*;
-use jsonwebtoken::{EncodingKey, Header};
 use loadtest::client::Client;
 use redis::AsyncCommands;
 use serde_json::json;
 
 const SECRET: &str = "lb-test-secret-0123456789-abcdefghij";
 
-/// A gateway process; SIGKILLed on drop.
-struct Gateway {
-    child: Child,
-    admin: SocketAddr,
-    port: u16,
-}
-
-impl Gateway {
-    async fn start(id: &str, redis: &RedisServer) -> Gateway {
-        let (port, admin_port) = (free_port(), free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-            .args(["--node-id", id, "--redis-url", &redis.url()])
-            .args(["--jwt-secret", SECRET, "--trusted-proxies", "127.0.0.1/32"])
-            .args(["--node-heartbeat-ms", "200", "--node-ttl-ms", "1000"])
+async fn start_gateway(id: &str, redis: &RedisServer) -> GatewayProcess {
+    GatewayProcess::start(
+        &[
+            "--node-id",
+            id,
+            "--redis-url",
+            &redis.url(),
+            "--jwt-secret",
+            SECRET,
+            "--trusted-proxies",
+            "127.0.0.1/32",
+            "--node-heartbeat-ms",
+            "200",
+            "--node-ttl-ms",
+            "1000",
             // failover is under test here; rebalancing (which would also move clients, and
             // loops under ip_hash) is tested in operations.rs
-            .args(["--rebalance", "false"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("gateway binary");
-        let g = Gateway {
-            child,
-            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
-            port,
-        };
-        let deadline = tokio::time::Instant::now() + T;
-        loop {
-            let up = tokio::net::TcpStream::connect(g.admin).await.is_ok()
-                && http(g.admin, "GET", "/readyz", "", "").await.0 == 200;
-            if up {
-                return g;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{id} not ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.kill();
-    }
+            "--rebalance",
+            "false",
+        ],
+        Stdio::null(),
+    )
+    .await
 }
 
 /// nginx in the foreground with a private prefix; killed on drop.
@@ -153,16 +125,6 @@ fn nginx_binary() -> &'static str {
     }
 }
 
-fn token(sub: &str) -> String {
-    let claims = json!({"sub": sub, "exp": gateway::auth::unix_now() + 600});
-    jsonwebtoken::encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
-}
-
 /// A client as an application would write it: connect through the load balancer, subscribe,
 /// and on loss reconnect and resubscribe.
 struct App {
@@ -174,7 +136,7 @@ struct App {
 impl App {
     async fn connect(lb: &Nginx, user: &str) -> App {
         let url = format!("ws://127.0.0.1:{}/ws", lb.port);
-        let auth = format!("Bearer {}", token(user));
+        let auth = format!("Bearer {}", user_token(SECRET, user));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(mut client) = Client::connect_with(&url, &[("Authorization", &auth)]).await {
@@ -203,7 +165,7 @@ async fn survive_a_node_kill(balance: &str, name: &str) {
     for i in 0..3 {
         nodes.push((
             format!("g{i}"),
-            Gateway::start(&format!("g{i}"), &redis).await,
+            start_gateway(&format!("g{i}"), &redis).await,
         ));
     }
     let ports: Vec<u16> = nodes.iter().map(|(_, g)| g.port).collect();
@@ -256,14 +218,12 @@ async fn survive_a_node_kill(balance: &str, name: &str) {
         assert_eq!(app.client.recv_json(T).await.unwrap()["data"], 2);
     }
     for app in &mut apps {
-        let reached: i64 = redis::cmd("FCALL")
-            .arg("gw_send_user")
-            .arg(1)
-            .arg(&app.user)
-            .arg(r#""hi""#)
-            .query_async(&mut backend)
-            .await
-            .unwrap();
+        let reached: i64 = fcall(
+            &mut backend,
+            shared::backend::send_user(&app.user, r#""hi""#),
+        )
+        .await
+        .unwrap();
         assert_eq!(reached, 1, "{} on {}", app.user, app.node);
         assert_eq!(
             app.client.recv_json(T).await.unwrap(),

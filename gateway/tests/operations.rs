@@ -9,6 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::process::GatewayProcess;
 use common::redis_server::RedisServer;
 use common::*;
 use loadtest::client::Client;
@@ -234,31 +235,21 @@ async fn metrics_show_every_required_family_after_real_traffic() {
 async fn traceparent_travels_from_admin_publish_to_the_delivery_log_line() {
     let redis = RedisServer::start().await;
     let a = start(on(&redis, "a")).await;
-    let (port, admin_port) = (
-        common::redis_server::free_port(),
-        common::redis_server::free_port(),
-    );
     let log = std::env::temp_dir().join(format!("gw-trace-{}.log", std::process::id()));
-    let mut b = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-        .args(["--node-id", "b", "--redis-url", &redis.url()])
-        .args(["--allow-anonymous", "--log-format", "json"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let url = format!("ws://127.0.0.1:{port}/ws");
-    let deadline = tokio::time::Instant::now() + T;
-    let mut sub = loop {
-        match Client::connect(&url).await {
-            Ok(c) => break c,
-            Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let b = GatewayProcess::start(
+        &[
+            "--node-id",
+            "b",
+            "--redis-url",
+            &redis.url(),
+            "--allow-anonymous",
+            "--log-format",
+            "json",
+        ],
+        std::fs::File::create(&log).unwrap().into(),
+    )
+    .await;
+    let mut sub = connect_eventually(&b.url(), &[]).await;
     sub.recv_json(T).await.unwrap();
     request(
         &mut sub,
@@ -297,8 +288,7 @@ async fn traceparent_travels_from_admin_publish_to_the_delivery_log_line() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = b.kill();
-    let _ = b.wait();
+    drop(b);
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! Helpers for integration tests: a real node on 127.0.0.1:0, real clients, raw sockets.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod process;
 pub mod redis_server;
 
 use std::net::SocketAddr;
@@ -116,6 +117,46 @@ impl TestNode {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// An HS256 token for `claims`.
+pub fn hs256(secret: &str, claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// An HS256 token naming user `sub`, valid for ten minutes.
+pub fn user_token(secret: &str, sub: &str) -> String {
+    hs256(
+        secret,
+        &json!({"sub": sub, "exp": gateway::auth::unix_now() + 600}),
+    )
+}
+
+/// Connects, retrying for up to `T` (a node starting, or a slot being released).
+pub async fn connect_eventually(url: &str, headers: &[(&str, &str)]) -> Client {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        match Client::connect_with(url, headers).await {
+            Ok(c) => return c,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("no connection to {url} in time: {e}"),
+        }
+    }
+}
+
+/// Runs a backend call built by `shared::backend` (`send_user`, `send_conn`).
+pub async fn fcall<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    args: [&str; 5],
+) -> redis::RedisResult<i64> {
+    redis::cmd(args[0]).arg(&args[1..]).query_async(conn).await
 }
 
 /// Sends a request and expects its ack.
