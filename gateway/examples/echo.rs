@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gateway::error::CloseReason;
+use gateway::frame;
 use gateway::outbound::Outbound;
-use gateway::websocket::{self, frame, Handler, Limits};
+use gateway::websocket::{self, Handler, Limits};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;

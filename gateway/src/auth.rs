@@ -461,13 +461,16 @@ impl TokenClock {
 
     /// When the writer should next call [`TokenClock::fire`].
     pub fn deadline(&self) -> tokio::time::Instant {
-        let close_at = self.close_at_ms.load(Ordering::Acquire);
-        let due_ms = if close_at == 0 {
-            self.exp.load(Ordering::Acquire) * 1000
-        } else {
-            close_at
-        };
-        tokio::time::Instant::now() + Duration::from_millis(due_ms.saturating_sub(unix_ms()))
+        tokio::time::Instant::now() + Duration::from_millis(self.due_ms().saturating_sub(unix_ms()))
+    }
+
+    /// When [`TokenClock::fire`] is next due, in Unix milliseconds. It changes only when the
+    /// token is refreshed or the grace period starts, so a timer is reset only then.
+    pub fn due_ms(&self) -> u64 {
+        match self.close_at_ms.load(Ordering::Acquire) {
+            0 => self.exp.load(Ordering::Acquire) * 1000,
+            close_at => close_at,
+        }
     }
 
     pub fn fire(&self) -> ClockEvent {

@@ -29,10 +29,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::{BrokerError, CloseReason, StartError};
+use crate::frame;
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, Pushed};
 use crate::redis::Redis;
-use crate::websocket::frame;
 
 const LIBRARY: &str = include_str!("directory.lua");
 

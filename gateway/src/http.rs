@@ -264,7 +264,7 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, peer: SocketAddr) 
     tracing::debug!(%ip, user = conn.identity.as_ref().map(|i| i.user_id.as_str()), "handshake ok");
     tokio::spawn(async move {
         match fut.await {
-            Ok(ws) => run_connection(node, conn, ws.into_inner()).await,
+            Ok(ws) => open_connection(node, conn, ws.into_inner()).await,
             Err(e) => {
                 tracing::debug!(%ip, error = %e, "upgrade did not complete");
                 node.directory.remove(&conn.conn_id).await;
@@ -330,8 +330,12 @@ async fn cleanup(
         .await;
 }
 
-/// Runs one WebSocket connection from welcome to cleanup.
-async fn run_connection<S>(node: Arc<Node>, conn: Conn, io: S)
+/// Opens an upgraded connection: `connect` event, welcome, then the connection's own task.
+///
+/// This runs in the short-lived task that awaited the upgrade. The long-lived task that it
+/// spawns captures only what the connection needs until cleanup, because whatever a task's
+/// future holds is reserved for every idle connection's whole life.
+async fn open_connection<S>(node: Arc<Node>, conn: Conn, io: S)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -347,13 +351,9 @@ where
         .as_ref()
         .map(|i| Arc::new(TokenClock::new(i.exp, node.config.token_grace())));
     let user_id = identity.as_ref().map(|i| i.user_id.clone());
-    // Futures that run once per connection (Redis calls) are boxed: inline, their state
-    // would be reserved in every idle connection's task for its whole life.
-    Box::pin(
-        node.inbound
-            .lifecycle(Event::Connect, &conn_id, user_id.as_deref(), ""),
-    )
-    .await;
+    node.inbound
+        .lifecycle(Event::Connect, &conn_id, user_id.as_deref(), "")
+        .await;
     let session = Session::new(
         id,
         conn_id.clone(),
@@ -369,28 +369,37 @@ where
     });
     let subs = session.subscriptions();
     tracing::debug!(%peer, conn = %conn_id, "connection open");
-
-    let reason = websocket::serve(
+    // Boxed so that the task holds it once: awaiting a captured future moves it, and both
+    // places would stay reserved for the connection's whole life.
+    let served = Box::pin(websocket::serve(
         io,
         node.limits(),
         session,
         out,
         node.close_all.clone(),
         clock,
-    )
-    .await;
+    ));
+    tokio::spawn(async move {
+        let reason = served.await;
+        // Boxed: inline, cleanup's Redis calls would be reserved in every idle connection.
+        Box::pin(cleanup(
+            &node,
+            id,
+            &conn_id,
+            user_id.as_deref(),
+            &subs,
+            &reason,
+        ))
+        .await;
+        closed(&node, peer, &conn_id, &reason);
+        drop(slot);
+    });
+}
 
-    Box::pin(cleanup(
-        &node,
-        id,
-        &conn_id,
-        user_id.as_deref(),
-        &subs,
-        &reason,
-    ))
-    .await;
+/// Counts and logs a closed connection.
+fn closed(node: &Node, peer: IpAddr, conn_id: &str, reason: &CloseReason) {
     let (label, blame) = (reason.label(), reason.blame());
-    if let CloseReason::Protocol(kind) = &reason {
+    if let CloseReason::Protocol(kind) = reason {
         node.metrics
             .inc("gateway_protocol_violations_total", &[("kind", kind)]);
     }
@@ -408,7 +417,6 @@ where
         }
         _ => tracing::debug!(%peer, conn = %conn_id, code, reason = label, "connection closed"),
     }
-    drop(slot);
 }
 
 /// A JSON error body: `{"error": code, "message": message}`.

@@ -22,9 +22,9 @@ use bytes::Bytes;
 
 use crate::broker::{Broker, Sink};
 use crate::error::BrokerError;
+use crate::frame;
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, Pushed};
-use crate::websocket::frame;
 
 /// A connection's id, unique within the node.
 pub type ConnId = u64;

@@ -9,8 +9,10 @@
 //! - [`http`]: the public listener: handshake checks, `GET /ws` upgrade, demo page, 404s.
 //! - [`origin`], [`auth`], [`ratelimit`]: the handshake's Origin, JWT and rate checks (auth
 //!   also holds the JWKS cache and the per-connection token clock).
-//! - [`websocket`]: the connection layer: reader task, writer loop, frame encoding, heartbeat,
-//!   close handshake, message cap.
+//! - [`websocket`]: the connection layer: reader task, writer loop, heartbeat, close
+//!   handshake, message cap.
+//! - [`frame`]: WebSocket frames on the wire: server frames encoded once, client frames
+//!   decoded without a standing read buffer.
 //! - [`outbound`]: a connection's byte-bounded outbound queue and slow-consumer policy.
 //! - [`session`]: protocol v1 for one connection (subscribe, unsubscribe, publish).
 //! - [`hub`]: channel → local subscribers, sharded; drives broker subscriptions.
@@ -35,6 +37,7 @@ pub mod client_ip;
 pub mod config;
 pub mod directory;
 pub mod error;
+pub mod frame;
 pub mod http;
 pub mod hub;
 pub mod inbound;

@@ -14,11 +14,12 @@ use shared::protocol::{parse_request, ErrorCode, Request, RequestId, ServerFrame
 
 use crate::auth::{Identity, TokenClock};
 use crate::error::CloseReason;
+use crate::frame;
 use crate::hub::ConnId;
 use crate::node::Node;
 use crate::outbound::Outbound;
 use crate::ratelimit::{ConnLimiter, Verdict};
-use crate::websocket::{frame, Handler};
+use crate::websocket::Handler;
 
 /// The channels a connection is subscribed to. Shared with the connection task so that it can
 /// unsubscribe everything when the connection ends, however the reader stopped.

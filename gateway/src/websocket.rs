@@ -1,21 +1,17 @@
 //! The WebSocket connection layer: one reader task and one writer loop per connection.
 //!
-//! Two facts about fastwebsockets shape this module:
+//! - The reader task loops on [`FrameReader::next`] and hands complete messages to the
+//!   [`Handler`]. It is a task of its own so that a slow handler (a Redis round trip) never
+//!   delays writes, and so that the writer's `select!` never has to cancel a read. It
+//!   reassembles fragments itself and closes with 1009 the moment the running total passes
+//!   `max_message_bytes`, before buffering any more.
+//! - The writer is the connection's main loop: one `select!` over the outbound queue, the
+//!   heartbeat tick and the shutdown token. It writes pre-encoded frames ([`crate::frame`])
+//!   straight to the socket with vectored writes, so a frame fanned out to many connections
+//!   is encoded once and shared as [`Bytes`]. Every write is flushed, which TLS streams need.
 //!
-//! - `read_frame` is not cancel-safe (a half-read frame is lost if its future is dropped), so
-//!   it never sits inside a `select!`. Each connection gets its own reader task that loops on
-//!   `read_frame` and nothing else.
-//! - fastwebsockets caps single frames but not the total of a fragmented message, so the
-//!   reader reassembles fragments itself and closes with 1009 the moment the running total
-//!   passes `max_message_bytes`, before buffering any more.
-//!
-//! The writer is the connection's main loop: one `select!` over the outbound queue, the
-//! heartbeat tick and the shutdown token. It writes pre-encoded frames ([`frame`]) straight to
-//! the socket with vectored writes, so a frame fanned out to many connections is encoded once
-//! and shared as [`Bytes`]. Every write is flushed, which TLS streams need.
-//!
-//! The reader uses fastwebsockets with automatic pong and close disabled: control frames are
-//! answered through the same outbound queue, keeping a single writer per socket.
+//! Control frames the reader sees (ping → pong, close → our close) are answered through the
+//! same outbound queue, keeping a single writer per socket.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -25,12 +21,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
-use fastwebsockets::{OpCode, Role, WebSocketError};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{ClockEvent, TokenClock};
 use crate::error::CloseReason;
+use crate::frame::{self, FrameReader, OpCode};
 use crate::outbound::Outbound;
 
 /// What the application does with complete messages.
@@ -60,179 +56,160 @@ pub struct Limits {
 
 /// Serves one upgraded connection until it closes, and returns why it closed.
 ///
+/// Spawns the reader task at once and returns the writer loop, which the caller awaits.
 /// Everything the handler wants to send goes through `outbound`; `shutdown` closes the
 /// connection with 1001.
-pub async fn serve<S, H>(
+///
+/// The connection's futures are built as `async move` blocks returned from plain functions
+/// rather than as `async fn`s: an `async fn` keeps a second copy of each argument for its
+/// whole life (its parameters are moved into locals), and these futures live as long as the
+/// connection, so every byte here is paid once per idle connection.
+pub fn serve<S, H>(
     io: S,
     limits: Limits,
     handler: H,
     outbound: Arc<Outbound>,
     shutdown: CancellationToken,
     token: Option<Arc<TokenClock>>,
-) -> CloseReason
+) -> impl Future<Output = CloseReason> + Send
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
     H: Handler,
 {
-    let (read_half, mut write_half) = tokio::io::split(io);
-    let started = Instant::now();
-    let last_seen = Arc::new(AtomicU64::new(0));
-    let mut reader = tokio::spawn(read_loop(
-        RequireMask::new(read_half),
+    let (read_half, write_half) = tokio::io::split(io);
+    let silence = Silence {
+        last_seen: Arc::new(AtomicU64::new(0)),
+        started: Instant::now(),
+    };
+    let reader = tokio::spawn(read_loop(
+        FrameReader::new(read_half, limits.max_message_bytes),
         limits,
         handler,
         outbound.clone(),
-        last_seen.clone(),
-        started,
+        silence.clone(),
     ));
+    write_loop(
+        write_half, reader, limits, outbound, shutdown, token, silence,
+    )
+}
 
-    let mut batch = VecDeque::new();
-    let mut ping = tokio::time::interval_at(
-        tokio::time::Instant::now() + limits.ping_interval,
-        limits.ping_interval,
-    );
-    let reason = loop {
-        let closing = outbound.take(&mut batch);
-        if !batch.is_empty() {
-            if write_batch(&mut write_half, &mut batch, limits)
+/// When the reader last saw a frame, in milliseconds since `started`.
+#[derive(Clone)]
+struct Silence {
+    last_seen: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl Silence {
+    fn heard(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_seen.store(ms, Ordering::Relaxed);
+    }
+
+    fn longer_than(&self, limit: Duration) -> bool {
+        let silent_ms = (self.started.elapsed().as_millis() as u64)
+            .saturating_sub(self.last_seen.load(Ordering::Relaxed));
+        silent_ms > limit.as_millis() as u64
+    }
+}
+
+/// The writer: the connection's main loop. See the module docs.
+#[allow(clippy::manual_async_fn)] // not `async fn`: see [`serve`]
+fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
+    mut write_half: W,
+    mut reader: tokio::task::JoinHandle<()>,
+    limits: Limits,
+    outbound: Arc<Outbound>,
+    shutdown: CancellationToken,
+    token: Option<Arc<TokenClock>>,
+    silence: Silence,
+) -> impl Future<Output = CloseReason> + Send {
+    async move {
+        let mut batch = VecDeque::new();
+        let mut ping = tokio::time::interval_at(
+            tokio::time::Instant::now() + limits.ping_interval,
+            limits.ping_interval,
+        );
+        // Registered once, not per loop turn: every connection shares the node's token.
+        let mut cancelled = std::pin::pin!(shutdown.cancelled());
+        // Only connections with a token have a token timer; it is boxed so that the others
+        // do not reserve room for one. It is reset only when the due time moves.
+        let mut token_timer = token
+            .as_ref()
+            .map(|t| (t.due_ms(), Box::pin(tokio::time::sleep_until(t.deadline()))));
+        let reason = loop {
+            let closing = outbound.take(&mut batch);
+            if !batch.is_empty() {
+                if write_batch(&mut write_half, &mut batch, limits)
+                    .await
+                    .is_err()
+                {
+                    // A write that timed out on a peer that stopped reading, whose queue then
+                    // overflowed, is a slow consumer, not a lost connection.
+                    break outbound.close_reason().unwrap_or(CloseReason::Abnormal);
+                }
+                outbound.written();
+            }
+            if let Some(reason) = closing {
+                break reason;
+            }
+            if let (Some(clock), Some((due, timer))) = (&token, &mut token_timer) {
+                if clock.due_ms() != *due {
+                    *due = clock.due_ms();
+                    timer.as_mut().reset(clock.deadline());
+                }
+            }
+            let token_due = async {
+                match token_timer.as_mut() {
+                    Some((_, timer)) => timer.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = outbound.changed() => {}
+                _ = ping.tick() => {
+                    if silence.longer_than(limits.ping_timeout) {
+                        break CloseReason::HeartbeatTimeout;
+                    }
+                    outbound.push(frame::ping());
+                }
+                _ = &mut cancelled => break CloseReason::Shutdown,
+                _ = token_due => {
+                    match token.as_ref().map(|t| t.fire()) {
+                        Some(ClockEvent::Warn(grace_ms)) => {
+                            let note = shared::protocol::ServerFrame::TokenExpired { grace_ms };
+                            outbound.push(frame::text(&note.to_json()));
+                        }
+                        Some(ClockEvent::Expired) => break CloseReason::TokenExpired,
+                        _ => {}
+                    }
+                    // Fired (the grace period started, or it was early): aim at the new due time.
+                    if let (Some(clock), Some((due, timer))) = (&token, &mut token_timer) {
+                        *due = clock.due_ms();
+                        timer.as_mut().reset(clock.deadline());
+                    }
+                }
+            }
+        };
+        // Make the reason visible to the reader and to producers, so they stop queueing.
+        outbound.close(reason.clone());
+
+        if reason != CloseReason::Abnormal {
+            // Best effort: the peer may be gone or not reading (slow consumer); bounded by timeout.
+            let mut last = VecDeque::from([frame::close(reason.code(), &reason.to_string())]);
+            let _ = write_batch(&mut write_half, &mut last, limits).await;
+            let _ = tokio::time::timeout(limits.write_timeout, write_half.shutdown()).await;
+            // Give the peer a moment to answer our close so the reader ends cleanly.
+            if tokio::time::timeout(limits.write_timeout, &mut reader)
                 .await
                 .is_err()
             {
-                // A write that timed out on a peer that stopped reading, whose queue then
-                // overflowed, is a slow consumer, not a lost connection.
-                break outbound.close_reason().unwrap_or(CloseReason::Abnormal);
+                reader.abort();
             }
-            outbound.written();
-        }
-        if let Some(reason) = closing {
-            break reason;
-        }
-        let token_due = token.as_ref().map_or_else(far_future, |t| t.deadline());
-        tokio::select! {
-            _ = outbound.changed() => {}
-            _ = ping.tick() => {
-                let silent_ms = (started.elapsed().as_millis() as u64)
-                    .saturating_sub(last_seen.load(Ordering::Relaxed));
-                if silent_ms > limits.ping_timeout.as_millis() as u64 {
-                    break CloseReason::HeartbeatTimeout;
-                }
-                outbound.push(frame::ping());
-            }
-            _ = shutdown.cancelled() => break CloseReason::Shutdown,
-            _ = tokio::time::sleep_until(token_due), if token.is_some() => {
-                match token.as_ref().map(|t| t.fire()) {
-                    Some(ClockEvent::Warn(grace_ms)) => {
-                        let note = shared::protocol::ServerFrame::TokenExpired { grace_ms };
-                        outbound.push(frame::text(&note.to_json()));
-                    }
-                    Some(ClockEvent::Expired) => break CloseReason::TokenExpired,
-                    _ => {}
-                }
-            }
-        }
-    };
-    // Make the reason visible to the reader and to producers, so they stop queueing.
-    outbound.close(reason.clone());
-
-    if reason != CloseReason::Abnormal {
-        // Best effort: the peer may be gone or not reading (slow consumer); bounded by timeout.
-        let mut last = VecDeque::from([frame::close(reason.code(), &reason.to_string())]);
-        let _ = write_batch(&mut write_half, &mut last, limits).await;
-        let _ = tokio::time::timeout(limits.write_timeout, write_half.shutdown()).await;
-        // Give the peer a moment to answer our close so the reader ends cleanly.
-        if tokio::time::timeout(limits.write_timeout, &mut reader)
-            .await
-            .is_err()
-        {
+        } else {
             reader.abort();
         }
-    } else {
-        reader.abort();
-    }
-    reason
-}
-
-fn far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
-}
-
-/// Refuses unmasked client frames (RFC 6455 §5.1), which fastwebsockets accepts silently.
-///
-/// It follows frame boundaries in the byte stream as it passes through (headers are parsed,
-/// payloads skipped) and fails the read with `InvalidData` at the first header whose mask
-/// bit is clear; the reader maps that to close 1002.
-struct RequireMask<R> {
-    inner: R,
-    header: [u8; 10],
-    have: usize,
-    need: usize,
-    skip: u64,
-}
-
-impl<R> RequireMask<R> {
-    fn new(inner: R) -> Self {
-        RequireMask {
-            inner,
-            header: [0; 10],
-            have: 0,
-            need: 2,
-            skip: 0,
-        }
-    }
-
-    fn scan(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
-        while !bytes.is_empty() {
-            if self.skip > 0 {
-                let n = (self.skip.min(bytes.len() as u64)) as usize;
-                self.skip -= n as u64;
-                bytes = &bytes[n..];
-                continue;
-            }
-            self.header[self.have] = bytes[0];
-            self.have += 1;
-            bytes = &bytes[1..];
-            if self.have == 2 {
-                if self.header[1] & 0x80 == 0 {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "unmasked client frame",
-                    ));
-                }
-                self.need = match self.header[1] & 0x7f {
-                    126 => 4,
-                    127 => 10,
-                    _ => 2,
-                };
-            }
-            if self.have == self.need {
-                let len = match self.need {
-                    4 => u64::from(u16::from_be_bytes([self.header[2], self.header[3]])),
-                    10 => u64::from_be_bytes(self.header[2..10].try_into().unwrap_or_default()),
-                    _ => u64::from(self.header[1] & 0x7f),
-                };
-                self.skip = len.saturating_add(4); // the mask key, then the payload
-                self.have = 0;
-                self.need = 2;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for RequireMask<R> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let this = &mut *self;
-        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
-            std::task::Poll::Ready(Ok(())) => {
-                std::task::Poll::Ready(this.scan(&buf.filled()[before..]))
-            }
-            other => other,
-        }
+        reason
     }
 }
 
@@ -280,106 +257,100 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     }
 }
 
-/// The reader task: the only place `read_frame` is awaited for this connection.
-async fn read_loop<R, H>(
-    read: R,
+/// The reader task: the only reader of this connection's socket.
+#[allow(clippy::manual_async_fn)] // not `async fn`: see [`serve`]
+fn read_loop<R, H>(
+    mut frames: FrameReader<R>,
     limits: Limits,
     mut handler: H,
     outbound: Arc<Outbound>,
-    last_seen: Arc<AtomicU64>,
-    started: Instant,
-) where
-    R: AsyncRead + Unpin,
+    silence: Silence,
+) -> impl Future<Output = ()> + Send
+where
+    R: AsyncRead + Unpin + Send + 'static,
     H: Handler,
 {
-    let (mut ws, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
-    ws.set_auto_close(false);
-    ws.set_auto_pong(false);
-    // fastwebsockets refuses frames with len >= this, so +1 admits exactly the cap.
-    ws.set_max_message_size(limits.max_message_bytes + 1);
-
-    // The message being reassembled from fragments: its opcode and bytes so far, and how far
-    // a text message is known to be valid UTF-8 (checked per fragment, so a bad byte fails
-    // fast instead of after the whole message arrived).
-    let mut partial: Option<(OpCode, Vec<u8>)> = None;
-    let mut utf8_checked = 0;
-    let mut no_send = |_| async { Ok::<(), std::convert::Infallible>(()) };
-    let reason = loop {
-        let frame = match ws.read_frame(&mut no_send).await {
-            Ok(f) => f,
-            Err(e) => break read_error(e, limits),
-        };
-        last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let complete = match frame.opcode {
-            OpCode::Text | OpCode::Binary => {
-                if partial.is_some() {
-                    break CloseReason::Protocol("interleaved_message");
+    async move {
+        // The message being reassembled from fragments: its opcode and bytes so far, and how far
+        // a text message is known to be valid UTF-8 (checked per fragment, so a bad byte fails
+        // fast instead of after the whole message arrived).
+        let mut partial: Option<(OpCode, Vec<u8>)> = None;
+        let mut utf8_checked = 0;
+        let reason = loop {
+            let frame = match frames.next().await {
+                Ok(f) => f,
+                Err(reason) => break reason,
+            };
+            silence.heard();
+            let complete = match frame.opcode {
+                OpCode::Text | OpCode::Binary => {
+                    if partial.is_some() {
+                        break CloseReason::Protocol("interleaved_message");
+                    }
+                    if frame.fin {
+                        Some((frame.opcode, frame.payload.to_vec()))
+                    } else {
+                        let buf = frame.payload.to_vec();
+                        utf8_checked = 0;
+                        if frame.opcode == OpCode::Text && !utf8_prefix_ok(&buf, &mut utf8_checked)
+                        {
+                            break CloseReason::InvalidUtf8;
+                        }
+                        partial = Some((frame.opcode, buf));
+                        None
+                    }
                 }
-                if frame.fin {
-                    Some((frame.opcode, frame.payload.to_vec()))
-                } else {
-                    let buf = frame.payload.to_vec();
-                    utf8_checked = 0;
-                    if frame.opcode == OpCode::Text && !utf8_prefix_ok(&buf, &mut utf8_checked) {
+                OpCode::Continuation => {
+                    let Some((op, buf)) = partial.as_mut() else {
+                        break CloseReason::Protocol("continuation_without_start");
+                    };
+                    if buf.len() + frame.payload.len() > limits.max_message_bytes {
+                        break CloseReason::TooBig(limits.max_message_bytes);
+                    }
+                    buf.extend_from_slice(&frame.payload);
+                    if *op == OpCode::Text && !utf8_prefix_ok(buf, &mut utf8_checked) {
                         break CloseReason::InvalidUtf8;
                     }
-                    partial = Some((frame.opcode, buf));
+                    if frame.fin {
+                        partial.take()
+                    } else {
+                        None
+                    }
+                }
+                OpCode::Ping => {
+                    outbound.push(frame::pong(&frame.payload));
                     None
                 }
+                OpCode::Pong => None,
+                OpCode::Close => break close_reason(&frame.payload),
+            };
+            let result = match complete {
+                // Once the writer is closing, messages are read (to reach the peer's close
+                // frame) but no longer handled.
+                _ if outbound.is_closing() => Ok(()),
+                // Boxed: a request's future (hub and Redis calls) is large and short-lived;
+                // inline, it would be reserved in every idle connection's reader task.
+                Some((OpCode::Text, bytes)) => match String::from_utf8(bytes) {
+                    Ok(text) => Box::pin(handler.on_text(text)).await,
+                    Err(_) => Err(CloseReason::InvalidUtf8),
+                },
+                Some((_, bytes)) => handler.on_binary(bytes).await,
+                None => Ok(()),
+            };
+            if let Err(reason) = result {
+                break reason;
             }
-            OpCode::Continuation => {
-                let Some((op, buf)) = partial.as_mut() else {
-                    break CloseReason::Protocol("continuation_without_start");
-                };
-                if buf.len() + frame.payload.len() > limits.max_message_bytes {
-                    break CloseReason::TooBig(limits.max_message_bytes);
-                }
-                buf.extend_from_slice(&frame.payload);
-                if *op == OpCode::Text && !utf8_prefix_ok(buf, &mut utf8_checked) {
-                    break CloseReason::InvalidUtf8;
-                }
-                if frame.fin {
-                    partial.take()
-                } else {
-                    None
-                }
-            }
-            OpCode::Ping | OpCode::Pong | OpCode::Close if frame.payload.len() > 125 => {
-                break CloseReason::Protocol("control_frame_too_long");
-            }
-            OpCode::Ping => {
-                outbound.push(frame::pong(&frame.payload));
-                None
-            }
-            OpCode::Pong => None,
-            OpCode::Close => break close_reason(&frame.payload),
         };
-        let result = match complete {
-            // Once the writer is closing, messages are read (to reach the peer's close
-            // frame) but no longer handled.
-            _ if outbound.is_closing() => Ok(()),
-            // Boxed: a request's future (hub and Redis calls) is large and short-lived;
-            // inline, it would be reserved in every idle connection's reader task.
-            Some((OpCode::Text, bytes)) => match String::from_utf8(bytes) {
-                Ok(text) => Box::pin(handler.on_text(text)).await,
-                Err(_) => Err(CloseReason::InvalidUtf8),
-            },
-            Some((_, bytes)) => handler.on_binary(bytes).await,
-            None => Ok(()),
-        };
-        if let Err(reason) = result {
-            break reason;
-        }
-    };
-    let lost = reason == CloseReason::Abnormal;
-    outbound.close(reason);
-    // Keep reading until the peer's close frame or EOF (the writer aborts this task after its
-    // close timeout). Closing a socket with unread input makes the kernel send RST, which can
-    // destroy our close frame before the peer reads it.
-    if !lost {
-        while let Ok(f) = ws.read_frame(&mut no_send).await {
-            if f.opcode == OpCode::Close {
-                break;
+        let lost = reason == CloseReason::Abnormal;
+        outbound.close(reason);
+        // Keep reading until the peer's close frame or EOF (the writer aborts this task after its
+        // close timeout). Closing a socket with unread input makes the kernel send RST, which can
+        // destroy our close frame before the peer reads it.
+        if !lost {
+            while let Ok(f) = frames.next().await {
+                if f.opcode == OpCode::Close {
+                    break;
+                }
             }
         }
     }
@@ -401,25 +372,6 @@ fn utf8_prefix_ok(buf: &[u8], checked: &mut usize) -> bool {
     }
 }
 
-/// Maps a fastwebsockets read error to the close we answer with.
-fn read_error(e: WebSocketError, limits: Limits) -> CloseReason {
-    match e {
-        WebSocketError::InvalidUTF8 => CloseReason::InvalidUtf8,
-        WebSocketError::FrameTooLarge => CloseReason::TooBig(limits.max_message_bytes),
-        WebSocketError::ReservedBitsNotZero => CloseReason::Protocol("reserved_bits"),
-        WebSocketError::ControlFrameFragmented => CloseReason::Protocol("fragmented_control_frame"),
-        WebSocketError::PingFrameTooLarge => CloseReason::Protocol("control_frame_too_long"),
-        WebSocketError::InvalidValue => CloseReason::Protocol("reserved_opcode"),
-        WebSocketError::IoError(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-            CloseReason::Protocol("unmasked_frame")
-        }
-        WebSocketError::UnexpectedEOF
-        | WebSocketError::IoError(_)
-        | WebSocketError::ConnectionClosed => CloseReason::Abnormal,
-        _ => CloseReason::Protocol("invalid_frame"),
-    }
-}
-
 /// Validates a client's close frame and picks the code we echo.
 fn close_reason(payload: &[u8]) -> CloseReason {
     match payload {
@@ -434,81 +386,6 @@ fn close_reason(payload: &[u8]) -> CloseReason {
             } else {
                 CloseReason::ClientClosed(code)
             }
-        }
-    }
-}
-
-/// Server frame encoding. Server frames are never masked, so a frame's bytes depend only on
-/// its content: encode once, share the [`Bytes`] with every connection.
-pub mod frame {
-    use bytes::{BufMut, Bytes, BytesMut};
-
-    const FIN: u8 = 0x80;
-
-    /// Encodes one unfragmented frame.
-    pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
-        let len = payload.len();
-        let mut buf = BytesMut::with_capacity(len + 10);
-        buf.put_u8(FIN | opcode);
-        if len < 126 {
-            buf.put_u8(len as u8);
-        } else if len <= u16::MAX as usize {
-            buf.put_u8(126);
-            buf.put_u16(len as u16);
-        } else {
-            buf.put_u8(127);
-            buf.put_u64(len as u64);
-        }
-        buf.put_slice(payload);
-        buf.freeze()
-    }
-
-    /// A text frame.
-    pub fn text(s: &str) -> Bytes {
-        encode(0x1, s.as_bytes())
-    }
-
-    /// A binary frame.
-    pub fn binary(b: &[u8]) -> Bytes {
-        encode(0x2, b)
-    }
-
-    /// A close frame. The reason is cut to fit the 125-byte control-frame limit on a char
-    /// boundary, so it stays valid UTF-8.
-    pub fn close(code: u16, reason: &str) -> Bytes {
-        let mut end = reason.len().min(123);
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        let mut p = Vec::with_capacity(2 + end);
-        p.extend_from_slice(&code.to_be_bytes());
-        p.extend_from_slice(&reason.as_bytes()[..end]);
-        encode(0x8, &p)
-    }
-
-    /// An empty ping.
-    pub fn ping() -> Bytes {
-        Bytes::from_static(&[FIN | 0x9, 0])
-    }
-
-    /// A pong echoing `payload`.
-    pub fn pong(payload: &[u8]) -> Bytes {
-        encode(0xA, payload)
-    }
-
-    #[cfg(test)]
-    mod tests {
-        #[test]
-        fn lengths() {
-            assert_eq!(&super::text("hi")[..], &[0x81, 2, b'h', b'i']);
-            let f = super::text(&"x".repeat(300));
-            assert_eq!(&f[..4], &[0x81, 126, 1, 44]);
-            let f = super::text(&"x".repeat(70_000));
-            assert_eq!(&f[..2], &[0x81, 127]);
-            assert_eq!(f.len(), 70_010);
-            let c = super::close(1000, &"é".repeat(100));
-            assert!(c.len() <= 127);
-            assert!(std::str::from_utf8(&c[4..]).is_ok());
         }
     }
 }
