@@ -65,6 +65,10 @@ impl Common {
     fn cpu(&self) -> anyhow::Result<f64> {
         stats::cpu_total(&self.pids)
     }
+
+    fn writes(&self) -> anyhow::Result<u64> {
+        stats::write_syscalls_total(&self.pids)
+    }
 }
 
 /// Prints `summary`, then writes `result` (with scenario and label) to `--json`.
@@ -450,6 +454,11 @@ pub struct FanoutArgs {
     /// Padding added to each payload.
     #[arg(long, default_value_t = 64)]
     pub payload_bytes: usize,
+    /// Messages published back to back in one Redis pipeline at each tick (the rate stays
+    /// the average), so that several frames queue per socket: the burst case of vectored
+    /// writes.
+    #[arg(long, default_value_t = 1)]
+    pub burst: u64,
     #[command(flatten)]
     pub common: Common,
 }
@@ -487,42 +496,47 @@ struct Seen {
     closed: Option<u16>,
 }
 
-/// Receives until the end marker: counts frames with a timestamp and records their latency.
-async fn receive(mut c: Client, kind: &'static str, idle: Duration) -> anyhow::Result<Seen> {
+/// Receives `kind` messages until the `end` marker, a close, an error or `limit`, recording
+/// each message's publish-to-receipt latency.
+async fn receive(mut c: Client, kind: &'static str, limit: Duration) -> anyhow::Result<Seen> {
     let mut seen = Seen {
         count: 0,
         hist: stats::new_histogram()?,
         ended: false,
         closed: None,
     };
-    loop {
-        match c.recv(idle).await {
-            Ok(Received::Text(t)) => {
-                if t == "2" {
-                    let _ = c.send_text("3").await;
-                    continue;
+    let run = async {
+        loop {
+            match c.next().await {
+                Ok(Received::Text(t)) => {
+                    if t == "2" {
+                        let _ = c.send_text("3").await;
+                        continue;
+                    }
+                    if !t.contains(kind) {
+                        continue;
+                    }
+                    if t.contains("\"end\":true") {
+                        seen.ended = true;
+                        let _ = c.close(1000, "").await;
+                        return;
+                    }
+                    if let Some(ts) = stats::extract_ts(&t) {
+                        seen.count += 1;
+                        let _ = seen.hist.record(now_us().saturating_sub(ts).max(1));
+                    }
                 }
-                if !t.contains(kind) {
-                    continue;
+                Ok(Received::Binary(_)) => {}
+                Ok(Received::Close(code, _)) => {
+                    seen.closed = Some(code);
+                    return;
                 }
-                if t.contains("\"end\":true") {
-                    seen.ended = true;
-                    let _ = c.close(1000, "").await;
-                    return Ok(seen);
-                }
-                if let Some(ts) = stats::extract_ts(&t) {
-                    seen.count += 1;
-                    let _ = seen.hist.record(now_us().saturating_sub(ts).max(1));
-                }
+                Err(_) => return,
             }
-            Ok(Received::Binary(_)) => {}
-            Ok(Received::Close(code, _)) => {
-                seen.closed = Some(code);
-                return Ok(seen);
-            }
-            Err(_) => return Ok(seen),
         }
-    }
+    };
+    let _ = tokio::time::timeout(limit, run).await;
+    Ok(seen)
 }
 
 async fn redis_conn(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
@@ -530,27 +544,32 @@ async fn redis_conn(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnecti
     Ok(client.get_multiplexed_async_connection().await?)
 }
 
-/// Calls `send(k, payload)` `rate × duration` times at `rate` per second, then returns the
-/// count and the time it took.
+/// Sends `rate × duration` payloads at `rate` per second on average, in groups of `burst`
+/// (`send(k, payloads)`, `k` the index of the group's first payload), then returns the count.
 async fn paced<F, Fut>(
     rate: u64,
     duration_secs: f64,
     pad: usize,
+    burst: u64,
     mut send: F,
 ) -> anyhow::Result<u64>
 where
-    F: FnMut(u64, String) -> Fut,
+    F: FnMut(u64, Vec<String>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let total = (rate as f64 * duration_secs).round() as u64;
+    let burst = burst.max(1);
     let pad = "x".repeat(pad);
     let start = tokio::time::Instant::now();
-    for k in 0..total {
+    for k in (0..total).step_by(burst as usize) {
         let due = start + Duration::from_secs_f64(k as f64 / rate.max(1) as f64);
         if due > tokio::time::Instant::now() {
             tokio::time::sleep_until(due).await;
         }
-        send(k, format!(r#"{{"t":{},"s":{k},"p":"{pad}"}}"#, now_us())).await?;
+        let group = (k..(k + burst).min(total))
+            .map(|i| format!(r#"{{"t":{},"s":{i},"p":"{pad}"}}"#, now_us()))
+            .collect();
+        send(k, group).await?;
     }
     Ok(total)
 }
@@ -561,6 +580,8 @@ struct Delivery {
     seen: Vec<Seen>,
     secs: f64,
     cpu: f64,
+    /// Write system calls the servers made meanwhile.
+    writes: u64,
 }
 
 fn delivery_result(d: &Delivery, receivers: usize) -> anyhow::Result<(Value, String)> {
@@ -580,11 +601,12 @@ fn delivery_result(d: &Delivery, receivers: usize) -> anyhow::Result<(Value, Str
     } else {
         0.0
     };
+    let writes_per = d.writes as f64 / delivered.max(1) as f64;
     let lat = stats::summarize(&hist);
     let summary = format!(
         "{} published, {delivered}/{} delivered to {receivers} receivers ({ended} saw the end) \
          = {per_sec:.0}/s; latency p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms; \
-         server CPU {:.2}s = {cpu_per:.2} µs/delivery",
+         server CPU {:.2}s = {cpu_per:.2} µs/delivery, {writes_per:.2} write syscalls/delivery",
         d.published,
         d.expected,
         lat["p50_ms"].as_f64().unwrap_or(0.0),
@@ -607,6 +629,8 @@ fn delivery_result(d: &Delivery, receivers: usize) -> anyhow::Result<(Value, Str
             "deliveries_per_sec": per_sec,
             "server_cpu_secs": d.cpu,
             "cpu_per_delivery_us": cpu_per,
+            "server_write_syscalls": d.writes,
+            "write_syscalls_per_delivery": writes_per,
             "latency": lat,
         }),
         summary,
@@ -653,20 +677,25 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
 
     let mut redis = redis_conn(&a.redis_url).await?;
     let key = format!("{}{}", a.prefix, a.channel);
-    let cpu0 = c.cpu()?;
+    let (cpu0, writes0) = (c.cpu()?, c.writes()?);
     let start = Instant::now();
-    let published = paced(a.rate, a.duration_secs, a.payload_bytes, |_, p| {
-        let mut r = redis.clone();
-        let key = key.clone();
-        async move {
-            redis::cmd("PUBLISH")
-                .arg(&key)
-                .arg(p)
-                .query_async::<i64>(&mut r)
-                .await?;
-            Ok(())
-        }
-    })
+    let published = paced(
+        a.rate,
+        a.duration_secs,
+        a.payload_bytes,
+        a.burst,
+        |_, group| {
+            let mut r = redis.clone();
+            let mut pipe = redis::pipe();
+            for p in group {
+                pipe.cmd("PUBLISH").arg(&key).arg(p).ignore();
+            }
+            async move {
+                pipe.query_async::<()>(&mut r).await?;
+                Ok(())
+            }
+        },
+    )
     .await?;
     redis::cmd("PUBLISH")
         .arg(&key)
@@ -683,12 +712,14 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         seen,
         secs: start.elapsed().as_secs_f64(),
         cpu: c.cpu()? - cpu0,
+        writes: c.writes()? - writes0,
     };
     let (mut result, summary) = delivery_result(&d, a.s)?;
     result["nodes"] = json!(a.urls.len());
     result["rate"] = json!(a.rate);
     result["offered_deliveries_per_sec"] = json!(a.rate * a.s as u64);
     result["payload_bytes"] = json!(a.payload_bytes);
+    result["burst"] = json!(a.burst);
     emit(c, "fanout", result, &summary)
 }
 
@@ -712,21 +743,28 @@ pub async fn unicast(a: UnicastArgs) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut redis = redis_conn(&a.redis_url).await?;
     let users = a.users.max(1) as u64;
-    let cpu0 = c.cpu()?;
+    let (cpu0, writes0) = (c.cpu()?, c.writes()?);
     let start = Instant::now();
-    let published = paced(a.rate, a.duration_secs, a.payload_bytes, |k, p| {
-        let mut r = redis.clone();
-        async move {
-            redis::cmd("FCALL")
-                .arg("gw_send_user")
-                .arg(1)
-                .arg(format!("bench-u{}", k % users))
-                .arg(p)
-                .query_async::<i64>(&mut r)
-                .await?;
-            Ok(())
-        }
-    })
+    let published = paced(
+        a.rate,
+        a.duration_secs,
+        a.payload_bytes,
+        1,
+        |k, mut group| {
+            let mut r = redis.clone();
+            let p = group.pop().unwrap_or_default();
+            async move {
+                redis::cmd("FCALL")
+                    .arg("gw_send_user")
+                    .arg(1)
+                    .arg(format!("bench-u{}", k % users))
+                    .arg(p)
+                    .query_async::<i64>(&mut r)
+                    .await?;
+                Ok(())
+            }
+        },
+    )
     .await?;
     for u in 0..users {
         redis::cmd("FCALL")
@@ -747,6 +785,7 @@ pub async fn unicast(a: UnicastArgs) -> anyhow::Result<()> {
         seen,
         secs: start.elapsed().as_secs_f64(),
         cpu: c.cpu()? - cpu0,
+        writes: c.writes()? - writes0,
     };
     let (mut result, summary) = delivery_result(&d, a.users)?;
     result["nodes"] = json!(a.urls.len());
