@@ -1,13 +1,13 @@
 # Benchmarks (scripts/bench.sh): `make bench-smoke` (seconds, debug build, every scenario end
 # to end, JSON checked) and `make bench` (release, < 15 min, writes docs/benchmarks.md).
-.PHONY: bench bench-smoke bench-tools bench-peer
+.PHONY: bench bench-smoke bench-tools bench-peer bench-strace
 
 BENCH_VENV := .tools/bench-venv
 
 bench-smoke:
 	bash scripts/bench.sh smoke
 
-bench: bench-tools bench-peer
+bench: bench-tools bench-peer bench-strace
 	bash scripts/bench.sh full
 
 ## matplotlib for the charts, from PyPI into .tools/; charts are skipped if this fails.
@@ -27,3 +27,9 @@ bench-peer: bench/peer/node_modules/.package-lock.json
 bench/peer/node_modules/.package-lock.json: bench/peer/package.json bench/peer/package-lock.json
 	cd bench/peer && npm ci --no-audit --no-fund
 	touch $@
+
+## strace, to count the servers' write system calls in the burst run; skipped if absent.
+bench-strace:
+	@command -v strace >/dev/null || { $(APT_GET) update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq strace; } || \
+		echo "strace could not be installed: the burst syscall count will be skipped"

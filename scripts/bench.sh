@@ -23,6 +23,7 @@ case "$MODE" in
     PROFILE=debug; BUILD_FLAGS=()
     IDLE_N=60; IDLE_TLS_N=30; IDLE_PROCS_N=60
     FAN_S=20; FAN_RATES="50"; FAN_SECS=2
+    BURST=8; BURST_RATES="80"
     STORM_N=200; STORM_TLS_N=60
     UNI_USERS=20; UNI_RATE=100; UNI_SECS=2
     CHURN_SECS=3
@@ -31,6 +32,7 @@ case "$MODE" in
     PROFILE=release; BUILD_FLAGS=(--release)
     IDLE_N=${IDLE_N:-15000}; IDLE_TLS_N=${IDLE_TLS_N:-5000}; IDLE_PROCS_N=$IDLE_N
     FAN_S=${FAN_S:-1000}; FAN_RATES=${FAN_RATES:-"50 100 200 400"}; FAN_SECS=${FAN_SECS:-5}
+    BURST=${BURST:-8}; BURST_RATES=${BURST_RATES:-"100 400"}
     STORM_N=${STORM_N:-5000}; STORM_TLS_N=${STORM_TLS_N:-2000}
     UNI_USERS=${UNI_USERS:-2000}; UNI_RATE=${UNI_RATE:-5000}; UNI_SECS=${UNI_SECS:-5}
     CHURN_SECS=${CHURN_SECS:-30}
@@ -137,6 +139,31 @@ for r in $FAN_RATES; do
     --duration-secs "$FAN_SECS" --redis-url "$REDIS" --pid "$FL_PID" --sources "$SRC" \
     --channel "bench-f$r" --label floor --json "$OUT/fanout-floor-r$r.json"
 done
+# Bursts: BURST messages published back to back (one Redis pipeline) per tick, so that
+# several frames queue per socket. The gateway writes a socket's queue with one writev; the
+# floor writes each frame with its own send.
+for r in $BURST_RATES; do
+  "$LT" fanout --url "ws://127.0.0.1:$GW_PORT/ws" -s "$FAN_S" --rate "$r" --burst "$BURST" \
+    --duration-secs "$FAN_SECS" --redis-url "$REDIS" --pid "$GW_PID" --sources "$SRC" \
+    --channel "bench-gb$r" --label gateway-burst --json "$OUT/burst-gateway-r$r.json"
+  "$LT" fanout --url "ws://127.0.0.1:$FL_PORT/ws" -s "$FAN_S" --rate "$r" --burst "$BURST" \
+    --duration-secs "$FAN_SECS" --redis-url "$REDIS" --pid "$FL_PID" --sources "$SRC" \
+    --channel "bench-fb$r" --label floor-burst --json "$OUT/burst-floor-r$r.json"
+done
+# Where the saving comes from: count each server's write-type system calls under strace in a
+# separate, smaller run (strace slows every call, so this run's CPU figures are not used).
+if [ "$MODE" = full ] && command -v strace >/dev/null; then
+  for who in gateway floor; do
+    if [ "$who" = gateway ]; then P=$GW_PID; PORT=$GW_PORT; else P=$FL_PID; PORT=$FL_PORT; fi
+    strace -c -f -e trace=write,writev,sendto,sendmsg -p "$P" -o "$OUT/syscalls-$who.txt" &
+    ST=$!
+    sleep 1
+    "$LT" fanout --url "ws://127.0.0.1:$PORT/ws" -s 200 --rate 400 --burst "$BURST" \
+      --duration-secs 2 --redis-url "$REDIS" --pid "$P" --sources "$SRC" \
+      --channel "bench-sc-$who" --label "$who-strace" --json "$OUT/syscalls-$who.json"
+    kill -INT "$ST"; wait "$ST" || true
+  done
+fi
 stop "$GW_PID" "$FL_PID"
 start_gateway gw-fan-a; A_PID=$GW_PID; A_PORT=$GW_PORT
 start_gateway gw-fan-b; B_PID=$GW_PID; B_PORT=$GW_PORT
@@ -217,6 +244,6 @@ stop "$GW_PID"
 log "checking the JSON outputs"
 "$PY" scripts/bench_report.py check "$OUT"
 if [ "$MODE" = full ]; then
-  "$PY" scripts/bench_report.py report "$OUT" docs/benchmarks.md
+  BENCH_SECS=$SECONDS "$PY" scripts/bench_report.py report "$OUT" docs/benchmarks.md
   echo "wrote docs/benchmarks.md"
 fi
