@@ -26,16 +26,16 @@ case "$MODE" in
     BURST=8; BURST_RATES="80"
     STORM_N=200; STORM_TLS_N=60
     UNI_USERS=20; UNI_RATE=100; UNI_SECS=2
-    CHURN_SECS=3
+    CHURN_SECS=3; CHURN_CYCLES=0
     OUT=$(mktemp -d)/results ;;
   full)
     PROFILE=release; BUILD_FLAGS=(--release)
     IDLE_N=${IDLE_N:-15000}; IDLE_TLS_N=${IDLE_TLS_N:-5000}; IDLE_PROCS_N=$IDLE_N
-    FAN_S=${FAN_S:-1000}; FAN_RATES=${FAN_RATES:-"50 100 200 400"}; FAN_SECS=${FAN_SECS:-5}
+    FAN_S=${FAN_S:-1000}; FAN_RATES=${FAN_RATES:-"50 100 200 400 800"}; FAN_SECS=${FAN_SECS:-5}
     BURST=${BURST:-8}; BURST_RATES=${BURST_RATES:-"100 400"}
     STORM_N=${STORM_N:-5000}; STORM_TLS_N=${STORM_TLS_N:-2000}
     UNI_USERS=${UNI_USERS:-2000}; UNI_RATE=${UNI_RATE:-5000}; UNI_SECS=${UNI_SECS:-5}
-    CHURN_SECS=${CHURN_SECS:-30}
+    CHURN_SECS=${CHURN_SECS:-120}; CHURN_CYCLES=${CHURN_CYCLES:-100000}
     OUT=$ROOT/docs/bench-results ;;
   *) echo "usage: $0 smoke|full" >&2; exit 2 ;;
 esac
@@ -236,7 +236,8 @@ fi
 
 log "churn"
 start_gateway gw-churn
-"$LT" churn "ws://127.0.0.1:$GW_PORT/ws" --duration-secs "$CHURN_SECS" --concurrency 50 \
+"$LT" churn "ws://127.0.0.1:$GW_PORT/ws" --duration-secs "$CHURN_SECS" --cycles "$CHURN_CYCLES" \
+  --concurrency 50 \
   --redis-url "$REDIS" --jwt-secret "$SECRET" --pid "$GW_PID" --sources "$SRC" \
   --label gateway-jwt --json "$OUT/churn.json"
 stop "$GW_PID"
