@@ -135,11 +135,10 @@ def burst_section(res, d):
     L = ["", f"### Bursts ({burst} messages per tick, one Redis pipeline)", "",
          f"The publisher sends {burst} messages back to back at each tick (same average rate), so "
          f"several frames queue per socket. The gateway writes a socket's whole queue with one "
-         f"`writev`; the floor (fastwebsockets `write_frame`) makes one `send` per frame. "
-         f"`writev`/delivery is the gateway's `syscw` from `/proc/<pid>/io` (the floor's `send` "
-         f"calls are not counted there; see the strace count below).", "",
-         "| rate (msg/s) | server | delivered/s | lost | CPU µs/delivery | vs floor | writev/delivery | p50 ms | p99 ms |",
-         "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+         f"vectored `sendmsg`; the floor (fastwebsockets `write_frame`) makes one `send` per "
+         f"frame (system call counts below).", "",
+         "| rate (msg/s) | server | delivered/s | lost | CPU µs/delivery | vs floor | p50 ms | p99 ms |",
+         "|---:|---|---:|---:|---:|---:|---:|---:|"]
     worst = None
     for rate in rates:
         g, f = res.get(f"burst-gateway-r{rate}"), res.get(f"burst-floor-r{rate}")
@@ -149,9 +148,8 @@ def burst_section(res, d):
             rt = ""
             if r is g and f:
                 rt = ratio(g["cpu_per_delivery_us"], f["cpu_per_delivery_us"])
-            wpd = f2(r.get("write_syscalls_per_delivery", 0)) if r is g else "—"
             L.append(f"| {rate} | {r['label']} | {f0(r['deliveries_per_sec'])} | {f0(r['lost'])} | "
-                     f"{f2(r['cpu_per_delivery_us'])} | {rt} | {wpd} | {f2(r['latency']['p50_ms'])} | "
+                     f"{f2(r['cpu_per_delivery_us'])} | {rt} | {f2(r['latency']['p50_ms'])} | "
                      f"{f2(r['latency']['p99_ms'])} |")
         if g and f and f["cpu_per_delivery_us"] > 0 and ok_delivery(g) and ok_delivery(f):
             x = g["cpu_per_delivery_us"] / f["cpu_per_delivery_us"]

@@ -64,8 +64,8 @@ async fn main() -> std::io::Result<()> {
                     if let Ok(ws) = fut.await {
                         let out = Arc::new(Outbound::new(256 << 20));
                         let handler = Echo(out.clone());
-                        websocket::serve(
-                            ws.into_inner(),
+                        websocket::serve_upgraded(
+                            ws.into_inner().into_inner(),
                             limits,
                             handler,
                             out,

@@ -123,6 +123,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Starts with `leftover`: bytes that arrived with the handshake, already read past it.
+    pub fn with_leftover(mut self, leftover: &[u8]) -> Self {
+        self.pending.extend_from_slice(leftover);
+        self
+    }
+
     /// The next frame. EOF and I/O errors are [`CloseReason::Abnormal`]; framing violations
     /// are the close that answers them.
     pub async fn next(&mut self) -> Result<Frame, CloseReason> {

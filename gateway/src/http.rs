@@ -264,7 +264,7 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, peer: SocketAddr) 
     tracing::debug!(%ip, user = conn.identity.as_ref().map(|i| i.user_id.as_str()), "handshake ok");
     tokio::spawn(async move {
         match fut.await {
-            Ok(ws) => open_connection(node, conn, ws.into_inner()).await,
+            Ok(ws) => open_connection(node, conn, ws.into_inner().into_inner()).await,
             Err(e) => {
                 tracing::debug!(%ip, error = %e, "upgrade did not complete");
                 node.directory.remove(&conn.conn_id).await;
@@ -335,10 +335,7 @@ async fn cleanup(
 /// This runs in the short-lived task that awaited the upgrade. The long-lived task that it
 /// spawns captures only what the connection needs until cleanup, because whatever a task's
 /// future holds is reserved for every idle connection's whole life.
-async fn open_connection<S>(node: Arc<Node>, conn: Conn, io: S)
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
+async fn open_connection(node: Arc<Node>, conn: Conn, upgraded: hyper::upgrade::Upgraded) {
     let Conn {
         id,
         conn_id,
@@ -371,14 +368,16 @@ where
     tracing::debug!(%peer, conn = %conn_id, "connection open");
     // Boxed so that the task holds it once: awaiting a captured future moves it, and both
     // places would stay reserved for the connection's whole life.
-    let served = Box::pin(websocket::serve(
-        io,
+    let served = websocket::serve_upgraded(
+        upgraded,
         node.limits(),
         session,
         out,
-        node.close_all.clone(),
+        // A child token per connection: polling the shared one locks a mutex that every
+        // connection's writer contends for on each turn of its loop.
+        node.close_all.child_token(),
         clock,
-    ));
+    );
     tokio::spawn(async move {
         let reason = served.await;
         // Boxed: inline, cleanup's Redis calls would be reserved in every idle connection.

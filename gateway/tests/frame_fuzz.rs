@@ -183,3 +183,36 @@ async fn random_frames_get_documented_answers_and_spare_bystanders() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A client may send its first frames in the same packet as the handshake, so they reach
+/// the node's HTTP read buffer before the upgrade: the connection must still read them.
+#[tokio::test]
+async fn frames_sent_with_the_handshake_are_read() {
+    let node = start(config()).await;
+    let mut s = TcpStream::connect(node.addr).await.expect("connect");
+    let mut first = b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .to_vec();
+    first.extend(masked(
+        0x81,
+        br#"{"type":"subscribe","channel":"chat:early","id":7}"#,
+    ));
+    s.write_all(&first).await.expect("handshake and frame");
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let acked = tokio::time::timeout(T, async {
+        loop {
+            let n = s.read(&mut chunk).await.expect("read");
+            if n == 0 {
+                return false;
+            }
+            seen.extend_from_slice(&chunk[..n]);
+            if String::from_utf8_lossy(&seen).contains(r#""type":"ack""#) {
+                return true;
+            }
+        }
+    })
+    .await
+    .expect("an answer in time");
+    assert!(acked, "{}", String::from_utf8_lossy(&seen));
+}

@@ -64,10 +64,6 @@ impl Common {
     fn cpu(&self) -> anyhow::Result<f64> {
         stats::cpu_total(&self.pids)
     }
-
-    fn writes(&self) -> anyhow::Result<u64> {
-        stats::write_syscalls_total(&self.pids)
-    }
 }
 
 /// Prints `summary`, then writes `result` (with scenario and label) to `--json`.
@@ -580,8 +576,6 @@ struct Delivery {
     seen: Vec<Seen>,
     secs: f64,
     cpu: f64,
-    /// Write system calls the servers made meanwhile.
-    writes: u64,
 }
 
 fn delivery_result(d: &Delivery, receivers: usize) -> anyhow::Result<(Value, String)> {
@@ -603,12 +597,11 @@ fn delivery_result(d: &Delivery, receivers: usize) -> anyhow::Result<(Value, Str
     } else {
         0.0
     };
-    let writes_per = d.writes as f64 / delivered.max(1) as f64;
     let lat = stats::summarize(&hist);
     let summary = format!(
         "{} published, {delivered}/{} delivered to {receivers} receivers ({ended} saw the end) \
          = {per_sec:.0}/s; latency p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms; \
-         server CPU {:.2}s = {cpu_per:.2} µs/delivery, {writes_per:.2} write syscalls/delivery",
+         server CPU {:.2}s = {cpu_per:.2} µs/delivery",
         d.published,
         d.expected,
         lat["p50_ms"].as_f64().unwrap_or(0.0),
@@ -631,8 +624,6 @@ fn delivery_result(d: &Delivery, receivers: usize) -> anyhow::Result<(Value, Str
             "deliveries_per_sec": per_sec,
             "server_cpu_secs": d.cpu,
             "cpu_per_delivery_us": cpu_per,
-            "server_write_syscalls": d.writes,
-            "write_syscalls_per_delivery": writes_per,
             "latency": lat,
         }),
         summary,
@@ -679,7 +670,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
 
     let mut redis = redis_conn(&a.redis_url).await?;
     let key = format!("{}{}", a.prefix, a.channel);
-    let (cpu0, writes0) = (c.cpu()?, c.writes()?);
+    let cpu0 = c.cpu()?;
     let start = Instant::now();
     let published = paced(
         a.rate,
@@ -714,7 +705,6 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         seen,
         secs: start.elapsed().as_secs_f64(),
         cpu: c.cpu()? - cpu0,
-        writes: c.writes()? - writes0,
     };
     let (mut result, summary) = delivery_result(&d, a.s)?;
     result["nodes"] = json!(a.urls.len());
@@ -745,7 +735,7 @@ pub async fn unicast(a: UnicastArgs) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut redis = redis_conn(&a.redis_url).await?;
     let users = a.users.max(1) as u64;
-    let (cpu0, writes0) = (c.cpu()?, c.writes()?);
+    let cpu0 = c.cpu()?;
     let start = Instant::now();
     let published = paced(
         a.rate,
@@ -787,7 +777,6 @@ pub async fn unicast(a: UnicastArgs) -> anyhow::Result<()> {
         seen,
         secs: start.elapsed().as_secs_f64(),
         cpu: c.cpu()? - cpu0,
-        writes: c.writes()? - writes0,
     };
     let (mut result, summary) = delivery_result(&d, a.users)?;
     result["nodes"] = json!(a.urls.len());

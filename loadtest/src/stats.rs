@@ -59,25 +59,6 @@ pub fn cpu_total(pids: &[u32]) -> anyhow::Result<f64> {
     pids.iter().map(|p| cpu_secs(*p)).sum()
 }
 
-/// Write-type system calls made so far by `pid` (`syscw` in `/proc/<pid>/io`: write, writev
-/// and friends, all threads): how the burst benchmark shows that vectored writes, not
-/// something else, made the saving.
-pub fn write_syscalls(pid: u32) -> anyhow::Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .with_context(|| format!("reading /proc/{pid}/io"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("syscw:"))
-        .ok_or_else(|| anyhow!("no syscw for pid {pid}"))?
-        .trim()
-        .parse()
-        .context("bad syscw")
-}
-
-/// Sum of the write system calls of several processes.
-pub fn write_syscalls_total(pids: &[u32]) -> anyhow::Result<u64> {
-    pids.iter().map(|p| write_syscalls(*p)).sum()
-}
-
 /// Microseconds since the Unix epoch (the timestamp that travels in payloads).
 pub fn now_us() -> u64 {
     SystemTime::now()
