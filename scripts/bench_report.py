@@ -321,14 +321,12 @@ def report(d, out):
 
     L += ["", "## Caveats (read before quoting a figure)", "",
           "- Two CPUs are shared by the servers, Redis and one `loadtest` process that receives "
-          "every delivery (1,000 subscribers). Above ~50k deliveries/s the load generator itself is "
-          "CPU-starved, so the latency figures (and the 2-node \"peak\") measure this box's "
-          "client as much as the server. The latency target miss is real on this machine, but "
-          "needs a run with the client on other cores before it is blamed on the gateway.",
-          "- CPU per delivery falls as the rate rises (fixed per-tick costs spread over more "
-          "messages, and writes coalesce), so compare servers only at equal rates. Where the "
-          "floor fell seconds behind (400 msg/s) its ratio is not a like-for-like comparison; "
-          "the 50 msg/s row is the cleanest.",
+          "every delivery (1,000 subscribers). A system-wide `perf record -a` during the 2-node "
+          "half-peak run put the load generator at about half of all CPU samples, so latency "
+          "figures and the 2-node peak measure this box's client as much as the server.",
+          "- CPU per delivery falls as the rate rises (fixed per-wake costs spread over more "
+          "messages, and writes coalesce), so compare servers only at equal rates. Where a "
+          "server falls behind (p50 in the hundreds of ms), its ratio is not like-for-like.",
           "- /proc CPU times have 10 ms resolution; short runs have a few percent of error.",
           "- Unicast: the publisher awaits each FCALL before the next, so the achieved rate "
           "(not the offered one) is the publisher's round-trip limit; CPU per delivery there "
