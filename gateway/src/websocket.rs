@@ -153,7 +153,8 @@ pub fn serve_upgraded<H: Handler>(
 
 /// The write half of a plain TCP connection, writing with `sendmsg`. The same vectored
 /// write as `writev`, without the file layer (`vfs_writev`, `fdget_pos`) that `writev`
-/// goes through on every call.
+/// goes through on every call. Like `writev`, it relies on the Rust runtime ignoring
+/// SIGPIPE, so a peer that reset the connection yields `EPIPE` rather than a signal.
 struct TcpWriter(OwnedWriteHalf);
 
 impl AsyncWrite for TcpWriter {
