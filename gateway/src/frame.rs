@@ -22,6 +22,7 @@
 //! It is cancel-safe: all state lives in the reader, not in the future.
 
 use std::future::poll_fn;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Poll};
 
@@ -140,8 +141,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 // Nothing pending: read on this poll's stack, keep only what arrived.
                 let (io, pending) = (&mut self.io, &mut self.pending);
                 poll_fn(|cx| {
-                    let mut stack = [0u8; STACK_READ];
-                    let mut rb = ReadBuf::new(&mut stack);
+                    // Uninitialised: zeroing 8 KiB on every read would cost more than the read.
+                    let mut stack = [MaybeUninit::<u8>::uninit(); STACK_READ];
+                    let mut rb = ReadBuf::uninit(&mut stack);
                     ready!(Pin::new(&mut *io).poll_read(cx, &mut rb))?;
                     pending.extend_from_slice(rb.filled());
                     Poll::Ready(Ok::<_, std::io::Error>(rb.filled().len()))

@@ -141,17 +141,10 @@ impl Outbound {
         self.lock().close.clone()
     }
 
-    /// Moves every queued frame into `batch` and returns the close reason, if one is set.
-    pub fn take(&self, batch: &mut VecDeque<Bytes>) -> Option<CloseReason> {
-        self.take_sampled(batch).0
-    }
-
-    /// [`Outbound::take`], plus the broker receipt time of the batch's oldest channel message
-    /// for one write in [`LATENCY_SAMPLE`]: the writer hands it to [`Outbound::written`].
-    pub fn take_sampled(
-        &self,
-        batch: &mut VecDeque<Bytes>,
-    ) -> (Option<CloseReason>, Option<Instant>) {
+    /// Moves every queued frame into `batch`. Returns the close reason, if one is set, and
+    /// for one write in [`LATENCY_SAMPLE`] the broker receipt time of the batch's oldest
+    /// channel message, which the writer hands to [`Outbound::written`].
+    pub fn take(&self, batch: &mut VecDeque<Bytes>) -> (Option<CloseReason>, Option<Instant>) {
         let mut s = self.lock();
         batch.append(&mut s.frames);
         s.bytes = 0;
@@ -191,7 +184,7 @@ mod tests {
         assert_eq!(q.push(Bytes::from_static(b"1")), Pushed::Overflowed);
         assert_eq!(q.push(Bytes::from_static(b"1")), Pushed::Closing);
         let mut batch = VecDeque::new();
-        assert_eq!(q.take(&mut batch), Some(CloseReason::SlowConsumer(10)));
+        assert_eq!(q.take(&mut batch).0, Some(CloseReason::SlowConsumer(10)));
         assert!(batch.is_empty());
     }
 
@@ -200,12 +193,12 @@ mod tests {
         let q = Outbound::new(10);
         q.push(Bytes::from_static(b"1234567890"));
         let mut batch = VecDeque::new();
-        assert_eq!(q.take(&mut batch), None);
+        assert_eq!(q.take(&mut batch).0, None);
         assert_eq!(batch.len(), 1);
         assert_eq!(q.push(Bytes::from_static(b"1234567890")), Pushed::Queued);
         q.close(CloseReason::Shutdown);
         q.close(CloseReason::Internal);
-        assert_eq!(q.take(&mut batch), Some(CloseReason::Shutdown));
+        assert_eq!(q.take(&mut batch).0, Some(CloseReason::Shutdown));
         assert_eq!(batch.len(), 2);
     }
 }

@@ -234,15 +234,15 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
             tokio::time::Instant::now() + limits.ping_interval,
             limits.ping_interval,
         );
-        // Registered once, not per loop turn: every connection shares the node's token.
+        // Registered once, not per loop turn.
         let mut cancelled = std::pin::pin!(shutdown.cancelled());
         // Only connections with a token have a token timer; it is boxed so that the others
-        // do not reserve room for one. It is reset only when the due time moves.
+        // do not reserve room for one. It is reset only when the due time moves or it fired.
         let mut token_timer = token
             .as_ref()
             .map(|t| (t.due_ms(), Box::pin(tokio::time::sleep_until(t.deadline()))));
         let reason = loop {
-            let (closing, oldest) = outbound.take_sampled(&mut batch);
+            let (closing, oldest) = outbound.take(&mut batch);
             if !batch.is_empty() {
                 if write_batch(&mut write_half, &mut batch, limits)
                     .await
@@ -258,7 +258,7 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
                 break reason;
             }
             if let (Some(clock), Some((due, timer))) = (&token, &mut token_timer) {
-                if clock.due_ms() != *due {
+                if clock.due_ms() != *due || timer.is_elapsed() {
                     *due = clock.due_ms();
                     timer.as_mut().reset(clock.deadline());
                 }
@@ -285,12 +285,8 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
                             outbound.push(frame::text(&note.to_json()));
                         }
                         Some(ClockEvent::Expired) => break CloseReason::TokenExpired,
+                        // Early, or the grace period started: the timer is re-aimed above.
                         _ => {}
-                    }
-                    // Fired (the grace period started, or it was early): aim at the new due time.
-                    if let (Some(clock), Some((due, timer))) = (&token, &mut token_timer) {
-                        *due = clock.due_ms();
-                        timer.as_mut().reset(clock.deadline());
                     }
                 }
             }
@@ -397,10 +393,12 @@ where
                     if partial.is_some() {
                         break CloseReason::Protocol("interleaved_message");
                     }
+                    // `Vec::from` reuses the payload's allocation when the reader no longer
+                    // shares it (the usual case: one frame per read).
                     if frame.fin {
-                        Some((frame.opcode, frame.payload.to_vec()))
+                        Some((frame.opcode, Vec::from(frame.payload)))
                     } else {
-                        let buf = frame.payload.to_vec();
+                        let buf = Vec::from(frame.payload);
                         utf8_checked = 0;
                         if frame.opcode == OpCode::Text && !utf8_prefix_ok(&buf, &mut utf8_checked)
                         {
