@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use gateway::conn::frame;
+use gateway::conn::outbound::Outbound;
+use gateway::conn::socket::{self, Handler, Limits};
 use gateway::error::CloseReason;
-use gateway::frame;
-use gateway::outbound::Outbound;
-use gateway::websocket::{self, Handler, Limits};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
@@ -64,7 +64,7 @@ async fn main() -> std::io::Result<()> {
                     if let Ok(ws) = fut.await {
                         let out = Arc::new(Outbound::new(256 << 20));
                         let handler = Echo(out.clone());
-                        websocket::serve_upgraded(
+                        socket::serve_upgraded(
                             ws.into_inner().into_inner(),
                             limits,
                             handler,

@@ -30,29 +30,18 @@
 //!
 //! Wire types (requests, replies, close codes, channel names) live in the `shared` crate.
 
-pub mod admin;
 pub mod auth;
 pub mod broker;
-pub mod client_ip;
+pub mod cluster;
 pub mod config;
-pub mod directory;
+pub mod conn;
+pub mod core;
+pub mod edge;
 pub mod error;
-pub mod frame;
-pub mod http;
-pub mod hub;
-pub mod inbound;
-#[cfg(feature = "kube")]
-pub mod kube;
 pub mod metrics;
 pub mod node;
-pub mod origin;
-pub mod outbound;
-pub mod ratelimit;
-pub mod redis;
+pub mod ops;
 pub mod server;
-pub mod session;
-pub mod tls;
-pub mod websocket;
 
 pub use config::Config;
 pub use server::run;

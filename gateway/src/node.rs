@@ -10,16 +10,16 @@ use crate::auth::Authenticator;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::Broker;
-use crate::client_ip::TrustedProxies;
+use crate::cluster::directory::Directory;
+use crate::cluster::inbound::Inbound;
+use crate::cluster::redis::Redis;
 use crate::config::Config;
-use crate::directory::Directory;
+use crate::conn::limiter::HandshakeLimiter;
+use crate::conn::socket::Limits;
+use crate::core::hub::{ConnId, Hub};
+use crate::edge::client_ip::TrustedProxies;
 use crate::error::StartError;
-use crate::hub::{ConnId, Hub};
-use crate::inbound::Inbound;
 use crate::metrics::Metrics;
-use crate::ratelimit::HandshakeLimiter;
-use crate::redis::Redis;
-use crate::websocket::Limits;
 
 /// Shared node state. Cheap to reach from any task through an `Arc`.
 pub struct Node {

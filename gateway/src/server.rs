@@ -32,13 +32,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
+        (Some(cert), Some(key)) => Some(crate::edge::tls::acceptor(cert, key)?),
         _ => None,
     };
     let node = Node::new(config, shutdown.clone()).await?;
     let background = CancellationToken::new();
     spawn_background(&node, tls.as_ref().map(|(_, r)| r.clone()), &background);
-    let admin = tokio::spawn(crate::admin::serve(
+    let admin = tokio::spawn(crate::ops::admin::serve(
         admin_listener,
         node.clone(),
         background.clone(),
@@ -98,7 +98,7 @@ async fn accept(
 ) {
     let timeout = node.config.handshake_timeout();
     if node.config.proxy_protocol && node.proxies.trusts(peer.ip()) {
-        match crate::client_ip::read_proxy_v2(&mut stream, timeout).await {
+        match crate::edge::client_ip::read_proxy_v2(&mut stream, timeout).await {
             Ok(Some(source)) => peer = source,
             Ok(None) => {}
             Err(e) => {
@@ -110,9 +110,9 @@ async fn accept(
         }
     }
     match tls {
-        None => crate::http::serve_connection(node, stream, peer).await,
+        None => crate::edge::http::serve_connection(node, stream, peer).await,
         Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-            Ok(Ok(tls_stream)) => crate::http::serve_connection(node, tls_stream, peer).await,
+            Ok(Ok(tls_stream)) => crate::edge::http::serve_connection(node, tls_stream, peer).await,
             Ok(Err(e)) => {
                 node.metrics
                     .inc("gateway_tls_handshake_failures_total", &[]);
@@ -129,13 +129,13 @@ async fn accept(
 
 fn spawn_background(
     node: &Arc<Node>,
-    resolver: Option<Arc<crate::tls::Resolver>>,
+    resolver: Option<Arc<crate::edge::tls::Resolver>>,
     stop: &CancellationToken,
 ) {
     if let (Some(resolver), Some(cert), Some(key)) =
         (resolver, &node.config.tls_cert, &node.config.tls_key)
     {
-        tokio::spawn(crate::tls::watch(
+        tokio::spawn(crate::edge::tls::watch(
             resolver,
             cert.clone(),
             key.clone(),
@@ -163,7 +163,7 @@ fn spawn_background(
     #[cfg(feature = "kube")]
     {
         let (n, s) = (node.clone(), stop.clone());
-        tokio::spawn(async move { crate::kube::start(&n, &s).await });
+        tokio::spawn(async move { crate::ops::kube::start(&n, &s).await });
     }
     if let Some(jwks) = node.auth.as_ref().and_then(|a| a.jwks()) {
         tokio::spawn(crate::auth::refresh_jwks(jwks, stop.clone()));
@@ -204,7 +204,9 @@ async fn drain(node: &Arc<Node>) {
             // the clients closed in one tick from reconnecting in the same instant.
             let max_hint = node.config.drain_window_ms.clamp(1_000, 5_000);
             closed += node.directory.close_oldest(due - closed, || {
-                crate::error::CloseReason::Restart(crate::directory::jittered_ms(500, max_hint))
+                crate::error::CloseReason::Restart(crate::cluster::directory::jittered_ms(
+                    500, max_hint,
+                ))
             });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

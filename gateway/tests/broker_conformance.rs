@@ -26,7 +26,7 @@ async fn redis_broker_conforms() {
     conformance::run_all(|sink| {
         let config = config.clone();
         async move {
-            let redis = gateway::redis::Redis::connect(&config, Arc::default())
+            let redis = gateway::cluster::redis::Redis::connect(&config, Arc::default())
                 .await
                 .expect("connect");
             redis.set_sink(sink);

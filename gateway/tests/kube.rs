@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use gateway::kube::{watch_drain, LeaseElector, DRAIN_ANNOTATION};
+use gateway::ops::kube::{watch_drain, LeaseElector, DRAIN_ANNOTATION};
 use http_body_util::BodyExt;
 use hyper::{Method, Request, Response};
 use k8s_openapi::api::coordination::v1::Lease;

@@ -794,7 +794,7 @@ async fn proxy_protocol_v2_names_the_client() {
         let addr = node.addr;
         async move {
             let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(&gateway::client_ip::encode_proxy_v2(src, dst))
+            s.write_all(&gateway::edge::client_ip::encode_proxy_v2(src, dst))
                 .await
                 .unwrap();
             match Client::handshake(s, "t", "/ws", &[]).await {

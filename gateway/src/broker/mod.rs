@@ -1,6 +1,6 @@
 //! The `Broker` carries channel messages between nodes.
 //!
-//! The [`crate::hub::Hub`] is the only caller: it subscribes on a channel's first local
+//! The [`crate::core::hub::Hub`] is the only caller: it subscribes on a channel's first local
 //! subscriber and unsubscribes on its last, so a node holds one broker subscription per
 //! channel however many clients listen. Messages for subscribed channels come back through the
 //! [`Sink`] given when the broker is built.

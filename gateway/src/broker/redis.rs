@@ -4,13 +4,13 @@
 //!
 //! The hub calls `subscribe` only for a channel's first local subscriber, so each node holds
 //! one Redis subscription per channel. Incoming messages reach the hub through
-//! [`crate::redis::PushRouter`], which drops (and counts) bodies that are not JSON.
+//! [`crate::cluster::redis::PushRouter`], which drops (and counts) bodies that are not JSON.
 
 use std::sync::Arc;
 
 use super::{BoxFuture, Broker};
+use crate::cluster::redis::Redis;
 use crate::error::BrokerError;
-use crate::redis::Redis;
 
 /// See the module docs.
 pub struct RedisBroker(pub Arc<Redis>);

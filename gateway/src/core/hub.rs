@@ -21,10 +21,10 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::broker::{Broker, Sink};
+use crate::conn::frame;
+use crate::conn::outbound::{Outbound, Pushed};
 use crate::error::BrokerError;
-use crate::frame;
 use crate::metrics::Metrics;
-use crate::outbound::{Outbound, Pushed};
 
 /// A connection's id, unique within the node.
 pub type ConnId = u64;

@@ -9,10 +9,10 @@
 
 use std::sync::Arc;
 
-use crate::directory::now_ms;
+use crate::cluster::directory::now_ms;
+use crate::cluster::redis::Redis;
 use crate::error::BrokerError;
 use crate::metrics::Metrics;
-use crate::redis::Redis;
 
 pub use shared::backend::Event;
 

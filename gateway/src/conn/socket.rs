@@ -6,7 +6,7 @@
 //!   reassembles fragments itself and closes with 1009 the moment the running total passes
 //!   `max_message_bytes`, before buffering any more.
 //! - The writer is the connection's main loop: one `select!` over the outbound queue, the
-//!   heartbeat tick and the shutdown token. It writes pre-encoded frames ([`crate::frame`])
+//!   heartbeat tick and the shutdown token. It writes pre-encoded frames ([`crate::conn::frame`])
 //!   straight to the socket with vectored writes, so a frame fanned out to many connections
 //!   is encoded once and shared as [`Bytes`]. Every write is flushed, which TLS streams need.
 //!
@@ -37,9 +37,9 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{ClockEvent, TokenClock};
+use crate::conn::frame::{self, FrameReader, OpCode};
+use crate::conn::outbound::Outbound;
 use crate::error::CloseReason;
-use crate::frame::{self, FrameReader, OpCode};
-use crate::outbound::Outbound;
 
 /// What the application does with complete messages.
 pub trait Handler: Send + 'static {

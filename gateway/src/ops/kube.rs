@@ -22,7 +22,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams, WatchEvent, WatchParams};
 use tokio_util::sync::CancellationToken;
 
-use crate::directory::{BoxFuture, Elector};
+use crate::cluster::directory::{BoxFuture, Elector};
 
 /// The annotation that drains a pod.
 pub const DRAIN_ANNOTATION: &str = "gateway.example.io/drain";

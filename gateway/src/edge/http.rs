@@ -19,19 +19,19 @@ use shared::protocol::ServerFrame;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::auth::{AuthError, Identity, TokenClock};
-use crate::directory::AddError;
+use crate::cluster::directory::AddError;
+use crate::cluster::inbound::Event;
+use crate::conn::outbound::Outbound;
+use crate::conn::socket;
+use crate::core::hub::ConnId;
+use crate::core::session::Session;
 use crate::error::{Blame, CloseReason};
-use crate::hub::ConnId;
-use crate::inbound::Event;
 use crate::node::{Node, Slot};
-use crate::outbound::Outbound;
-use crate::session::Session;
-use crate::websocket;
 
 /// Response type of both listeners.
 pub type HttpResponse = Response<Full<Bytes>>;
 
-const DEMO_PAGE: &str = include_str!("../static/chat.html");
+const DEMO_PAGE: &str = include_str!("../../static/chat.html");
 
 /// Serves one connection (plain TCP or TLS) of the public listener. The header read timeout
 /// bounds how long a client may take to send its handshake (slowloris). `peer` is the
@@ -167,10 +167,10 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, peer: SocketAddr) 
         return r;
     }
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-    if let Err(e) = crate::origin::check(&node.config, header("origin"), header("host")) {
+    if let Err(e) = crate::edge::origin::check(&node.config, header("origin"), header("host")) {
         let message = match e {
-            crate::origin::OriginError::Missing => "an Origin header is required",
-            crate::origin::OriginError::NotAllowed => "this Origin is not allowed",
+            crate::edge::origin::OriginError::Missing => "an Origin header is required",
+            crate::edge::origin::OriginError::NotAllowed => "this Origin is not allowed",
         };
         return refuse(
             StatusCode::FORBIDDEN,
@@ -312,7 +312,7 @@ async fn cleanup(
     id: ConnId,
     conn_id: &str,
     user_id: Option<&str>,
-    subs: &crate::session::Subscriptions,
+    subs: &crate::core::session::Subscriptions,
     reason: &CloseReason,
 ) {
     let channels: Vec<String> = subs
@@ -368,7 +368,7 @@ async fn open_connection(node: Arc<Node>, conn: Conn, upgraded: hyper::upgrade::
     tracing::debug!(%peer, conn = %conn_id, "connection open");
     // Boxed so that the task holds it once: awaiting a captured future moves it, and both
     // places would stay reserved for the connection's whole life.
-    let served = websocket::serve_upgraded(
+    let served = socket::serve_upgraded(
         upgraded,
         node.limits(),
         session,

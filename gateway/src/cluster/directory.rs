@@ -27,12 +27,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::redis::Redis;
 use crate::config::Config;
+use crate::conn::frame;
+use crate::conn::outbound::{Outbound, Pushed};
 use crate::error::{BrokerError, CloseReason, StartError};
-use crate::frame;
 use crate::metrics::Metrics;
-use crate::outbound::{Outbound, Pushed};
-use crate::redis::Redis;
 
 const LIBRARY: &str = include_str!("directory.lua");
 
@@ -176,7 +176,7 @@ impl Directory {
         self.purge_node(redis, &self.node_id).await.map_err(fail)?;
         redis
             .subscribe(
-                &crate::redis::node_channel(&redis.prefix, &self.node_id),
+                &crate::cluster::redis::node_channel(&redis.prefix, &self.node_id),
                 false,
             )
             .await
@@ -368,7 +368,7 @@ impl Directory {
             return Ok(false);
         };
         let node = entry.split(' ').next().unwrap_or_default();
-        let channel = crate::redis::node_channel(&redis.prefix, node);
+        let channel = crate::cluster::redis::node_channel(&redis.prefix, node);
         redis
             .publish(&channel, &format!("K {conn}\n"), false)
             .await?;

@@ -13,13 +13,13 @@ use std::sync::{Arc, Mutex};
 use shared::protocol::{parse_request, ErrorCode, Request, RequestId, ServerFrame};
 
 use crate::auth::{Identity, TokenClock};
+use crate::conn::frame;
+use crate::conn::limiter::{ConnLimiter, Verdict};
+use crate::conn::outbound::Outbound;
+use crate::conn::socket::Handler;
+use crate::core::hub::ConnId;
 use crate::error::CloseReason;
-use crate::frame;
-use crate::hub::ConnId;
 use crate::node::Node;
-use crate::outbound::Outbound;
-use crate::ratelimit::{ConnLimiter, Verdict};
-use crate::websocket::Handler;
 
 /// The channels a connection is subscribed to. Shared with the connection task so that it can
 /// unsubscribe everything when the connection ends, however the reader stopped.
@@ -85,7 +85,7 @@ impl Session {
         let m = &self.node.metrics;
         m.messages_out.fetch_add(1, Ordering::Relaxed);
         m.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        if self.out.push(bytes) == crate::outbound::Pushed::Overflowed {
+        if self.out.push(bytes) == crate::conn::outbound::Pushed::Overflowed {
             m.inc("gateway_slow_consumer_disconnects_total", &[]);
         }
     }
@@ -128,7 +128,7 @@ impl Session {
                 self.node
                     .inbound
                     .append(
-                        crate::inbound::Event::Message,
+                        crate::cluster::inbound::Event::Message,
                         &self.conn_id,
                         user,
                         data.get(),

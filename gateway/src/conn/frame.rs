@@ -17,7 +17,7 @@
 //! it causes: the mask bit on every client frame (§5.1), zero reserved bits (no extension
 //! is negotiated), known opcodes, unfragmented control frames of ≤ 125 bytes, and a frame
 //! length within the message cap, checked from the header before any payload is buffered.
-//! Reassembly of fragments and UTF-8 checks are the caller's ([`crate::websocket`]).
+//! Reassembly of fragments and UTF-8 checks are the caller's ([`crate::conn::socket`]).
 //!
 //! It is cancel-safe: all state lives in the reader, not in the future.
 

@@ -31,7 +31,7 @@ use serde_json::value::RawValue;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{json, json_error, HttpResponse};
+use crate::edge::http::{json, json_error, HttpResponse};
 use crate::node::Node;
 
 /// Accepts admin connections until `stop` is cancelled.

@@ -268,7 +268,7 @@ impl Config {
             }
         }
         for cidr in &self.trusted_proxies {
-            if crate::client_ip::Cidr::parse(cidr).is_none() {
+            if crate::edge::client_ip::Cidr::parse(cidr).is_none() {
                 return bad("trusted_proxies", &format!("`{cidr}` is not a CIDR"));
             }
         }

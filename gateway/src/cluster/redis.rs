@@ -78,7 +78,7 @@ impl PushRouter {
         let (Ok(name), Ok(data)) = (std::str::from_utf8(name), std::str::from_utf8(payload)) else {
             return self.drop_message("not UTF-8");
         };
-        if let Err(why) = shared::protocol::check_data(crate::hub::split_trace(data).1) {
+        if let Err(why) = shared::protocol::check_data(crate::core::hub::split_trace(data).1) {
             return self.drop_message(why);
         }
         if let Some(sink) = self.sink.get() {

@@ -1,0 +1,6 @@
+//! What the nodes share through Redis: the transport, the connection directory and the
+//! backends' inbound stream.
+
+pub mod directory;
+pub mod inbound;
+pub mod redis;

@@ -1,0 +1,7 @@
+//! The edge: what a client meets before its connection is open. TLS, the real client
+//! address, the HTTP routes of the public listener and the handshake checks.
+
+pub mod client_ip;
+pub mod http;
+pub mod origin;
+pub mod tls;
