@@ -62,7 +62,8 @@ async fn main() -> std::io::Result<()> {
                 };
                 tokio::spawn(async move {
                     if let Ok(ws) = fut.await {
-                        let out = Arc::new(Outbound::new(256 << 20));
+                        // The echo server sends no events; any codec would do.
+                        let out = Arc::new(Outbound::new(256 << 20, &gateway::protocol::v1::CODEC));
                         let handler = Echo(out.clone());
                         socket::serve_upgraded(
                             ws.into_inner().into_inner(),

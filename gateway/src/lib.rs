@@ -41,7 +41,9 @@ pub mod error;
 pub mod metrics;
 pub mod node;
 pub mod ops;
+pub mod protocol;
 pub mod server;
+pub mod time;
 
 pub use config::Config;
 pub use server::run;

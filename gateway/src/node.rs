@@ -1,8 +1,9 @@
-//! State shared by every task of one node.
+//! State shared by every task of one node: the core's services ([`Core`], which a `Node`
+//! derefs to) and what the edge and the shutdown sequence add to them.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -17,25 +18,17 @@ use crate::config::Config;
 use crate::conn::limiter::HandshakeLimiter;
 use crate::conn::socket::Limits;
 use crate::core::hub::{ConnId, Hub};
+use crate::core::Core;
 use crate::edge::client_ip::TrustedProxies;
 use crate::error::StartError;
 use crate::metrics::Metrics;
 
 /// Shared node state. Cheap to reach from any task through an `Arc`.
 pub struct Node {
-    pub config: Config,
-    /// Token verifier; `None` when no key is configured (anonymous only).
-    pub auth: Option<Arc<Authenticator>>,
+    /// The sessions' services: config, auth, hub, directory, inbound stream, metrics.
+    pub core: Arc<Core>,
     pub handshake_limiter: HandshakeLimiter,
     pub proxies: TrustedProxies,
-    pub hub: Arc<Hub>,
-    /// Where every user and connection of the cluster lives; unicast and disconnects.
-    pub directory: Arc<Directory>,
-    /// Client `send` messages and lifecycle events to the backends.
-    pub inbound: Inbound,
-    /// The Redis connection; `None` on a single node with the in-process broker.
-    pub redis: Option<Arc<Redis>>,
-    pub metrics: Arc<Metrics>,
     /// Cancelled when shutdown starts: readiness turns false at once.
     pub draining: CancellationToken,
     /// Cancelled by a drain on demand (`POST /v1/drain`, or the pod annotation): the node
@@ -69,8 +62,7 @@ impl Node {
         let timeout = Duration::from_millis(config.redis_timeout_ms);
         let hub = Hub::new(shards, metrics.clone(), timeout, |sink| match &redis {
             Some(r) => {
-                r.set_sink(sink);
-                Arc::new(RedisBroker(r.clone())) as Arc<dyn Broker>
+                Arc::new(RedisBroker::new(r.clone(), sink, metrics.clone())) as Arc<dyn Broker>
             }
             None => Arc::new(MemoryBroker::new(sink)) as Arc<dyn Broker>,
         });
@@ -82,19 +74,18 @@ impl Node {
             config.inbound_maxlen,
             metrics.clone(),
         );
-        let boot_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let boot_ms = crate::time::now_ms();
         Ok(Arc::new(Node {
-            config,
-            auth,
+            core: Arc::new(Core {
+                config,
+                auth,
+                hub,
+                directory,
+                inbound,
+                metrics,
+            }),
             handshake_limiter,
             proxies,
-            hub,
-            directory,
-            inbound,
-            redis,
-            metrics,
             draining,
             maintenance: CancellationToken::new(),
             close_all: CancellationToken::new(),
@@ -143,6 +134,14 @@ impl Node {
             ping_timeout: self.config.ping_timeout(),
             write_timeout: Duration::from_secs(2).min(self.config.ping_timeout()),
         }
+    }
+}
+
+/// Everything a node offers, the core's services included: `node.hub`, `node.config`.
+impl std::ops::Deref for Node {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
     }
 }
 

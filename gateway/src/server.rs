@@ -168,11 +168,26 @@ fn spawn_background(
     if let Some(jwks) = node.auth.as_ref().and_then(|a| a.jwks()) {
         tokio::spawn(crate::auth::refresh_jwks(jwks, stop.clone()));
     }
+    let (n, s) = (node.clone(), stop.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(60)) => n.handshake_limiter.evict(),
+                _ = s.cancelled() => return,
+            }
+        }
+    });
+    // Broker subscriptions whose unsubscribe failed or timed out, retried until they go.
     let (node, stop) = (node.clone(), stop.clone());
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(60)) => node.handshake_limiter.evict(),
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                    let left = node.hub.reconcile().await;
+                    if left > 0 {
+                        tracing::debug!(left, "broker subscriptions still to reconcile");
+                    }
+                }
                 _ = stop.cancelled() => return,
             }
         }

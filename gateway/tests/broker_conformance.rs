@@ -1,18 +1,22 @@
-//! The broker conformance suite, run against both brokers: the in-memory one, and the Redis
-//! one on a real `redis-server` that this test starts on a free port.
+//! The broker conformance suite, run against both brokers: the in-memory one (brokers of one
+//! test share a bus, as nodes share Redis), and the Redis one on a real `redis-server` that
+//! this test starts on a free port (each broker has its own connection, as nodes do).
 
 mod common;
 
 use std::sync::Arc;
 
 use common::redis_server::RedisServer;
-use gateway::broker::{conformance, memory::MemoryBroker, redis::RedisBroker, Broker};
+use gateway::broker::memory::{Bus, MemoryBroker};
+use gateway::broker::{conformance, redis::RedisBroker, Broker};
 
 #[tokio::test]
 async fn memory_broker_conforms() {
-    conformance::run_all(
-        |sink| async move { Arc::new(MemoryBroker::new(sink)) as Arc<dyn Broker> },
-    )
+    let bus = Bus::default();
+    conformance::run_all(|sink| {
+        let broker = Arc::new(MemoryBroker::on(&bus, sink)) as Arc<dyn Broker>;
+        async move { broker }
+    })
     .await;
 }
 
@@ -29,8 +33,7 @@ async fn redis_broker_conforms() {
             let redis = gateway::cluster::redis::Redis::connect(&config, Arc::default())
                 .await
                 .expect("connect");
-            redis.set_sink(sink);
-            Arc::new(RedisBroker(redis)) as Arc<dyn Broker>
+            Arc::new(RedisBroker::new(redis, sink, Arc::default())) as Arc<dyn Broker>
         }
     })
     .await;

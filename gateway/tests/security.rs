@@ -25,7 +25,7 @@ const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
 
 fn now() -> u64 {
-    gateway::auth::unix_now()
+    gateway::time::now_secs()
 }
 
 /// A fresh directory for one test's keys and certificates.

@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
@@ -222,13 +222,6 @@ fn load_public_key(path: &Path) -> Result<DecodingKey, StartError> {
         .map_err(|e| StartError::Key(path.display().to_string(), e.to_string()))
 }
 
-/// Unix time in seconds.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// A cached JWKS.
 pub struct Jwks {
     url: hyper::Uri,
@@ -438,12 +431,6 @@ pub enum ClockEvent {
     Expired,
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl TokenClock {
     pub fn new(exp: u64, grace: Duration) -> Self {
         TokenClock {
@@ -461,7 +448,8 @@ impl TokenClock {
 
     /// When the writer should next call [`TokenClock::fire`].
     pub fn deadline(&self) -> tokio::time::Instant {
-        tokio::time::Instant::now() + Duration::from_millis(self.due_ms().saturating_sub(unix_ms()))
+        tokio::time::Instant::now()
+            + Duration::from_millis(self.due_ms().saturating_sub(crate::time::now_ms()))
     }
 
     /// When [`TokenClock::fire`] is next due, in Unix milliseconds. It changes only when the
@@ -474,7 +462,7 @@ impl TokenClock {
     }
 
     pub fn fire(&self) -> ClockEvent {
-        let now = unix_ms();
+        let now = crate::time::now_ms();
         if now < self.exp.load(Ordering::Acquire) * 1000 {
             return ClockEvent::NotYet;
         }
@@ -498,12 +486,12 @@ mod tests {
 
     #[test]
     fn clock_warns_then_expires_unless_renewed() {
-        let clock = TokenClock::new(unix_now() - 1, Duration::from_millis(50));
+        let clock = TokenClock::new(crate::time::now_secs() - 1, Duration::from_millis(50));
         assert_eq!(clock.fire(), ClockEvent::Warn(50));
         assert_eq!(clock.fire(), ClockEvent::NotYet);
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(clock.fire(), ClockEvent::Expired);
-        clock.renew(unix_now() + 100);
+        clock.renew(crate::time::now_secs() + 100);
         assert_eq!(clock.fire(), ClockEvent::NotYet);
         assert!(clock.deadline() > tokio::time::Instant::now() + Duration::from_secs(90));
     }

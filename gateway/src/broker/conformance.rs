@@ -59,7 +59,7 @@ where
     unsubscribe_stops_delivery(&make).await;
     subscribe_is_idempotent(&make).await;
     preserves_order_and_bytes(&make).await;
-    reports_healthy(&make).await;
+    delivers_across_nodes(&make).await;
 }
 
 async fn delivers_subscribed_channels_only<F, Fut>(make: &F)
@@ -141,11 +141,29 @@ where
     }
 }
 
-async fn reports_healthy<F, Fut>(make: &F)
+/// Two brokers from one factory are two nodes on one backend: a publish on either reaches
+/// exactly the nodes subscribed to the channel, the publishing node included.
+async fn delivers_across_nodes<F, Fut>(make: &F)
 where
     F: Fn(Sink) -> Fut,
     Fut: Future<Output = Arc<dyn Broker>>,
 {
-    let b = make(Recorder::default().sink()).await;
-    assert!(b.is_healthy());
+    let (ra, rb) = (Recorder::default(), Recorder::default());
+    let a = make(ra.sink()).await;
+    let b = make(rb.sink()).await;
+    b.subscribe("conf:x").await.expect("subscribe b");
+    a.publish("conf:x", "1").await.expect("publish on a");
+    assert_eq!(rb.wait_for(1).await, vec![pair("conf:x", "1")], "a to b");
+    a.subscribe("conf:x").await.expect("subscribe a");
+    b.publish("conf:x", "2").await.expect("publish on b");
+    assert_eq!(ra.wait_for(1).await, vec![pair("conf:x", "2")], "b to a");
+    assert_eq!(rb.wait_for(2).await.len(), 2, "b hears its own publish");
+    b.unsubscribe("conf:x").await.expect("unsubscribe b");
+    a.publish("conf:x", "3").await.expect("publish on a");
+    assert_eq!(ra.wait_for(2).await.len(), 2);
+    assert_eq!(
+        rb.settle().await,
+        vec![pair("conf:x", "1"), pair("conf:x", "2")],
+        "b unsubscribed but still received"
+    );
 }

@@ -1,6 +1,6 @@
 //! The `Broker` carries channel messages between nodes.
 //!
-//! The [`crate::core::hub::Hub`] is the only caller: it subscribes on a channel's first local
+//! The hub (`core::hub`) is the only caller: it subscribes on a channel's first local
 //! subscriber and unsubscribes on its last, so a node holds one broker subscription per
 //! channel however many clients listen. Messages for subscribed channels come back through the
 //! [`Sink`] given when the broker is built.
@@ -23,9 +23,29 @@ use crate::error::BrokerError;
 /// at run time from the config).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Called by the broker for every message on a subscribed channel: `(channel, data)`, where
-/// `data` is the JSON text of the message's `data`. Must not block.
+/// Called by the broker for every message on a subscribed channel: `(channel, payload)`,
+/// where `payload` is the JSON text of the message's `data`, perhaps behind a trace envelope
+/// ([`split_trace`]). Must not block.
 pub type Sink = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
+/// Marks a payload that starts with trace context: `\x1etraceparent=<value>\n<json>`. JSON
+/// text cannot start with U+001E, so a backend's plain JSON is never mistaken for it.
+const TRACE_MARK: char = '\u{1e}';
+
+/// A payload that carries a W3C `traceparent` in front of the data, so that every node's
+/// delivery log line can carry it. Plain JSON from a backend has no such envelope.
+pub fn traced(data: &str, traceparent: &str) -> String {
+    format!("{TRACE_MARK}traceparent={traceparent}\n{data}")
+}
+
+/// Splits a broker payload into its optional `traceparent` and the JSON data.
+pub fn split_trace(payload: &str) -> (Option<&str>, &str) {
+    payload
+        .strip_prefix(TRACE_MARK)
+        .and_then(|r| r.strip_prefix("traceparent="))
+        .and_then(|r| r.split_once('\n'))
+        .map_or((None, payload), |(tp, data)| (Some(tp), data))
+}
 
 /// See the module docs.
 pub trait Broker: Send + Sync + 'static {

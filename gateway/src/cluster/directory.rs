@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
@@ -115,11 +115,7 @@ fn command(args: [&str; 5]) -> redis::Cmd {
     cmd
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::time::now_ms;
 
 impl Directory {
     pub fn new(c: &Config, redis: Option<Arc<Redis>>, metrics: Arc<Metrics>) -> Arc<Directory> {
@@ -142,11 +138,15 @@ impl Directory {
         });
         if let Some(redis) = &dir.redis {
             let weak: Weak<Directory> = Arc::downgrade(&dir);
-            redis.set_node_handler(Arc::new(move |payload: &[u8]| {
-                if let Some(dir) = weak.upgrade() {
-                    dir.on_node_message(payload);
-                }
-            }));
+            let channel = crate::cluster::redis::node_channel(&redis.prefix, &dir.node_id);
+            redis.route(
+                &channel,
+                Arc::new(move |rest: &[u8], payload: &[u8]| {
+                    if let Some(dir) = weak.upgrade().filter(|_| rest.is_empty()) {
+                        dir.on_node_message(payload);
+                    }
+                }),
+            );
         }
         dir
     }
@@ -461,9 +461,8 @@ impl Directory {
                     self.deliver(conns.split(' '), body);
                 }
                 Err(why) => {
-                    if let Some(r) = &self.redis {
-                        r.drop_message(why);
-                    }
+                    self.metrics.inc("gateway_broker_dropped_total", &[]);
+                    tracing::warn!(why, "dropped a unicast published on Redis");
                 }
             },
             Some(("K", conn)) => {

@@ -1,45 +1,46 @@
-//! The node's one Redis connection, shared by the broker, the directory and the inbound
-//! stream.
+//! The node's Redis transport, shared by the broker, the directory and the inbound stream.
 //!
 //! It is a single multiplexed RESP3 connection (or a Redis Cluster connection): commands and
-//! pub/sub travel together, and subscription messages arrive as RESP3 pushes that
-//! [`PushRouter`] hands straight to the hub or the directory, with no queue in between. The
-//! redis crate reconnects with backoff and re-subscribes every channel by itself; what Redis
-//! itself may have lost in a restart (the function library, this node's directory entries) is
-//! restored by the directory's heartbeat once [`Redis::take_resync`] says so.
+//! pub/sub travel together, and subscription messages arrive as RESP3 pushes. The transport
+//! knows nothing of what travels on it: whoever subscribes registers a [`PushHandler`] for a
+//! channel-name prefix ([`Redis::route`]) and gets that channel's pushes, called straight
+//! from the redis crate's push callback with no queue in between. The broker registers
+//! `<prefix>ch:` at construction, the directory its own node channel.
+//!
+//! The redis crate reconnects with backoff and re-subscribes every channel by itself; what
+//! Redis itself may have lost in a restart (the function library, this node's directory
+//! entries) is restored by the directory's heartbeat once [`Redis::take_resync`] says so.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use redis::aio::{AsyncPushSender, ConnectionManager, ConnectionManagerConfig, SendError};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value};
 
-use crate::broker::Sink;
 use crate::config::Config;
 use crate::error::{BrokerError, StartError};
 use crate::metrics::Metrics;
 
-/// Handles a message on this node's own channel (unicasts, disconnects).
-pub type NodeHandler = Arc<dyn Fn(&[u8]) + Send + Sync>;
+/// Called for every pub/sub message on a routed channel, with the channel name after the
+/// registered prefix and the raw payload. Runs inside the redis crate's push callback, so it
+/// must not block: it only queues already-encoded bytes.
+pub type PushHandler = Arc<dyn Fn(&[u8], &[u8]) + Send + Sync>;
 
-/// Routes subscription pushes: channel messages to the hub, node messages to the directory.
-pub struct PushRouter {
-    channel_prefix: String,
-    node_channel: String,
-    sink: OnceLock<Sink>,
-    node_handler: OnceLock<NodeHandler>,
+/// Pushes by channel prefix. Routes are registered before their first SUBSCRIBE, so a push
+/// never arrives for a route that does not exist yet; the lock is read once per push and
+/// written only at start-up.
+struct Routes {
+    by_prefix: RwLock<Vec<(Vec<u8>, PushHandler)>>,
     /// Set when the connection dropped: Redis may have restarted empty.
     lost: AtomicBool,
-    dropped_log_ms: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
-/// The `AsyncPushSender` the redis crate calls for every push. It must not block: the sink
-/// only queues encoded bytes.
+/// The `AsyncPushSender` the redis crate calls for every push.
 #[derive(Clone)]
-struct Router(Arc<PushRouter>);
+struct Router(Arc<Routes>);
 
 impl AsyncPushSender for Router {
     fn send(&self, info: PushInfo) -> Result<(), SendError> {
@@ -48,7 +49,7 @@ impl AsyncPushSender for Router {
     }
 }
 
-impl PushRouter {
+impl Routes {
     fn route(&self, info: PushInfo) {
         match info.kind {
             PushKind::Message | PushKind::SMessage => {}
@@ -66,41 +67,11 @@ impl PushRouter {
         else {
             return;
         };
-        if channel.as_slice() == self.node_channel.as_bytes() {
-            if let Some(h) = self.node_handler.get() {
-                h(payload);
+        let routes = self.by_prefix.read().unwrap_or_else(|p| p.into_inner());
+        for (prefix, handler) in routes.iter() {
+            if let Some(rest) = channel.strip_prefix(prefix.as_slice()) {
+                return handler(rest, payload);
             }
-            return;
-        }
-        let Some(name) = channel.strip_prefix(self.channel_prefix.as_bytes()) else {
-            return;
-        };
-        let (Ok(name), Ok(data)) = (std::str::from_utf8(name), std::str::from_utf8(payload)) else {
-            return self.drop_message("not UTF-8");
-        };
-        if let Err(why) = shared::protocol::check_data(crate::core::hub::split_trace(data).1) {
-            return self.drop_message(why);
-        }
-        if let Some(sink) = self.sink.get() {
-            sink(name, data);
-        }
-    }
-
-    /// Counts a backend message that cannot be forwarded; logs at most once per 10 s.
-    pub fn drop_message(&self, why: &str) {
-        self.metrics.inc("gateway_broker_dropped_total", &[]);
-        let now = crate::auth::unix_now();
-        let last = self.dropped_log_ms.load(Ordering::Relaxed);
-        if now >= last + 10
-            && self
-                .dropped_log_ms
-                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(
-                why,
-                "dropped a message published on Redis (logged at most every 10 s; see gateway_broker_dropped_total)"
-            );
         }
     }
 }
@@ -117,7 +88,7 @@ pub struct Redis {
     pub prefix: String,
     sharded: bool,
     timeout: Duration,
-    router: Arc<PushRouter>,
+    router: Arc<Routes>,
     healthy: AtomicBool,
     metrics: Arc<Metrics>,
 }
@@ -127,13 +98,9 @@ impl Redis {
     /// start together.
     pub async fn connect(c: &Config, metrics: Arc<Metrics>) -> Result<Arc<Redis>, StartError> {
         let url = c.redis_url.as_deref().unwrap_or_default();
-        let router = Arc::new(PushRouter {
-            channel_prefix: shared::backend::Names::new(&c.redis_prefix).channel(""),
-            node_channel: node_channel(&c.redis_prefix, &c.node_id),
-            sink: OnceLock::new(),
-            node_handler: OnceLock::new(),
+        let router = Arc::new(Routes {
+            by_prefix: RwLock::new(Vec::new()),
             lost: AtomicBool::new(false),
-            dropped_log_ms: AtomicU64::new(0),
             metrics: metrics.clone(),
         });
         let timeout = Duration::from_millis(c.redis_timeout_ms);
@@ -190,19 +157,15 @@ impl Redis {
         matches!(self.conn, Conn::Cluster(_))
     }
 
-    /// Where channel messages go. Set once, when the hub is built.
-    pub fn set_sink(&self, sink: Sink) {
-        let _ = self.router.sink.set(sink);
-    }
-
-    /// Where this node's own channel messages go. Set once, by the directory.
-    pub fn set_node_handler(&self, handler: NodeHandler) {
-        let _ = self.router.node_handler.set(handler);
-    }
-
-    /// Counts a dropped backend message (see [`PushRouter::drop_message`]).
-    pub fn drop_message(&self, why: &str) {
-        self.router.drop_message(why)
+    /// Sends the pushes of every channel whose name starts with `prefix` to `handler`.
+    /// Register before subscribing to such a channel. Prefixes must not overlap.
+    pub fn route(&self, prefix: &str, handler: PushHandler) {
+        let mut routes = self
+            .router
+            .by_prefix
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        routes.push((prefix.as_bytes().to_vec(), handler));
     }
 
     /// True once after the connection dropped (Redis may have restarted empty).
@@ -223,11 +186,6 @@ impl Redis {
                 tracing::warn!("Redis is unreachable; serving local connections only");
             }
         }
-    }
-
-    /// `<prefix>ch:<channel>`: the pub/sub channel that carries a gateway channel.
-    pub fn channel_key(&self, channel: &str) -> String {
-        shared::backend::Names::new(&self.prefix).channel(channel)
     }
 
     /// Runs one command with the node's Redis timeout. `op` labels the error metric.

@@ -20,14 +20,16 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
+use super::event::{Codec, Event};
 use crate::error::CloseReason;
 
 /// See the module docs.
-#[derive(Debug)]
 pub struct Outbound {
     state: Mutex<State>,
     notify: Notify,
     cap: usize,
+    /// How events for this connection are encoded: its wire protocol.
+    codec: &'static dyn Codec,
     /// Where [`Outbound::written`] records the fan-out latency; `None` in tools and tests.
     latency: Option<opentelemetry::metrics::Histogram<f64>>,
 }
@@ -59,21 +61,33 @@ pub enum Pushed {
 }
 
 impl Outbound {
-    pub fn new(cap: usize) -> Self {
+    /// A queue of at most `cap` bytes for a connection that speaks `codec`.
+    pub fn new(cap: usize, codec: &'static dyn Codec) -> Self {
         Outbound {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             cap,
+            codec,
             latency: None,
         }
     }
 
-    /// A queue that records broker-receipt-to-write latency in `latency`.
-    pub fn with_latency(cap: usize, latency: opentelemetry::metrics::Histogram<f64>) -> Self {
+    /// Records broker-receipt-to-write latency in `latency`.
+    pub fn with_latency(self, latency: opentelemetry::metrics::Histogram<f64>) -> Self {
         Outbound {
             latency: Some(latency),
-            ..Outbound::new(cap)
+            ..self
         }
+    }
+
+    /// The connection's wire protocol.
+    pub fn codec(&self) -> &'static dyn Codec {
+        self.codec
+    }
+
+    /// Encodes `event` for this connection and queues it.
+    pub fn push_event(&self, event: &Event<'_>) -> Pushed {
+        self.push(self.codec.encode(event))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -176,9 +190,20 @@ impl Outbound {
 mod tests {
     use super::*;
 
+    /// Tests of the queue alone need no protocol.
+    struct NoCodec;
+    impl Codec for NoCodec {
+        fn id(&self) -> usize {
+            0
+        }
+        fn encode(&self, _: &Event<'_>) -> Bytes {
+            Bytes::new()
+        }
+    }
+
     #[test]
     fn overflow_drops_queue_and_closes() {
-        let q = Outbound::new(10);
+        let q = Outbound::new(10, &NoCodec);
         assert_eq!(q.push(Bytes::from_static(b"12345")), Pushed::Queued);
         assert_eq!(q.push(Bytes::from_static(b"12345")), Pushed::Queued);
         assert_eq!(q.push(Bytes::from_static(b"1")), Pushed::Overflowed);
@@ -190,7 +215,7 @@ mod tests {
 
     #[test]
     fn take_frees_room_and_first_close_wins() {
-        let q = Outbound::new(10);
+        let q = Outbound::new(10, &NoCodec);
         q.push(Bytes::from_static(b"1234567890"));
         let mut batch = VecDeque::new();
         assert_eq!(q.take(&mut batch).0, None);

@@ -37,6 +37,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{ClockEvent, TokenClock};
+use crate::conn::event::Event;
 use crate::conn::frame::{self, FrameReader, OpCode};
 use crate::conn::outbound::Outbound;
 use crate::error::CloseReason;
@@ -281,8 +282,7 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
                 _ = token_due => {
                     match token.as_ref().map(|t| t.fire()) {
                         Some(ClockEvent::Warn(grace_ms)) => {
-                            let note = shared::protocol::ServerFrame::TokenExpired { grace_ms };
-                            outbound.push(frame::text(&note.to_json()));
+                            outbound.push_event(&Event::TokenExpiring { grace_ms });
                         }
                         Some(ClockEvent::Expired) => break CloseReason::TokenExpired,
                         // Early, or the grace period started: the timer is re-aimed above.

@@ -12,16 +12,14 @@
 //! subscriber's [`Outbound`] queue.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use crate::broker::{Broker, Sink};
-use crate::conn::frame;
+use crate::conn::event::{Encoded, Event};
 use crate::conn::outbound::{Outbound, Pushed};
 use crate::error::BrokerError;
 use crate::metrics::Metrics;
@@ -36,25 +34,16 @@ struct Shard {
     channels: RwLock<HashMap<String, Subscribers>>,
 }
 
-/// Marks a payload that starts with trace context: `\x1etraceparent=<value>\n<json>`. JSON
-/// text cannot start with U+001E, so a backend's plain JSON is never mistaken for it.
-const TRACE_MARK: char = '\u{1e}';
-
-/// Splits a broker payload into its optional `traceparent` and the JSON data.
-pub fn split_trace(payload: &str) -> (Option<&str>, &str) {
-    payload
-        .strip_prefix(TRACE_MARK)
-        .and_then(|r| r.strip_prefix("traceparent="))
-        .and_then(|r| r.split_once('\n'))
-        .map_or((None, payload), |(tp, data)| (Some(tp), data))
-}
-
 /// See the module docs.
 pub struct Hub {
     shards: Box<[Shard]>,
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
     broker_timeout: Duration,
+    /// Channels whose broker subscription may outlive their last local subscriber: an
+    /// unsubscribe failed, or a subscribe timed out (the broker may have subscribed anyway).
+    /// [`Hub::reconcile`] unsubscribes them. Bounded by the channels this node ever had.
+    stale: std::sync::Mutex<HashSet<String>>,
 }
 
 impl Hub {
@@ -82,6 +71,7 @@ impl Hub {
                 broker: make_broker(sink),
                 metrics,
                 broker_timeout,
+                stale: Default::default(),
             }
         })
     }
@@ -118,6 +108,7 @@ impl Hub {
                     subs.remove(&conn);
                     if subs.is_empty() {
                         map.remove(channel);
+                        self.mark_stale(channel);
                     }
                 }
                 return Err(e);
@@ -142,10 +133,46 @@ impl Hub {
             emptied
         };
         if last {
-            self.broker_call("unsubscribe", self.broker.unsubscribe(channel))
-                .await?;
+            let r = self
+                .broker_call("unsubscribe", self.broker.unsubscribe(channel))
+                .await;
+            if r.is_err() {
+                self.mark_stale(channel);
+            }
+            r?;
         }
         Ok(())
+    }
+
+    fn mark_stale(&self, channel: &str) {
+        let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
+        stale.insert(channel.to_owned());
+    }
+
+    /// Unsubscribes the broker from every stale channel (see `stale`) that still has no
+    /// local subscriber. A channel whose unsubscribe fails again stays for the next round.
+    /// Returns how many stale channels remain.
+    pub async fn reconcile(&self) -> usize {
+        let channels: Vec<String> = {
+            let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
+            stale.drain().collect()
+        };
+        for channel in channels {
+            let shard = self.shard(&channel);
+            let _order = shard.control.lock().await;
+            if self.subscribers(&channel) > 0 {
+                // A later subscribe went through the broker: its subscription is wanted.
+                continue;
+            }
+            if self
+                .broker_call("unsubscribe", self.broker.unsubscribe(&channel))
+                .await
+                .is_err()
+            {
+                self.mark_stale(&channel);
+            }
+        }
+        self.stale.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Publishes through the broker, reaching subscribers on every node.
@@ -162,13 +189,13 @@ impl Hub {
         data: &str,
         traceparent: &str,
     ) -> Result<(), BrokerError> {
-        let payload = format!("{TRACE_MARK}traceparent={traceparent}\n{data}");
-        self.publish(channel, &payload).await
+        self.publish(channel, &crate::broker::traced(data, traceparent))
+            .await
     }
 
     /// Queues a channel message to every local subscriber. The frame is encoded once.
     pub fn deliver(&self, channel: &str, payload: &str) {
-        let (trace, data) = split_trace(payload);
+        let (trace, data) = crate::broker::split_trace(payload);
         let shard = self.shard(channel);
         let map = shard.channels.read().unwrap_or_else(|p| p.into_inner());
         let Some(subs) = map.get(channel) else { return };
@@ -180,12 +207,17 @@ impl Hub {
                 "delivering traced message"
             );
         }
-        let bytes: Bytes = frame::text(&shared::protocol::encode_message(channel, data));
+        let mut encoded = Encoded::new(Event::Message { channel, data });
         let received = std::time::Instant::now();
-        let mut delivered = 0u64;
+        let (mut delivered, mut bytes) = (0u64, 0u64);
         for out in subs.values() {
-            match out.push_received(bytes.clone(), received) {
-                Pushed::Queued => delivered += 1,
+            let frame = encoded.bytes(out.codec());
+            let len = frame.len() as u64;
+            match out.push_received(frame, received) {
+                Pushed::Queued => {
+                    delivered += 1;
+                    bytes += len;
+                }
                 Pushed::Overflowed => {
                     self.metrics
                         .inc("gateway_slow_consumer_disconnects_total", &[]);
@@ -200,9 +232,7 @@ impl Hub {
         self.metrics
             .messages_out
             .fetch_add(delivered, Ordering::Relaxed);
-        self.metrics
-            .bytes_out
-            .fetch_add(delivered * bytes.len() as u64, Ordering::Relaxed);
+        self.metrics.bytes_out.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Number of local subscribers of `channel`.
@@ -248,6 +278,8 @@ fn write(
 mod tests {
     use super::*;
     use crate::broker::memory::MemoryBroker;
+    use crate::conn::frame;
+    use crate::protocol::v1;
     use std::collections::VecDeque;
 
     fn hub() -> Arc<Hub> {
@@ -260,8 +292,8 @@ mod tests {
     async fn fan_out_shares_one_encoding() {
         let hub = hub();
         let (a, b) = (
-            Arc::new(Outbound::new(1 << 16)),
-            Arc::new(Outbound::new(1 << 16)),
+            Arc::new(Outbound::new(1 << 16, &v1::CODEC)),
+            Arc::new(Outbound::new(1 << 16, &v1::CODEC)),
         );
         hub.subscribe("c", 1, &a).await.expect("sub a");
         hub.subscribe("c", 2, &b).await.expect("sub b");
@@ -280,10 +312,80 @@ mod tests {
         );
     }
 
+    /// A memory broker whose next `unsubscribe` calls fail, as a Redis that timed out.
+    struct Flaky {
+        inner: MemoryBroker,
+        failures: std::sync::atomic::AtomicU32,
+        subscribed: std::sync::Mutex<HashSet<String>>,
+    }
+
+    impl Broker for Flaky {
+        fn subscribe<'a>(
+            &'a self,
+            channel: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            self.subscribed.lock().unwrap().insert(channel.to_owned());
+            self.inner.subscribe(channel)
+        }
+        fn unsubscribe<'a>(
+            &'a self,
+            channel: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            let left = self.failures.load(Ordering::SeqCst);
+            if left > 0 {
+                self.failures.store(left - 1, Ordering::SeqCst);
+                return Box::pin(async { Err(BrokerError::Timeout) });
+            }
+            self.subscribed.lock().unwrap().remove(channel);
+            self.inner.unsubscribe(channel)
+        }
+        fn publish<'a>(
+            &'a self,
+            channel: &'a str,
+            data: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            self.inner.publish(channel, data)
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_unsubscribe_is_reconciled() {
+        let flaky: std::sync::Arc<std::sync::OnceLock<Arc<Flaky>>> = Default::default();
+        let slot = flaky.clone();
+        let hub = Hub::new(4, Arc::default(), Duration::from_secs(1), move |sink| {
+            let b = Arc::new(Flaky {
+                inner: MemoryBroker::new(sink),
+                failures: 2.into(),
+                subscribed: Default::default(),
+            });
+            let _ = slot.set(b.clone());
+            b as Arc<dyn Broker>
+        });
+        let broker = flaky.get().expect("built").clone();
+        let subscribed = |c: &str| broker.subscribed.lock().unwrap().contains(c);
+        let out = Arc::new(Outbound::new(1 << 16, &v1::CODEC));
+        hub.subscribe("a", 1, &out).await.expect("sub a");
+        hub.subscribe("b", 1, &out).await.expect("sub b");
+        assert!(
+            hub.unsubscribe("a", 1).await.is_err(),
+            "first unsubscribe fails"
+        );
+        assert!(subscribed("a"), "the broker still holds a");
+        // b gets a subscriber again before the reconcile: its subscription must stay.
+        assert!(hub.unsubscribe("b", 1).await.is_err());
+        hub.subscribe("b", 2, &out).await.expect("sub b again");
+        assert_eq!(hub.reconcile().await, 0, "nothing left stale");
+        assert!(!subscribed("a"), "reconcile unsubscribed the orphan");
+        assert!(
+            subscribed("b"),
+            "a channel with a subscriber keeps its subscription"
+        );
+    }
+
     #[tokio::test]
     async fn broker_subscription_follows_first_and_last_subscriber() {
         let hub = hub();
-        let out = Arc::new(Outbound::new(1 << 16));
+        let out = Arc::new(Outbound::new(1 << 16, &v1::CODEC));
         hub.subscribe("c", 1, &out).await.expect("sub");
         hub.subscribe("c", 2, &out).await.expect("sub");
         hub.unsubscribe("c", 1).await.expect("unsub");

@@ -1,56 +1,125 @@
-//! Protocol v1 for one connection: turns client requests into hub calls and replies.
+//! One connection's session, whatever protocol it speaks: what its commands do.
 //!
-//! `send` is acknowledged only once the message is in the backends' Redis stream.
+//! A protocol adapter decodes a frame into a [`Command`], runs it with [`Session::execute`]
+//! and encodes the result in its own terms. The checks (channel permissions, the
+//! subscription cap, the publish rules, the token's user on refresh) live here once, so every
+//! protocol enforces the same rules.
 //!
-//! Request errors (bad JSON, unknown type, bad channel, too many subscriptions, forbidden)
-//! are answered with an `error` frame and leave the connection open: a client bug should cost
-//! one request, not the connection and every subscription on it.
+//! `send` succeeds only once the message is in the backends' Redis stream.
+//!
+//! Command failures are answered, not fatal: a client bug should cost one request, not the
+//! connection and every subscription on it. Only the per-connection rate limit closes.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use shared::protocol::{parse_request, ErrorCode, Request, RequestId, ServerFrame};
+use shared::protocol::ErrorCode;
 
+use super::hub::ConnId;
+use super::Core;
 use crate::auth::{Identity, TokenClock};
-use crate::conn::frame;
+use crate::cluster::inbound::Event as Inbound;
 use crate::conn::limiter::{ConnLimiter, Verdict};
-use crate::conn::outbound::Outbound;
-use crate::conn::socket::Handler;
-use crate::core::hub::ConnId;
-use crate::error::CloseReason;
-use crate::node::Node;
+use crate::conn::outbound::{Outbound, Pushed};
+use crate::error::{Blame, CloseReason};
 
-/// The channels a connection is subscribed to. Shared with the connection task so that it can
-/// unsubscribe everything when the connection ends, however the reader stopped.
+/// A connection's command, decoded by its protocol adapter. Borrowed from the frame.
+#[derive(Debug, Clone, Copy)]
+pub enum Command<'a> {
+    /// Start receiving a channel's messages.
+    Subscribe { channel: &'a str },
+    /// Stop receiving a channel's messages.
+    Unsubscribe { channel: &'a str },
+    /// Publish `data` (JSON text) to a channel.
+    Publish { channel: &'a str, data: &'a str },
+    /// Send `data` (JSON text) to the backends' inbound stream.
+    Send { data: &'a str },
+    /// Replace the connection's token before it expires.
+    Refresh { token: &'a str },
+}
+
+/// Why a command failed: a code every protocol maps onto its own errors, and a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// What the per-connection rate limit says about one incoming frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admit {
+    /// Handle the frame.
+    Yes,
+    /// Refuse it with this failure (`rate_limited`); the connection stays open.
+    Refuse(Failure),
+}
+
+/// The channels a connection is subscribed to. Shared with the connection's task so that it
+/// can unsubscribe everything when the connection ends, however the reader stopped.
 pub type Subscriptions = Arc<Mutex<HashSet<String>>>;
 
-/// One connection's protocol state.
+/// A connection admitted at the handshake, as the core knows it.
+pub struct Conn {
+    pub id: ConnId,
+    /// The wire id, as the directory and the inbound stream know it.
+    pub conn_id: String,
+    pub out: Arc<Outbound>,
+    pub ip: IpAddr,
+    /// The verified token's identity; `None` for anonymous connections.
+    pub identity: Option<Identity>,
+}
+
+/// See the module docs.
 pub struct Session {
     id: ConnId,
-    /// The wire id (`welcome.conn_id`), as the directory and the inbound stream know it.
     conn_id: String,
-    node: Arc<Node>,
+    core: Arc<Core>,
     out: Arc<Outbound>,
     subs: Subscriptions,
-    /// The verified token's identity; `None` for anonymous connections.
     identity: Option<Identity>,
     clock: Option<Arc<TokenClock>>,
     limiter: ConnLimiter,
 }
 
-type Failure = (ErrorCode, String);
+/// What outlives the session for the cleanup after the socket closed.
+pub struct Ending {
+    id: ConnId,
+    ip: IpAddr,
+    conn_id: String,
+    user_id: Option<String>,
+    subs: Subscriptions,
+}
 
 impl Session {
-    pub fn new(
-        id: ConnId,
-        conn_id: String,
-        node: Arc<Node>,
-        out: Arc<Outbound>,
-        identity: Option<Identity>,
-        clock: Option<Arc<TokenClock>>,
-    ) -> Self {
-        let c = &node.config;
+    /// Opens a session: appends the `connect` event to the inbound stream first, so that it
+    /// comes before anything the connection sends.
+    pub async fn open(core: Arc<Core>, conn: Conn) -> (Session, Ending) {
+        let Conn {
+            id,
+            conn_id,
+            out,
+            identity,
+            ip,
+        } = conn;
+        let clock = identity
+            .as_ref()
+            .map(|i| Arc::new(TokenClock::new(i.exp, core.config.token_grace())));
+        let user_id = identity.as_ref().map(|i| i.user_id.clone());
+        core.inbound
+            .lifecycle(Inbound::Connect, &conn_id, user_id.as_deref(), "")
+            .await;
+        let c = &core.config;
         let limiter = ConnLimiter::new(
             c.message_rate,
             c.message_burst,
@@ -58,44 +127,101 @@ impl Session {
             (c.max_message_bytes * 4).min(u32::MAX as usize) as u32,
             c.rate_limit_strikes,
         );
-        Session {
+        let subs = Subscriptions::default();
+        let ending = Ending {
+            id,
+            ip,
+            conn_id: conn_id.clone(),
+            user_id,
+            subs: subs.clone(),
+        };
+        let session = Session {
             id,
             conn_id,
-            node,
+            core,
             out,
-            subs: Subscriptions::default(),
+            subs,
             identity,
             clock,
             limiter,
-        }
+        };
+        (session, ending)
     }
 
-    /// The subscription set, for cleanup after the connection ends.
-    pub fn subscriptions(&self) -> Subscriptions {
-        self.subs.clone()
+    /// The wire id of the connection.
+    pub fn conn_id(&self) -> &str {
+        &self.conn_id
+    }
+
+    /// The connection's user; `None` when anonymous.
+    pub fn user_id(&self) -> Option<&str> {
+        self.identity.as_ref().map(|i| i.user_id.as_str())
+    }
+
+    /// The node's id, for welcome frames.
+    pub fn node_id(&self) -> &str {
+        &self.core.config.node_id
+    }
+
+    /// The token clock, which the writer watches; `None` without a token.
+    pub fn clock(&self) -> Option<Arc<TokenClock>> {
+        self.clock.clone()
+    }
+
+    /// Queues a reply that the adapter encoded.
+    pub fn reply(&self, bytes: bytes::Bytes) {
+        let m = &self.core.metrics;
+        m.messages_out.fetch_add(1, Ordering::Relaxed);
+        m.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if self.out.push(bytes) == Pushed::Overflowed {
+            m.inc("gateway_slow_consumer_disconnects_total", &[]);
+        }
     }
 
     fn subs(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.subs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a reply frame to this connection.
-    pub fn send(&self, f: &ServerFrame<'_>) {
-        let bytes = frame::text(&f.to_json());
-        let m = &self.node.metrics;
-        m.messages_out.fetch_add(1, Ordering::Relaxed);
-        m.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        if self.out.push(bytes) == crate::conn::outbound::Pushed::Overflowed {
-            m.inc("gateway_slow_consumer_disconnects_total", &[]);
+    /// Counts an incoming frame of `len` bytes and applies the connection's rate limits.
+    /// Past `rate_limit_strikes` refusals in a row the connection closes with 1008.
+    pub fn admit(&mut self, len: usize) -> Result<Admit, CloseReason> {
+        let m = &self.core.metrics;
+        m.messages_in.fetch_add(1, Ordering::Relaxed);
+        m.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+        match self.limiter.check(len) {
+            Verdict::Pass => Ok(Admit::Yes),
+            Verdict::Refuse(kind) => {
+                m.inc("gateway_rate_limit_hits_total", &[("kind", kind)]);
+                let message = format!("over the {kind} rate; slow down or be disconnected");
+                Ok(Admit::Refuse(Failure::new(ErrorCode::RateLimited, message)))
+            }
+            Verdict::Close(kind) => {
+                m.inc("gateway_rate_limit_hits_total", &[("kind", kind)]);
+                Err(CloseReason::Policy(if kind == "bytes" {
+                    "byte rate exceeded"
+                } else {
+                    "message rate exceeded"
+                }))
+            }
         }
     }
 
-    async fn handle(&mut self, req: Request<'_>) -> Result<(), Failure> {
-        match req {
-            Request::Subscribe { channel } => self.subscribe(channel).await,
-            Request::Unsubscribe { channel } => {
+    /// Counts and logs a refused command; the adapter then answers it in its own terms.
+    pub fn refused(&self, failure: &Failure) {
+        self.core.metrics.inc(
+            "gateway_request_errors_total",
+            &[("code", failure.code.as_str())],
+        );
+        tracing::debug!(conn = self.id, code = failure.code.as_str(), message = %failure.message, "request refused");
+    }
+
+    /// Runs one command.
+    pub async fn execute(&mut self, cmd: Command<'_>) -> Result<(), Failure> {
+        match cmd {
+            Command::Subscribe { channel } => self.subscribe(channel).await,
+            Command::Unsubscribe { channel } => {
                 if self.subs().remove(channel) {
-                    self.node
+                    self.core
                         .hub
                         .unsubscribe(channel, self.id)
                         .await
@@ -103,36 +229,31 @@ impl Session {
                 }
                 Ok(())
             }
-            Request::Publish { channel, data } => {
+            Command::Publish { channel, data } => {
                 let by_claim = self
                     .identity
                     .as_ref()
                     .is_some_and(|i| shared::channel::any_match(&i.publish, channel));
                 if !by_claim
-                    && !shared::channel::any_match(&self.node.config.publish_allow, channel)
+                    && !shared::channel::any_match(&self.core.config.publish_allow, channel)
                 {
-                    return Err((
+                    return Err(Failure::new(
                         ErrorCode::Forbidden,
                         format!("publishing to `{channel}` is not allowed"),
                     ));
                 }
-                self.node
+                self.core
                     .hub
-                    .publish(channel, data.get())
+                    .publish(channel, data)
                     .await
                     .map_err(unavailable)
             }
-            Request::Refresh { token } => self.refresh(token).await,
-            Request::Send { data } => {
+            Command::Refresh { token } => self.refresh(token).await,
+            Command::Send { data } => {
                 let user = self.identity.as_ref().map(|i| i.user_id.as_str());
-                self.node
+                self.core
                     .inbound
-                    .append(
-                        crate::cluster::inbound::Event::Message,
-                        &self.conn_id,
-                        user,
-                        data.get(),
-                    )
+                    .append(Inbound::Message, &self.conn_id, user, data)
                     .await
                     .map_err(unavailable)
             }
@@ -141,20 +262,20 @@ impl Session {
 
     /// Replaces the connection's token. The new token must name the same user.
     async fn refresh(&mut self, token: &str) -> Result<(), Failure> {
-        let (Some(auth), Some(current)) = (&self.node.auth, &self.identity) else {
-            return Err((
+        let (Some(auth), Some(current)) = (&self.core.auth, &self.identity) else {
+            return Err(Failure::new(
                 ErrorCode::BadRequest,
-                "this connection has no token to refresh".into(),
+                "this connection has no token to refresh",
             ));
         };
         let fresh = auth
             .verify(token)
             .await
-            .map_err(|e| (ErrorCode::Unauthorized, e.to_string()))?;
+            .map_err(|e| Failure::new(ErrorCode::Unauthorized, e.to_string()))?;
         if fresh.user_id != current.user_id {
-            return Err((
+            return Err(Failure::new(
                 ErrorCode::Unauthorized,
-                "refresh token names a different sub".into(),
+                "refresh token names a different sub",
             ));
         }
         if let Some(clock) = &self.clock {
@@ -176,69 +297,79 @@ impl Session {
                 .and_then(|i| i.channels.as_ref())
                 .is_none_or(|patterns| shared::channel::any_match(patterns, channel));
             if !allowed {
-                return Err((
+                return Err(Failure::new(
                     ErrorCode::Forbidden,
                     format!("your token does not allow subscribing to `{channel}`"),
                 ));
             }
-            let max = self.node.config.max_subscriptions;
+            let max = self.core.config.max_subscriptions;
             if subs.len() >= max {
-                return Err((
+                return Err(Failure::new(
                     ErrorCode::TooManySubscriptions,
                     format!("a connection may hold at most {max} subscriptions"),
                 ));
             }
             subs.insert(channel.to_owned());
         }
-        if let Err(e) = self.node.hub.subscribe(channel, self.id, &self.out).await {
+        if let Err(e) = self.core.hub.subscribe(channel, self.id, &self.out).await {
             self.subs().remove(channel);
             return Err(unavailable(e));
         }
         Ok(())
     }
-
-    fn reply_error(&self, id: Option<RequestId>, code: ErrorCode, message: String) {
-        self.node
-            .metrics
-            .inc("gateway_request_errors_total", &[("code", code.as_str())]);
-        tracing::debug!(conn = self.id, code = code.as_str(), %message, "request refused");
-        self.send(&ServerFrame::Error { id, code, message });
-    }
 }
 
 fn unavailable(e: crate::error::BrokerError) -> Failure {
-    (ErrorCode::Unavailable, e.to_string())
+    Failure::new(ErrorCode::Unavailable, e.to_string())
 }
 
-impl Handler for Session {
-    async fn on_text(&mut self, text: String) -> Result<(), CloseReason> {
-        let m = &self.node.metrics;
-        m.messages_in.fetch_add(1, Ordering::Relaxed);
-        m.bytes_in.fetch_add(text.len() as u64, Ordering::Relaxed);
-        match self.limiter.check(text.len()) {
-            Verdict::Pass => {}
-            Verdict::Refuse(kind) => {
-                m.inc("gateway_rate_limit_hits_total", &[("kind", kind)]);
-                let message = format!("over the {kind} rate; slow down or be disconnected");
-                self.reply_error(None, ErrorCode::RateLimited, message);
-                return Ok(());
-            }
-            Verdict::Close(kind) => {
-                m.inc("gateway_rate_limit_hits_total", &[("kind", kind)]);
-                return Err(CloseReason::Policy(if kind == "bytes" {
-                    "byte rate exceeded"
-                } else {
-                    "message rate exceeded"
-                }));
-            }
+impl Ending {
+    /// After the socket closed: unsubscribe, leave the directory, append `disconnect`, and
+    /// count and log the close.
+    pub async fn close(self, core: &Core, reason: &CloseReason) {
+        let channels: Vec<String> = self
+            .subs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        for channel in channels {
+            let _ = core.hub.unsubscribe(&channel, self.id).await;
         }
-        match parse_request(&text) {
-            Err(e) => self.reply_error(e.id, e.code, e.message),
-            Ok((id, req)) => match self.handle(req).await {
-                Ok(()) => self.send(&ServerFrame::Ack { id }),
-                Err((code, message)) => self.reply_error(id, code, message),
-            },
+        core.directory.remove(&self.conn_id).await;
+        let close =
+            serde_json::json!({"code": reason.code(), "reason": reason.label()}).to_string();
+        core.inbound
+            .lifecycle(
+                Inbound::Disconnect,
+                &self.conn_id,
+                self.user_id.as_deref(),
+                &close,
+            )
+            .await;
+        closed(core, self.ip, &self.conn_id, reason);
+    }
+}
+
+/// Counts and logs a closed connection.
+fn closed(core: &Core, peer: IpAddr, conn_id: &str, reason: &CloseReason) {
+    let (label, blame) = (reason.label(), reason.blame());
+    if let CloseReason::Protocol(kind) = reason {
+        core.metrics
+            .inc("gateway_protocol_violations_total", &[("kind", kind)]);
+    }
+    core.metrics.inc(
+        "gateway_connection_closes_total",
+        &[("reason", label), ("blame", blame.as_str())],
+    );
+    let code = reason.code();
+    match blame {
+        Blame::Client => {
+            tracing::info!(%peer, conn = %conn_id, code, reason = label, detail = %reason, "connection closed")
         }
-        Ok(())
+        Blame::Internal => {
+            tracing::error!(%peer, conn = %conn_id, code, reason = label, "connection closed")
+        }
+        _ => tracing::debug!(%peer, conn = %conn_id, code, reason = label, "connection closed"),
     }
 }

@@ -6,27 +6,25 @@
 //! node's connection cap (503).
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use shared::protocol::ServerFrame;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::auth::{AuthError, Identity, TokenClock};
+use crate::auth::{AuthError, Identity};
 use crate::cluster::directory::AddError;
-use crate::cluster::inbound::Event;
 use crate::conn::outbound::Outbound;
 use crate::conn::socket;
-use crate::core::hub::ConnId;
-use crate::core::session::Session;
-use crate::error::{Blame, CloseReason};
+use crate::core::session::{Conn, Session};
 use crate::node::{Node, Slot};
+use crate::protocol::v1;
 
 /// Response type of both listeners.
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -210,10 +208,10 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, peer: SocketAddr) 
         }
     };
     let (id, conn_id) = node.next_conn_id();
-    let out = Arc::new(Outbound::with_latency(
-        node.config.outbound_queue_bytes,
-        node.metrics.fanout_latency.clone(),
-    ));
+    let out = Arc::new(
+        Outbound::new(node.config.outbound_queue_bytes, &v1::CODEC)
+            .with_latency(node.metrics.fanout_latency.clone()),
+    );
     let user = identity.as_ref().map(|i| i.user_id.as_str());
     match node.directory.add(&conn_id, user, out.clone()).await {
         Ok(()) => {}
@@ -238,7 +236,6 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, peer: SocketAddr) 
         id,
         conn_id,
         out,
-        slot,
         ip,
         identity,
     };
@@ -264,7 +261,7 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, peer: SocketAddr) 
     tracing::debug!(%ip, user = conn.identity.as_ref().map(|i| i.user_id.as_str()), "handshake ok");
     tokio::spawn(async move {
         match fut.await {
-            Ok(ws) => open_connection(node, conn, ws.into_inner().into_inner()).await,
+            Ok(ws) => open_connection(node, conn, slot, ws.into_inner().into_inner()).await,
             Err(e) => {
                 tracing::debug!(%ip, error = %e, "upgrade did not complete");
                 node.directory.remove(&conn.conn_id).await;
@@ -296,82 +293,24 @@ async fn authenticate(node: &Node, req: &Request<Incoming>) -> Result<Option<Ide
     }
 }
 
-/// A connection admitted at the handshake: slot taken, registered in the directory.
-struct Conn {
-    id: ConnId,
-    conn_id: String,
-    out: Arc<Outbound>,
-    slot: Slot,
-    ip: IpAddr,
-    identity: Option<Identity>,
-}
-
-/// After the socket closed: unsubscribe, leave the directory, append `disconnect`.
-async fn cleanup(
-    node: &Node,
-    id: ConnId,
-    conn_id: &str,
-    user_id: Option<&str>,
-    subs: &crate::core::session::Subscriptions,
-    reason: &CloseReason,
-) {
-    let channels: Vec<String> = subs
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .drain()
-        .collect();
-    for channel in channels {
-        let _ = node.hub.unsubscribe(&channel, id).await;
-    }
-    node.directory.remove(conn_id).await;
-    let close = serde_json::json!({"code": reason.code(), "reason": reason.label()}).to_string();
-    node.inbound
-        .lifecycle(Event::Disconnect, conn_id, user_id, &close)
-        .await;
-}
-
-/// Opens an upgraded connection: `connect` event, welcome, then the connection's own task.
+/// Opens an upgraded connection: the session (`connect` event), the protocol's greeting,
+/// then the connection's own task.
 ///
 /// This runs in the short-lived task that awaited the upgrade. The long-lived task that it
 /// spawns captures only what the connection needs until cleanup, because whatever a task's
 /// future holds is reserved for every idle connection's whole life.
-async fn open_connection(node: Arc<Node>, conn: Conn, upgraded: hyper::upgrade::Upgraded) {
-    let Conn {
-        id,
-        conn_id,
-        out,
-        slot,
-        ip: peer,
-        identity,
-    } = conn;
-    let clock = identity
-        .as_ref()
-        .map(|i| Arc::new(TokenClock::new(i.exp, node.config.token_grace())));
-    let user_id = identity.as_ref().map(|i| i.user_id.clone());
-    node.inbound
-        .lifecycle(Event::Connect, &conn_id, user_id.as_deref(), "")
-        .await;
-    let session = Session::new(
-        id,
-        conn_id.clone(),
-        node.clone(),
-        out.clone(),
-        identity,
-        clock.clone(),
-    );
-    session.send(&ServerFrame::Welcome {
-        conn_id: conn_id.clone(),
-        node_id: node.config.node_id.clone(),
-        user_id: user_id.clone(),
-    });
-    let subs = session.subscriptions();
-    tracing::debug!(%peer, conn = %conn_id, "connection open");
+async fn open_connection(node: Arc<Node>, conn: Conn, slot: Slot, upgraded: Upgraded) {
+    let out = conn.out.clone();
+    tracing::debug!(peer = %conn.ip, conn = %conn.conn_id, "connection open");
+    let (session, ending) = Session::open(node.core.clone(), conn).await;
+    let clock = session.clock();
+    let connection = v1::Connection::open(session);
     // Boxed so that the task holds it once: awaiting a captured future moves it, and both
     // places would stay reserved for the connection's whole life.
     let served = socket::serve_upgraded(
         upgraded,
         node.limits(),
-        session,
+        connection,
         out,
         // A child token per connection: polling the shared one locks a mutex that every
         // connection's writer contends for on each turn of its loop.
@@ -381,41 +320,9 @@ async fn open_connection(node: Arc<Node>, conn: Conn, upgraded: hyper::upgrade::
     tokio::spawn(async move {
         let reason = served.await;
         // Boxed: inline, cleanup's Redis calls would be reserved in every idle connection.
-        Box::pin(cleanup(
-            &node,
-            id,
-            &conn_id,
-            user_id.as_deref(),
-            &subs,
-            &reason,
-        ))
-        .await;
-        closed(&node, peer, &conn_id, &reason);
+        Box::pin(ending.close(&node.core, &reason)).await;
         drop(slot);
     });
-}
-
-/// Counts and logs a closed connection.
-fn closed(node: &Node, peer: IpAddr, conn_id: &str, reason: &CloseReason) {
-    let (label, blame) = (reason.label(), reason.blame());
-    if let CloseReason::Protocol(kind) = reason {
-        node.metrics
-            .inc("gateway_protocol_violations_total", &[("kind", kind)]);
-    }
-    node.metrics.inc(
-        "gateway_connection_closes_total",
-        &[("reason", label), ("blame", blame.as_str())],
-    );
-    let code = reason.code();
-    match blame {
-        Blame::Client => {
-            tracing::info!(%peer, conn = %conn_id, code, reason = label, detail = %reason, "connection closed")
-        }
-        Blame::Internal => {
-            tracing::error!(%peer, conn = %conn_id, code, reason = label, "connection closed")
-        }
-        _ => tracing::debug!(%peer, conn = %conn_id, code, reason = label, "connection closed"),
-    }
 }
 
 /// A JSON error body: `{"error": code, "message": message}`.

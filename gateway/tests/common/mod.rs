@@ -133,7 +133,7 @@ pub fn hs256(secret: &str, claims: &Value) -> String {
 pub fn user_token(secret: &str, sub: &str) -> String {
     hs256(
         secret,
-        &json!({"sub": sub, "exp": gateway::auth::unix_now() + 600}),
+        &json!({"sub": sub, "exp": gateway::time::now_secs() + 600}),
     )
 }
 

@@ -1,0 +1,95 @@
+//! Protocol v1: one JSON object per WebSocket text frame (`docs/protocol.md`).
+//!
+//! Requests are parsed by `shared::protocol` (which backends and tests share) and answered
+//! with `ack` or `error`, carrying the request's `id`.
+
+use bytes::Bytes;
+use shared::protocol::{parse_request, Request, RequestId, ServerFrame};
+
+use crate::conn::event::{Codec, Event};
+use crate::conn::frame;
+use crate::conn::socket::Handler;
+use crate::core::session::{Admit, Command, Failure, Session};
+use crate::error::CloseReason;
+
+/// The v1 codec.
+pub static CODEC: V1 = V1;
+
+/// See [`CODEC`].
+pub struct V1;
+
+impl Codec for V1 {
+    fn id(&self) -> usize {
+        0
+    }
+
+    fn encode(&self, event: &Event<'_>) -> Bytes {
+        let json = match *event {
+            Event::Message { channel, data } => shared::protocol::encode_message(channel, data),
+            Event::Direct { data } => shared::protocol::encode_direct(data),
+            Event::TokenExpiring { grace_ms } => ServerFrame::TokenExpired { grace_ms }.to_json(),
+        };
+        frame::text(&json)
+    }
+}
+
+/// A v1 connection: its session, driven by the frames its reader hands over.
+pub struct Connection {
+    session: Session,
+}
+
+impl Connection {
+    /// Sends the `welcome` frame and returns the connection, ready to serve.
+    pub fn open(session: Session) -> Self {
+        let c = Connection { session };
+        c.send(&ServerFrame::Welcome {
+            conn_id: c.session.conn_id().to_owned(),
+            node_id: c.session.node_id().to_owned(),
+            user_id: c.session.user_id().map(str::to_owned),
+        });
+        c
+    }
+
+    fn send(&self, f: &ServerFrame<'_>) {
+        self.session.reply(frame::text(&f.to_json()));
+    }
+
+    fn reply_error(&self, id: Option<RequestId>, failure: Failure) {
+        self.session.refused(&failure);
+        self.send(&ServerFrame::Error {
+            id,
+            code: failure.code,
+            message: failure.message,
+        });
+    }
+}
+
+fn command(req: Request<'_>) -> Command<'_> {
+    match req {
+        Request::Subscribe { channel } => Command::Subscribe { channel },
+        Request::Unsubscribe { channel } => Command::Unsubscribe { channel },
+        Request::Publish { channel, data } => Command::Publish {
+            channel,
+            data: data.get(),
+        },
+        Request::Refresh { token } => Command::Refresh { token },
+        Request::Send { data } => Command::Send { data: data.get() },
+    }
+}
+
+impl Handler for Connection {
+    async fn on_text(&mut self, text: String) -> Result<(), CloseReason> {
+        if let Admit::Refuse(failure) = self.session.admit(text.len())? {
+            self.reply_error(None, failure);
+            return Ok(());
+        }
+        match parse_request(&text) {
+            Err(e) => self.reply_error(e.id, Failure::new(e.code, e.message)),
+            Ok((id, req)) => match self.session.execute(command(req)).await {
+                Ok(()) => self.send(&ServerFrame::Ack { id }),
+                Err(failure) => self.reply_error(id, failure),
+            },
+        }
+        Ok(())
+    }
+}
