@@ -1,0 +1,208 @@
+//! `idle`: open connections, hold them, and report the server's RSS per connection; with
+//! `--procs`, spread them over worker processes (`idle-worker`).
+
+use std::io::{BufRead, Write};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use serde_json::json;
+
+use super::{emit, fixed_token, open_many, targets, Common};
+use crate::client::{Client, Received};
+use crate::net::Connector;
+
+#[derive(clap::Args, Debug)]
+pub struct IdleArgs {
+    pub(crate) url: String,
+    /// Connections in total (over all worker processes).
+    #[arg(short, default_value_t = 100)]
+    pub(crate) n: usize,
+    /// Client processes to spread the connections over (one holds at most ~19,900 sockets).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) procs: usize,
+    /// Time to wait after the last connection before reading the RSS.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) settle_ms: u64,
+    /// Time to keep the connections open after the measurement.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) hold_secs: u64,
+    #[command(flatten)]
+    pub(crate) common: Common,
+}
+
+/// A worker process of `idle --procs`: opens its share, prints `ready OPENED FAILED`, and
+/// holds the connections until its standard input closes.
+pub async fn idle_worker(a: IdleArgs) -> anyhow::Result<()> {
+    let t = targets(std::slice::from_ref(&a.url))?;
+    let (clients, failed, err) = open_many(
+        a.common.connector()?,
+        t,
+        a.n,
+        a.common.concurrency,
+        fixed_token(a.common.token.clone()),
+        a.common.proto,
+    )
+    .await?;
+    if let Some(e) = err {
+        eprintln!("idle worker: {failed} failed; first: {e}");
+    }
+    let opened = clients.len();
+    let holders: Vec<_> = clients
+        .into_iter()
+        .map(|(_, c)| tokio::spawn(hold(c)))
+        .collect();
+    println!("ready {opened} {failed}");
+    std::io::stdout().flush()?;
+    tokio::task::spawn_blocking(|| {
+        let mut s = String::new();
+        while std::io::stdin()
+            .read_line(&mut s)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {}
+    })
+    .await?;
+    drop(holders);
+    Ok(())
+}
+
+pub async fn idle(a: IdleArgs) -> anyhow::Result<()> {
+    let c = &a.common;
+    let t = targets(std::slice::from_ref(&a.url))?;
+    let rss_before = c.rss()?;
+    let start = Instant::now();
+    let (opened, failed, mut children, mut holders) = if a.procs <= 1 {
+        let (clients, failed, err) = open_many(
+            c.connector()?,
+            t.clone(),
+            a.n,
+            c.concurrency,
+            fixed_token(c.token.clone()),
+            c.proto,
+        )
+        .await?;
+        if let Some(e) = err {
+            eprintln!("idle: {failed} failed; first: {e}");
+        }
+        let opened = clients.len();
+        let holders: Vec<_> = clients
+            .into_iter()
+            .map(|(_, c)| tokio::spawn(hold(c)))
+            .collect();
+        (opened, failed, Vec::new(), holders)
+    } else {
+        let sources = Connector::parse_sources(&c.sources)?;
+        let exe = std::env::current_exe()?;
+        let mut children = Vec::new();
+        for j in 0..a.procs {
+            let share = a.n / a.procs + usize::from(j < a.n % a.procs);
+            // Each worker gets its own slice of the source addresses when there are enough.
+            let mine: Vec<String> = if sources.len() >= a.procs {
+                sources
+                    .iter()
+                    .skip(j)
+                    .step_by(a.procs)
+                    .map(|s| s.to_string())
+                    .collect()
+            } else {
+                sources.iter().map(|s| s.to_string()).collect()
+            };
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("idle-worker")
+                .arg(&a.url)
+                .arg("-n")
+                .arg(share.to_string())
+                .arg("--sources")
+                .arg(mine.join(","))
+                .arg("--concurrency")
+                .arg(c.concurrency.to_string())
+                .arg("--proto")
+                .arg(c.proto.to_string())
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped());
+            if let Some(tok) = &c.token {
+                cmd.arg("--token").arg(tok);
+            }
+            children.push(cmd.spawn().context("spawning an idle worker")?);
+        }
+        let (mut opened, mut failed) = (0, 0);
+        for ch in &mut children {
+            let out = ch
+                .stdout
+                .take()
+                .ok_or_else(|| anyhow!("no worker stdout"))?;
+            let line = tokio::task::spawn_blocking(move || {
+                let mut l = String::new();
+                std::io::BufReader::new(out).read_line(&mut l).map(|_| l)
+            })
+            .await??;
+            let f: Vec<usize> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            if f.len() != 2 {
+                bail!("idle worker said {line:?}");
+            }
+            opened += f[0];
+            failed += f[1];
+        }
+        (opened, failed, children, Vec::new())
+    };
+    let connect_secs = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
+    let rss_after = c.rss()?;
+    tokio::time::sleep(Duration::from_secs(a.hold_secs)).await;
+    let closed_early: usize = holders.iter().filter(|h| h.is_finished()).count();
+    for h in holders.drain(..) {
+        h.abort();
+    }
+    for ch in &mut children {
+        drop(ch.stdin.take());
+        let _ = ch.wait();
+    }
+    let per_conn = if opened > 0 {
+        (rss_after as f64 - rss_before as f64) / opened as f64
+    } else {
+        0.0
+    };
+    let result = json!({
+        "tls": t[0].tls,
+        "connections": opened,
+        "failed": failed,
+        "closed_early": closed_early,
+        "procs": a.procs.max(1),
+        "sources": c.sources,
+        "connect_secs": connect_secs,
+        "handshakes_per_sec": opened as f64 / connect_secs.max(1e-9),
+        "rss_before_bytes": rss_before,
+        "rss_after_bytes": rss_after,
+        "rss_per_conn_bytes": per_conn,
+    });
+    let summary = format!(
+        "{opened} connections ({failed} failed) in {connect_secs:.2}s over {} process(es); \
+         server RSS {:.1} -> {:.1} MiB = {:.0} B/connection",
+        a.procs.max(1),
+        rss_before as f64 / 1048576.0,
+        rss_after as f64 / 1048576.0,
+        per_conn
+    );
+    emit(c, "idle", result, &summary)?;
+    if opened == 0 {
+        bail!("no connection opened");
+    }
+    Ok(())
+}
+
+/// Keeps a connection alive (answering pings) until the peer closes it; returns 1 then.
+async fn hold(mut c: Client) -> u64 {
+    loop {
+        match c.recv(Duration::from_secs(86_400)).await {
+            Ok(Received::Close(..)) | Err(_) => return 1,
+            Ok(Received::Text(t)) if t == "2" => {
+                let _ = c.send_text("3").await;
+            }
+            Ok(_) => {}
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Load scenarios. Each prints a human summary and, with `--json FILE`, writes its figures as
+//! one JSON object (`scripts/bench.sh` collects them into docs/benchmarks.md).
+//!
+//! Server-side costs come from /proc of the processes named with `--pid` (the gateway nodes,
+//! or the floor): RSS from `VmRSS`, CPU from `utime + stime`.
+//!
+//! One module per scenario (`idle`, `fanout`, `unicast`, `connect_storm`, `churn`); this one
+//! holds the options they share and the connection helpers, and `delivery` the
+//! publish-to-receipt measurement of `fanout` and `unicast`.
+
+mod churn;
+mod connect_storm;
+mod delivery;
+mod fanout;
+mod idle;
+mod unicast;
+
+pub use churn::{churn, ChurnArgs};
+pub use connect_storm::{connect_storm, StormArgs};
+pub use fanout::{fanout, FanoutArgs};
+pub use idle::{idle, idle_worker, IdleArgs};
+pub use unicast::{unicast, UnicastArgs};
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::ValueEnum;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::client::{Client, Received};
+use crate::net::{Connector, Target};
+use crate::stats::{self, now_us};
+
+/// Options every scenario takes.
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct Common {
+    /// Pid of a server process whose RSS and CPU are measured (repeatable: several nodes).
+    #[arg(long = "pid")]
+    pub(crate) pids: Vec<u32>,
+    /// Write the machine-readable result to this file.
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+    /// Source addresses to spread connections over, comma-separated (127.0.0.2,127.0.0.3).
+    #[arg(long, default_value = "")]
+    pub(crate) sources: String,
+    /// Connection attempts in flight at once.
+    #[arg(long, default_value_t = 200)]
+    pub(crate) concurrency: usize,
+    /// Label copied into the JSON (gateway, floor, tls, ...).
+    #[arg(long, default_value = "")]
+    pub(crate) label: String,
+    /// Bearer token sent with every handshake.
+    #[arg(long)]
+    pub(crate) token: Option<String>,
+    /// Wire protocol: `gateway` (JSON frames) or `eio` (Engine.IO 4 websocket transport with
+    /// Socket.IO packets, to drive the Socket.IO peer: events `subscribe`, `ack`, `message`).
+    #[arg(long, value_enum, default_value_t = Proto::Gateway)]
+    pub(crate) proto: Proto,
+}
+
+/// The wire protocol of `--proto` (described there: doc comments on the variants would turn
+/// them into possible-value help, which switches `--help` to its long layout).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Proto {
+    Gateway,
+    Eio,
+}
+
+/// The `--proto` spelling, so that `idle --procs` can pass it on to its workers.
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.to_possible_value()
+            .expect("no value is skipped")
+            .get_name()
+            .fmt(f)
+    }
+}
+
+impl Common {
+    fn connector(&self) -> anyhow::Result<Arc<Connector>> {
+        Ok(Arc::new(Connector::new(Connector::parse_sources(
+            &self.sources,
+        )?)?))
+    }
+
+    fn rss(&self) -> anyhow::Result<u64> {
+        stats::rss_total(&self.pids)
+    }
+
+    fn cpu(&self) -> anyhow::Result<f64> {
+        stats::cpu_total(&self.pids)
+    }
+}
+
+/// Prints `summary`, then writes `result` (with scenario and label) to `--json`.
+fn emit(common: &Common, scenario: &str, mut result: Value, summary: &str) -> anyhow::Result<()> {
+    result["scenario"] = json!(scenario);
+    result["label"] = json!(common.label);
+    result["pids"] = json!(common.pids);
+    println!("{scenario} [{}]: {summary}", common.label);
+    if let Some(path) = &common.json {
+        std::fs::write(path, serde_json::to_string_pretty(&result)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Mints a token: HS256 with `secret`, or RS256 with a PEM private key file.
+pub fn mint(
+    hs256_secret: Option<&str>,
+    rs256_key: Option<&std::path::Path>,
+    sub: &str,
+    ttl_secs: u64,
+) -> anyhow::Result<String> {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let claims = shared::claims::Claims {
+        sub: sub.into(),
+        exp: now_us() / 1_000_000 + ttl_secs,
+        ..Default::default()
+    };
+    match (hs256_secret, rs256_key) {
+        (Some(s), None) => Ok(encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(s.as_bytes()),
+        )?),
+        (None, Some(p)) => {
+            let pem = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            Ok(encode(
+                &Header::new(Algorithm::RS256),
+                &claims,
+                &EncodingKey::from_rsa_pem(&pem)?,
+            )?)
+        }
+        _ => bail!("give exactly one of --hs256-secret and --rs256-key"),
+    }
+}
+
+type TokenFn = Arc<dyn Fn(usize) -> Option<String> + Send + Sync>;
+
+fn fixed_token(t: Option<String>) -> TokenFn {
+    Arc::new(move |_| t.clone())
+}
+
+/// Connects and waits for the welcome frame.
+async fn connect_one(
+    connector: &Connector,
+    target: &Target,
+    token: Option<String>,
+    proto: Proto,
+) -> anyhow::Result<Client> {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    let mut c = connector.connect(target, &headers).await?;
+    match proto {
+        Proto::Gateway => {
+            let w = c
+                .recv_json(Duration::from_secs(30))
+                .await
+                .context("welcome")?;
+            if w["type"] != "welcome" {
+                bail!("expected a welcome frame, got {w}");
+            }
+        }
+        Proto::Eio => {
+            // Engine.IO open packet "0{...}", then the Socket.IO connect "40" and its answer.
+            eio_expect(&mut c, "0").await?;
+            c.send_text("40").await?;
+            eio_expect(&mut c, "40").await?;
+        }
+    }
+    Ok(c)
+}
+
+/// Reads Engine.IO packets (answering pings) until one starts with `prefix`.
+async fn eio_expect(c: &mut Client, prefix: &str) -> anyhow::Result<String> {
+    loop {
+        match c.recv(Duration::from_secs(30)).await? {
+            Received::Text(t) if t == "2" => c.send_text("3").await?,
+            Received::Text(t) if t.starts_with(prefix) => return Ok(t),
+            Received::Text(_) | Received::Binary(_) => {}
+            Received::Close(code, r) => bail!("closed {code} {r}"),
+        }
+    }
+}
+
+/// Subscribes and waits for the ack, in either protocol.
+async fn subscribe(c: &mut Client, channel: &str, proto: Proto) -> anyhow::Result<()> {
+    match proto {
+        Proto::Gateway => {
+            c.send_json(&json!({"type": "subscribe", "channel": channel, "id": 1}))
+                .await?;
+            loop {
+                let v = c.recv_json(Duration::from_secs(30)).await?;
+                match v["type"].as_str() {
+                    Some("ack") => return Ok(()),
+                    Some("error") => bail!("subscribe refused: {v}"),
+                    _ => {}
+                }
+            }
+        }
+        Proto::Eio => {
+            c.send_text(&format!(r#"42["subscribe",{}]"#, json!(channel)))
+                .await?;
+            eio_expect(c, r#"42["ack""#).await?;
+            Ok(())
+        }
+    }
+}
+
+/// Opens `n` connections (connection `i` to `targets[i % len]`), `concurrency` at a time.
+/// Returns the clients by index, the number of failures and the first error.
+async fn open_many(
+    connector: Arc<Connector>,
+    targets: Arc<Vec<Target>>,
+    n: usize,
+    concurrency: usize,
+    token: TokenFn,
+    proto: Proto,
+) -> anyhow::Result<(Vec<(usize, Client)>, usize, Option<String>)> {
+    let sem = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut set = JoinSet::new();
+    for i in 0..n {
+        let permit = sem.clone().acquire_owned().await?;
+        let (connector, targets, token) = (connector.clone(), targets.clone(), token.clone());
+        set.spawn(async move {
+            let _permit = permit;
+            let t = &targets[i % targets.len()];
+            connect_one(&connector, t, token(i), proto)
+                .await
+                .map(|c| (i, c))
+                .map_err(|e| format!("connection {i}: {e:#}"))
+        });
+    }
+    let mut clients = Vec::with_capacity(n);
+    let (mut failed, mut first_err) = (0, None);
+    while let Some(r) = set.join_next().await {
+        match r? {
+            Ok(c) => clients.push(c),
+            Err(e) => {
+                failed += 1;
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    clients.sort_by_key(|(i, _)| *i);
+    Ok((clients, failed, first_err))
+}
+
+fn targets(urls: &[String]) -> anyhow::Result<Arc<Vec<Target>>> {
+    if urls.is_empty() {
+        bail!("give at least one --url");
+    }
+    Ok(Arc::new(
+        urls.iter()
+            .map(|u| Target::parse(u))
+            .collect::<anyhow::Result<_>>()?,
+    ))
+}
+
+async fn redis_conn(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(url)?;
+    Ok(client.get_multiplexed_async_connection().await?)
+}
