@@ -5,9 +5,8 @@
 //! read at scrape time, so a delivery costs one relaxed add. Labelled counters (per
 //! handshake, per close, per error) are OpenTelemetry counters with attributes. Labels are
 //! fixed snake_case words, never user input, so cardinality stays low. Every name starts
-//! with `gateway_`, is declared in `HELP` below and is listed in `docs/observability.md`.
+//! with `gateway_`, is declared once in `families!` (or `observe` for the hot counts) and is listed in `docs/observability.md`.
 
-use std::collections::HashMap;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,161 +26,166 @@ pub struct Hot {
     pub deliveries: AtomicU64,
 }
 
+/// A counter family with `N` labels. The label keys are fixed where the family is declared
+/// ([`families!`]) and the values are `&'static str`, so a call builds its attributes on the
+/// stack and never allocates, and a misspelt family does not compile.
+pub struct Family<const N: usize> {
+    counter: Counter<u64>,
+    keys: [&'static str; N],
+}
+
+impl<const N: usize> Family<N> {
+    /// Adds 1 to the series with these label values (in declaration order).
+    pub fn inc(&self, values: [&'static str; N]) {
+        self.add(values, 1)
+    }
+
+    /// Adds `n` to the series with these label values.
+    pub fn add(&self, values: [&'static str; N], n: u64) {
+        let attrs: [KeyValue; N] = std::array::from_fn(|i| KeyValue::new(self.keys[i], values[i]));
+        self.counter.add(n, &attrs);
+    }
+}
+
+/// Counts label keys in [`families!`].
+macro_rules! one {
+    ($x:literal) => {
+        1
+    };
+}
+
+/// Declares every labelled counter and gauge once: its field, its Prometheus name, its
+/// label keys and its help text (also listed in `docs/observability.md`).
+macro_rules! families {
+    (
+        counters { $( $(#[doc = $help:literal])+ $field:ident: $name:literal [$($key:literal),*], )* }
+        gauges { $( $(#[doc = $ghelp:literal])+ $gfield:ident: $gname:literal, )* }
+    ) => {
+        /// The labelled counters and the gauges. See [`families!`].
+        pub struct Families {
+            $( $(#[doc = $help])+ pub $field: Family<{ 0 $(+ one!($key))* }>, )*
+            $( $(#[doc = $ghelp])+ pub $gfield: Gauge<u64>, )*
+        }
+
+        impl Families {
+            fn new(meter: &Meter) -> Self {
+                Families {
+                    $( $field: {
+                        let keys = [$($key),*];
+                        let counter = meter
+                            .u64_counter($name)
+                            .with_description(concat!($($help),+).trim())
+                            .build();
+                        // Unlabelled counters start at 0, so that dashboards and alerts see
+                        // them at once.
+                        if keys.is_empty() {
+                            counter.add(0, &[]);
+                        }
+                        Family { counter, keys }
+                    }, )*
+                    $( $gfield: meter
+                        .u64_gauge($gname)
+                        .with_description(concat!($($ghelp),+).trim())
+                        .build(), )*
+                }
+            }
+        }
+
+        /// Every family's Prometheus name, for the docs test.
+        pub const FAMILY_NAMES: &[&str] = &[$($name,)* $($gname,)*];
+    };
+}
+
+families! {
+    counters {
+        /// Upgrade attempts by outcome.
+        handshakes: "gateway_handshakes_total" ["outcome"],
+        /// Closed connections by reason and blame.
+        connection_closes: "gateway_connection_closes_total" ["reason", "blame"],
+        /// Clients closed with 4000.
+        slow_consumer_disconnects: "gateway_slow_consumer_disconnects_total" [],
+        /// Error replies to client requests, by code.
+        request_errors: "gateway_request_errors_total" ["code"],
+        /// Plain HTTP answers on both listeners.
+        http_requests: "gateway_http_requests_total" ["listener", "status"],
+        /// Failed broker calls by operation.
+        broker_errors: "gateway_broker_errors_total" ["op"],
+        /// Publishes through the admin API.
+        admin_publishes: "gateway_admin_publishes_total" [],
+        /// Connections closed for breaking RFC 6455, by kind.
+        protocol_violations: "gateway_protocol_violations_total" ["kind"],
+        /// Requests refused by a rate limit, by kind (handshake, messages, bytes).
+        rate_limit_hits: "gateway_rate_limit_hits_total" ["kind"],
+        /// Certificate reloads from disk, by result.
+        tls_reloads: "gateway_tls_reloads_total" ["outcome"],
+        /// TLS handshakes that failed or timed out.
+        tls_handshake_failures: "gateway_tls_handshake_failures_total" [],
+        /// JWKS fetches by result.
+        jwks_fetches: "gateway_jwks_fetches_total" ["outcome"],
+        /// Connection directory operations, by op.
+        directory_ops: "gateway_directory_ops_total" ["op"],
+        /// Failed Redis calls and lost connections, by op.
+        redis_errors: "gateway_redis_errors_total" ["op"],
+        /// Times Redis became reachable again after an outage.
+        redis_reconnects: "gateway_redis_reconnects_total" [],
+        /// Messages published on Redis that were dropped (not JSON).
+        broker_dropped: "gateway_broker_dropped_total" [],
+        /// Connections closed with 1013 to rebalance after scale-out.
+        rebalance_shed: "gateway_rebalance_shed_total" [],
+        /// Entries appended to the inbound stream, by event.
+        inbound_appends: "gateway_inbound_appends_total" ["event"],
+    }
+    gauges {
+        /// Connections on all live nodes, from the last heartbeat.
+        cluster_connections: "gateway_cluster_connections",
+        /// Live nodes in the cluster, this one included.
+        cluster_nodes: "gateway_cluster_nodes",
+    }
+}
+
+/// An HTTP status as a label value. Label values are `&'static str` (see [`Family`]), so
+/// the codes the node answers with are listed; anything else is `other`.
+pub fn status_label(status: u16) -> &'static str {
+    match status {
+        101 => "101",
+        200 => "200",
+        202 => "202",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        413 => "413",
+        415 => "415",
+        422 => "422",
+        426 => "426",
+        429 => "429",
+        431 => "431",
+        500 => "500",
+        503 => "503",
+        _ => "other",
+    }
+}
+
 /// See the module docs.
 pub struct Metrics {
-    hot: Arc<Hot>,
-    counters: HashMap<&'static str, Counter<u64>>,
-    gauges: HashMap<&'static str, Gauge<u64>>,
-    /// Broker receipt to socket write, per write (see `HELP`).
+    /// The per-message counts.
+    pub hot: Arc<Hot>,
+    families: Families,
+    /// Broker receipt to socket write, per write (`gateway_fanout_latency_seconds`).
     pub fanout_latency: Histogram<f64>,
     registry: prometheus::Registry,
     provider: SdkMeterProvider,
 }
 
 impl Deref for Metrics {
-    type Target = Hot;
-    fn deref(&self) -> &Hot {
-        &self.hot
+    type Target = Families;
+    fn deref(&self) -> &Families {
+        &self.families
     }
 }
-
-const HELP: &[(&str, &str, &str)] = &[
-    (
-        "gateway_connections_open",
-        "gauge",
-        "Open WebSocket connections.",
-    ),
-    (
-        "gateway_messages_in_total",
-        "counter",
-        "Complete client messages received.",
-    ),
-    (
-        "gateway_bytes_in_total",
-        "counter",
-        "Bytes of complete client messages received.",
-    ),
-    (
-        "gateway_messages_out_total",
-        "counter",
-        "Frames queued to clients.",
-    ),
-    (
-        "gateway_bytes_out_total",
-        "counter",
-        "Bytes of frames queued to clients.",
-    ),
-    (
-        "gateway_deliveries_total",
-        "counter",
-        "Channel messages queued to subscribers.",
-    ),
-    (
-        "gateway_handshakes_total",
-        "counter",
-        "Upgrade attempts by outcome.",
-    ),
-    (
-        "gateway_connection_closes_total",
-        "counter",
-        "Closed connections by reason and blame.",
-    ),
-    (
-        "gateway_slow_consumer_disconnects_total",
-        "counter",
-        "Clients closed with 4000.",
-    ),
-    (
-        "gateway_request_errors_total",
-        "counter",
-        "Error replies to client requests, by code.",
-    ),
-    (
-        "gateway_http_requests_total",
-        "counter",
-        "Plain HTTP answers on both listeners.",
-    ),
-    (
-        "gateway_broker_errors_total",
-        "counter",
-        "Failed broker calls by operation.",
-    ),
-    (
-        "gateway_admin_publishes_total",
-        "counter",
-        "Publishes through the admin API.",
-    ),
-    (
-        "gateway_protocol_violations_total",
-        "counter",
-        "Connections closed for breaking RFC 6455, by kind.",
-    ),
-    (
-        "gateway_rate_limit_hits_total",
-        "counter",
-        "Requests refused by a rate limit, by kind (handshake, messages, bytes).",
-    ),
-    (
-        "gateway_tls_reloads_total",
-        "counter",
-        "Certificate reloads from disk, by result.",
-    ),
-    (
-        "gateway_tls_handshake_failures_total",
-        "counter",
-        "TLS handshakes that failed or timed out.",
-    ),
-    (
-        "gateway_jwks_fetches_total",
-        "counter",
-        "JWKS fetches by result.",
-    ),
-    (
-        "gateway_directory_ops_total",
-        "counter",
-        "Connection directory operations, by op.",
-    ),
-    (
-        "gateway_redis_errors_total",
-        "counter",
-        "Failed Redis calls and lost connections, by op.",
-    ),
-    (
-        "gateway_redis_reconnects_total",
-        "counter",
-        "Times Redis became reachable again after an outage.",
-    ),
-    (
-        "gateway_broker_dropped_total",
-        "counter",
-        "Messages published on Redis that were dropped (not JSON).",
-    ),
-    (
-        "gateway_fanout_latency_seconds",
-        "histogram",
-        "Age of the oldest channel message in a socket write: broker receipt to write.",
-    ),
-    (
-        "gateway_cluster_connections",
-        "gauge",
-        "Connections on all live nodes, from the last heartbeat.",
-    ),
-    (
-        "gateway_cluster_nodes",
-        "gauge",
-        "Live nodes in the cluster, this one included.",
-    ),
-    (
-        "gateway_rebalance_shed_total",
-        "counter",
-        "Connections closed with 1013 to rebalance after scale-out.",
-    ),
-    (
-        "gateway_inbound_appends_total",
-        "counter",
-        "Entries appended to the inbound stream, by event.",
-    ),
-];
 
 /// Latency buckets, in seconds: 100 µs to 5 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -230,48 +234,18 @@ impl Metrics {
         let meter = provider.meter("gateway");
         let hot = Arc::new(Hot::default());
         observe(&meter, &hot);
-        let (mut counters, mut gauges) = (HashMap::new(), HashMap::new());
-        let mut fanout_latency = None;
-        for (name, kind, help) in HELP {
-            if HOT.contains(name) {
-                continue;
-            }
-            match *kind {
-                "counter" => {
-                    counters.insert(
-                        *name,
-                        meter.u64_counter(*name).with_description(*help).build(),
-                    );
-                }
-                "gauge" => {
-                    gauges.insert(
-                        *name,
-                        meter.u64_gauge(*name).with_description(*help).build(),
-                    );
-                }
-                _ => {
-                    fanout_latency = Some(
-                        meter
-                            .f64_histogram(*name)
-                            .with_description(*help)
-                            .with_boundaries(LATENCY_BUCKETS.to_vec())
-                            .build(),
-                    )
-                }
-            }
-        }
-        // Unlabelled counters start at 0, so that dashboards and alerts see them at once.
-        for (name, c) in &counters {
-            if UNLABELLED.contains(name) {
-                c.add(0, &[]);
-            }
-        }
+        let families = Families::new(&meter);
+        let fanout_latency = meter
+            .f64_histogram("gateway_fanout_latency_seconds")
+            .with_description(
+                "Age of the oldest channel message in a socket write: broker receipt to write.",
+            )
+            .with_boundaries(LATENCY_BUCKETS.to_vec())
+            .build();
         Metrics {
             hot,
-            counters,
-            gauges,
-            fanout_latency: fanout_latency
-                .unwrap_or_else(|| meter.f64_histogram("gateway_unused").build()),
+            families,
+            fanout_latency,
             registry,
             provider,
         }
@@ -317,85 +291,52 @@ fn with_otlp(
     builder
 }
 
-/// Counters without labels.
-const UNLABELLED: &[&str] = &[
-    "gateway_slow_consumer_disconnects_total",
-    "gateway_admin_publishes_total",
-    "gateway_tls_handshake_failures_total",
-    "gateway_redis_reconnects_total",
-    "gateway_broker_dropped_total",
-    "gateway_rebalance_shed_total",
-];
-
-/// Names served by observable instruments over [`Hot`].
-const HOT: &[&str] = &[
-    "gateway_connections_open",
-    "gateway_messages_in_total",
-    "gateway_bytes_in_total",
-    "gateway_messages_out_total",
-    "gateway_bytes_out_total",
-    "gateway_deliveries_total",
-];
-
 fn observe(meter: &Meter, hot: &Arc<Hot>) {
-    let help = |name: &str| {
-        HELP.iter()
-            .find(|(n, _, _)| *n == name)
-            .map_or("", |(_, _, h)| *h)
-    };
     let h = hot.clone();
     meter
         .i64_observable_gauge("gateway_connections_open")
-        .with_description(help("gateway_connections_open"))
+        .with_description("Open WebSocket connections.")
         .with_callback(move |o| o.observe(h.connections_open.load(Ordering::Relaxed), &[]))
         .build();
     type Field = fn(&Hot) -> &AtomicU64;
-    let counts: [(&'static str, Field); 5] = [
-        ("gateway_messages_in_total", |h| &h.messages_in),
-        ("gateway_bytes_in_total", |h| &h.bytes_in),
-        ("gateway_messages_out_total", |h| &h.messages_out),
-        ("gateway_bytes_out_total", |h| &h.bytes_out),
-        ("gateway_deliveries_total", |h| &h.deliveries),
+    let counts: [(&'static str, &'static str, Field); 5] = [
+        (
+            "gateway_messages_in_total",
+            "Complete client messages received.",
+            |h| &h.messages_in,
+        ),
+        (
+            "gateway_bytes_in_total",
+            "Bytes of complete client messages received.",
+            |h| &h.bytes_in,
+        ),
+        (
+            "gateway_messages_out_total",
+            "Frames queued to clients.",
+            |h| &h.messages_out,
+        ),
+        (
+            "gateway_bytes_out_total",
+            "Bytes of frames queued to clients.",
+            |h| &h.bytes_out,
+        ),
+        (
+            "gateway_deliveries_total",
+            "Channel messages queued to subscribers.",
+            |h| &h.deliveries,
+        ),
     ];
-    for (name, field) in counts {
+    for (name, help, field) in counts {
         let h = hot.clone();
         meter
             .u64_observable_counter(name)
-            .with_description(help(name))
+            .with_description(help)
             .with_callback(move |o| o.observe(field(&h).load(Ordering::Relaxed), &[]))
             .build();
     }
 }
 
-fn attributes(labels: &[(&str, &str)]) -> Vec<KeyValue> {
-    labels
-        .iter()
-        .map(|(k, v)| KeyValue::new(k.to_string(), v.to_string()))
-        .collect()
-}
-
 impl Metrics {
-    /// Adds 1 to `name{labels}`.
-    pub fn inc(&self, name: &'static str, labels: &[(&str, &str)]) {
-        self.add(name, labels, 1)
-    }
-
-    /// Adds `n` to the counter `name{labels}`.
-    pub fn add(&self, name: &'static str, labels: &[(&str, &str)], n: u64) {
-        match self.counters.get(name) {
-            Some(c) => c.add(n, &attributes(labels)),
-            None => debug_assert!(false, "{name} needs a HELP entry as a counter"),
-        }
-    }
-
-    /// Sets the gauge `name{labels}`.
-    pub fn set(&self, name: &'static str, labels: &[(&str, &str)], v: u64) {
-        match self.gauges.get(name) {
-            Some(g) => g.record(v, &attributes(labels)),
-            None => debug_assert!(false, "{name} needs a HELP entry as a gauge"),
-        }
-    }
-
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let _ = &self.provider;
@@ -406,5 +347,34 @@ impl Metrics {
             tracing::warn!(error = %e, "encoding metrics failed");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_is_documented_and_served() {
+        let docs = include_str!("../../docs/observability.md");
+        let m = Metrics::new(None);
+        m.handshakes.inc(["ok"]);
+        m.connection_closes.inc(["drain", "none"]);
+        let text = m.render();
+        for name in FAMILY_NAMES {
+            assert!(
+                docs.contains(name),
+                "{name} is missing from docs/observability.md"
+            );
+        }
+        assert!(text
+            .lines()
+            .any(|l| l == r#"gateway_handshakes_total{outcome="ok"} 1"#));
+        assert!(text
+            .lines()
+            .any(|l| l == r#"gateway_connection_closes_total{blame="none",reason="drain"} 1"#));
+        assert!(text
+            .lines()
+            .any(|l| l == "gateway_slow_consumer_disconnects_total 0"));
     }
 }

@@ -109,6 +109,7 @@ impl Node {
             return None;
         }
         self.metrics
+            .hot
             .connections_open
             .fetch_add(1, Ordering::Relaxed);
         Some(Slot(self.clone()))
@@ -153,6 +154,7 @@ impl Drop for Slot {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
         self.0
             .metrics
+            .hot
             .connections_open
             .fetch_sub(1, Ordering::Relaxed);
     }

@@ -102,8 +102,7 @@ async fn accept(
             Ok(Some(source)) => peer = source,
             Ok(None) => {}
             Err(e) => {
-                node.metrics
-                    .inc("gateway_handshakes_total", &[("outcome", "bad_request")]);
+                node.metrics.handshakes.inc(["bad_request"]);
                 tracing::info!(%peer, error = %e, "bad PROXY header; connection dropped");
                 return;
             }
@@ -114,13 +113,11 @@ async fn accept(
         Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
             Ok(Ok(tls_stream)) => crate::edge::http::serve_connection(node, tls_stream, peer).await,
             Ok(Err(e)) => {
-                node.metrics
-                    .inc("gateway_tls_handshake_failures_total", &[]);
+                node.metrics.tls_handshake_failures.inc([]);
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
             }
             Err(_) => {
-                node.metrics
-                    .inc("gateway_tls_handshake_failures_total", &[]);
+                node.metrics.tls_handshake_failures.inc([]);
                 tracing::debug!(%peer, "TLS handshake timed out");
             }
         },

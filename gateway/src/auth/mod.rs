@@ -328,18 +328,15 @@ impl Jwks {
         match tokio::time::timeout(Duration::from_secs(5), self.get()).await {
             Ok(Ok(set)) => {
                 tracing::info!(url = %self.url, keys = set.keys.len(), "JWKS refreshed");
-                self.metrics
-                    .inc("gateway_jwks_fetches_total", &[("outcome", "ok")]);
+                self.metrics.jwks_fetches.inc(["ok"]);
                 *self.set.write().unwrap_or_else(|p| p.into_inner()) = Some(set);
             }
             Ok(Err(e)) => {
-                self.metrics
-                    .inc("gateway_jwks_fetches_total", &[("outcome", "error")]);
+                self.metrics.jwks_fetches.inc(["error"]);
                 tracing::warn!(url = %self.url, error = %e, "JWKS fetch failed; keeping cached keys");
             }
             Err(_) => {
-                self.metrics
-                    .inc("gateway_jwks_fetches_total", &[("outcome", "timeout")]);
+                self.metrics.jwks_fetches.inc(["timeout"]);
                 tracing::warn!(url = %self.url, "JWKS fetch timed out; keeping cached keys");
             }
         }

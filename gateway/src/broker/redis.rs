@@ -60,7 +60,7 @@ impl Receive {
 
     /// Counts a backend message that cannot be forwarded; logs at most once per 10 s.
     fn drop_message(&self, why: &str) {
-        self.metrics.inc("gateway_broker_dropped_total", &[]);
+        self.metrics.broker_dropped.inc([]);
         let now = crate::time::now_secs();
         let last = self.logged_at.load(Ordering::Relaxed);
         if now >= last + 10

@@ -161,8 +161,7 @@ impl Directory {
     }
 
     fn count(&self, op: &'static str) {
-        self.metrics
-            .inc("gateway_directory_ops_total", &[("op", op)]);
+        self.metrics.directory_ops.inc([op]);
     }
 
     /// Loads the function library, clears what a previous run of this node left behind,
@@ -428,14 +427,12 @@ impl Directory {
             if let Some(l) = local.get(conn) {
                 match l.out.push(bytes.clone()) {
                     Pushed::Queued => n += 1,
-                    Pushed::Overflowed => self
-                        .metrics
-                        .inc("gateway_slow_consumer_disconnects_total", &[]),
+                    Pushed::Overflowed => self.metrics.slow_consumer_disconnects.inc([]),
                     Pushed::Closing => {}
                 }
             }
         }
-        self.metrics.deliveries.fetch_add(n, Ordering::Relaxed);
+        self.metrics.hot.deliveries.fetch_add(n, Ordering::Relaxed);
         n
     }
 
@@ -461,7 +458,7 @@ impl Directory {
                     self.deliver(conns.split(' '), body);
                 }
                 Err(why) => {
-                    self.metrics.inc("gateway_broker_dropped_total", &[]);
+                    self.metrics.broker_dropped.inc([]);
                     tracing::warn!(why, "dropped a unicast published on Redis");
                 }
             },
@@ -577,8 +574,8 @@ impl Directory {
         let load = self.cluster_load(redis).await?;
         let total: u64 = load.iter().map(|(_, c)| c).sum();
         let nodes = load.len().max(1) as u64;
-        self.metrics.set("gateway_cluster_connections", &[], total);
-        self.metrics.set("gateway_cluster_nodes", &[], nodes);
+        self.metrics.cluster_connections.record(total, &[]);
+        self.metrics.cluster_nodes.record(nodes, &[]);
         let Some(r) = &self.rebalance else {
             return Ok(());
         };
@@ -599,8 +596,7 @@ impl Directory {
                 now_ms() + 3 * self.heartbeat.as_millis() as u64,
                 Ordering::Release,
             );
-            self.metrics
-                .add("gateway_rebalance_shed_total", &[], shed as u64);
+            self.metrics.rebalance_shed.add([], shed as u64);
             tracing::info!(
                 shed,
                 mine,
@@ -721,11 +717,9 @@ impl Directory {
         let mut hdel = redis::cmd("HDEL");
         hdel.arg(format!("{}load", redis.prefix)).arg(node);
         redis.call::<()>("purge", hdel).await?;
-        self.metrics.add(
-            "gateway_directory_ops_total",
-            &[("op", "purge")],
-            conns.len() as u64,
-        );
+        self.metrics
+            .directory_ops
+            .add(["purge"], conns.len() as u64);
         Ok(conns.len())
     }
 

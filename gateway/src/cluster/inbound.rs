@@ -70,10 +70,7 @@ impl Inbound {
             .arg(data);
         let r = redis.call::<String>("xadd", xadd).await.map(|_| ());
         if r.is_ok() {
-            self.metrics.inc(
-                "gateway_inbound_appends_total",
-                &[("event", event.as_str())],
-            );
+            self.metrics.inbound_appends.inc([event.as_str()]);
         }
         r
     }

@@ -55,8 +55,7 @@ impl Routes {
             PushKind::Message | PushKind::SMessage => {}
             PushKind::Disconnection => {
                 self.lost.store(true, Ordering::Release);
-                self.metrics
-                    .inc("gateway_redis_errors_total", &[("op", "disconnected")]);
+                self.metrics.redis_errors.inc(["disconnected"]);
                 tracing::warn!("lost the Redis connection; reconnecting");
                 return;
             }
@@ -180,7 +179,7 @@ impl Redis {
     pub fn set_healthy(&self, ok: bool) {
         if self.healthy.swap(ok, Ordering::AcqRel) != ok {
             if ok {
-                self.metrics.inc("gateway_redis_reconnects_total", &[]);
+                self.metrics.redis_reconnects.inc([]);
                 tracing::info!("Redis is reachable again");
             } else {
                 tracing::warn!("Redis is unreachable; serving local connections only");
@@ -213,8 +212,7 @@ impl Redis {
             Ok(Err(e)) => BrokerError::Unavailable(e.to_string()),
             Err(_) => BrokerError::Timeout,
         };
-        self.metrics
-            .inc("gateway_redis_errors_total", &[("op", op)]);
+        self.metrics.redis_errors.inc([op]);
         tracing::debug!(op, error = %e, "Redis call failed");
         Err(e)
     }

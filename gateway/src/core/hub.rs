@@ -219,20 +219,24 @@ impl Hub {
                     bytes += len;
                 }
                 Pushed::Overflowed => {
-                    self.metrics
-                        .inc("gateway_slow_consumer_disconnects_total", &[]);
+                    self.metrics.slow_consumer_disconnects.inc([]);
                 }
                 Pushed::Closing => {}
             }
         }
         drop(map);
         self.metrics
+            .hot
             .deliveries
             .fetch_add(delivered, Ordering::Relaxed);
         self.metrics
+            .hot
             .messages_out
             .fetch_add(delivered, Ordering::Relaxed);
-        self.metrics.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+        self.metrics
+            .hot
+            .bytes_out
+            .fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Number of local subscribers of `channel`.
@@ -260,8 +264,7 @@ impl Hub {
             Err(_) => Err(BrokerError::Timeout),
         };
         if let Err(e) = &result {
-            self.metrics
-                .inc("gateway_broker_errors_total", &[("op", op)]);
+            self.metrics.broker_errors.inc([op]);
             tracing::warn!(op, error = %e, "broker call failed");
         }
         result

@@ -171,10 +171,12 @@ impl Session {
     /// Queues a reply that the adapter encoded.
     pub fn reply(&self, bytes: bytes::Bytes) {
         let m = &self.core.metrics;
-        m.messages_out.fetch_add(1, Ordering::Relaxed);
-        m.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        m.hot.messages_out.fetch_add(1, Ordering::Relaxed);
+        m.hot
+            .bytes_out
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         if self.out.push(bytes) == Pushed::Overflowed {
-            m.inc("gateway_slow_consumer_disconnects_total", &[]);
+            m.slow_consumer_disconnects.inc([]);
         }
     }
 
@@ -186,17 +188,17 @@ impl Session {
     /// Past `rate_limit_strikes` refusals in a row the connection closes with 1008.
     pub fn admit(&mut self, len: usize) -> Result<Admit, CloseReason> {
         let m = &self.core.metrics;
-        m.messages_in.fetch_add(1, Ordering::Relaxed);
-        m.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+        m.hot.messages_in.fetch_add(1, Ordering::Relaxed);
+        m.hot.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
         match self.limiter.check(len) {
             Verdict::Pass => Ok(Admit::Yes),
             Verdict::Refuse(kind) => {
-                m.inc("gateway_rate_limit_hits_total", &[("kind", kind)]);
+                m.rate_limit_hits.inc([kind]);
                 let message = format!("over the {kind} rate; slow down or be disconnected");
                 Ok(Admit::Refuse(Failure::new(ErrorCode::RateLimited, message)))
             }
             Verdict::Close(kind) => {
-                m.inc("gateway_rate_limit_hits_total", &[("kind", kind)]);
+                m.rate_limit_hits.inc([kind]);
                 Err(CloseReason::Policy(if kind == "bytes" {
                     "byte rate exceeded"
                 } else {
@@ -208,10 +210,10 @@ impl Session {
 
     /// Counts and logs a refused command; the adapter then answers it in its own terms.
     pub fn refused(&self, failure: &Failure) {
-        self.core.metrics.inc(
-            "gateway_request_errors_total",
-            &[("code", failure.code.as_str())],
-        );
+        self.core
+            .metrics
+            .request_errors
+            .inc([failure.code.as_str()]);
         tracing::debug!(conn = self.id, code = failure.code.as_str(), message = %failure.message, "request refused");
     }
 
@@ -355,13 +357,9 @@ impl Ending {
 fn closed(core: &Core, peer: IpAddr, conn_id: &str, reason: &CloseReason) {
     let (label, blame) = (reason.label(), reason.blame());
     if let CloseReason::Protocol(kind) = reason {
-        core.metrics
-            .inc("gateway_protocol_violations_total", &[("kind", kind)]);
+        core.metrics.protocol_violations.inc([kind]);
     }
-    core.metrics.inc(
-        "gateway_connection_closes_total",
-        &[("reason", label), ("blame", blame.as_str())],
-    );
+    core.metrics.connection_closes.inc([label, blame.as_str()]);
     let code = reason.code();
     match blame {
         Blame::Client => {

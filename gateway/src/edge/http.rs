@@ -1,9 +1,7 @@
 //! The public listener: HTTP/1.1 with `GET /ws` upgrading to WebSocket, the demo chat page at
 //! `/`, and a plain HTTP answer for anything else.
 //!
-//! Every check that can run before the upgrade does, so a refused client costs one HTTP
-//! response rather than a held socket: method, upgrade headers, WebSocket version and the
-//! node's connection cap (503).
+//! The upgrade itself, and every check before it, is in [`super::handshake`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,18 +11,11 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::auth::{AuthError, Identity};
-use crate::cluster::directory::AddError;
-use crate::conn::outbound::Outbound;
-use crate::conn::socket;
-use crate::core::session::{Conn, Session};
-use crate::node::{Node, Slot};
-use crate::protocol::v1;
+use crate::node::Node;
 
 /// Response type of both listeners.
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -61,7 +52,7 @@ where
         };
         match kind {
             Some(kind) => {
-                metrics.inc("gateway_protocol_violations_total", &[("kind", kind)]);
+                metrics.protocol_violations.inc([kind]);
                 tracing::info!(%peer, kind, error = %e, "http request refused");
             }
             None => tracing::debug!(%peer, error = %e, "http connection ended with an error"),
@@ -80,7 +71,9 @@ async fn route(node: Arc<Node>, req: Request<Incoming>, peer: SocketAddr) -> Htt
                 outcome = tracing::field::Empty,
             );
             use tracing::Instrument;
-            upgrade(node.clone(), req, peer).instrument(span).await
+            super::handshake::upgrade(node.clone(), req, peer)
+                .instrument(span)
+                .await
         }
         (&Method::GET, "/") => {
             let mut r = Response::new(Full::new(Bytes::from_static(DEMO_PAGE.as_bytes())));
@@ -93,236 +86,10 @@ async fn route(node: Arc<Node>, req: Request<Incoming>, peer: SocketAddr) -> Htt
         _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such path"),
     };
     let status = response.status();
-    node.metrics.inc(
-        "gateway_http_requests_total",
-        &[("listener", "public"), ("status", status.as_str())],
-    );
-    response
-}
-
-/// Checks the handshake and, if it passes, answers 101 and spawns the connection. Cheap
-/// checks run first; the token signature (the costliest) runs last.
-async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
-    let forwarded = req
-        .headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok());
-    let ip = node.proxies.client_ip(peer.ip(), forwarded);
-    let refuse = |status: StatusCode, outcome: &'static str, code: &str, message: &str| {
-        node.metrics
-            .inc("gateway_handshakes_total", &[("outcome", outcome)]);
-        tracing::Span::current().record("outcome", outcome);
-        tracing::info!(%ip, outcome, code, status = status.as_u16(), message, "handshake refused");
-        json_error(status, code, message)
-    };
-    if let Err(wait) = node.handshake_limiter.check(ip) {
-        node.metrics
-            .inc("gateway_rate_limit_hits_total", &[("kind", "handshake")]);
-        let mut r = refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "rate_limited",
-            "too many handshakes from this address",
-        );
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        r.headers_mut()
-            .insert("retry-after", HeaderValue::from(secs.max(1)));
-        return r;
-    }
-    if req.method() != Method::GET {
-        return refuse(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "bad_request",
-            "bad_request",
-            "use GET to open a WebSocket",
-        );
-    }
-    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-        let mut r = refuse(
-            StatusCode::UPGRADE_REQUIRED,
-            "bad_request",
-            "bad_request",
-            "this endpoint only speaks WebSocket",
-        );
-        r.headers_mut()
-            .insert("upgrade", HeaderValue::from_static("websocket"));
-        return r;
-    }
-    if req
-        .headers()
-        .get("sec-websocket-version")
-        .map(|v| v.as_bytes())
-        != Some(b"13")
-    {
-        let mut r = refuse(
-            StatusCode::UPGRADE_REQUIRED,
-            "bad_request",
-            "bad_request",
-            "unsupported Sec-WebSocket-Version; use 13",
-        );
-        r.headers_mut()
-            .insert("sec-websocket-version", HeaderValue::from_static("13"));
-        return r;
-    }
-    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-    if let Err(e) = crate::edge::origin::check(&node.config, header("origin"), header("host")) {
-        let message = match e {
-            crate::edge::origin::OriginError::Missing => "an Origin header is required",
-            crate::edge::origin::OriginError::NotAllowed => "this Origin is not allowed",
-        };
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "forbidden_origin",
-            "forbidden_origin",
-            message,
-        );
-    }
-    if node.maintenance.is_cancelled() {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "over_capacity",
-            "draining",
-            "this node is draining; connect through the load balancer to another node",
-        );
-    }
-    let Some(slot) = node.try_admit() else {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "over_capacity",
-            "over_capacity",
-            "node is at its connection limit; retry another node",
-        );
-    };
-    let identity = match authenticate(&node, &req).await {
-        Ok(identity) => identity,
-        Err(e) => {
-            let status = if e == AuthError::KeysUnavailable {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::UNAUTHORIZED
-            };
-            let mut r = refuse(status, "unauthorized", e.code(), &e.to_string());
-            r.headers_mut()
-                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
-            return r;
-        }
-    };
-    let (id, conn_id) = node.next_conn_id();
-    let out = Arc::new(
-        Outbound::new(node.config.outbound_queue_bytes, &v1::CODEC)
-            .with_latency(node.metrics.fanout_latency.clone()),
-    );
-    let user = identity.as_ref().map(|i| i.user_id.as_str());
-    match node.directory.add(&conn_id, user, out.clone()).await {
-        Ok(()) => {}
-        Err(AddError::UserLimit) => {
-            return refuse(
-                StatusCode::TOO_MANY_REQUESTS,
-                "user_limit",
-                "user_connection_limit",
-                "this user already has the maximum number of connections",
-            )
-        }
-        Err(AddError::Unavailable(_)) => {
-            return refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "directory_unavailable",
-                "directory_unavailable",
-                "cannot check the per-user connection cap right now; retry",
-            )
-        }
-    }
-    let conn = Conn {
-        id,
-        conn_id,
-        out,
-        ip,
-        identity,
-    };
-    let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
-        Ok(r) => r,
-        Err(e) => {
-            node.directory.remove(&conn.conn_id).await;
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "bad_request",
-                &e.to_string(),
-            );
-        }
-    };
     node.metrics
-        .inc("gateway_handshakes_total", &[("outcome", "ok")]);
-    let span = tracing::Span::current();
-    span.record("outcome", "ok");
-    if let Some(i) = &conn.identity {
-        span.record("user", i.user_id.as_str());
-    }
-    tracing::debug!(%ip, user = conn.identity.as_ref().map(|i| i.user_id.as_str()), "handshake ok");
-    tokio::spawn(async move {
-        match fut.await {
-            Ok(ws) => open_connection(node, conn, slot, ws.into_inner().into_inner()).await,
-            Err(e) => {
-                tracing::debug!(%ip, error = %e, "upgrade did not complete");
-                node.directory.remove(&conn.conn_id).await;
-            }
-        }
-    });
-    response.map(|_| Full::new(Bytes::new()))
-}
-
-/// The token from `Authorization: Bearer` or the `access_token` query parameter (browsers
-/// cannot set headers on a WebSocket), verified. `Ok(None)` for an anonymous client.
-async fn authenticate(node: &Node, req: &Request<Incoming>) -> Result<Option<Identity>, AuthError> {
-    let from_header = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let from_query = req
-        .uri()
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=")));
-    let token = from_header.or(from_query).filter(|t| !t.is_empty());
-    match (token, &node.auth) {
-        (Some(token), Some(auth)) => auth.verify(token).await.map(Some),
-        // A token on a node without keys cannot be checked: refuse rather than ignore it.
-        (Some(_), None) => Err(AuthError::UnsupportedAlgorithm),
-        (None, _) if node.config.allow_anonymous => Ok(None),
-        (None, _) => Err(AuthError::Missing),
-    }
-}
-
-/// Opens an upgraded connection: the session (`connect` event), the protocol's greeting,
-/// then the connection's own task.
-///
-/// This runs in the short-lived task that awaited the upgrade. The long-lived task that it
-/// spawns captures only what the connection needs until cleanup, because whatever a task's
-/// future holds is reserved for every idle connection's whole life.
-async fn open_connection(node: Arc<Node>, conn: Conn, slot: Slot, upgraded: Upgraded) {
-    let out = conn.out.clone();
-    tracing::debug!(peer = %conn.ip, conn = %conn.conn_id, "connection open");
-    let (session, ending) = Session::open(node.core.clone(), conn).await;
-    let clock = session.clock();
-    let connection = v1::Connection::open(session);
-    // Boxed so that the task holds it once: awaiting a captured future moves it, and both
-    // places would stay reserved for the connection's whole life.
-    let served = socket::serve_upgraded(
-        upgraded,
-        node.limits(),
-        connection,
-        out,
-        // A child token per connection: polling the shared one locks a mutex that every
-        // connection's writer contends for on each turn of its loop.
-        node.close_all.child_token(),
-        clock,
-    );
-    tokio::spawn(async move {
-        let reason = served.await;
-        // Boxed: inline, cleanup's Redis calls would be reserved in every idle connection.
-        Box::pin(ending.close(&node.core, &reason)).await;
-        drop(slot);
-    });
+        .http_requests
+        .inc(["public", crate::metrics::status_label(status.as_u16())]);
+    response
 }
 
 /// A JSON error body: `{"error": code, "message": message}`.

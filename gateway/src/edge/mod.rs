@@ -2,6 +2,7 @@
 //! address, the HTTP routes of the public listener and the handshake checks.
 
 pub mod client_ip;
+pub mod handshake;
 pub mod http;
 pub mod origin;
 pub mod tls;

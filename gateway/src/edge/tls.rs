@@ -101,12 +101,12 @@ pub async fn watch(
             Ok(pair) => {
                 *resolver.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(pair);
                 seen = now;
-                metrics.inc("gateway_tls_reloads_total", &[("outcome", "ok")]);
+                metrics.tls_reloads.inc(["ok"]);
                 tracing::info!(cert = %cert.display(), "TLS certificate reloaded");
             }
             Err(e) => {
                 // Often a half-written pair (cert updated, key not yet): retry next tick.
-                metrics.inc("gateway_tls_reloads_total", &[("outcome", "error")]);
+                metrics.tls_reloads.inc(["error"]);
                 tracing::warn!(error = %e, "TLS reload failed; keeping the current certificate");
             }
         }

@@ -87,13 +87,8 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> HttpResponse {
         },
         _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such path"),
     };
-    node.metrics.inc(
-        "gateway_http_requests_total",
-        &[
-            ("listener", "admin"),
-            ("status", response.status().as_str()),
-        ],
-    );
+    let status = crate::metrics::status_label(response.status().as_u16());
+    node.metrics.http_requests.inc(["admin", status]);
     response
 }
 
@@ -268,7 +263,7 @@ async fn call(
             };
             match sent {
                 Ok(None) => {
-                    node.metrics.inc("gateway_admin_publishes_total", &[]);
+                    node.metrics.admin_publishes.inc([]);
                     json(
                         StatusCode::OK,
                         &serde_json::json!({ "status": "published" }),

@@ -1,0 +1,299 @@
+//! The WebSocket handshake: every check that can run before the upgrade does, so a refused
+//! client costs one HTTP response rather than a held socket. Cheap checks run first; the
+//! token signature (the costliest) and the directory's per-user cap (a Redis round trip)
+//! run last.
+//!
+//! Each way to refuse is a [`Refusal`]: it decides the HTTP status, the JSON error code, the
+//! `outcome` label of `gateway_handshakes_total` and the log line, in one place.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::upgrade::Upgraded;
+use hyper::{Method, Request, StatusCode};
+
+use super::http::{json_error, HttpResponse};
+use super::origin::OriginError;
+use crate::auth::{AuthError, Identity};
+use crate::cluster::directory::AddError;
+use crate::conn::outbound::Outbound;
+use crate::conn::socket;
+use crate::core::session::{Conn, Session};
+use crate::node::{Node, Slot};
+use crate::protocol::v1;
+
+/// Why a handshake was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Over the per-IP handshake rate; retry after this many seconds.
+    RateLimited {
+        retry_after_secs: u64,
+    },
+    /// Not a GET.
+    NotGet,
+    /// A plain HTTP request on the WebSocket path.
+    NotUpgrade,
+    /// `Sec-WebSocket-Version` is not 13.
+    BadVersion,
+    Origin(OriginError),
+    /// The node is draining (SIGTERM or drain on demand).
+    Draining,
+    /// The node is at `max_connections`.
+    OverCapacity,
+    Unauthorized(AuthError),
+    /// The user is at `max_connections_per_user`.
+    UserLimit,
+    /// The per-user cap cannot be checked: Redis is away.
+    DirectoryUnavailable,
+    /// The upgrade headers are malformed.
+    BadUpgrade(String),
+}
+
+impl Refusal {
+    fn status(&self) -> StatusCode {
+        match self {
+            Refusal::RateLimited { .. } | Refusal::UserLimit => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::NotGet => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::NotUpgrade | Refusal::BadVersion => StatusCode::UPGRADE_REQUIRED,
+            Refusal::Origin(_) => StatusCode::FORBIDDEN,
+            Refusal::Draining | Refusal::OverCapacity | Refusal::DirectoryUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Refusal::Unauthorized(AuthError::KeysUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Refusal::BadUpgrade(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The `outcome` label of `gateway_handshakes_total`.
+    fn outcome(&self) -> &'static str {
+        match self {
+            Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::NotGet
+            | Refusal::NotUpgrade
+            | Refusal::BadVersion
+            | Refusal::BadUpgrade(_) => "bad_request",
+            Refusal::Origin(_) => "forbidden_origin",
+            Refusal::Draining | Refusal::OverCapacity => "over_capacity",
+            Refusal::Unauthorized(_) => "unauthorized",
+            Refusal::UserLimit => "user_limit",
+            Refusal::DirectoryUnavailable => "directory_unavailable",
+        }
+    }
+
+    /// The `error` code of the JSON body.
+    fn code(&self) -> &'static str {
+        match self {
+            Refusal::Draining => "draining",
+            Refusal::UserLimit => "user_connection_limit",
+            Refusal::Unauthorized(e) => e.code(),
+            other => other.outcome(),
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Refusal::RateLimited { .. } => "too many handshakes from this address".into(),
+            Refusal::NotGet => "use GET to open a WebSocket".into(),
+            Refusal::NotUpgrade => "this endpoint only speaks WebSocket".into(),
+            Refusal::BadVersion => "unsupported Sec-WebSocket-Version; use 13".into(),
+            Refusal::Origin(OriginError::Missing) => "an Origin header is required".into(),
+            Refusal::Origin(OriginError::NotAllowed) => "this Origin is not allowed".into(),
+            Refusal::Draining => {
+                "this node is draining; connect through the load balancer to another node".into()
+            }
+            Refusal::OverCapacity => "node is at its connection limit; retry another node".into(),
+            Refusal::Unauthorized(e) => e.to_string(),
+            Refusal::UserLimit => "this user already has the maximum number of connections".into(),
+            Refusal::DirectoryUnavailable => {
+                "cannot check the per-user connection cap right now; retry".into()
+            }
+            Refusal::BadUpgrade(e) => e.clone(),
+        }
+    }
+
+    /// Counts, logs and answers the refusal.
+    fn respond(&self, node: &Node, ip: IpAddr) -> HttpResponse {
+        let (status, outcome, code, message) =
+            (self.status(), self.outcome(), self.code(), self.message());
+        node.metrics.handshakes.inc([outcome]);
+        tracing::Span::current().record("outcome", outcome);
+        tracing::info!(%ip, outcome, code, status = status.as_u16(), %message, "handshake refused");
+        let mut r = json_error(status, code, &message);
+        let headers = r.headers_mut();
+        match self {
+            Refusal::RateLimited { retry_after_secs } => {
+                headers.insert("retry-after", HeaderValue::from(*retry_after_secs));
+            }
+            Refusal::NotUpgrade => {
+                headers.insert("upgrade", HeaderValue::from_static("websocket"));
+            }
+            Refusal::BadVersion => {
+                headers.insert("sec-websocket-version", HeaderValue::from_static("13"));
+            }
+            Refusal::Unauthorized(_) => {
+                headers.insert("www-authenticate", HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        r
+    }
+}
+
+/// Checks the handshake and, if it passes, answers 101 and spawns the connection.
+pub async fn upgrade(
+    node: Arc<Node>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> HttpResponse {
+    let forwarded = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    let ip = node.proxies.client_ip(peer.ip(), forwarded);
+    let admitted = match admit(&node, &req, ip).await {
+        Ok(a) => a,
+        Err(refusal) => return refusal.respond(&node, ip),
+    };
+    let (conn, slot) = admitted;
+    let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(r) => r,
+        Err(e) => {
+            node.directory.remove(&conn.conn_id).await;
+            return Refusal::BadUpgrade(e.to_string()).respond(&node, ip);
+        }
+    };
+    node.metrics.handshakes.inc(["ok"]);
+    let span = tracing::Span::current();
+    span.record("outcome", "ok");
+    if let Some(i) = &conn.identity {
+        span.record("user", i.user_id.as_str());
+    }
+    tracing::debug!(%ip, user = conn.identity.as_ref().map(|i| i.user_id.as_str()), "handshake ok");
+    tokio::spawn(async move {
+        match fut.await {
+            Ok(ws) => open_connection(node, conn, slot, ws.into_inner().into_inner()).await,
+            Err(e) => {
+                tracing::debug!(%ip, error = %e, "upgrade did not complete");
+                node.directory.remove(&conn.conn_id).await;
+            }
+        }
+    });
+    response.map(|_| Full::new(Bytes::new()))
+}
+
+/// The checks, in order. On success the connection holds a slot and is in the directory.
+async fn admit(
+    node: &Arc<Node>,
+    req: &Request<Incoming>,
+    ip: IpAddr,
+) -> Result<(Conn, Slot), Refusal> {
+    if let Err(wait) = node.handshake_limiter.check(ip) {
+        node.metrics.rate_limit_hits.inc(["handshake"]);
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        return Err(Refusal::RateLimited {
+            retry_after_secs: secs.max(1),
+        });
+    }
+    if req.method() != Method::GET {
+        return Err(Refusal::NotGet);
+    }
+    if !fastwebsockets::upgrade::is_upgrade_request(req) {
+        return Err(Refusal::NotUpgrade);
+    }
+    if req
+        .headers()
+        .get("sec-websocket-version")
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return Err(Refusal::BadVersion);
+    }
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    super::origin::check(&node.config, header("origin"), header("host"))
+        .map_err(Refusal::Origin)?;
+    if node.maintenance.is_cancelled() {
+        return Err(Refusal::Draining);
+    }
+    let slot = node.try_admit().ok_or(Refusal::OverCapacity)?;
+    let identity = authenticate(node, req)
+        .await
+        .map_err(Refusal::Unauthorized)?;
+    let (id, conn_id) = node.next_conn_id();
+    let out = Arc::new(
+        Outbound::new(node.config.outbound_queue_bytes, &v1::CODEC)
+            .with_latency(node.metrics.fanout_latency.clone()),
+    );
+    let user = identity.as_ref().map(|i| i.user_id.as_str());
+    match node.directory.add(&conn_id, user, out.clone()).await {
+        Ok(()) => {}
+        Err(AddError::UserLimit) => return Err(Refusal::UserLimit),
+        Err(AddError::Unavailable(_)) => return Err(Refusal::DirectoryUnavailable),
+    }
+    let conn = Conn {
+        id,
+        conn_id,
+        out,
+        ip,
+        identity,
+    };
+    Ok((conn, slot))
+}
+
+/// The token from `Authorization: Bearer` or the `access_token` query parameter (browsers
+/// cannot set headers on a WebSocket), verified. `Ok(None)` for an anonymous client.
+async fn authenticate(node: &Node, req: &Request<Incoming>) -> Result<Option<Identity>, AuthError> {
+    let from_header = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let from_query = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=")));
+    let token = from_header.or(from_query).filter(|t| !t.is_empty());
+    match (token, &node.auth) {
+        (Some(token), Some(auth)) => auth.verify(token).await.map(Some),
+        // A token on a node without keys cannot be checked: refuse rather than ignore it.
+        (Some(_), None) => Err(AuthError::UnsupportedAlgorithm),
+        (None, _) if node.config.allow_anonymous => Ok(None),
+        (None, _) => Err(AuthError::Missing),
+    }
+}
+
+/// Opens an upgraded connection: the session (`connect` event), the protocol's greeting,
+/// then the connection's own task.
+///
+/// This runs in the short-lived task that awaited the upgrade. The long-lived task that it
+/// spawns captures only what the connection needs until cleanup, because whatever a task's
+/// future holds is reserved for every idle connection's whole life.
+async fn open_connection(node: Arc<Node>, conn: Conn, slot: Slot, upgraded: Upgraded) {
+    let out = conn.out.clone();
+    tracing::debug!(peer = %conn.ip, conn = %conn.conn_id, "connection open");
+    let (session, ending) = Session::open(node.core.clone(), conn).await;
+    let clock = session.clock();
+    let connection = v1::Connection::open(session);
+    // Boxed so that the task holds it once: awaiting a captured future moves it, and both
+    // places would stay reserved for the connection's whole life.
+    let served = socket::serve_upgraded(
+        upgraded,
+        node.limits(),
+        connection,
+        out,
+        // A child token per connection: polling the shared one locks a mutex that every
+        // connection's writer contends for on each turn of its loop.
+        node.close_all.child_token(),
+        clock,
+    );
+    tokio::spawn(async move {
+        let reason = served.await;
+        // Boxed: inline, cleanup's Redis calls would be reserved in every idle connection.
+        Box::pin(ending.close(&node.core, &reason)).await;
+        drop(slot);
+    });
+}
