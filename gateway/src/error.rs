@@ -10,10 +10,6 @@ use shared::close;
 pub enum Blame {
     /// The client sent something wrong or behaved badly; logged at debug.
     Client,
-    /// A dependency (the broker) failed; logged at warn.
-    Upstream,
-    /// A bug or resource failure in this node; logged at error.
-    Internal,
     /// Nobody: a normal close (client goodbye, shutdown, drain).
     None,
 }
@@ -22,8 +18,6 @@ impl Blame {
     pub fn as_str(self) -> &'static str {
         match self {
             Blame::Client => "client",
-            Blame::Upstream => "upstream",
-            Blame::Internal => "internal",
             Blame::None => "none",
         }
     }
@@ -61,8 +55,6 @@ pub enum CloseReason {
     Rebalance(u64),
     #[error("disconnected by operator")]
     Disconnected,
-    #[error("internal error")]
-    Internal,
     /// The transport ended without a close handshake; nothing can be sent.
     #[error("connection lost")]
     Abnormal,
@@ -85,7 +77,6 @@ impl CloseReason {
             CloseReason::Restart(_) => close::SERVICE_RESTART,
             CloseReason::Rebalance(_) => close::TRY_AGAIN_LATER,
             CloseReason::Disconnected => close::DISCONNECTED,
-            CloseReason::Internal => close::INTERNAL_ERROR,
             CloseReason::Abnormal => 1006,
         }
     }
@@ -106,7 +97,6 @@ impl CloseReason {
             CloseReason::Restart(_) => "drain",
             CloseReason::Rebalance(_) => "rebalance",
             CloseReason::Disconnected => "disconnected",
-            CloseReason::Internal => "internal",
             CloseReason::Abnormal => "connection_lost",
         }
     }
@@ -119,20 +109,29 @@ impl CloseReason {
             | CloseReason::Rebalance(_)
             | CloseReason::Disconnected
             | CloseReason::Abnormal => Blame::None,
-            CloseReason::Internal => Blame::Internal,
             _ => Blame::Client,
         }
     }
 }
 
-/// Broker failures. Always blamed on upstream for the remote broker, internal for the
-/// in-memory one (which cannot fail in practice).
+/// Broker and Redis failures. Blamed on upstream: the client is told `unavailable`.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
-    #[error("broker unavailable: {0}")]
-    Unavailable(String),
+    /// Redis answered with an error, or the connection failed. The source is kept (behind an
+    /// `Arc`, as callers clone the error into replies and logs) so logs show the cause.
+    #[error("Redis: {0}")]
+    Redis(#[source] std::sync::Arc<redis::RedisError>),
+    /// The operation needs a backend this node does not have (no Redis configured).
+    #[error("{0}")]
+    NotConfigured(&'static str),
     #[error("broker call timed out")]
     Timeout,
+}
+
+impl From<redis::RedisError> for BrokerError {
+    fn from(e: redis::RedisError) -> Self {
+        BrokerError::Redis(std::sync::Arc::new(e))
+    }
 }
 
 /// Invalid or unreadable configuration. Blamed on the operator; `main` prints it and exits 2.
@@ -151,15 +150,19 @@ pub enum ConfigError {
     Parse(PathBuf, toml::de::Error),
 }
 
-/// Failures while starting a node (bad key material, unreachable files). `main` exits 1.
+/// The cause of a [`StartError`].
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// Failures while starting a node (bad key material, unreachable files or Redis). `main`
+/// prints the chain of causes and exits 1.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot load JWT key {0}: {1}")]
-    Key(String, String),
+    #[error("cannot load JWT key {0}")]
+    Key(PathBuf, #[source] Cause),
     #[error("JWKS: {0}")]
-    Jwks(String),
+    Jwks(String, #[source] Cause),
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(String, #[source] Cause),
     #[error("Redis: {0}")]
-    Redis(String),
+    Redis(&'static str, #[source] BrokerError),
 }

@@ -95,13 +95,6 @@ impl Node {
         }))
     }
 
-    /// Ready for new connections: not draining and the broker is reachable.
-    pub fn is_ready(&self) -> bool {
-        !self.draining.is_cancelled()
-            && !self.maintenance.is_cancelled()
-            && self.hub.broker_healthy()
-    }
-
     /// Reserves a connection slot, or `None` when the node is at `max_connections`.
     pub fn try_admit(self: &Arc<Self>) -> Option<Slot> {
         if self.open.fetch_add(1, Ordering::AcqRel) >= self.config.max_connections {

@@ -214,12 +214,11 @@ fn map_error(kind: &ErrorKind) -> AuthError {
 }
 
 fn load_public_key(path: &Path) -> Result<DecodingKey, StartError> {
-    let pem = std::fs::read(path)
-        .map_err(|e| StartError::Key(path.display().to_string(), e.to_string()))?;
+    let pem = std::fs::read(path).map_err(|e| StartError::Key(path.to_owned(), e.into()))?;
     DecodingKey::from_rsa_pem(&pem)
         .or_else(|_| DecodingKey::from_ec_pem(&pem))
         .or_else(|_| DecodingKey::from_ed_pem(&pem))
-        .map_err(|e| StartError::Key(path.display().to_string(), e.to_string()))
+        .map_err(|e| StartError::Key(path.to_owned(), e.into()))
 }
 
 /// A cached JWKS.
@@ -236,15 +235,15 @@ pub struct Jwks {
 
 impl Jwks {
     fn new(url: &str, c: &Config, metrics: Arc<Metrics>) -> Result<Self, StartError> {
-        let uri: hyper::Uri = url
-            .parse()
-            .map_err(|_| StartError::Jwks(format!("bad URL {url}")))?;
+        let uri: hyper::Uri = url.parse().map_err(|e: hyper::http::uri::InvalidUri| {
+            StartError::Jwks(format!("bad URL {url}"), e.into())
+        })?;
         let tls = if uri.scheme_str() == Some("https") {
             let mut roots = rustls::RootCertStore::empty();
             use rustls::pki_types::pem::PemObject;
             let certs =
                 rustls::pki_types::CertificateDer::pem_file_iter(&c.jwks_ca_file).map_err(|e| {
-                    StartError::Jwks(format!("CA file {}: {e}", c.jwks_ca_file.display()))
+                    StartError::Jwks(format!("CA file {}", c.jwks_ca_file.display()), e.into())
                 })?;
             for cert in certs.flatten() {
                 let _ = roots.add(cert);
@@ -253,7 +252,7 @@ impl Jwks {
                 rustls::crypto::ring::default_provider(),
             ))
             .with_safe_default_protocol_versions()
-            .map_err(|e| StartError::Jwks(e.to_string()))?
+            .map_err(|e| StartError::Jwks("TLS client".into(), e.into()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
             Some(tokio_rustls::TlsConnector::from(Arc::new(config)))

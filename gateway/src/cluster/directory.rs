@@ -170,7 +170,7 @@ impl Directory {
         let Some(redis) = &self.redis else {
             return Ok(());
         };
-        let fail = |e: BrokerError| StartError::Redis(e.to_string());
+        let fail = |e: BrokerError| StartError::Redis("registering the node", e);
         self.load_functions(redis).await.map_err(fail)?;
         self.purge_node(redis, &self.node_id).await.map_err(fail)?;
         redis

@@ -48,7 +48,7 @@ impl Inbound {
         data: &str,
     ) -> Result<(), BrokerError> {
         let Some(redis) = &self.redis else {
-            return Err(BrokerError::Unavailable("no Redis is configured".into()));
+            return Err(BrokerError::NotConfigured("no Redis is configured"));
         };
         let mut xadd = redis::cmd("XADD");
         xadd.arg(shared::backend::Names::new(&redis.prefix).inbound())

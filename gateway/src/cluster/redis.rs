@@ -103,7 +103,7 @@ impl Redis {
             metrics: metrics.clone(),
         });
         let timeout = Duration::from_millis(c.redis_timeout_ms);
-        let bad = |e: redis::RedisError| StartError::Redis(e.to_string());
+        let bad = |e: redis::RedisError| StartError::Redis("connecting", e.into());
         let deadline = tokio::time::Instant::now() + timeout * 10;
         let conn = loop {
             let attempt = async {
@@ -209,7 +209,7 @@ impl Redis {
     ) -> Result<T, BrokerError> {
         let e = match r {
             Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) => BrokerError::Unavailable(e.to_string()),
+            Ok(Err(e)) => BrokerError::from(e),
             Err(_) => BrokerError::Timeout,
         };
         self.metrics.redis_errors.inc([op]);

@@ -222,7 +222,7 @@ mod tests {
         assert_eq!(batch.len(), 1);
         assert_eq!(q.push(Bytes::from_static(b"1234567890")), Pushed::Queued);
         q.close(CloseReason::Shutdown);
-        q.close(CloseReason::Internal);
+        q.close(CloseReason::Disconnected);
         assert_eq!(q.take(&mut batch).0, Some(CloseReason::Shutdown));
         assert_eq!(batch.len(), 2);
     }

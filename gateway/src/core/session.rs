@@ -365,9 +365,8 @@ fn closed(core: &Core, peer: IpAddr, conn_id: &str, reason: &CloseReason) {
         Blame::Client => {
             tracing::info!(%peer, conn = %conn_id, code, reason = label, detail = %reason, "connection closed")
         }
-        Blame::Internal => {
-            tracing::error!(%peer, conn = %conn_id, code, reason = label, "connection closed")
+        Blame::None => {
+            tracing::debug!(%peer, conn = %conn_id, code, reason = label, "connection closed")
         }
-        _ => tracing::debug!(%peer, conn = %conn_id, code, reason = label, "connection closed"),
     }
 }

@@ -56,11 +56,12 @@ pub fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
 
 /// The acceptor for the public listener and its resolver (for the reload task).
 pub fn acceptor(cert: &Path, key: &Path) -> Result<(TlsAcceptor, Arc<Resolver>), StartError> {
-    let pair = load(cert, key).map_err(StartError::Tls)?;
+    let pair =
+        load(cert, key).map_err(|e| StartError::Tls("loading the certificate".into(), e.into()))?;
     let resolver = Arc::new(Resolver(RwLock::new(Arc::new(pair))));
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| StartError::Tls(e.to_string()))?
+        .map_err(|e| StartError::Tls("protocol versions".into(), e.into()))?
         .with_no_client_auth()
         .with_cert_resolver(resolver.clone());
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
