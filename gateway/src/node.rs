@@ -15,11 +15,11 @@ use crate::cluster::directory::Directory;
 use crate::cluster::inbound::Inbound;
 use crate::cluster::redis::Redis;
 use crate::config::Config;
-use crate::conn::limiter::HandshakeLimiter;
 use crate::conn::socket::Limits;
 use crate::core::hub::{ConnId, Hub};
 use crate::core::Core;
 use crate::edge::client_ip::TrustedProxies;
+use crate::edge::handshake_limit::HandshakeLimiter;
 use crate::error::StartError;
 use crate::metrics::Metrics;
 

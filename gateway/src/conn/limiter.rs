@@ -1,56 +1,9 @@
-//! Rate limits (governor): handshakes per client IP, and messages and bytes per connection.
-//!
-//! Per-IP state lives in a keyed limiter whose entries are evicted every minute once their
-//! bucket is full again ([`HandshakeLimiter::evict`]), so memory follows the number of IPs
-//! active in the last few seconds, not every IP ever seen.
+//! The per-connection rate limits (governor): messages and bytes per second, with strikes
+//! before the connection is closed.
 
-use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
-use governor::state::keyed::HashMapStateStore;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-
-type Keyed = RateLimiter<IpAddr, HashMapStateStore<IpAddr>, DefaultClock>;
-
-/// Handshake rate per client IP.
-pub struct HandshakeLimiter {
-    limiter: Option<Keyed>,
-}
-
-impl HandshakeLimiter {
-    /// `rate` handshakes per second with `burst`; `rate == 0` disables the limit.
-    pub fn new(rate: u32, burst: u32) -> Self {
-        let limiter = NonZeroU32::new(rate).map(|r| {
-            let burst = NonZeroU32::new(burst).unwrap_or(r);
-            RateLimiter::hashmap(Quota::per_second(r).allow_burst(burst))
-        });
-        HandshakeLimiter { limiter }
-    }
-
-    /// `Err(retry_after)` when `ip` is over its rate.
-    pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
-        let Some(l) = &self.limiter else {
-            return Ok(());
-        };
-        l.check_key(&ip)
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
-    }
-
-    /// Drops state of IPs whose bucket has refilled; called periodically.
-    pub fn evict(&self) {
-        if let Some(l) = &self.limiter {
-            l.retain_recent();
-            l.shrink_to_fit();
-        }
-    }
-
-    /// IPs currently tracked.
-    pub fn tracked(&self) -> usize {
-        self.limiter.as_ref().map_or(0, |l| l.len())
-    }
-}
 
 /// What the per-connection limiter says about one message.
 #[derive(Debug, PartialEq, Eq)]
@@ -124,21 +77,6 @@ impl ConnLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn handshake_limit_is_per_ip_and_evicts() {
-        let l = HandshakeLimiter::new(10, 2);
-        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        assert!(l.check(a).is_ok());
-        assert!(l.check(a).is_ok());
-        let wait = l.check(a).unwrap_err();
-        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100));
-        assert!(l.check(b).is_ok());
-        assert_eq!(l.tracked(), 2);
-        std::thread::sleep(Duration::from_millis(600));
-        l.evict();
-        assert_eq!(l.tracked(), 0, "refilled buckets are dropped");
-    }
 
     #[test]
     fn conn_limit_refuses_then_closes() {

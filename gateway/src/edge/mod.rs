@@ -3,6 +3,7 @@
 
 pub mod client_ip;
 pub mod handshake;
+pub mod handshake_limit;
 pub mod http;
 pub mod origin;
 pub mod tls;
