@@ -179,7 +179,7 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, peer: SocketAddr) 
             message,
         );
     }
-    if node.maintenance.is_cancelled() {
+    if node.maintenance.is_on() {
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             "over_capacity",

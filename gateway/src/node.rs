@@ -38,9 +38,10 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     /// Cancelled when shutdown starts: readiness turns false at once.
     pub draining: CancellationToken,
-    /// Cancelled by a drain on demand (`POST /v1/drain`, or the pod annotation): the node
-    /// drains as on SIGTERM but keeps running, refusing new connections with 503.
-    pub maintenance: CancellationToken,
+    /// On during a drain on demand (`POST /v1/drain`, or the pod annotation): the node
+    /// drains as on SIGTERM but keeps running, refusing new connections with 503. Unlike
+    /// `draining` it can be ended (`DELETE /v1/drain`, removing the annotation).
+    pub maintenance: crate::admin::Maintenance,
     /// Cancelled once the listener is closed: every connection sends close 1001.
     pub close_all: CancellationToken,
     open: AtomicUsize,
@@ -96,7 +97,7 @@ impl Node {
             redis,
             metrics,
             draining,
-            maintenance: CancellationToken::new(),
+            maintenance: crate::admin::Maintenance::default(),
             close_all: CancellationToken::new(),
             open: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
@@ -106,9 +107,7 @@ impl Node {
 
     /// Ready for new connections: not draining and the broker is reachable.
     pub fn is_ready(&self) -> bool {
-        !self.draining.is_cancelled()
-            && !self.maintenance.is_cancelled()
-            && self.hub.broker_healthy()
+        !self.draining.is_cancelled() && !self.maintenance.is_on() && self.hub.broker_healthy()
     }
 
     /// Reserves a connection slot, or `None` when the node is at `max_connections`.
