@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Property checks on rendered Kubernetes manifests (helm template / kubectl kustomize output).
 
-Usage: k8s_assert.py [--connections-metric] [--rbac] RENDERED.yaml
+Usage: k8s_assert.py [--connections-metric] [--rbac] [--default-admin-peers] RENDERED.yaml
 
 Needs PyYAML (installed with kubernetes-validate in .tools/venv). Prints one line per
 failed property and exits 1 when any failed. The gateway's settings file keys are checked
@@ -22,6 +22,12 @@ GATEWAY_NAME = "gateway"
 # not exist yet, so they must not appear in the TOML file.
 ENV_ONLY = {"redis_url", "redis_password", "redis_prefix", "drain_window_ms", "pre_stop_delay_ms"}
 MIN_MARGIN_MS = 5000
+# Marks a Deployment whose admin API runs without a token on purpose (the chart's
+# adminToken.disabled=true, the dev overlay).
+ADMIN_TOKEN_DISABLED = ("gateway.example.io/admin-token", "disabled")
+# The peers the chart and the kustomize base admit to the admin port by default.
+DEFAULT_ADMIN_POD_LABEL = ("gateway-admin", "true")
+DEFAULT_MONITORING_NS = ("kubernetes.io/metadata.name", "monitoring")
 
 errors = []
 
@@ -150,6 +156,110 @@ def prestop_seconds(container):
     return 0
 
 
+def selector_is_empty(sel):
+    return not (sel.get("matchLabels") or sel.get("matchExpressions"))
+
+
+def selector_requires(sel, key, value):
+    """True when the LabelSelector `sel` only matches objects with label key=value."""
+    if (sel.get("matchLabels") or {}).get(key) == value:
+        return True
+    return any(e.get("key") == key and e.get("operator") == "In" and e.get("values") == [value]
+               for e in sel.get("matchExpressions") or [])
+
+
+def peer_problem(peer):
+    """Why this NetworkPolicyPeer admits too much, or None."""
+    if "ipBlock" in peer:
+        cidr = peer["ipBlock"].get("cidr", "")
+        if cidr.endswith("/0"):
+            return "ipBlock %s admits every address" % cidr
+        return None
+    ns, pods = peer.get("namespaceSelector"), peer.get("podSelector")
+    if ns is None and pods is None:
+        return "empty peer"
+    if ns is not None and selector_is_empty(ns) and (pods is None or selector_is_empty(pods)):
+        return "admits every pod of every namespace"
+    if ns is None and selector_is_empty(pods):
+        return "admits every pod of the namespace"
+    return None
+
+
+def rule_ports(rule, c):
+    """Container port numbers a NetworkPolicy ingress rule covers; None = every port."""
+    if not rule.get("ports"):
+        return None
+    return {port_number(c, p["port"]) for p in rule["ports"] if "port" in p}
+
+
+def check_network_policy(name, pod_labels, c, docs, opts):
+    """A NetworkPolicy selects the gateway pods; the admin port admits only restricted peers
+    (never everyone); the WebSocket port stays reachable."""
+    def selects(sel):
+        ml = sel.get("matchLabels") or {}
+        return not sel.get("matchExpressions") and all(pod_labels.get(k) == v for k, v in ml.items())
+
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy" and selects(d["spec"].get("podSelector") or {})]
+    if not policies:
+        fail("%s: no NetworkPolicy selects its pods (the admin port would be open to the cluster)" % name)
+        return
+    admin, ws = port_number(c, "admin"), port_number(c, "ws")
+    ws_reachable = False
+    for np in policies:
+        where = "NetworkPolicy/%s" % np["metadata"]["name"]
+        spec = np["spec"]
+        if "Ingress" not in (spec.get("policyTypes") or ["Ingress"]):
+            fail("%s: does not restrict ingress" % where)
+            continue
+        admin_peers = []
+        for rule in spec.get("ingress") or []:
+            ports = rule_ports(rule, c)
+            if ports is None or ws in ports:
+                ws_reachable = True
+            if ports is not None and admin not in ports:
+                continue
+            peers = rule.get("from")
+            if not peers:
+                fail("%s: a rule admits everyone to the admin port" % where)
+                continue
+            for peer in peers:
+                why = peer_problem(peer)
+                if why:
+                    fail("%s: admin port peer %r %s" % (where, peer, why))
+            admin_peers += peers
+        if not any("namespaceSelector" in p for p in admin_peers):
+            fail("%s: no namespace (Prometheus) may reach the admin port: /metrics would not be scrapeable" % where)
+        if opts.default_admin_peers:
+            key, value = DEFAULT_ADMIN_POD_LABEL
+            if not any("namespaceSelector" not in p and selector_requires(p.get("podSelector") or {}, key, value)
+                       for p in admin_peers):
+                fail("%s: pods labelled %s=%s may not reach the admin port" % (where, key, value))
+            key, value = DEFAULT_MONITORING_NS
+            if not any(selector_requires(p.get("namespaceSelector") or {}, key, value) for p in admin_peers):
+                fail("%s: the namespace %s=%s may not reach the admin port" % (where, key, value))
+            if len(admin_peers) != 2:
+                fail("%s: admin port peers %r, want only the labelled pods and the monitoring namespace"
+                     % (where, admin_peers))
+    if not ws_reachable:
+        fail("%s: no NetworkPolicy rule admits the WebSocket port" % name)
+
+
+def check_admin_token(name, dep, env):
+    """GATEWAY_ADMIN_TOKEN comes from a Secret, unless the Deployment says it is off on purpose."""
+    e = env.get("GATEWAY_ADMIN_TOKEN")
+    ref = ((e or {}).get("valueFrom") or {}).get("secretKeyRef")
+    key, value = ADMIN_TOKEN_DISABLED
+    disabled = ((dep["metadata"].get("annotations") or {}).get(key) == value)
+    if ref and disabled:
+        fail("%s: has an admin token and the %s: %s annotation" % (name, key, value))
+    elif ref:
+        if ref.get("optional"):
+            fail("%s: the admin token Secret is optional (the pod would start without it)" % name)
+    elif not disabled:
+        fail("%s: GATEWAY_ADMIN_TOKEN does not come from a Secret, and the Deployment is not annotated %s: %s"
+             % (name, key, value))
+
+
 def check_gateway_deployment(dep, docs, configmaps, fields, opts):
     name = "Deployment/" + dep["metadata"]["name"]
     tpl = dep["spec"]["template"]
@@ -190,6 +300,8 @@ def check_gateway_deployment(dep, docs, configmaps, fields, opts):
     for var, e in env.items():
         if "value" in e and any(s in var for s in ("SECRET", "PASSWORD", "TOKEN")):
             fail("%s: %s is a literal value; reference a Secret" % (name, var))
+
+    check_admin_token(name, dep, env)
 
     cm_name, text = toml_of(configmaps, spec)
     if text is None:
@@ -240,6 +352,8 @@ def check_gateway_deployment(dep, docs, configmaps, fields, opts):
 
     def selects(sel):
         return bool(sel) and all(pod_labels.get(k) == v for k, v in sel.items())
+
+    check_network_policy(name, pod_labels, c, docs, opts)
 
     pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget" and selects((d["spec"].get("selector") or {}).get("matchLabels"))]
     if not pdbs:
@@ -320,6 +434,8 @@ def main():
     ap.add_argument("file")
     ap.add_argument("--connections-metric", action="store_true", help="require the gateway_connections_open HPA metric")
     ap.add_argument("--rbac", action="store_true", help="require the ServiceAccount, Role and RoleBinding")
+    ap.add_argument("--default-admin-peers", action="store_true",
+                    help="require exactly the default admin port peers (gateway-admin=true pods, monitoring namespace)")
     opts = ap.parse_args()
 
     with open(opts.file, encoding="utf-8") as f:

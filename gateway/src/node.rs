@@ -31,9 +31,10 @@ pub struct Node {
     pub proxies: TrustedProxies,
     /// Cancelled when shutdown starts: readiness turns false at once.
     pub draining: CancellationToken,
-    /// Cancelled by a drain on demand (`POST /v1/drain`, or the pod annotation): the node
-    /// drains as on SIGTERM but keeps running, refusing new connections with 503.
-    pub maintenance: CancellationToken,
+    /// On during a drain on demand (`POST /v1/drain`, or the pod annotation): the node
+    /// drains as on SIGTERM but keeps running, refusing new connections with 503. Unlike
+    /// `draining` it can be ended (`DELETE /v1/drain`, removing the annotation).
+    pub maintenance: crate::ops::admin::Maintenance,
     /// Cancelled once the listener is closed: every connection sends close 1001.
     pub close_all: CancellationToken,
     open: AtomicUsize,
@@ -87,7 +88,7 @@ impl Node {
             handshake_limiter,
             proxies,
             draining,
-            maintenance: CancellationToken::new(),
+            maintenance: crate::ops::admin::Maintenance::default(),
             close_all: CancellationToken::new(),
             open: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),

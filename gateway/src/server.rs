@@ -146,16 +146,29 @@ fn spawn_background(
             .clone()
             .run(node.draining.clone(), stop.clone()),
     );
-    // Drain on demand: as on SIGTERM, but the process stays up.
+    // Drain on demand: as on SIGTERM, but the process stays up, and the drain can be ended.
     let (n, s) = (node.clone(), stop.clone());
     tokio::spawn(async move {
-        tokio::select! {
-            _ = n.maintenance.cancelled() => {}
-            _ = s.cancelled() => return,
+        loop {
+            tokio::select! {
+                _ = n.maintenance.wait(true) => {}
+                _ = s.cancelled() => return,
+            }
+            tracing::info!("drain requested: readiness is false; draining connections, staying up");
+            tokio::select! {
+                _ = async {
+                    tokio::time::sleep(Duration::from_millis(n.config.pre_stop_delay_ms)).await;
+                    drain(&n).await;
+                } => {}
+                _ = n.maintenance.wait(false) => {}
+                _ = s.cancelled() => return,
+            }
+            tokio::select! {
+                _ = n.maintenance.wait(false) => {}
+                _ = s.cancelled() => return,
+            }
+            tracing::info!("drain ended: ready for new connections again");
         }
-        tracing::info!("drain requested: readiness is false; draining connections, staying up");
-        tokio::time::sleep(Duration::from_millis(n.config.pre_stop_delay_ms)).await;
-        drain(&n).await;
     });
     #[cfg(feature = "kube")]
     {

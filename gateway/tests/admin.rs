@@ -1,8 +1,9 @@
-//! The admin listener: probes, metrics, publish API and its bearer token.
+//! The admin listener: probes, metrics, publish API, drain and its bearer token.
 
 mod common;
 
 use common::*;
+use loadtest::client::{Client, ConnectError};
 use serde_json::json;
 
 #[tokio::test]
@@ -85,6 +86,108 @@ async fn admin_token_guards_the_api() {
     assert_eq!(node.admin("POST", p, body, None).await.0, 401);
     assert_eq!(node.admin("POST", p, body, Some("wrong!")).await.0, 401);
     assert_eq!(node.admin("POST", p, body, Some("s3cret")).await.0, 200);
-    // probes stay open for kubelet
+    // probes and metrics never need the token (kubelet and Prometheus have none)
+    assert_eq!(node.admin("GET", "/healthz", "", None).await.0, 200);
     assert_eq!(node.admin("GET", "/readyz", "", None).await.0, 200);
+    assert_eq!(node.admin("GET", "/metrics", "", None).await.0, 200);
+    // the drain API is guarded like the rest of /v1/*
+    for method in ["POST", "DELETE"] {
+        assert_eq!(node.admin(method, "/v1/drain", "", None).await.0, 401);
+        assert_eq!(
+            node.admin(method, "/v1/drain", "", Some("s3cre")).await.0,
+            401
+        );
+    }
+    assert_eq!(node.admin("GET", "/readyz", "", None).await.0, 200);
+    assert_eq!(
+        node.admin("POST", "/v1/drain", "", Some("s3cret")).await.0,
+        202
+    );
+    assert_eq!(node.admin("GET", "/readyz", "", None).await.0, 503);
+    assert_eq!(
+        node.admin("DELETE", "/v1/drain", "", Some("s3cret"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(node.admin("GET", "/readyz", "", None).await.0, 200);
+}
+
+/// New handshakes are refused with 503 while the node drains.
+async fn assert_refused(node: &TestNode) {
+    assert!(matches!(
+        Client::connect(&node.url()).await,
+        Err(ConnectError::Status(503))
+    ));
+}
+
+#[tokio::test]
+async fn delete_drain_ends_a_drain_on_demand() {
+    let node = start(config()).await;
+    let (mut before, _) = node.client().await;
+
+    let (status, body) = node.admin("POST", "/v1/drain", "", None).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(before.recv_close(T).await.unwrap().0, 1012);
+    let (status, body) = node.admin("GET", "/readyz", "", None).await;
+    assert_eq!((status, body.contains("draining")), (503, true), "{body}");
+    assert_refused(&node).await;
+    // liveness stays 200: the kubelet does not restart a drained pod
+    assert_eq!(node.admin("GET", "/healthz", "", None).await.0, 200);
+
+    let (status, body) = node.admin("DELETE", "/v1/drain", "", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("drain_ended"), "{body}");
+    let (status, body) = node.admin("GET", "/readyz", "", None).await;
+    assert_eq!((status, body.contains("ready")), (200, true), "{body}");
+    let (mut after, _) = node.client().await;
+    // a connection accepted after the drain ended outlives the old drain window (500 ms)
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    request(
+        &mut after,
+        json!({"type":"subscribe","channel":"chat:a","id":1}),
+    )
+    .await;
+
+    // idempotent, and a drain can be started again afterwards
+    let (status, body) = node.admin("DELETE", "/v1/drain", "", None).await;
+    assert_eq!(
+        (status, body.contains("not_draining")),
+        (200, true),
+        "{body}"
+    );
+    assert_eq!(node.admin("POST", "/v1/drain", "", None).await.0, 202);
+    assert_eq!(node.admin("POST", "/v1/drain", "", None).await.0, 202);
+    assert_eq!(after.recv_close(T).await.unwrap().0, 1012);
+    assert_eq!(node.admin("GET", "/readyz", "", None).await.0, 503);
+    assert_refused(&node).await;
+    assert_eq!(node.admin("DELETE", "/v1/drain", "", None).await.0, 200);
+    assert_eq!(node.admin("GET", "/readyz", "", None).await.0, 200);
+    node.client().await;
+
+    assert_eq!(node.admin("GET", "/v1/drain", "", None).await.0, 405);
+    assert!(!node.task.is_finished(), "the process stays up throughout");
+}
+
+#[tokio::test]
+async fn a_shutdown_drain_cannot_be_ended() {
+    let node = start(gateway::Config {
+        pre_stop_delay_ms: 2000,
+        ..config()
+    })
+    .await;
+    node.shutdown.cancel();
+    // during the pre-stop delay the admin listener still answers
+    let deadline = tokio::time::Instant::now() + T;
+    while node.admin("GET", "/readyz", "", None).await.0 != 503 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz never turned 503"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (status, body) = node.admin("DELETE", "/v1/drain", "", None).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("shutting_down"), "{body}");
+    assert_eq!(node.admin("GET", "/readyz", "", None).await.0, 503);
 }

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use gateway::ops::admin::Maintenance;
 use gateway::ops::kube::{watch_drain, LeaseElector, DRAIN_ANNOTATION};
 use http_body_util::BodyExt;
 use hyper::{Method, Request, Response};
@@ -46,10 +47,32 @@ fn pod(annotations: Value) -> Value {
         "name":"gw-0","namespace":"gw","resourceVersion":"5","annotations":annotations}})
 }
 
+/// A watch answer: these events, then the end of the stream (the node reads the pod again
+/// and starts a new watch).
+fn events(send: SendResponse<Response<Body>>, events: &[Value]) {
+    let body = events.iter().map(|e| format!("{e}\n")).collect::<String>();
+    send.send_response(
+        Response::builder()
+            .status(200)
+            .body(Body::from(body.into_bytes()))
+            .unwrap(),
+    );
+}
+
+fn modified(annotations: Value) -> Value {
+    json!({"type":"MODIFIED","object":pod(annotations)})
+}
+
+async fn within(what: &str, f: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(Duration::from_secs(5), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} in time"));
+}
+
 #[tokio::test]
 async fn drain_annotation_on_the_watched_pod_starts_a_drain() {
     let (client, mut api) = mock();
-    let drain = CancellationToken::new();
+    let drain = Maintenance::default();
     let stop = CancellationToken::new();
     let task = tokio::spawn(watch_drain(
         Api::<Pod>::namespaced(client, "gw"),
@@ -72,45 +95,93 @@ async fn drain_annotation_on_the_watched_pod_starts_a_drain() {
         query.contains("fieldSelector=metadata.name%3Dgw-0"),
         "{query}"
     );
-    assert!(!drain.is_cancelled());
-    let events = [
-        json!({"type":"MODIFIED","object":pod(json!({"team":"y"}))}),
-        json!({"type":"MODIFIED","object":pod(json!({DRAIN_ANNOTATION:"true"}))}),
-    ]
-    .iter()
-    .map(|e| format!("{e}\n"))
-    .collect::<String>();
-    send.send_response(
-        Response::builder()
-            .status(200)
-            .body(Body::from(events.into_bytes()))
-            .unwrap(),
+    assert!(!drain.is_on());
+    events(
+        send,
+        &[
+            modified(json!({"team":"y"})),
+            modified(json!({DRAIN_ANNOTATION:"true"})),
+        ],
     );
-    tokio::time::timeout(Duration::from_secs(5), drain.cancelled())
-        .await
-        .expect("drain requested");
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .unwrap()
-        .unwrap();
+    within("drain requested", drain.wait(true)).await;
+    // the watch keeps running after the drain started: it may be ended later
+    let (req, _send) = next(&mut api).await;
+    assert_eq!(req.uri().path(), "/api/v1/namespaces/gw/pods/gw-0");
+    assert!(!task.is_finished());
+    stop.cancel();
+    within("watch stopped", async { task.await.unwrap() }).await;
 }
 
 #[tokio::test]
 async fn an_annotation_already_present_drains_at_once() {
     let (client, mut api) = mock();
-    let drain = CancellationToken::new();
+    let drain = Maintenance::default();
+    let stop = CancellationToken::new();
     let task = tokio::spawn(watch_drain(
         Api::<Pod>::namespaced(client, "gw"),
         "gw-0".into(),
         drain.clone(),
-        CancellationToken::new(),
+        stop.clone(),
     ));
     let (_, send) = next(&mut api).await;
     reply(send, 200, &pod(json!({DRAIN_ANNOTATION:"true"})));
-    tokio::time::timeout(Duration::from_secs(5), drain.cancelled())
-        .await
-        .expect("drain requested");
-    task.await.unwrap();
+    within("drain requested", drain.wait(true)).await;
+    stop.cancel();
+    within("watch stopped", async { task.await.unwrap() }).await;
+}
+
+#[tokio::test]
+async fn removing_the_annotation_ends_the_drain() {
+    let (client, mut api) = mock();
+    let drain = Maintenance::default();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(watch_drain(
+        Api::<Pod>::namespaced(client, "gw"),
+        "gw-0".into(),
+        drain.clone(),
+        stop.clone(),
+    ));
+    // Each watch answer ends its stream, so the node reads the pod again before the next
+    // watch: when a request arrives, the previous answer has been acted on.
+    let (_, send) = next(&mut api).await;
+    reply(send, 200, &pod(json!({})));
+    let (_, send) = next(&mut api).await;
+    assert!(!drain.is_on());
+    events(send, &[modified(json!({DRAIN_ANNOTATION:"true"}))]);
+
+    // removed while watching: `kubectl annotate pod gw-0 gateway.example.io/drain-`
+    let (_, send) = next(&mut api).await;
+    assert!(drain.is_on(), "annotation set through the watch");
+    reply(send, 200, &pod(json!({DRAIN_ANNOTATION:"true"})));
+    let (_, send) = next(&mut api).await;
+    assert!(drain.is_on());
+    events(send, &[modified(json!({"team":"x"}))]);
+
+    // set, then removed while the watch was down: the read at the restart sees it gone
+    let (_, send) = next(&mut api).await;
+    assert!(!drain.is_on(), "annotation removed through the watch");
+    reply(send, 200, &pod(json!({DRAIN_ANNOTATION:"true"})));
+    let (_, send) = next(&mut api).await;
+    assert!(drain.is_on(), "annotation found by the read");
+    events(send, &[]);
+    let (_, send) = next(&mut api).await;
+    reply(send, 200, &pod(json!({DRAIN_ANNOTATION:"false"})));
+
+    // a drain started by hand is left alone by a pod that never carried the annotation
+    let (_, send) = next(&mut api).await;
+    assert!(
+        !drain.is_on(),
+        "annotation removed while the watch was down"
+    );
+    drain.start();
+    events(send, &[modified(json!({"team":"y"}))]);
+    let (_, send) = next(&mut api).await;
+    assert!(drain.is_on(), "a drain by hand stays on");
+    reply(send, 200, &pod(json!({"team":"y"})));
+    let (_, _send) = next(&mut api).await;
+    assert!(drain.is_on());
+    stop.cancel();
+    within("watch stopped", async { task.await.unwrap() }).await;
 }
 
 fn lease(holder: &str, renewed_secs_ago: i64) -> Value {

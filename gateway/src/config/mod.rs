@@ -52,7 +52,8 @@ pub struct Config {
     pub ping_timeout_ms: u64,
     /// On shutdown, time clients get to complete the close handshake after close 1001.
     pub shutdown_grace_ms: u64,
-    /// Bearer token required by the admin API and probes when set.
+    /// Bearer token required by the admin API (`/v1/*`) when set. Probes and `/metrics`
+    /// never need it.
     pub admin_token: Option<String>,
     /// Log format.
     pub log_format: LogFormat,

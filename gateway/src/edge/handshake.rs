@@ -216,7 +216,7 @@ async fn admit(
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     super::origin::check(&node.config, header("origin"), header("host"))
         .map_err(Refusal::Origin)?;
-    if node.maintenance.is_cancelled() {
+    if node.maintenance.is_on() {
         return Err(Refusal::Draining);
     }
     let slot = node.try_admit().ok_or(Refusal::OverCapacity)?;

@@ -10,12 +10,15 @@
 //! - `DELETE /v1/connections/{conn}`: closes that connection (4003) on whichever node.
 //! - `GET /v1/users/{user}/connections`: the user's live connections.
 //! - `POST /v1/drain`: drain this node as on SIGTERM, but keep the process up.
+//! - `DELETE /v1/drain`: end that drain (started here or by the pod annotation): readiness
+//!   and new handshakes come back. A shutdown drain (SIGTERM) cannot be ended.
 //!
 //! Each call is one directory lookup in Redis on whichever node receives it: no call asks
 //! the other nodes.
 //!
-//! With `admin_token` set, `/v1/*` requires `Authorization: Bearer <token>`. Probes and
-//! metrics stay open because kubelet and scrapers reach them on this internal port only.
+//! With `admin_token` set, `/v1/*` requires `Authorization: Bearer <token>`. Probes
+//! (`/healthz`, `/readyz`) and `/metrics` never ask for it: kubelet and scrapers reach them
+//! on this internal port only, and a NetworkPolicy is what keeps other pods away.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -29,6 +32,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::edge::http::{json, json_error, HttpResponse};
@@ -93,7 +97,7 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> HttpResponse {
 }
 
 fn readiness(node: &Node) -> HttpResponse {
-    let (status, state) = if node.draining.is_cancelled() || node.maintenance.is_cancelled() {
+    let (status, state) = if node.draining.is_cancelled() || node.maintenance.is_on() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
     } else if !node.hub.broker_healthy() {
         (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable")
@@ -114,14 +118,7 @@ fn refuse_unauthorized(node: &Node, req: &Request<Incoming>) -> Option<HttpRespo
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    // Compare in constant time so the token cannot be guessed byte by byte from timings.
-    let ok = given.is_some_and(|g| {
-        g.len() == token.len()
-            && g.bytes()
-                .zip(token.bytes())
-                .fold(0u8, |a, (x, y)| a | (x ^ y))
-                == 0
-    });
+    let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()));
     if ok {
         return None;
     }
@@ -134,6 +131,60 @@ fn refuse_unauthorized(node: &Node, req: &Request<Incoming>) -> Option<HttpRespo
     r.headers_mut()
         .insert("www-authenticate", HeaderValue::from_static("Bearer"));
     Some(r)
+}
+
+/// Compares two byte strings in time that depends on their lengths only, never on where
+/// they first differ: an `==` that stops at the first wrong byte lets a caller who can time
+/// many requests find the token byte by byte. Every byte is XORed and the differences are
+/// ORed together; `black_box` keeps the optimiser from turning the fold back into an early
+/// exit. A length mismatch answers at once: the length is not the secret (the token's
+/// entropy is), and padding cannot hide it anyway. No crate needed for this one loop.
+fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
+    if given.len() != expected.len() {
+        return false;
+    }
+    let diff = given
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| std::hint::black_box(acc | (a ^ b)));
+    diff == 0
+}
+
+/// A drain on demand (`POST /v1/drain`, the pod annotation) that can be ended again
+/// (`DELETE /v1/drain`, removing the annotation). It cannot be a `CancellationToken`,
+/// which stays cancelled for good; a watch channel holds the state and wakes waiters on
+/// every change. Clones share the state.
+#[derive(Clone)]
+pub struct Maintenance(watch::Sender<bool>);
+
+impl Default for Maintenance {
+    fn default() -> Self {
+        Maintenance(watch::Sender::new(false))
+    }
+}
+
+impl Maintenance {
+    /// Starts a drain. `false` when one was already on.
+    pub fn start(&self) -> bool {
+        self.0.send_if_modified(|on| !std::mem::replace(on, true))
+    }
+
+    /// Ends the drain. `false` when none was on.
+    pub fn end(&self) -> bool {
+        self.0.send_if_modified(|on| std::mem::replace(on, false))
+    }
+
+    /// Whether a drain on demand is on.
+    pub fn is_on(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Returns once the drain is on (`true`) or off (`false`); at once if it already is.
+    pub async fn wait(&self, on: bool) {
+        let mut rx = self.0.subscribe();
+        // Fails only once the sender is gone, and `self` holds it.
+        let _ = rx.wait_for(|v| *v == on).await;
+    }
 }
 
 #[derive(Deserialize)]
@@ -190,19 +241,7 @@ async fn call(
     traceparent: Option<String>,
 ) -> HttpResponse {
     if path == "/v1/drain" {
-        if method != Method::POST {
-            return json_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "use POST",
-            );
-        }
-        tracing::info!("drain requested through the admin API");
-        node.maintenance.cancel();
-        return json(
-            StatusCode::ACCEPTED,
-            &serde_json::json!({ "status": "draining", "connections": node.open_connections() }),
-        );
+        return drain(node, &method);
     }
     // Ids may contain '/', so the action is matched as a suffix.
     let Some((kind, rest)) = path.trim_start_matches("/v1/").split_once('/') else {
@@ -276,6 +315,46 @@ async fn call(
     }
 }
 
+/// `POST` starts a drain on demand, `DELETE` ends it (whoever started it: this API or the
+/// pod annotation). Both are idempotent.
+fn drain(node: &Node, method: &Method) -> HttpResponse {
+    let connections = node.open_connections();
+    match *method {
+        Method::POST => {
+            if node.maintenance.start() {
+                tracing::info!("drain requested through the admin API");
+            }
+            json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({ "status": "draining", "connections": connections }),
+            )
+        }
+        Method::DELETE if node.draining.is_cancelled() => json_error(
+            StatusCode::CONFLICT,
+            "shutting_down",
+            "the node is shutting down; that drain cannot be ended",
+        ),
+        Method::DELETE => {
+            let ended = node.maintenance.end();
+            if ended {
+                tracing::info!("drain ended through the admin API: accepting connections again");
+            }
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "status": if ended { "drain_ended" } else { "not_draining" },
+                    "connections": connections,
+                }),
+            )
+        }
+        _ => json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use POST or DELETE",
+        ),
+    }
+}
+
 /// Reads `{"data": <json>}`, bounded by `max_message_bytes`, with the same checks as a
 /// client's `data`.
 async fn read_data(node: &Node, req: Request<Incoming>) -> Result<Box<RawValue>, HttpResponse> {
@@ -300,4 +379,36 @@ async fn read_data(node: &Node, req: Request<Incoming>) -> Result<Box<RawValue>,
     shared::protocol::check_data(parsed.data.get())
         .map_err(|why| json_error(StatusCode::BAD_REQUEST, "malformed_json", why))?;
     Ok(parsed.data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares_whole_strings() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(constant_time_eq(b"", b""));
+        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
+        assert!(!constant_time_eq(b"X3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cre", b"s3cret"));
+        assert!(!constant_time_eq(b"s3crett", b"s3cret"));
+    }
+
+    #[tokio::test]
+    async fn maintenance_can_be_ended_and_started_again() {
+        let m = Maintenance::default();
+        assert!(!m.is_on());
+        m.wait(false).await;
+        assert!(m.start());
+        assert!(!m.start(), "already on");
+        let waiter = m.clone();
+        let off = tokio::spawn(async move { waiter.wait(false).await });
+        m.wait(true).await;
+        assert!(m.end());
+        assert!(!m.end(), "already off");
+        off.await.unwrap();
+        assert!(m.start());
+        assert!(m.is_on());
+    }
 }

@@ -3,7 +3,9 @@
 //! - **Drain on demand**: the node watches its own Pod. When an SRE runs
 //!   `kubectl annotate pod <pod> gateway.example.io/drain=true`, the node drains as on
 //!   SIGTERM (readiness fails, connections close gradually with 1012) but stays alive, so the
-//!   pod can be emptied before maintenance.
+//!   pod can be emptied before maintenance. Removing the annotation
+//!   (`kubectl annotate pod <pod> gateway.example.io/drain-`) ends the drain, as
+//!   `DELETE /v1/drain` does.
 //! - **Janitor election**: the janitor that purges dead nodes' routes runs on exactly one
 //!   node, the holder of a `coordination.k8s.io` Lease. Outside Kubernetes (or without this
 //!   feature) a Redis lock does the same job.
@@ -23,6 +25,7 @@ use kube::api::{Api, PostParams, WatchEvent, WatchParams};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::directory::{BoxFuture, Elector};
+use crate::ops::admin::Maintenance;
 
 /// The annotation that drains a pod.
 pub const DRAIN_ANNOTATION: &str = "gateway.example.io/drain";
@@ -35,24 +38,36 @@ fn annotated(p: &Pod) -> bool {
         .is_some_and(|v| v == "true")
 }
 
-/// Watches `pod` until it carries the drain annotation, then cancels `drain`. Reads the pod
-/// first (the annotation may already be there), then follows changes; on errors it waits a
-/// few seconds and starts over. Returns when `stop` is cancelled or after the drain.
-pub async fn watch_drain(
-    api: Api<Pod>,
-    pod: String,
-    drain: CancellationToken,
-    stop: CancellationToken,
-) {
+/// Watches `pod` and follows its drain annotation: when it appears, starts a drain on
+/// `drain`; when it goes away again, ends the drain (whoever started it). Only changes of
+/// the annotation act, so a pod that never carried it leaves a drain started through the
+/// admin API alone. Reads the pod first (the annotation may already be there, or may have
+/// gone while the watch was down), then follows changes; on errors it waits a few seconds
+/// and starts over. Returns when `stop` is cancelled.
+pub async fn watch_drain(api: Api<Pod>, pod: String, drain: Maintenance, stop: CancellationToken) {
     let retry = Duration::from_secs(5);
+    let mut seen = false;
+    let mut follow = |p: &Pod, how: &str| {
+        let now = annotated(p);
+        if now && !seen {
+            tracing::info!(pod, how, "drain annotation set: draining this node");
+            drain.start();
+        } else if !now && seen {
+            tracing::info!(pod, how, "drain annotation removed: ending the drain");
+            drain.end();
+        }
+        seen = now;
+    };
     loop {
-        let version = match api.get(&pod).await {
-            Ok(p) if annotated(&p) => {
-                tracing::info!(pod, "drain annotation found: draining this node");
-                drain.cancel();
-                return;
+        let got = tokio::select! {
+            r = api.get(&pod) => r,
+            _ = stop.cancelled() => return,
+        };
+        let version = match got {
+            Ok(p) => {
+                follow(&p, "read");
+                p.metadata.resource_version.unwrap_or_else(|| "0".into())
             }
-            Ok(p) => p.metadata.resource_version.unwrap_or_else(|| "0".into()),
             Err(e) => {
                 tracing::warn!(pod, error = %e, "cannot read own pod; retrying");
                 tokio::select! {
@@ -64,7 +79,11 @@ pub async fn watch_drain(
         let params = WatchParams::default()
             .fields(&format!("metadata.name={pod}"))
             .timeout(290);
-        let stream = match api.watch(&params, &version).await {
+        let watched = tokio::select! {
+            r = api.watch(&params, &version) => r,
+            _ = stop.cancelled() => return,
+        };
+        let stream = match watched {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(pod, error = %e, "cannot watch own pod; retrying");
@@ -81,11 +100,7 @@ pub async fn watch_drain(
                 _ = stop.cancelled() => return,
             };
             match event {
-                Some(Ok(WatchEvent::Added(p) | WatchEvent::Modified(p))) if annotated(&p) => {
-                    tracing::info!(pod, "drain annotation set: draining this node");
-                    drain.cancel();
-                    return;
-                }
+                Some(Ok(WatchEvent::Added(p) | WatchEvent::Modified(p))) => follow(&p, "watch"),
                 Some(Ok(WatchEvent::Error(e))) => {
                     tracing::debug!(pod, error = %e.message, "pod watch ended");
                     break;

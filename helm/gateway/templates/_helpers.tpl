@@ -104,8 +104,25 @@ integers here. Strings use JSON escaping, which is valid TOML basic-string synta
 {{- if kindIs "invalid" $v }}5000{{ else }}{{ int64 $v }}{{ end }}
 {{- end }}
 
+{{/*
+The admin API (/v1/*) publishes to any channel, sends to and disconnects any user and
+drains the pod. Without a token anyone who reaches the admin port can do all of that, so
+the chart refuses to render unless a token Secret is referenced or the operator opts out
+explicitly with adminToken.disabled=true (NOTES.txt then warns).
+*/}}
+{{- define "gateway.validateAdminToken" -}}
+{{- $t := .Values.adminToken }}
+{{- if and $t.existingSecret $t.disabled }}
+{{- fail "adminToken: set either adminToken.existingSecret or adminToken.disabled=true, not both" }}
+{{- end }}
+{{- if not (or $t.existingSecret $t.disabled) }}
+{{- fail (printf "adminToken: no admin token. The admin API (/v1/*: publish, send, disconnect, drain) would be open to every pod that can reach the admin port. Create a Secret with the token (kubectl create secret generic gateway-admin --from-literal=%s=\"$(openssl rand -hex 32)\") and set adminToken.existingSecret=gateway-admin (key: adminToken.key, default admin-token), or set adminToken.disabled=true to run without one" $t.key) }}
+{{- end }}
+{{- end }}
+
 {{/* Refuses settings that cannot work together. */}}
 {{- define "gateway.validate" -}}
+{{- include "gateway.validateAdminToken" . }}
 {{- $pre := int64 .Values.lifecycle.preStopSleepSeconds }}
 {{- $drainMs := int64 .Values.drain.windowMs }}
 {{- $graceMs := int64 (include "gateway.shutdownGraceMs" .) }}
@@ -127,6 +144,13 @@ integers here. Strings use JSON escaping, which is valid TOML basic-string synta
 {{- if and .Values.redis.existingSecret (not .Values.redis.url) }}
 {{- fail "redis.existingSecret is set but redis.url is empty" }}
 {{- end }}
+{{- end }}
+
+{{/* A label map as k=v,k=v (NOTES.txt). */}}
+{{- define "gateway.labelList" -}}
+{{- $l := list }}
+{{- range $k, $v := . }}{{ $l = append $l (printf "%s=%s" $k (toString $v)) }}{{ end }}
+{{- join "," $l }}
 {{- end }}
 
 {{/* URL scheme of the public listener. */}}
