@@ -5,8 +5,9 @@ Usage: k8s_assert.py [--connections-metric] [--rbac] [--default-admin-peers] REN
 
 Needs PyYAML (installed with kubernetes-validate in .tools/venv). Prints one line per
 failed property and exits 1 when any failed. The gateway's settings file keys are checked
-against the fields of `struct Config` in gateway/src/config.rs, so the ConfigMap cannot
-carry a key the gateway would refuse (deny_unknown_fields).
+against the settings table (`macro_rules! settings`) in gateway/src/config/mod.rs, which
+generates `struct Config`, so the ConfigMap cannot carry a key the gateway would refuse
+(deny_unknown_fields).
 """
 import argparse
 import os
@@ -36,11 +37,18 @@ def fail(msg):
     errors.append(msg)
 
 
+CONFIG_RS = "gateway/src/config/mod.rs"
+
+
 def config_fields():
-    """Field names and Rust types of `pub struct Config` in gateway/src/config.rs."""
-    src = open(os.path.join(ROOT, "gateway/src/config.rs"), encoding="utf-8").read()
-    body = src.split("pub struct Config {", 1)[1].split("\n}\n", 1)[0]
-    return dict(re.findall(r"^\s*pub (\w+): ([^,]+),", body, re.M))
+    """Field names and Rust types of `Config`, read from the settings table in CONFIG_RS.
+
+    Entries are `name: Type = default;`, `name: Option<Type>;` or `name: switch;` (a bool).
+    """
+    src = open(os.path.join(ROOT, CONFIG_RS), encoding="utf-8").read()
+    body = src.split("macro_rules! settings {", 1)[1].split("\nmacro_rules! ", 1)[0]
+    entries = re.findall(r"^\s*(\w+): (switch|Option<[^;]*>|[^=;]*?) *[=;]", body, re.M)
+    return {name: "bool" if ty == "switch" else ty for name, ty in entries}
 
 
 def is_gateway(obj):
@@ -128,7 +136,7 @@ def check_config_file(cm_name, text, fields):
         if key in ENV_ONLY:
             fail("ConfigMap %s: %s is env-only for now (GATEWAY_%s)" % (cm_name, key, key.upper()))
         elif key not in fields:
-            fail("ConfigMap %s: unknown setting %r (not a field of Config in gateway/src/config.rs)" % (cm_name, key))
+            fail("ConfigMap %s: unknown setting %r (not a setting in %s)" % (cm_name, key, CONFIG_RS))
             continue
         rust = fields[key]
         if rust in ("usize", "u64", "u32") and (isinstance(value, bool) or not isinstance(value, int)):
@@ -442,7 +450,7 @@ def main():
         docs = [d for d in yaml.safe_load_all(f) if d]
     fields = config_fields()
     if len(fields) < 20:
-        fail("could not read the Config fields from gateway/src/config.rs")
+        fail("could not read the Config fields from %s" % CONFIG_RS)
 
     for d in docs:
         if d["kind"] in ("Secret", "SealedSecret"):

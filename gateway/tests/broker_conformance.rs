@@ -24,7 +24,7 @@ async fn memory_broker_conforms() {
 async fn redis_broker_conforms() {
     let server = RedisServer::start().await;
     let config = gateway::Config {
-        redis_url: Some(server.url()),
+        redis_url: Some(server.url().into()),
         ..common::config()
     };
     conformance::run_all(|sink| {

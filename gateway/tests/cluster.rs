@@ -21,7 +21,7 @@ const SECRET: &str = "cluster-test-secret-0123456789-abcdef";
 fn cluster_config(redis: &RedisServer, node_id: &str) -> gateway::Config {
     gateway::Config {
         node_id: node_id.into(),
-        redis_url: Some(redis.url()),
+        redis_url: Some(redis.url().into()),
         jwt_secret: Some(SECRET.into()),
         node_heartbeat_ms: 200,
         node_ttl_ms: 1_000,
@@ -514,7 +514,7 @@ async fn sharded_pubsub_and_unicast_on_a_three_master_cluster() {
     let cluster = RedisCluster::start().await;
     let on_cluster = |id: &str| gateway::Config {
         node_id: id.into(),
-        redis_url: Some(cluster.seeds()),
+        redis_url: Some(cluster.seeds().into()),
         redis_cluster: true,
         redis_sharded_pubsub: true,
         jwt_secret: Some(SECRET.into()),

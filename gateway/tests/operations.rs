@@ -18,7 +18,7 @@ use redis::AsyncCommands;
 fn on(redis: &RedisServer, id: &str) -> gateway::Config {
     gateway::Config {
         node_id: id.into(),
-        redis_url: Some(redis.url()),
+        redis_url: Some(redis.url().into()),
         node_heartbeat_ms: 200,
         node_ttl_ms: 1_000,
         ..config()

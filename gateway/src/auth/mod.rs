@@ -105,8 +105,8 @@ impl Authenticator {
         Ok(Some(Arc::new(Authenticator {
             secret: c
                 .jwt_secret
-                .as_deref()
-                .map(|s| DecodingKey::from_secret(s.as_bytes())),
+                .as_ref()
+                .map(|s| DecodingKey::from_secret(s.expose().as_bytes())),
             public,
             jwks,
             leeway: c.jwt_leeway_secs,

@@ -96,7 +96,7 @@ impl Redis {
     /// Connects, retrying for up to `10 × redis_timeout_ms` so that a node and its Redis can
     /// start together.
     pub async fn connect(c: &Config, metrics: Arc<Metrics>) -> Result<Arc<Redis>, StartError> {
-        let url = c.redis_url.as_deref().unwrap_or_default();
+        let url = c.redis_url.as_ref().map_or("", |u| u.expose());
         let router = Arc::new(Routes {
             by_prefix: RwLock::new(Vec::new()),
             lost: AtomicBool::new(false),
@@ -295,7 +295,7 @@ fn with_auth(url: &str, c: &Config) -> redis::RedisResult<redis::ConnectionInfo>
         .clone()
         .set_protocol(ProtocolVersion::RESP3);
     if let Some(pw) = &c.redis_password {
-        settings = settings.set_password(pw);
+        settings = settings.set_password(pw.expose());
     }
     Ok(info.set_redis_settings(settings))
 }

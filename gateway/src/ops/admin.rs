@@ -112,7 +112,7 @@ fn readiness(node: &Node) -> HttpResponse {
 
 /// The 401 answer when an admin token is configured and the request lacks it.
 fn refuse_unauthorized(node: &Node, req: &Request<Incoming>) -> Option<HttpResponse> {
-    let token = node.config.admin_token.as_deref()?;
+    let token = node.config.admin_token.as_ref()?.expose();
     let given = req
         .headers()
         .get(AUTHORIZATION)
