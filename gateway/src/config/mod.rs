@@ -248,6 +248,7 @@ macro_rules! config_struct {
 
 settings!(config_struct);
 
+pub mod cidr;
 mod cli;
 mod secret;
 mod validate;

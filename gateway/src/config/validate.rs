@@ -54,7 +54,7 @@ impl Config {
             }
         }
         for cidr in &self.trusted_proxies {
-            if crate::edge::client_ip::Cidr::parse(cidr).is_none() {
+            if crate::config::cidr::Cidr::parse(cidr).is_none() {
                 return bad("trusted_proxies", &format!("`{cidr}` is not a CIDR"));
             }
         }

@@ -1,6 +1,7 @@
 //! One connection's mechanics, whatever protocol it speaks: WebSocket frames, the reader
 //! task and the writer loop, the byte-bounded outbound queue, the per-connection limiter.
 
+pub mod clock;
 pub mod event;
 pub mod frame;
 pub mod limiter;

@@ -36,7 +36,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{ClockEvent, TokenClock};
+use crate::conn::clock::{ClockEvent, TokenClock};
 use crate::conn::event::Event;
 use crate::conn::frame::{self, FrameReader, OpCode};
 use crate::conn::outbound::Outbound;

@@ -19,8 +19,9 @@ use shared::protocol::ErrorCode;
 
 use super::hub::ConnId;
 use super::Core;
-use crate::auth::{Identity, TokenClock};
+use crate::auth::Identity;
 use crate::cluster::inbound::Event as Inbound;
+use crate::conn::clock::TokenClock;
 use crate::conn::limiter::{ConnLimiter, Verdict};
 use crate::conn::outbound::{Outbound, Pushed};
 use crate::error::{Blame, CloseReason};
