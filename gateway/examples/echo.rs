@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use gateway::conn::frame;
-use gateway::conn::outbound::Outbound;
-use gateway::conn::socket::{self, Handler, Limits};
-use gateway::error::CloseReason;
+use gateway::test_util::frame;
+use gateway::test_util::CloseReason;
+use gateway::test_util::Outbound;
+use gateway::test_util::{self as socket, Handler, Limits};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
@@ -63,7 +63,7 @@ async fn main() -> std::io::Result<()> {
                 tokio::spawn(async move {
                     if let Ok(ws) = fut.await {
                         // The echo server sends no events; any codec would do.
-                        let out = Arc::new(Outbound::new(256 << 20, &gateway::protocol::v1::CODEC));
+                        let out = Arc::new(Outbound::new(256 << 20, &gateway::test_util::V1));
                         let handler = Echo(out.clone());
                         socket::serve_upgraded(
                             ws.into_inner().into_inner(),

@@ -30,20 +30,24 @@
 //!
 //! Wire types (requests, replies, close codes, channel names) live in the `shared` crate.
 
-pub mod auth;
-pub mod broker;
-pub mod cluster;
-pub mod config;
-pub mod conn;
-pub mod core;
-pub mod edge;
-pub mod error;
-pub mod metrics;
-pub mod node;
-pub mod ops;
-pub mod protocol;
-pub mod server;
-pub mod time;
+pub(crate) mod auth;
+pub(crate) mod broker;
+pub(crate) mod cluster;
+pub(crate) mod config;
+pub(crate) mod conn;
+pub(crate) mod core;
+pub(crate) mod edge;
+pub(crate) mod error;
+pub(crate) mod metrics;
+pub(crate) mod node;
+pub(crate) mod ops;
+pub(crate) mod protocol;
+pub(crate) mod server;
+pub(crate) mod time;
 
-pub use config::Config;
+#[cfg(feature = "test-util")]
+pub mod test_util;
+
+pub use config::{Config, LogFormat};
+pub use error::StartError;
 pub use server::run;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use gateway::config::{Config, LogFormat};
+use gateway::{Config, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {

@@ -92,6 +92,7 @@ macro_rules! families {
         }
 
         /// Every family's Prometheus name, for the docs test.
+        #[cfg(test)]
         pub const FAMILY_NAMES: &[&str] = &[$($name,)* $($gname,)*];
     };
 }

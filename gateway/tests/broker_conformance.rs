@@ -7,8 +7,8 @@ mod common;
 use std::sync::Arc;
 
 use common::redis_server::RedisServer;
-use gateway::broker::memory::{Bus, MemoryBroker};
-use gateway::broker::{conformance, redis::RedisBroker, Broker};
+use gateway::test_util::{conformance, Broker, RedisBroker};
+use gateway::test_util::{Bus, MemoryBroker};
 
 #[tokio::test]
 async fn memory_broker_conforms() {
@@ -30,7 +30,7 @@ async fn redis_broker_conforms() {
     conformance::run_all(|sink| {
         let config = config.clone();
         async move {
-            let redis = gateway::cluster::redis::Redis::connect(&config, Arc::default())
+            let redis = gateway::test_util::Redis::connect(&config, Arc::default())
                 .await
                 .expect("connect");
             Arc::new(RedisBroker::new(redis, sink, Arc::default())) as Arc<dyn Broker>

@@ -7,8 +7,8 @@
 
 use std::time::Duration;
 
-use gateway::ops::admin::Maintenance;
-use gateway::ops::kube::{watch_drain, LeaseElector, DRAIN_ANNOTATION};
+use gateway::test_util::Maintenance;
+use gateway::test_util::{watch_drain, LeaseElector, DRAIN_ANNOTATION};
 use http_body_util::BodyExt;
 use hyper::{Method, Request, Response};
 use k8s_openapi::api::coordination::v1::Lease;

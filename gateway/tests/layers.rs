@@ -3,7 +3,7 @@
 //!
 //! Top to bottom (see `docs/architecture.md`):
 //!
-//! 1. `server`: the accept loop and the shutdown order;
+//! 1. `server`: the accept loop and the shutdown order (and `test_util`, which re-exports);
 //! 2. `edge`, `ops`, `node`: what a client or an operator meets, and the state they share;
 //! 3. `protocol`: the wire protocols' adapters;
 //! 4. `core`, `auth`: sessions, the hub, token verification;
@@ -14,7 +14,7 @@
 use std::path::Path;
 
 const LAYERS: &[&[&str]] = &[
-    &["server"],
+    &["server", "test_util"],
     &["edge", "ops", "node"],
     &["protocol"],
     &["core", "auth"],

@@ -25,7 +25,7 @@ const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
 
 fn now() -> u64 {
-    gateway::time::now_secs()
+    gateway::test_util::now_secs()
 }
 
 /// A fresh directory for one test's keys and certificates.
@@ -794,7 +794,7 @@ async fn proxy_protocol_v2_names_the_client() {
         let addr = node.addr;
         async move {
             let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(&gateway::edge::client_ip::encode_proxy_v2(src, dst))
+            s.write_all(&gateway::test_util::encode_proxy_v2(src, dst))
                 .await
                 .unwrap();
             match Client::handshake(s, "t", "/ws", &[]).await {

@@ -9,6 +9,7 @@
 //! [`redis::RedisBroker`] (a cluster of nodes sharing Redis). Every implementation must pass
 //! [`conformance`].
 
+#[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
 pub mod memory;
 pub mod redis;

@@ -24,12 +24,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::redis::Redis;
 use crate::config::Config;
-use crate::conn::frame;
+use crate::conn::event::{Encoded, Event};
 use crate::conn::outbound::{Outbound, Pushed};
 use crate::error::{BrokerError, CloseReason, StartError};
 use crate::metrics::Metrics;
@@ -420,12 +419,12 @@ impl Directory {
 
     /// Queues a direct frame, encoded once, to local connections. Returns how many got it.
     fn deliver<'a>(&self, conns: impl Iterator<Item = &'a str>, data: &str) -> u64 {
-        let bytes: Bytes = frame::text(&shared::protocol::encode_direct(data));
+        let mut encoded = Encoded::new(Event::Direct { data });
         let local = self.local();
         let mut n = 0;
         for conn in conns {
             if let Some(l) = local.get(conn) {
-                match l.out.push(bytes.clone()) {
+                match l.out.push(encoded.bytes(l.out.codec())) {
                     Pushed::Queued => n += 1,
                     Pushed::Overflowed => self.metrics.slow_consumer_disconnects.inc([]),
                     Pushed::Closing => {}

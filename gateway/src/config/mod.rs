@@ -253,7 +253,6 @@ mod cli;
 mod secret;
 mod validate;
 
-pub use cli::Cli;
 pub use secret::{Secret, SecretUrl};
 
 /// Log line format.

@@ -59,7 +59,8 @@ pub fn text(s: &str) -> Bytes {
     encode(0x1, s.as_bytes())
 }
 
-/// A binary frame.
+/// A binary frame (the echo example; protocol v1 has none).
+#[cfg(any(test, feature = "test-util"))]
 pub fn binary(b: &[u8]) -> Bytes {
     encode(0x2, b)
 }

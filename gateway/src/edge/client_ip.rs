@@ -117,6 +117,7 @@ fn parse_addresses(family: u8, body: &[u8]) -> Option<SocketAddr> {
 }
 
 /// Encodes a PROXY v2 header for a TCP/IPv4 connection (tests and tools).
+#[cfg(any(test, feature = "test-util"))]
 pub fn encode_proxy_v2(src: std::net::SocketAddrV4, dst: std::net::SocketAddrV4) -> Vec<u8> {
     let mut out = SIGNATURE.to_vec();
     out.extend_from_slice(&[0x21, 0x11, 0, 12]);

@@ -47,6 +47,7 @@ impl HandshakeLimiter {
     }
 
     /// IPs currently tracked.
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.limiter.as_ref().map_or(0, |l| l.len())
     }

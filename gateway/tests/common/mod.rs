@@ -22,7 +22,7 @@ pub struct TestNode {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub shutdown: CancellationToken,
-    pub task: JoinHandle<Result<(), gateway::error::StartError>>,
+    pub task: JoinHandle<Result<(), gateway::StartError>>,
 }
 
 /// Defaults for tests: anonymous clients, publishing allowed on `chat:*`, rate limits high
@@ -133,7 +133,7 @@ pub fn hs256(secret: &str, claims: &Value) -> String {
 pub fn user_token(secret: &str, sub: &str) -> String {
     hs256(
         secret,
-        &json!({"sub": sub, "exp": gateway::time::now_secs() + 600}),
+        &json!({"sub": sub, "exp": gateway::test_util::now_secs() + 600}),
     )
 }
 
