@@ -201,6 +201,7 @@ impl Default for Metrics {
 
 /// Where and how often to push metrics over OTLP/HTTP (feature `otlp`).
 #[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "otlp"), allow(dead_code))]
 pub struct OtlpPush {
     /// The collector's metrics URL, e.g. `http://otel-collector:4318/v1/metrics`.
     pub endpoint: String,

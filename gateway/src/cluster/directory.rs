@@ -636,6 +636,7 @@ impl Directory {
     }
 
     /// Elects the janitor through `elector` (a Kubernetes Lease) instead of the Redis lock.
+    #[cfg_attr(not(feature = "kube"), allow(dead_code))]
     pub fn set_elector(&self, elector: Arc<dyn Elector>) {
         let _ = self.elector.set(elector);
     }
