@@ -126,6 +126,9 @@ pub enum BrokerError {
     NotConfigured(&'static str),
     #[error("broker call timed out")]
     Timeout,
+    /// Redis answered in a shape our own function never returns.
+    #[error("malformed {0}")]
+    Malformed(&'static str),
 }
 
 impl From<redis::RedisError> for BrokerError {

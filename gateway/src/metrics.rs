@@ -135,6 +135,10 @@ families! {
         rebalance_shed: "gateway_rebalance_shed_total" [],
         /// Entries appended to the inbound stream, by event.
         inbound_appends: "gateway_inbound_appends_total" ["event"],
+        /// History-channel subscriptions ended because they could not stay gap-free.
+        insufficient_state: "gateway_insufficient_state_total" [],
+        /// Subscribes that asked to recover a position, by whether it was recovered.
+        recoveries: "gateway_recoveries_total" ["recovered"],
     }
     gauges {
         /// Connections on all live nodes, from the last heartbeat.

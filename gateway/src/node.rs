@@ -16,7 +16,7 @@ use crate::cluster::inbound::Inbound;
 use crate::cluster::redis::Redis;
 use crate::config::Config;
 use crate::conn::socket::Limits;
-use crate::core::hub::{ConnId, Hub};
+use crate::core::hub::{ConnId, Hub, Settings};
 use crate::core::Core;
 use crate::edge::client_ip::TrustedProxies;
 use crate::edge::handshake_limit::HandshakeLimiter;
@@ -61,12 +61,31 @@ impl Node {
         };
         let shards = std::thread::available_parallelism().map_or(4, |n| n.get() * 4);
         let timeout = Duration::from_millis(config.redis_timeout_ms);
-        let hub = Hub::new(shards, metrics.clone(), timeout, |sink| match &redis {
+        let settings = Settings {
+            shards,
+            broker_timeout: timeout,
+            channels: config.channels.clone(),
+            recover_batch: Duration::from_millis(config.recover_batch_ms),
+        };
+        let mut redis_broker = None;
+        let hub = Hub::new(settings, metrics.clone(), |sink| match &redis {
             Some(r) => {
-                Arc::new(RedisBroker::new(r.clone(), sink, metrics.clone())) as Arc<dyn Broker>
+                let b = Arc::new(RedisBroker::new(
+                    r.clone(),
+                    sink,
+                    metrics.clone(),
+                    &config.channels,
+                ));
+                redis_broker = Some(b.clone());
+                b as Arc<dyn Broker>
             }
             None => Arc::new(MemoryBroker::new(sink)) as Arc<dyn Broker>,
         });
+        if let Some(b) = redis_broker {
+            b.load()
+                .await
+                .map_err(|e| StartError::Redis("loading the history functions", e))?;
+        }
         let directory = Directory::new(&config, redis.clone(), metrics.clone());
         directory.start().await?;
         let inbound = Inbound::new(

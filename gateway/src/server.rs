@@ -187,12 +187,16 @@ fn spawn_background(
             }
         }
     });
-    // Broker subscriptions whose unsubscribe failed or timed out, retried until they go.
+    // Every heartbeat: history channels are checked (a lost publication or a new epoch is
+    // found within one heartbeat), and broker subscriptions whose unsubscribe failed or
+    // timed out are retried until they go.
     let (node, stop) = (node.clone(), stop.clone());
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                _ = tokio::time::sleep(Duration::from_millis(node.config.node_heartbeat_ms)) => {
+                    // History channels: is the epoch still ours, did we miss anything?
+                    node.hub.check_streams();
                     let left = node.hub.reconcile().await;
                     if left > 0 {
                         tracing::debug!(left, "broker subscriptions still to reconcile");

@@ -33,7 +33,9 @@ async fn redis_broker_conforms() {
             let redis = gateway::test_util::Redis::connect(&config, Arc::default())
                 .await
                 .expect("connect");
-            Arc::new(RedisBroker::new(redis, sink, Arc::default())) as Arc<dyn Broker>
+            let b = RedisBroker::new(redis, sink, Arc::default(), &conformance::channels());
+            b.load().await.expect("load the history functions");
+            Arc::new(b) as Arc<dyn Broker>
         }
     })
     .await;

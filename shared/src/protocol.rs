@@ -13,8 +13,18 @@ pub type RequestId = u64;
 /// A parsed client request.
 #[derive(Debug, Clone)]
 pub enum Request<'a> {
-    /// Start receiving a channel's messages.
-    Subscribe { channel: &'a str },
+    /// Start receiving a channel's messages; on a history channel, optionally from a
+    /// position (`recover`), getting what was missed first.
+    Subscribe {
+        channel: &'a str,
+        recover: Option<Position>,
+    },
+    /// Read a history channel's publications: the last `limit`, or those after `since`.
+    History {
+        channel: &'a str,
+        limit: Option<usize>,
+        since: Option<Position>,
+    },
     /// Stop receiving a channel's messages.
     Unsubscribe { channel: &'a str },
     /// Publish `data` (any JSON value, kept as raw text) to a channel.
@@ -26,6 +36,13 @@ pub enum Request<'a> {
     Refresh { token: &'a str },
     /// Send `data` to the backends (the inbound stream).
     Send { data: &'a RawValue },
+}
+
+/// A place in a history channel: the epoch and the offset of a publication in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub epoch: String,
+    pub offset: u64,
 }
 
 /// The lenient first parse of a client frame.
@@ -42,6 +59,12 @@ pub struct Envelope<'a> {
     pub data: Option<&'a RawValue>,
     #[serde(default, borrow)]
     pub token: Option<&'a str>,
+    #[serde(default)]
+    pub recover: Option<Position>,
+    #[serde(default)]
+    pub since: Option<Position>,
+    #[serde(default)]
+    pub limit: Option<usize>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -89,6 +112,12 @@ pub fn parse_request(text: &str) -> Result<(Option<RequestId>, Request<'_>), Par
     let req = match env.kind {
         Some("subscribe") => Request::Subscribe {
             channel: channel()?,
+            recover: env.recover.clone(),
+        },
+        Some("history") => Request::History {
+            channel: channel()?,
+            limit: env.limit,
+            since: env.since.clone(),
         },
         Some("unsubscribe") => Request::Unsubscribe {
             channel: channel()?,
@@ -194,6 +223,8 @@ pub enum ErrorCode {
     Unavailable,
     /// A token refresh was refused.
     Unauthorized,
+    /// The channel does not have this feature (history, presence) in its options.
+    NotEnabled,
 }
 
 impl ErrorCode {
@@ -208,12 +239,13 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NotEnabled => "not_enabled",
         }
     }
 }
 
 /// Frames the gateway sends.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame<'a> {
     /// First frame of every connection.
@@ -224,6 +256,27 @@ pub enum ServerFrame<'a> {
     },
     /// A request succeeded.
     Ack { id: Option<RequestId> },
+    /// A subscribe to (or a publish on) a history channel succeeded: the channel's epoch
+    /// and top offset, and, when the subscribe asked to recover, whether it was.
+    #[serde(rename = "ack")]
+    Positioned {
+        id: Option<RequestId>,
+        epoch: String,
+        offset: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+    },
+    /// The answer to `history`.
+    #[serde(rename = "ack")]
+    History {
+        id: Option<RequestId>,
+        epoch: String,
+        offset: u64,
+        publications: Vec<Publication<'a>>,
+    },
+    /// The node ended a subscription (`insufficient_state`: it could not keep it gap-free;
+    /// `forbidden`: a refreshed token no longer allows it).
+    Unsubscribed { channel: &'a str, code: &'a str },
     /// A request failed; the connection stays open.
     Error {
         id: Option<RequestId>,
@@ -232,12 +285,20 @@ pub enum ServerFrame<'a> {
     },
     /// The connection's token expired; send `refresh` within `grace_ms` or be closed (4002).
     TokenExpired { grace_ms: u64 },
-    /// A channel message.
+    /// A channel message (the gateway builds it with [`encode_message_at`]).
     Message {
         channel: String,
-        #[serde(borrow)]
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
         data: &'a RawValue,
     },
+}
+
+/// One publication of a history reply.
+#[derive(Debug, Serialize)]
+pub struct Publication<'a> {
+    pub offset: u64,
+    pub data: &'a RawValue,
 }
 
 impl ServerFrame<'_> {
@@ -263,11 +324,22 @@ pub fn encode_direct(data: &str) -> String {
 /// the gateway checks both before anything reaches a subscriber. Equal to serializing
 /// [`ServerFrame::Message`].
 pub fn encode_message(channel: &str, data: &str) -> String {
+    encode_message_at(channel, data, None)
+}
+
+/// [`encode_message`] with the publication's `offset` on a history channel.
+pub fn encode_message_at(channel: &str, data: &str, offset: Option<u64>) -> String {
     debug_assert!(crate::channel::is_valid(channel));
-    let mut s = String::with_capacity(40 + channel.len() + data.len());
+    let mut s = String::with_capacity(60 + channel.len() + data.len());
     s.push_str(r#"{"type":"message","channel":""#);
     s.push_str(channel);
-    s.push_str(r#"","data":"#);
+    if let Some(o) = offset {
+        s.push_str(r#"","offset":"#);
+        s.push_str(&o.to_string());
+        s.push_str(r#","data":"#);
+    } else {
+        s.push_str(r#"","data":"#);
+    }
     s.push_str(data);
     s.push('}');
     s
@@ -281,7 +353,13 @@ mod tests {
     fn parses_requests() {
         let (id, r) = parse_request(r#"{"type":"subscribe","channel":"a:b","id":7}"#).unwrap();
         assert_eq!(id, Some(7));
-        assert!(matches!(r, Request::Subscribe { channel: "a:b" }));
+        assert!(matches!(
+            r,
+            Request::Subscribe {
+                channel: "a:b",
+                recover: None
+            }
+        ));
         let (_, r) =
             parse_request(r#"{"type":"publish","channel":"c","data":{"x":[1,2]},"id":1}"#).unwrap();
         match r {
@@ -326,6 +404,7 @@ mod tests {
         let data = RawValue::from_string("{\"a\":1}".into()).unwrap();
         let f = ServerFrame::Message {
             channel: "c".into(),
+            offset: None,
             data: &data,
         };
         assert_eq!(
@@ -333,6 +412,12 @@ mod tests {
             r#"{"type":"message","channel":"c","data":{"a":1}}"#
         );
         assert_eq!(encode_message("c", data.get()), f.to_json());
+        let at = ServerFrame::Message {
+            channel: "c".into(),
+            offset: Some(42),
+            data: &data,
+        };
+        assert_eq!(encode_message_at("c", data.get(), Some(42)), at.to_json());
         let e = ServerFrame::Error {
             id: None,
             code: ErrorCode::Forbidden,

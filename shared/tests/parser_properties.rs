@@ -142,7 +142,9 @@ fn parser_never_panics_and_answers_every_input() {
             Ok((_, req)) => {
                 accepted += 1;
                 match req {
-                    Request::Subscribe { channel: c } | Request::Unsubscribe { channel: c } => {
+                    Request::Subscribe { channel: c, .. }
+                    | Request::History { channel: c, .. }
+                    | Request::Unsubscribe { channel: c } => {
                         assert!(channel::is_valid(c), "case {i}: accepted channel {c:?}")
                     }
                     Request::Publish { channel: c, data } => {

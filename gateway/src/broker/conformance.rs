@@ -8,7 +8,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{Broker, Sink};
+use super::{Broker, Envelope, Retention, Since, Sink};
+use crate::config::ChannelOptions;
 
 /// Messages a test sink received, in order.
 #[derive(Clone, Default)]
@@ -60,6 +61,204 @@ where
     subscribe_is_idempotent(&make).await;
     preserves_order_and_bytes(&make).await;
     delivers_across_nodes(&make).await;
+    history_offsets_grow_by_one(&make).await;
+    history_is_trimmed_and_read_after(&make).await;
+    history_is_idempotent(&make).await;
+    history_is_shared_by_nodes(&make).await;
+    history_expiry_changes_the_epoch(&make).await;
+}
+
+/// The `[[channels]]` entries the history cases use; a broker that takes its options from
+/// configuration (Redis) must be built with them.
+pub fn channels() -> Vec<ChannelOptions> {
+    [
+        "conf:h:*?history_size=5&history_ttl_secs=60",
+        "conf:t:*?history_size=5&history_ttl_secs=1",
+    ]
+    .iter()
+    .map(|s| s.parse().expect("valid entry"))
+    .collect()
+}
+
+const KEEP: Retention = Retention {
+    size: 5,
+    ttl: Duration::from_secs(60),
+};
+
+const BRIEF: Retention = Retention {
+    size: 5,
+    ttl: Duration::from_secs(1),
+};
+
+async fn history_offsets_grow_by_one<F, Fut>(make: &F)
+where
+    F: Fn(Sink) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let rec = Recorder::default();
+    let b = make(rec.sink()).await;
+    b.subscribe("conf:h:a").await.expect("subscribe");
+    let mut epoch = None;
+    for i in 1..=3u64 {
+        let p = b
+            .publish_history("conf:h:a", &i.to_string(), KEEP, None)
+            .await
+            .expect("publish");
+        assert_eq!(p.offset, i, "offsets start at 1 and grow by 1");
+        assert!(
+            epoch.get_or_insert(p.epoch.clone()) == &p.epoch,
+            "one epoch"
+        );
+    }
+    let got = rec.wait_for(3).await;
+    for (i, (c, payload)) in got.iter().enumerate() {
+        let e = Envelope::open(payload);
+        assert_eq!(c, "conf:h:a");
+        assert_eq!(e.data, (i + 1).to_string());
+        assert_eq!(
+            e.position,
+            Some((i as u64 + 1, epoch.as_deref().unwrap_or_default())),
+            "each publication carries its position"
+        );
+    }
+}
+
+async fn history_is_trimmed_and_read_after<F, Fut>(make: &F)
+where
+    F: Fn(Sink) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let b = make(Recorder::default().sink()).await;
+    for i in 1..=8 {
+        b.publish_history("conf:h:trim", &format!("{i}"), KEEP, None)
+            .await
+            .expect("publish");
+    }
+    let h = b
+        .history("conf:h:trim", KEEP, Since::Last(100))
+        .await
+        .expect("read");
+    assert_eq!(h.top, 8);
+    let offsets: Vec<u64> = h.publications.iter().map(|(o, _)| *o).collect();
+    assert_eq!(
+        offsets,
+        vec![4, 5, 6, 7, 8],
+        "trimmed to the last 5, ascending"
+    );
+    assert_eq!(h.publications[0].1, "4");
+    let last2 = b
+        .history("conf:h:trim", KEEP, Since::Last(2))
+        .await
+        .expect("read");
+    assert_eq!(
+        last2
+            .publications
+            .iter()
+            .map(|(o, _)| *o)
+            .collect::<Vec<_>>(),
+        vec![7, 8]
+    );
+    let after = b
+        .history("conf:h:trim", KEEP, Since::After(5, 10))
+        .await
+        .expect("read");
+    assert_eq!(
+        after
+            .publications
+            .iter()
+            .map(|(o, _)| *o)
+            .collect::<Vec<_>>(),
+        vec![6, 7, 8]
+    );
+    let top_only = b
+        .history("conf:h:trim", KEEP, Since::After(8, 10))
+        .await
+        .expect("read");
+    assert!(top_only.publications.is_empty());
+    assert_eq!((top_only.top, &top_only.epoch), (8, &h.epoch));
+}
+
+async fn history_is_idempotent<F, Fut>(make: &F)
+where
+    F: Fn(Sink) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let rec = Recorder::default();
+    let b = make(rec.sink()).await;
+    b.subscribe("conf:h:idem").await.expect("subscribe");
+    let first = b
+        .publish_history("conf:h:idem", "1", KEEP, Some("k1"))
+        .await
+        .expect("publish");
+    let again = b
+        .publish_history("conf:h:idem", "1", KEEP, Some("k1"))
+        .await
+        .expect("retry");
+    assert_eq!(first, again, "a retried key returns the first result");
+    let other = b
+        .publish_history("conf:h:idem", "2", KEEP, Some("k2"))
+        .await
+        .expect("publish");
+    assert_eq!(other.offset, first.offset + 1);
+    rec.wait_for(2).await;
+    assert_eq!(rec.settle().await.len(), 2, "the retry published nothing");
+}
+
+async fn history_is_shared_by_nodes<F, Fut>(make: &F)
+where
+    F: Fn(Sink) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let a = make(Recorder::default().sink()).await;
+    let b = make(Recorder::default().sink()).await;
+    let p = a
+        .publish_history("conf:h:shared", "1", KEEP, None)
+        .await
+        .expect("publish on a");
+    let h = b
+        .history("conf:h:shared", KEEP, Since::Last(5))
+        .await
+        .expect("read on b");
+    assert_eq!(
+        (h.epoch, h.top),
+        (p.epoch, p.offset),
+        "one history for every node"
+    );
+    assert_eq!(h.publications, vec![(1, "1".to_owned())]);
+}
+
+async fn history_expiry_changes_the_epoch<F, Fut>(make: &F)
+where
+    F: Fn(Sink) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let b = make(Recorder::default().sink()).await;
+    let before = b
+        .publish_history("conf:t:x", "1", BRIEF, None)
+        .await
+        .expect("publish");
+    let fresh = b
+        .history("conf:t:x", BRIEF, Since::Last(5))
+        .await
+        .expect("read");
+    assert_eq!(fresh.epoch, before.epoch, "same epoch before the TTL");
+    tokio::time::sleep(Duration::from_millis(2_100)).await; // the point of the case: the TTL
+    let after = b
+        .history("conf:t:x", BRIEF, Since::Last(5))
+        .await
+        .expect("read");
+    assert_ne!(after.epoch, before.epoch, "expired history is a new epoch");
+    assert_eq!(after.top, 0);
+    assert!(after.publications.is_empty());
+    let next = b
+        .publish_history("conf:t:x", "2", BRIEF, None)
+        .await
+        .expect("publish");
+    assert_eq!(
+        (next.offset, &next.epoch),
+        (1, &after.epoch),
+        "offsets restart in the new epoch"
+    );
 }
 
 async fn delivers_subscribed_channels_only<F, Fut>(make: &F)

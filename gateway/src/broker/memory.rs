@@ -5,15 +5,74 @@
 //! ([`MemoryBroker::new`]); tests build several brokers on one bus to hold the memory broker
 //! to the cross-node part of the conformance suite.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
-use super::{BoxFuture, Broker, Sink};
+use super::{BoxFuture, Broker, History, Position, Retention, Since, Sink};
 use crate::error::BrokerError;
 
-/// The brokers that share publishes, like nodes on one Redis.
+/// The brokers that share publishes (and history), like nodes on one Redis.
 #[derive(Clone, Default)]
-pub struct Bus(Arc<RwLock<Vec<Arc<Member>>>>);
+pub struct Bus(Arc<RwLock<Vec<Arc<Member>>>>, Arc<Mutex<Streams>>);
+
+/// Every history channel's stream. Bounded like Redis: each stream holds at most its
+/// retention's size, and a stream (with its idempotency keys) is dropped once its TTL has
+/// passed since its last write, when it is next touched or by the sweep on every write.
+#[derive(Default)]
+struct Streams {
+    by_channel: HashMap<String, Stream>,
+    /// Epochs made so far, so that each new one differs from every earlier one.
+    epochs: u64,
+    writes: u64,
+}
+
+struct Stream {
+    epoch: String,
+    top: u64,
+    entries: VecDeque<(u64, String)>,
+    /// The first result of each idempotency key.
+    keys: HashMap<String, Position>,
+    expires: Instant,
+}
+
+impl Streams {
+    /// The channel's live stream, made anew (new epoch) when absent or expired.
+    fn stream(&mut self, channel: &str, retention: Retention) -> &mut Stream {
+        let now = Instant::now();
+        let expired = self
+            .by_channel
+            .get(channel)
+            .is_some_and(|s| s.expires <= now);
+        if expired || !self.by_channel.contains_key(channel) {
+            self.epochs += 1;
+            let epoch = format!("m{:x}{}", crate::time::now_ms(), self.epochs);
+            self.by_channel.insert(
+                channel.to_owned(),
+                Stream {
+                    epoch,
+                    top: 0,
+                    entries: VecDeque::new(),
+                    keys: HashMap::new(),
+                    expires: now + retention.ttl,
+                },
+            );
+        }
+        self.by_channel
+            .get_mut(channel)
+            .unwrap_or_else(|| unreachable!("inserted above"))
+    }
+
+    /// Drops expired streams every so many writes, so that channels nobody touches again
+    /// do not stay forever.
+    fn sweep(&mut self) {
+        self.writes += 1;
+        if self.writes.is_multiple_of(1024) {
+            let now = Instant::now();
+            self.by_channel.retain(|_, s| s.expires > now);
+        }
+    }
+}
 
 struct Member {
     subscribed: Mutex<HashSet<String>>,
@@ -49,6 +108,17 @@ impl MemoryBroker {
     }
 }
 
+impl MemoryBroker {
+    fn fan_out(&self, channel: &str, payload: &str) {
+        let members = self.bus.0.read().unwrap_or_else(|p| p.into_inner());
+        for m in members.iter() {
+            if m.channels().contains(channel) {
+                (m.sink)(channel, payload);
+            }
+        }
+    }
+}
+
 impl Member {
     fn channels(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.subscribed.lock().unwrap_or_else(|p| p.into_inner())
@@ -78,12 +148,74 @@ impl Broker for MemoryBroker {
         channel: &'a str,
         data: &'a str,
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
-        let members = self.bus.0.read().unwrap_or_else(|p| p.into_inner());
-        for m in members.iter() {
-            if m.channels().contains(channel) {
-                (m.sink)(channel, data);
-            }
-        }
+        self.fan_out(channel, data);
         Box::pin(async { Ok(()) })
+    }
+
+    fn publish_history<'a>(
+        &'a self,
+        channel: &'a str,
+        data: &'a str,
+        retention: Retention,
+        idempotency_key: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Position, BrokerError>> {
+        // The streams' lock is held across the fan-out, as a Redis function runs: the next
+        // publication's offset cannot overtake this one's delivery.
+        let mut streams = self.bus.1.lock().unwrap_or_else(|p| p.into_inner());
+        streams.sweep();
+        let stream = streams.stream(channel, retention);
+        if let Some(first) = idempotency_key.and_then(|k| stream.keys.get(k)) {
+            let first = first.clone();
+            return Box::pin(async { Ok(first) });
+        }
+        stream.top += 1;
+        stream.expires = Instant::now() + retention.ttl;
+        stream.entries.push_back((stream.top, data.to_owned()));
+        while stream.entries.len() > retention.size {
+            stream.entries.pop_front();
+        }
+        let position = Position {
+            epoch: stream.epoch.clone(),
+            offset: stream.top,
+        };
+        if let Some(k) = idempotency_key {
+            stream.keys.insert(k.to_owned(), position.clone());
+        }
+        self.fan_out(
+            channel,
+            &super::positioned(data, position.offset, &position.epoch),
+        );
+        drop(streams);
+        Box::pin(async { Ok(position) })
+    }
+
+    fn history<'a>(
+        &'a self,
+        channel: &'a str,
+        retention: Retention,
+        since: Since,
+    ) -> BoxFuture<'a, Result<History, BrokerError>> {
+        let mut streams = self.bus.1.lock().unwrap_or_else(|p| p.into_inner());
+        let s = streams.stream(channel, retention);
+        let publications = match since {
+            Since::Last(n) => {
+                let skip = s.entries.len().saturating_sub(n);
+                s.entries.iter().skip(skip).cloned().collect()
+            }
+            Since::After(offset, n) => s
+                .entries
+                .iter()
+                .filter(|(o, _)| *o > offset)
+                .take(n)
+                .cloned()
+                .collect(),
+        };
+        let history = History {
+            epoch: s.epoch.clone(),
+            top: s.top,
+            publications,
+        };
+        drop(streams);
+        Box::pin(async { Ok(history) })
     }
 }

@@ -25,27 +25,95 @@ use crate::error::BrokerError;
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Called by the broker for every message on a subscribed channel: `(channel, payload)`,
-/// where `payload` is the JSON text of the message's `data`, perhaps behind a trace envelope
-/// ([`split_trace`]). Must not block.
+/// where `payload` is the JSON text of the message's `data`, perhaps behind header lines
+/// ([`Envelope`]). Must not block.
 pub type Sink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
-/// Marks a payload that starts with trace context: `\x1etraceparent=<value>\n<json>`. JSON
-/// text cannot start with U+001E, so a backend's plain JSON is never mistaken for it.
-const TRACE_MARK: char = '\u{1e}';
+/// Marks a header line in front of a payload: `\x1e<key>=<value>\n`. JSON text cannot start
+/// with U+001E, so a backend's plain JSON is never mistaken for one. Keys: `traceparent` (W3C
+/// trace context, so every node's delivery log line can carry it) and `pos`
+/// (`<offset>:<epoch>`, a history channel's position, written by `gw_publish`).
+const MARK: char = '\u{1e}';
 
-/// A payload that carries a W3C `traceparent` in front of the data, so that every node's
-/// delivery log line can carry it. Plain JSON from a backend has no such envelope.
+/// A payload that carries a W3C `traceparent` in front of the data.
 pub fn traced(data: &str, traceparent: &str) -> String {
-    format!("{TRACE_MARK}traceparent={traceparent}\n{data}")
+    format!("{MARK}traceparent={traceparent}\n{data}")
 }
 
-/// Splits a broker payload into its optional `traceparent` and the JSON data.
-pub fn split_trace(payload: &str) -> (Option<&str>, &str) {
-    payload
-        .strip_prefix(TRACE_MARK)
-        .and_then(|r| r.strip_prefix("traceparent="))
-        .and_then(|r| r.split_once('\n'))
-        .map_or((None, payload), |(tp, data)| (Some(tp), data))
+/// A payload that carries a history position in front of the data.
+pub fn positioned(data: &str, offset: u64, epoch: &str) -> String {
+    format!("{MARK}pos={offset}:{epoch}\n{data}")
+}
+
+/// A broker payload taken apart: its header lines and the JSON data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Envelope<'a> {
+    pub traceparent: Option<&'a str>,
+    /// `(offset, epoch)` on a history channel.
+    pub position: Option<(u64, &'a str)>,
+    pub data: &'a str,
+}
+
+impl<'a> Envelope<'a> {
+    /// Splits off the header lines; unknown keys are skipped.
+    pub fn open(payload: &'a str) -> Self {
+        let mut e = Envelope::default();
+        let mut rest = payload;
+        while let Some(line) = rest.strip_prefix(MARK) {
+            let Some((header, tail)) = line.split_once('\n') else {
+                break;
+            };
+            rest = tail;
+            match header.split_once('=') {
+                Some(("traceparent", v)) => e.traceparent = Some(v),
+                Some(("pos", v)) => {
+                    e.position = v
+                        .split_once(':')
+                        .and_then(|(o, ep)| Some((o.parse().ok()?, ep)));
+                }
+                _ => {}
+            }
+        }
+        e.data = rest;
+        e
+    }
+}
+
+/// A channel's place in its history: the offset of a publication within an epoch. Offsets
+/// start at 1 and grow by one per publication; the epoch changes whenever the history may
+/// have been lost (Redis restarted empty, the history expired).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// What a history channel keeps, from its `[[channels]]` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Publications kept.
+    pub size: usize,
+    /// Dropped this long after the last publication.
+    pub ttl: std::time::Duration,
+}
+
+/// A read of a channel's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct History {
+    pub epoch: String,
+    /// The offset of the channel's last publication (0: none yet in this epoch).
+    pub top: u64,
+    /// `(offset, data)` in ascending order.
+    pub publications: Vec<(u64, String)>,
+}
+
+/// Which publications a history read returns (`Last(0)`: only the epoch and top offset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    /// The last `n`.
+    Last(usize),
+    /// Those after this offset, at most `n` of them.
+    After(u64, usize),
 }
 
 /// See the module docs.
@@ -60,6 +128,25 @@ pub trait Broker: Send + Sync + 'static {
         channel: &'a str,
         data: &'a str,
     ) -> BoxFuture<'a, Result<(), BrokerError>>;
+    /// Appends `data` to the channel's history and publishes it with its position, in one
+    /// atomic step: no subscriber can receive a publication that history does not hold, and
+    /// pub/sub order is offset order. A repeated `idempotency_key` within the retention's
+    /// TTL returns the first result and publishes nothing.
+    fn publish_history<'a>(
+        &'a self,
+        channel: &'a str,
+        data: &'a str,
+        retention: Retention,
+        idempotency_key: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Position, BrokerError>>;
+    /// Reads a channel's history. A channel without an epoch gets a new one here, so that a
+    /// reader always learns the epoch it must later compare.
+    fn history<'a>(
+        &'a self,
+        channel: &'a str,
+        retention: Retention,
+        since: Since,
+    ) -> BoxFuture<'a, Result<History, BrokerError>>;
     /// False while the broker cannot reach its backend (drives `/readyz`).
     fn is_healthy(&self) -> bool {
         true

@@ -10,20 +10,50 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::{BoxFuture, Broker, Sink};
+use redis::Value;
+
+use super::{BoxFuture, Broker, History, Position, Retention, Since, Sink};
 use crate::cluster::redis::Redis;
+use crate::config::channels::{lua_pattern, ChannelOptions};
 use crate::error::BrokerError;
 use crate::metrics::Metrics;
+
+/// The history functions (`gw_publish`, `gw_history`); see the file for its keys.
+const LIBRARY: &str = include_str!("history.lua");
 
 /// See the module docs.
 pub struct RedisBroker {
     redis: Arc<Redis>,
     names: shared::backend::Names,
+    library: String,
 }
 
 impl RedisBroker {
+    /// Loads the history functions, with the options of `channels` built in, so that a
+    /// backend's `FCALL gw_publish` applies them as the nodes do. Call once at start.
+    pub async fn load(&self) -> Result<(), BrokerError> {
+        self.redis.add_library(self.library.clone()).await
+    }
+
+    /// Runs an FCALL; when Redis lost the functions (it restarted empty, and the
+    /// directory's resync has not run yet), loads them again and retries once.
+    async fn fcall(&self, op: &'static str, cmd: redis::Cmd) -> Result<Value, BrokerError> {
+        match self.redis.call::<Value>(op, cmd.clone()).await {
+            Err(BrokerError::Redis(e)) if e.to_string().contains("Function not found") => {
+                self.redis.load_libraries().await?;
+                self.redis.call(op, cmd).await
+            }
+            r => r,
+        }
+    }
+
     /// Builds the broker and routes the transport's channel messages to `sink`.
-    pub fn new(redis: Arc<Redis>, sink: Sink, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        redis: Arc<Redis>,
+        sink: Sink,
+        metrics: Arc<Metrics>,
+        channels: &[ChannelOptions],
+    ) -> Self {
         let names = shared::backend::Names::new(&redis.prefix);
         let receive = Receive {
             sink,
@@ -34,7 +64,90 @@ impl RedisBroker {
             &names.channel(""),
             Arc::new(move |name: &[u8], payload: &[u8]| receive.push(name, payload)),
         );
-        RedisBroker { redis, names }
+        let options: Vec<String> = channels
+            .iter()
+            .filter(|o| o.has_history())
+            .map(|o| {
+                format!(
+                    "{{'{}', {}, {}}}",
+                    lua_pattern(&o.pattern),
+                    o.history_size,
+                    o.history_ttl_secs
+                )
+            })
+            .collect();
+        let library = LIBRARY
+            .replace("__PREFIX__", &redis.prefix)
+            .replace(
+                "__PUBLISH__",
+                if redis.sharded_pubsub() {
+                    "SPUBLISH"
+                } else {
+                    "PUBLISH"
+                },
+            )
+            .replace("__OPTIONS__", &options.join(", "));
+        RedisBroker {
+            redis,
+            names,
+            library,
+        }
+    }
+}
+
+/// `[offset, epoch]` from `gw_publish`.
+fn position(v: Value) -> Result<Position, BrokerError> {
+    match v {
+        Value::Array(items) if items.len() == 2 => {
+            let mut it = items.into_iter();
+            let offset = integer(it.next());
+            let epoch = text(it.next());
+            match (offset, epoch) {
+                (Some(offset), Some(epoch)) => Ok(Position { epoch, offset }),
+                _ => Err(BrokerError::Malformed("gw_publish reply")),
+            }
+        }
+        _ => Err(BrokerError::Malformed("gw_publish reply")),
+    }
+}
+
+/// `[epoch, top, offset, data, ...]` from `gw_history`.
+fn history(v: Value) -> Result<History, BrokerError> {
+    let Value::Array(items) = v else {
+        return Err(BrokerError::Malformed("gw_history reply"));
+    };
+    let mut it = items.into_iter();
+    let (Some(epoch), Some(top)) = (text(it.next()), integer(it.next())) else {
+        return Err(BrokerError::Malformed("gw_history reply"));
+    };
+    let mut publications = Vec::new();
+    while let Some(offset) = it.next() {
+        match (integer(Some(offset)), text(it.next())) {
+            (Some(o), Some(d)) => publications.push((o, d)),
+            _ => return Err(BrokerError::Malformed("gw_history entry")),
+        }
+    }
+    Ok(History {
+        epoch,
+        top,
+        publications,
+    })
+}
+
+fn integer(v: Option<Value>) -> Option<u64> {
+    match v? {
+        Value::Int(i) => u64::try_from(i).ok(),
+        Value::BulkString(b) => std::str::from_utf8(&b).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+fn text(v: Option<Value>) -> Option<String> {
+    match v? {
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        Value::VerbatimString { text, .. } => Some(text),
+        _ => None,
     }
 }
 
@@ -52,7 +165,7 @@ impl Receive {
         else {
             return self.drop_message("not UTF-8");
         };
-        if let Err(why) = shared::protocol::check_data(super::split_trace(payload).1) {
+        if let Err(why) = shared::protocol::check_data(super::Envelope::open(payload).data) {
             return self.drop_message(why);
         }
         (self.sink)(name, payload);
@@ -103,6 +216,40 @@ impl Broker for RedisBroker {
             self.redis
                 .publish(&self.names.channel(channel), data, true)
                 .await
+        })
+    }
+
+    fn publish_history<'a>(
+        &'a self,
+        channel: &'a str,
+        data: &'a str,
+        _retention: Retention,
+        idempotency_key: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Position, BrokerError>> {
+        Box::pin(async move {
+            let mut cmd = redis::cmd("FCALL");
+            cmd.arg("gw_publish").arg(1).arg(channel).arg(data);
+            if let Some(k) = idempotency_key {
+                cmd.arg(k);
+            }
+            position(self.fcall("gw_publish", cmd).await?)
+        })
+    }
+
+    fn history<'a>(
+        &'a self,
+        channel: &'a str,
+        _retention: Retention,
+        since: Since,
+    ) -> BoxFuture<'a, Result<History, BrokerError>> {
+        Box::pin(async move {
+            let mut cmd = redis::cmd("FCALL");
+            cmd.arg("gw_history").arg(1).arg(channel);
+            match since {
+                Since::Last(n) => cmd.arg("last").arg(n),
+                Since::After(offset, n) => cmd.arg("after").arg(n).arg(offset),
+            };
+            history(self.fcall("gw_history", cmd).await?)
         })
     }
 

@@ -187,7 +187,9 @@ impl Directory {
             "__CLUSTER__",
             if redis.is_cluster() { "true" } else { "false" },
         );
-        redis.load_functions(&code).await
+        redis.add_library(code).await?;
+        // Every library, the broker's too: after an outage Redis may have lost them all.
+        redis.load_libraries().await
     }
 
     /// Registers a new connection of this node. Fails only on the per-user cap, or when the

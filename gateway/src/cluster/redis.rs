@@ -88,6 +88,8 @@ pub struct Redis {
     sharded: bool,
     timeout: Duration,
     router: Arc<Routes>,
+    /// Function libraries by name, loaded at start and again after Redis came back.
+    libraries: std::sync::Mutex<Vec<(String, String)>>,
     healthy: AtomicBool,
     metrics: Arc<Metrics>,
 }
@@ -147,9 +149,15 @@ impl Redis {
             sharded: c.redis_sharded_pubsub,
             timeout,
             router,
+            libraries: Default::default(),
             healthy: AtomicBool::new(true),
             metrics,
         }))
+    }
+
+    /// True when channels travel over sharded pub/sub (SPUBLISH).
+    pub fn sharded_pubsub(&self) -> bool {
+        self.sharded
     }
 
     pub fn is_cluster(&self) -> bool {
@@ -258,8 +266,40 @@ impl Redis {
         self.call::<i64>("publish", cmd).await.map(|_| ())
     }
 
+    /// Registers a function library (`#!lua name=<name>` on its first line) and loads it.
+    /// Registered libraries are loaded again by [`Redis::load_libraries`], which the
+    /// directory's resync calls after Redis came back (it may have restarted empty).
+    pub async fn add_library(&self, code: String) -> Result<(), BrokerError> {
+        let name = code
+            .lines()
+            .next()
+            .and_then(|l| l.split("name=").nth(1))
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        {
+            let mut libs = self.libraries.lock().unwrap_or_else(|p| p.into_inner());
+            libs.retain(|(n, _)| *n != name);
+            libs.push((name, code.clone()));
+        }
+        self.load_functions(&code).await
+    }
+
+    /// Loads every registered library again.
+    pub async fn load_libraries(&self) -> Result<(), BrokerError> {
+        let libs = self
+            .libraries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (_, code) in libs {
+            self.load_functions(&code).await?;
+        }
+        Ok(())
+    }
+
     /// Loads a function library on every primary (`FUNCTION LOAD REPLACE`).
-    pub async fn load_functions(&self, code: &str) -> Result<(), BrokerError> {
+    async fn load_functions(&self, code: &str) -> Result<(), BrokerError> {
         let mut cmd = redis::cmd("FUNCTION");
         cmd.arg("LOAD").arg("REPLACE").arg(code);
         let run = async {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use super::{Config, LogFormat, Secret, SecretUrl};
+use super::{ChannelOptions, Config, LogFormat, Secret, SecretUrl};
 use crate::error::ConfigError;
 
 /// Generates [`Cli`] and `layer` from the normalised table. Each setting's flag is

@@ -167,6 +167,16 @@ macro_rules! settings {
             /// Approximate length cap of the inbound stream (`XADD ... MAXLEN ~`).
             inbound_maxlen: usize = 100_000;
 
+            // ---- Channels ----
+            /// Per-channel options: history, presence, join/leave (`[[channels]]` in TOML;
+            /// space-separated `pattern?key=value&...` entries in a flag). The first entry
+            /// whose pattern matches applies. See docs/configuration.md#channels.
+            #[arg(value_delimiter = ' ')]
+            channels: Vec<ChannelOptions> = Vec::new();
+            /// How long a node waits to batch history reads of one channel, so that a
+            /// reconnect storm costs one Redis read per channel per batch, not one per client.
+            recover_batch_ms: u64 = 5;
+
             // ---- Drain and rebalancing ----
             /// After SIGTERM, keep serving (and accepting) this long with `/readyz` failing, so
             /// the load balancer stops routing here first. 0 when a Kubernetes preStop hook
@@ -248,11 +258,13 @@ macro_rules! config_struct {
 
 settings!(config_struct);
 
+pub mod channels;
 pub mod cidr;
 mod cli;
 mod secret;
 mod validate;
 
+pub use channels::ChannelOptions;
 pub use secret::{Secret, SecretUrl};
 
 /// Log line format.
@@ -283,5 +295,9 @@ impl Config {
     }
     pub fn token_grace(&self) -> Duration {
         Duration::from_millis(self.token_grace_ms)
+    }
+    /// The options of `channel` (see [`channels`]); `None` for a plain channel.
+    pub fn channel(&self, channel: &str) -> Option<&ChannelOptions> {
+        channels::lookup(&self.channels, channel)
     }
 }

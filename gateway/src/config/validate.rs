@@ -13,6 +13,11 @@ impl Config {
         if self.node_id.is_empty() || !shared::channel::is_valid(&self.node_id) {
             return bad("node_id", "must be 1-200 bytes of [A-Za-z0-9_.:@/-]");
         }
+        for entry in &self.channels {
+            if let Err(why) = entry.check() {
+                return Err(ConfigError::Invalid("channels", why));
+            }
+        }
         if self.max_connections == 0 {
             return bad("max_connections", "must be at least 1");
         }

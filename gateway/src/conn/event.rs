@@ -14,8 +14,16 @@ use bytes::Bytes;
 /// An event for one connection, borrowed from whoever produced it.
 #[derive(Debug, Clone, Copy)]
 pub enum Event<'a> {
-    /// A message on a channel the connection subscribed to; `data` is JSON text.
-    Message { channel: &'a str, data: &'a str },
+    /// A message on a channel the connection subscribed to; `data` is JSON text. On a
+    /// history channel, `position` is its `(offset, epoch)`.
+    Message {
+        channel: &'a str,
+        data: &'a str,
+        position: Option<(u64, &'a str)>,
+    },
+    /// The node ended the connection's subscription to `channel`; `code` says why
+    /// (`insufficient_state`: it could not keep the stream gap-free).
+    Unsubscribed { channel: &'a str, code: &'a str },
     /// A unicast to the connection's user or to the connection itself; `data` is JSON text.
     Direct { data: &'a str },
     /// The connection's token has expired; it has `grace_ms` to refresh it.

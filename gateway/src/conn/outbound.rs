@@ -80,6 +80,11 @@ impl Outbound {
         }
     }
 
+    /// The byte cap of the queue.
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
     /// The connection's wire protocol.
     pub fn codec(&self) -> &'static dyn Codec {
         self.codec

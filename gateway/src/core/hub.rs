@@ -8,17 +8,27 @@
 //!   that "first local subscriber → broker subscribe" and "last one left → broker unsubscribe"
 //!   happen in the order they were decided, even though the broker calls are async.
 //!
-//! Fan-out encodes the `message` frame once and pushes the same [`Bytes`] to every
-//! subscriber's [`Outbound`] queue.
+//! Fan-out encodes the `message` frame once per protocol ([`Encoded`]) and pushes the same
+//! bytes to every subscriber's [`Outbound`] queue.
+//!
+//! A history channel (its `[[channels]]` entry keeps history) is a [`Stream`] instead of a
+//! plain set of subscribers: it checks offsets, fills gaps and serves joiners from history
+//! reads. Those reads are batched per channel: the first request waits `recover_batch_ms`
+//! for others to ride along, so a reconnect storm costs one Redis read per channel per
+//! batch rather than one per client.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
 
-use crate::broker::{Broker, Sink};
+use tokio::sync::oneshot;
+
+use super::stream::{Joined, Stream};
+use crate::broker::{Broker, Envelope, History, Position, Retention, Since, Sink};
+use crate::config::ChannelOptions;
 use crate::conn::event::{Encoded, Event};
 use crate::conn::outbound::{Outbound, Pushed};
 use crate::error::BrokerError;
@@ -27,11 +37,34 @@ use crate::metrics::Metrics;
 /// A connection's id, unique within the node.
 pub type ConnId = u64;
 
-type Subscribers = HashMap<ConnId, Arc<Outbound>>;
+/// A channel's local subscribers.
+enum Channel {
+    Plain(HashMap<ConnId, Arc<Outbound>>),
+    History(Mutex<Stream>),
+}
+
+impl Channel {
+    fn len(&self) -> usize {
+        match self {
+            Channel::Plain(subs) => subs.len(),
+            Channel::History(s) => lock(s).len(),
+        }
+    }
+}
 
 struct Shard {
     control: tokio::sync::Mutex<()>,
-    channels: RwLock<HashMap<String, Subscribers>>,
+    channels: RwLock<HashMap<String, Channel>>,
+}
+
+/// How the hub is set up.
+pub struct Settings {
+    pub shards: usize,
+    pub broker_timeout: Duration,
+    /// The `[[channels]]` entries.
+    pub channels: Vec<ChannelOptions>,
+    /// How long the first history read request of a channel waits for others.
+    pub recover_batch: Duration,
 }
 
 /// See the module docs.
@@ -39,30 +72,38 @@ pub struct Hub {
     shards: Box<[Shard]>,
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
-    broker_timeout: Duration,
+    settings: Settings,
     /// Channels whose broker subscription may outlive their last local subscriber: an
     /// unsubscribe failed, or a subscribe timed out (the broker may have subscribed anyway).
     /// [`Hub::reconcile`] unsubscribes them. Bounded by the channels this node ever had.
-    stale: std::sync::Mutex<HashSet<String>>,
+    stale: Mutex<HashSet<String>>,
+    me: Weak<Hub>,
+}
+
+/// The outcome of a subscribe.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Subscribed {
+    /// On a history channel: its epoch and top offset, and whether the asked-for position
+    /// was recovered.
+    pub joined: Option<Joined>,
 }
 
 impl Hub {
     /// Builds the hub and its broker. The broker gets a sink that feeds [`Hub::deliver`].
     pub fn new(
-        shards: usize,
+        settings: Settings,
         metrics: Arc<Metrics>,
-        broker_timeout: Duration,
         make_broker: impl FnOnce(Sink) -> Arc<dyn Broker>,
     ) -> Arc<Hub> {
         Arc::new_cyclic(|weak: &Weak<Hub>| {
-            let weak = weak.clone();
+            let me = weak.clone();
             let sink: Sink = Arc::new(move |channel: &str, data: &str| {
-                if let Some(hub) = weak.upgrade() {
+                if let Some(hub) = me.upgrade() {
                     hub.deliver(channel, data);
                 }
             });
             Hub {
-                shards: (0..shards.max(1))
+                shards: (0..settings.shards.max(1))
                     .map(|_| Shard {
                         control: tokio::sync::Mutex::new(()),
                         channels: RwLock::new(HashMap::new()),
@@ -70,8 +111,9 @@ impl Hub {
                     .collect(),
                 broker: make_broker(sink),
                 metrics,
-                broker_timeout,
+                settings,
                 stale: Default::default(),
+                me: weak.clone(),
             }
         })
     }
@@ -82,39 +124,139 @@ impl Hub {
         &self.shards[h.finish() as usize % self.shards.len()]
     }
 
+    /// The channel's `[[channels]]` entry, when it keeps history.
+    fn history_options(&self, channel: &str) -> Option<&ChannelOptions> {
+        crate::config::channels::lookup(&self.settings.channels, channel)
+            .filter(|o| o.has_history())
+    }
+
+    /// What the broker keeps of a history channel.
+    pub fn retention(&self, channel: &str) -> Option<Retention> {
+        self.history_options(channel).map(|o| Retention {
+            size: o.history_size,
+            ttl: Duration::from_secs(o.history_ttl_secs),
+        })
+    }
+
     /// Adds `conn` to `channel`; the first local subscriber makes the node subscribe to the
     /// broker. Idempotent per connection.
+    ///
+    /// On a history channel the subscriber joins: this returns once its history read is
+    /// done, with the channel's position (and, when `recover` was given, whether it was
+    /// recovered). It gets nothing until [`Hub::activate`], which its protocol calls once
+    /// the subscribe reply is queued; then the missed publications, then live ones.
     pub async fn subscribe(
         &self,
         channel: &str,
         conn: ConnId,
         out: &Arc<Outbound>,
-    ) -> Result<(), BrokerError> {
+        recover: Option<Position>,
+    ) -> Result<Subscribed, BrokerError> {
         let shard = self.shard(channel);
         let _order = shard.control.lock().await;
+        let mut joined = None;
         let first = {
             let mut map = write(&shard.channels);
-            let subs = map.entry(channel.to_owned()).or_default();
-            subs.insert(conn, out.clone());
-            subs.len() == 1
+            let entry = map.entry(channel.to_owned()).or_insert_with(|| {
+                match self.history_options(channel) {
+                    Some(o) => Channel::History(Mutex::new(Stream::new(o.clone()))),
+                    None => Channel::Plain(HashMap::new()),
+                }
+            });
+            match entry {
+                Channel::Plain(subs) => {
+                    subs.insert(conn, out.clone());
+                }
+                Channel::History(stream) => {
+                    let mut s = lock(stream);
+                    if !s.contains(conn) {
+                        let (tx, rx) = oneshot::channel();
+                        if s.join(conn, out.clone(), recover, tx) {
+                            self.schedule_read(channel);
+                        }
+                        joined = Some(rx);
+                    }
+                }
+            }
+            entry.len() == 1
         };
         if first {
             if let Err(e) = self
                 .broker_call("subscribe", self.broker.subscribe(channel))
                 .await
             {
-                let mut map = write(&shard.channels);
-                if let Some(subs) = map.get_mut(channel) {
-                    subs.remove(&conn);
-                    if subs.is_empty() {
-                        map.remove(channel);
-                        self.mark_stale(channel);
-                    }
-                }
+                self.remove(channel, conn);
                 return Err(e);
             }
         }
-        Ok(())
+        drop(_order);
+        let Some(rx) = joined else {
+            return Ok(Subscribed::default());
+        };
+        let wait = self.settings.broker_timeout * 2 + self.settings.recover_batch;
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(joined)) => Ok(Subscribed {
+                joined: Some(joined),
+            }),
+            Ok(Err(_)) => {
+                self.remove(channel, conn);
+                Err(BrokerError::NotConfigured("the history read failed"))
+            }
+            Err(_) => {
+                self.remove(channel, conn);
+                Err(BrokerError::Timeout)
+            }
+        }
+    }
+
+    /// Takes `conn` off `channel` without the broker (a failed subscribe); a channel left
+    /// empty is marked stale for [`Hub::reconcile`].
+    fn remove(&self, channel: &str, conn: ConnId) {
+        let shard = self.shard(channel);
+        let mut map = write(&shard.channels);
+        let emptied = map.get_mut(channel).is_some_and(|c| {
+            match c {
+                Channel::Plain(subs) => {
+                    subs.remove(&conn);
+                }
+                Channel::History(s) => {
+                    lock(s).leave(conn);
+                }
+            }
+            c.len() == 0
+        });
+        if emptied {
+            map.remove(channel);
+            drop(map);
+            self.mark_stale(channel);
+        }
+    }
+
+    /// A joined subscriber of a history channel goes live (see [`Hub::subscribe`]).
+    pub fn activate(&self, channel: &str, conn: ConnId) {
+        let map = self
+            .shard(channel)
+            .channels
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(Channel::History(s)) = map.get(channel) {
+            lock(s).activate(conn, &self.metrics);
+        }
+    }
+
+    /// True while `conn` is subscribed to `channel` (a history channel may end a
+    /// subscription itself, with `insufficient_state`).
+    pub fn contains(&self, channel: &str, conn: ConnId) -> bool {
+        let map = self
+            .shard(channel)
+            .channels
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        match map.get(channel) {
+            Some(Channel::Plain(subs)) => subs.contains_key(&conn),
+            Some(Channel::History(s)) => lock(s).contains(conn),
+            None => false,
+        }
     }
 
     /// Removes `conn` from `channel`; the last local subscriber leaving makes the node
@@ -124,9 +266,13 @@ impl Hub {
         let _order = shard.control.lock().await;
         let last = {
             let mut map = write(&shard.channels);
-            let emptied = map
-                .get_mut(channel)
-                .is_some_and(|subs| subs.remove(&conn).is_some() && subs.is_empty());
+            let emptied = map.get_mut(channel).is_some_and(|c| {
+                let removed = match c {
+                    Channel::Plain(subs) => subs.remove(&conn).is_some(),
+                    Channel::History(s) => lock(s).leave(conn),
+                };
+                removed && c.len() == 0
+            });
             if emptied {
                 map.remove(channel);
             }
@@ -150,9 +296,22 @@ impl Hub {
     }
 
     /// Unsubscribes the broker from every stale channel (see `stale`) that still has no
-    /// local subscriber. A channel whose unsubscribe fails again stays for the next round.
-    /// Returns how many stale channels remain.
+    /// local subscriber, and drops history channels whose subscriptions all ended with
+    /// `insufficient_state`. A channel whose unsubscribe fails again stays for the next
+    /// round. Returns how many stale channels remain.
     pub async fn reconcile(&self) -> usize {
+        for shard in self.shards.iter() {
+            let mut map = write(&shard.channels);
+            let empty: Vec<String> = map
+                .iter()
+                .filter(|(_, c)| c.len() == 0)
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in empty {
+                map.remove(&name);
+                self.mark_stale(&name);
+            }
+        }
         let channels: Vec<String> = {
             let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
             stale.drain().collect()
@@ -175,78 +334,173 @@ impl Hub {
         self.stale.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Publishes through the broker, reaching subscribers on every node.
-    pub async fn publish(&self, channel: &str, data: &str) -> Result<(), BrokerError> {
-        self.broker_call("publish", self.broker.publish(channel, data))
-            .await
+    /// Publishes through the broker, reaching subscribers on every node. On a history
+    /// channel the publication is appended to history first, in the same step, and its
+    /// position returned.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        data: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Option<Position>, BrokerError> {
+        match self.retention(channel) {
+            Some(r) => {
+                let call = self
+                    .broker
+                    .publish_history(channel, data, r, idempotency_key);
+                self.timed("publish", call).await.map(Some)
+            }
+            None => self
+                .broker_call("publish", self.broker.publish(channel, data))
+                .await
+                .map(|()| None),
+        }
     }
 
     /// Publishes with a W3C `traceparent`: it travels in front of the data (see
-    /// [`split_trace`]) so that every node's delivery log line carries it.
+    /// [`crate::broker::Envelope`]) so that every node's delivery log line carries it.
+    /// Plain channels only: a history publication's payload is written by the broker.
     pub async fn publish_traced(
         &self,
         channel: &str,
         data: &str,
         traceparent: &str,
-    ) -> Result<(), BrokerError> {
-        self.publish(channel, &crate::broker::traced(data, traceparent))
+    ) -> Result<Option<Position>, BrokerError> {
+        if self.retention(channel).is_some() {
+            return self.publish(channel, data, None).await;
+        }
+        let payload = crate::broker::traced(data, traceparent);
+        self.broker_call("publish", self.broker.publish(channel, &payload))
             .await
+            .map(|()| None)
     }
 
-    /// Queues a channel message to every local subscriber. The frame is encoded once.
+    /// Reads a history channel's history (`None`: the channel keeps none).
+    pub async fn history(
+        &self,
+        channel: &str,
+        since: Since,
+    ) -> Result<Option<History>, BrokerError> {
+        let Some(r) = self.retention(channel) else {
+            return Ok(None);
+        };
+        let since = match since {
+            Since::Last(n) => Since::Last(n.min(r.size)),
+            Since::After(o, n) => Since::After(o, n.min(r.size)),
+        };
+        let call = self.broker.history(channel, r, since);
+        self.timed("history", call).await.map(Some)
+    }
+
+    /// Queues a channel message to every local subscriber. The frame is encoded once per
+    /// protocol.
     pub fn deliver(&self, channel: &str, payload: &str) {
-        let (trace, data) = crate::broker::split_trace(payload);
+        let env = Envelope::open(payload);
         let shard = self.shard(channel);
         let map = shard.channels.read().unwrap_or_else(|p| p.into_inner());
-        let Some(subs) = map.get(channel) else { return };
-        if let Some(traceparent) = trace {
+        let Some(c) = map.get(channel) else { return };
+        if let Some(traceparent) = env.traceparent {
             tracing::info!(
                 traceparent,
                 channel,
-                subscribers = subs.len(),
+                subscribers = c.len(),
                 "delivering traced message"
             );
         }
-        let mut encoded = Encoded::new(Event::Message { channel, data });
-        let received = std::time::Instant::now();
-        let (mut delivered, mut bytes) = (0u64, 0u64);
-        for out in subs.values() {
-            let frame = encoded.bytes(out.codec());
-            let len = frame.len() as u64;
-            match out.push_received(frame, received) {
-                Pushed::Queued => {
-                    delivered += 1;
-                    bytes += len;
+        match c {
+            Channel::Plain(subs) => {
+                let mut encoded = Encoded::new(Event::Message {
+                    channel,
+                    data: env.data,
+                    position: None,
+                });
+                fan_out(subs.values(), &mut encoded, &self.metrics, Instant::now());
+            }
+            Channel::History(s) => {
+                if lock(s).publish(channel, &env, &self.metrics) {
+                    self.schedule_read(channel);
                 }
-                Pushed::Overflowed => {
-                    self.metrics.slow_consumer_disconnects.inc([]);
-                }
-                Pushed::Closing => {}
             }
         }
-        drop(map);
-        self.metrics
-            .hot
-            .deliveries
-            .fetch_add(delivered, Ordering::Relaxed);
-        self.metrics
-            .hot
-            .messages_out
-            .fetch_add(delivered, Ordering::Relaxed);
-        self.metrics
-            .hot
-            .bytes_out
-            .fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// Number of local subscribers of `channel`.
+    /// Asks every history channel with live subscribers whether its epoch still holds and
+    /// whether it missed anything; runs every heartbeat (see `server`).
+    pub fn check_streams(&self) {
+        let mut due = Vec::new();
+        for shard in self.shards.iter() {
+            let map = shard.channels.read().unwrap_or_else(|p| p.into_inner());
+            for (name, c) in map.iter() {
+                if let Channel::History(s) = c {
+                    if lock(s).check() {
+                        due.push(name.clone());
+                    }
+                }
+            }
+        }
+        for name in due {
+            self.schedule_read(&name);
+        }
+    }
+
+    /// Starts a batched history read of `channel`: after `recover_batch`, one read serves
+    /// every request made meanwhile.
+    fn schedule_read(&self, channel: &str) {
+        let Some(hub) = self.me.upgrade() else { return };
+        let channel = channel.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(hub.settings.recover_batch).await;
+            loop {
+                let started = {
+                    let map = hub
+                        .shard(&channel)
+                        .channels
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner());
+                    match map.get(&channel) {
+                        Some(Channel::History(s)) => {
+                            let mut s = lock(s);
+                            Some((s.read_started(), s.wanted()))
+                        }
+                        _ => None,
+                    }
+                };
+                let Some((read, since)) = started else { return };
+                let result = match hub.retention(&channel) {
+                    Some(r) => {
+                        let call = hub.broker.history(&channel, r, since);
+                        hub.timed("history", call).await
+                    }
+                    None => return,
+                };
+                let again = {
+                    let map = hub
+                        .shard(&channel)
+                        .channels
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner());
+                    match map.get(&channel) {
+                        Some(Channel::History(s)) => {
+                            lock(s).apply(&channel, read, result, &hub.metrics)
+                        }
+                        _ => false,
+                    }
+                };
+                if !again {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Number of local subscribers of `channel`, joining ones included.
     pub fn subscribers(&self, channel: &str) -> usize {
         let map = self
             .shard(channel)
             .channels
             .read()
             .unwrap_or_else(|p| p.into_inner());
-        map.get(channel).map_or(0, HashMap::len)
+        map.get(channel).map_or(0, Channel::len)
     }
 
     /// False while the broker cannot reach its backend.
@@ -259,7 +513,16 @@ impl Hub {
         op: &'static str,
         call: crate::broker::BoxFuture<'_, Result<(), BrokerError>>,
     ) -> Result<(), BrokerError> {
-        let result = match tokio::time::timeout(self.broker_timeout, call).await {
+        self.timed(op, call).await
+    }
+
+    /// A broker call bounded by the broker timeout; failures are counted and logged.
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        call: crate::broker::BoxFuture<'_, Result<T, BrokerError>>,
+    ) -> Result<T, BrokerError> {
+        let result = match tokio::time::timeout(self.settings.broker_timeout, call).await {
             Ok(r) => r,
             Err(_) => Err(BrokerError::Timeout),
         };
@@ -271,9 +534,39 @@ impl Hub {
     }
 }
 
+/// Queues one encoded event to each of `subs` and counts the deliveries.
+pub(super) fn fan_out<'a>(
+    subs: impl Iterator<Item = &'a Arc<Outbound>>,
+    encoded: &mut Encoded<'_>,
+    metrics: &Metrics,
+    received: Instant,
+) {
+    let (mut delivered, mut bytes) = (0u64, 0u64);
+    for out in subs {
+        let frame = encoded.bytes(out.codec());
+        let len = frame.len() as u64;
+        match out.push_received(frame, received) {
+            Pushed::Queued => {
+                delivered += 1;
+                bytes += len;
+            }
+            Pushed::Overflowed => metrics.slow_consumer_disconnects.inc([]),
+            Pushed::Closing => {}
+        }
+    }
+    let hot = &metrics.hot;
+    hot.deliveries.fetch_add(delivered, Ordering::Relaxed);
+    hot.messages_out.fetch_add(delivered, Ordering::Relaxed);
+    hot.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn write(
-    lock: &RwLock<HashMap<String, Subscribers>>,
-) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Subscribers>> {
+    lock: &RwLock<HashMap<String, Channel>>,
+) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Channel>> {
     lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -285,10 +578,132 @@ mod tests {
     use crate::protocol::v1;
     use std::collections::VecDeque;
 
+    fn settings() -> Settings {
+        Settings {
+            shards: 4,
+            broker_timeout: Duration::from_secs(1),
+            channels: vec!["h:*?history_size=10&history_ttl_secs=60"
+                .parse()
+                .expect("valid")],
+            recover_batch: Duration::from_millis(1),
+        }
+    }
+
     fn hub() -> Arc<Hub> {
-        Hub::new(4, Arc::default(), Duration::from_secs(1), |sink| {
+        Hub::new(settings(), Arc::default(), |sink| {
             Arc::new(MemoryBroker::new(sink)) as Arc<dyn Broker>
         })
+    }
+
+    /// The texts of the frames queued to `out` (server frames: no mask).
+    fn texts(out: &Outbound) -> Vec<String> {
+        let mut q = VecDeque::new();
+        out.take(&mut q);
+        q.iter()
+            .map(|f| {
+                let skip = match f[1] & 0x7f {
+                    126 => 4,
+                    127 => 10,
+                    _ => 2,
+                };
+                String::from_utf8(f[skip..].to_vec()).expect("text")
+            })
+            .collect()
+    }
+
+    fn offsets(texts: &[String]) -> Vec<u64> {
+        texts
+            .iter()
+            .filter_map(|t| serde_json::from_str::<serde_json::Value>(t).ok()?["offset"].as_u64())
+            .collect()
+    }
+
+    fn out() -> Arc<Outbound> {
+        Arc::new(Outbound::new(1 << 20, &v1::CODEC))
+    }
+
+    #[tokio::test]
+    async fn a_lost_publication_is_filled_from_history() {
+        // The sink drops offset 4, as a lost pub/sub message would be.
+        let hub = Hub::new(settings(), Arc::default(), |sink| {
+            let lossy: Sink = Arc::new(move |c: &str, p: &str| {
+                if Envelope::open(p).position.map(|(o, _)| o) != Some(4) {
+                    sink(c, p)
+                }
+            });
+            Arc::new(MemoryBroker::new(lossy)) as Arc<dyn Broker>
+        });
+        let a = out();
+        let s = hub.subscribe("h:gap", 1, &a, None).await.expect("sub");
+        assert_eq!(s.joined.as_ref().map(|j| j.position.offset), Some(0));
+        hub.activate("h:gap", 1);
+        for i in 1..=6 {
+            hub.publish("h:gap", &i.to_string(), None)
+                .await
+                .expect("publish");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await; // the fill's read
+        assert_eq!(
+            offsets(&texts(&a)),
+            vec![1, 2, 3, 4, 5, 6],
+            "4 came from history, in order"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_joiner_recovers_what_it_missed_then_goes_live() {
+        let hub = hub();
+        let a = out();
+        hub.subscribe("h:r", 1, &a, None).await.expect("sub a");
+        hub.activate("h:r", 1);
+        let mut last = None;
+        for i in 1..=5 {
+            last = hub
+                .publish("h:r", &i.to_string(), None)
+                .await
+                .expect("publish");
+        }
+        let epoch = last.expect("history channel").epoch;
+        let b = out();
+        let want = Position {
+            epoch: epoch.clone(),
+            offset: 2,
+        };
+        let s = hub
+            .subscribe("h:r", 2, &b, Some(want))
+            .await
+            .expect("sub b");
+        let j = s.joined.expect("history channel");
+        assert_eq!((j.position.offset, j.recovered), (5, Some(true)));
+        assert!(texts(&b).is_empty(), "nothing before activation");
+        hub.publish("h:r", "6", None).await.expect("publish");
+        hub.activate("h:r", 2);
+        hub.publish("h:r", "7", None).await.expect("publish");
+        assert_eq!(
+            offsets(&texts(&b)),
+            vec![3, 4, 5, 6, 7],
+            "replay, tail, then live"
+        );
+        assert_eq!(offsets(&texts(&a)), vec![1, 2, 3, 4, 5, 6, 7]);
+        let c = out();
+        let stale = Position {
+            epoch: "other".into(),
+            offset: 2,
+        };
+        let s = hub
+            .subscribe("h:r", 3, &c, Some(stale))
+            .await
+            .expect("sub c");
+        assert_eq!(
+            s.joined.and_then(|j| j.recovered),
+            Some(false),
+            "another epoch"
+        );
+        hub.activate("h:r", 3);
+        assert!(
+            offsets(&texts(&c)).is_empty(),
+            "nothing replayed when not recovered"
+        );
     }
 
     #[tokio::test]
@@ -298,9 +713,9 @@ mod tests {
             Arc::new(Outbound::new(1 << 16, &v1::CODEC)),
             Arc::new(Outbound::new(1 << 16, &v1::CODEC)),
         );
-        hub.subscribe("c", 1, &a).await.expect("sub a");
-        hub.subscribe("c", 2, &b).await.expect("sub b");
-        hub.publish("c", "[1]").await.expect("publish");
+        hub.subscribe("c", 1, &a, None).await.expect("sub a");
+        hub.subscribe("c", 2, &b, None).await.expect("sub b");
+        hub.publish("c", "[1]", None).await.expect("publish");
         let (mut qa, mut qb) = (VecDeque::new(), VecDeque::new());
         a.take(&mut qa);
         b.take(&mut qb);
@@ -349,13 +764,30 @@ mod tests {
         ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
             self.inner.publish(channel, data)
         }
+        fn publish_history<'a>(
+            &'a self,
+            channel: &'a str,
+            data: &'a str,
+            retention: Retention,
+            key: Option<&'a str>,
+        ) -> crate::broker::BoxFuture<'a, Result<Position, BrokerError>> {
+            self.inner.publish_history(channel, data, retention, key)
+        }
+        fn history<'a>(
+            &'a self,
+            channel: &'a str,
+            retention: Retention,
+            since: Since,
+        ) -> crate::broker::BoxFuture<'a, Result<History, BrokerError>> {
+            self.inner.history(channel, retention, since)
+        }
     }
 
     #[tokio::test]
     async fn failed_unsubscribe_is_reconciled() {
         let flaky: std::sync::Arc<std::sync::OnceLock<Arc<Flaky>>> = Default::default();
         let slot = flaky.clone();
-        let hub = Hub::new(4, Arc::default(), Duration::from_secs(1), move |sink| {
+        let hub = Hub::new(settings(), Arc::default(), move |sink| {
             let b = Arc::new(Flaky {
                 inner: MemoryBroker::new(sink),
                 failures: 2.into(),
@@ -367,8 +799,8 @@ mod tests {
         let broker = flaky.get().expect("built").clone();
         let subscribed = |c: &str| broker.subscribed.lock().unwrap().contains(c);
         let out = Arc::new(Outbound::new(1 << 16, &v1::CODEC));
-        hub.subscribe("a", 1, &out).await.expect("sub a");
-        hub.subscribe("b", 1, &out).await.expect("sub b");
+        hub.subscribe("a", 1, &out, None).await.expect("sub a");
+        hub.subscribe("b", 1, &out, None).await.expect("sub b");
         assert!(
             hub.unsubscribe("a", 1).await.is_err(),
             "first unsubscribe fails"
@@ -376,7 +808,9 @@ mod tests {
         assert!(subscribed("a"), "the broker still holds a");
         // b gets a subscriber again before the reconcile: its subscription must stay.
         assert!(hub.unsubscribe("b", 1).await.is_err());
-        hub.subscribe("b", 2, &out).await.expect("sub b again");
+        hub.subscribe("b", 2, &out, None)
+            .await
+            .expect("sub b again");
         assert_eq!(hub.reconcile().await, 0, "nothing left stale");
         assert!(!subscribed("a"), "reconcile unsubscribed the orphan");
         assert!(
@@ -389,11 +823,11 @@ mod tests {
     async fn broker_subscription_follows_first_and_last_subscriber() {
         let hub = hub();
         let out = Arc::new(Outbound::new(1 << 16, &v1::CODEC));
-        hub.subscribe("c", 1, &out).await.expect("sub");
-        hub.subscribe("c", 2, &out).await.expect("sub");
+        hub.subscribe("c", 1, &out, None).await.expect("sub");
+        hub.subscribe("c", 2, &out, None).await.expect("sub");
         hub.unsubscribe("c", 1).await.expect("unsub");
         assert_eq!(hub.subscribers("c"), 1);
-        hub.publish("c", "1").await.expect("publish");
+        hub.publish("c", "1", None).await.expect("publish");
         let mut q = VecDeque::new();
         out.take(&mut q);
         assert_eq!(
@@ -406,7 +840,7 @@ mod tests {
             .await
             .expect("unsub twice is a no-op");
         assert_eq!(hub.subscribers("c"), 0);
-        hub.publish("c", "2").await.expect("publish");
+        hub.publish("c", "2", None).await.expect("publish");
         out.take(&mut q);
         assert_eq!(q.len(), 1, "no delivery after the last subscriber left");
     }

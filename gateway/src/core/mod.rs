@@ -6,6 +6,7 @@
 
 pub mod hub;
 pub mod session;
+pub mod stream;
 
 use std::sync::Arc;
 

@@ -17,9 +17,11 @@ use std::sync::{Arc, Mutex};
 
 use shared::protocol::ErrorCode;
 
-use super::hub::ConnId;
+use super::hub::{ConnId, Hub};
+use super::stream::Joined;
 use super::Core;
 use crate::auth::Identity;
+use crate::broker::{History, Position, Since};
 use crate::cluster::inbound::Event as Inbound;
 use crate::conn::clock::TokenClock;
 use crate::conn::limiter::{ConnLimiter, Verdict};
@@ -27,10 +29,21 @@ use crate::conn::outbound::{Outbound, Pushed};
 use crate::error::{Blame, CloseReason};
 
 /// A connection's command, decoded by its protocol adapter. Borrowed from the frame.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Command<'a> {
-    /// Start receiving a channel's messages.
-    Subscribe { channel: &'a str },
+    /// Start receiving a channel's messages; on a history channel, optionally from
+    /// `recover`, with what was missed first.
+    Subscribe {
+        channel: &'a str,
+        recover: Option<Position>,
+    },
+    /// Read a history channel's history: the last `limit` publications (all it keeps by
+    /// default), or those after `since`.
+    History {
+        channel: &'a str,
+        limit: Option<usize>,
+        since: Option<Position>,
+    },
     /// Stop receiving a channel's messages.
     Unsubscribe { channel: &'a str },
     /// Publish `data` (JSON text) to a channel.
@@ -39,6 +52,35 @@ pub enum Command<'a> {
     Send { data: &'a str },
     /// Replace the connection's token before it expires.
     Refresh { token: &'a str },
+}
+
+/// What a command did, for the adapter's reply.
+pub enum Done {
+    Ok,
+    /// A publish on a history channel: the publication's position.
+    Published(Position),
+    /// A subscribe; see [`Subscription`].
+    Subscribed(Subscription),
+    History(History),
+}
+
+/// A subscribe that went through. On a history channel, the subscriber starts receiving
+/// (what it missed, then live publications) when this is dropped: the adapter queues its
+/// subscribe reply first, so that the reply comes before the replay.
+pub struct Subscription {
+    hub: Arc<Hub>,
+    channel: String,
+    conn: ConnId,
+    /// On a history channel: its position, and whether the asked-for one was recovered.
+    pub joined: Option<Joined>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.joined.is_some() {
+            self.hub.activate(&self.channel, self.conn);
+        }
+    }
 }
 
 /// Why a command failed: a code every protocol maps onto its own errors, and a message.
@@ -219,9 +261,14 @@ impl Session {
     }
 
     /// Runs one command.
-    pub async fn execute(&mut self, cmd: Command<'_>) -> Result<(), Failure> {
+    pub async fn execute(&mut self, cmd: Command<'_>) -> Result<Done, Failure> {
         match cmd {
-            Command::Subscribe { channel } => self.subscribe(channel).await,
+            Command::Subscribe { channel, recover } => self.subscribe(channel, recover).await,
+            Command::History {
+                channel,
+                limit,
+                since,
+            } => self.history(channel, limit, since).await,
             Command::Unsubscribe { channel } => {
                 if self.subs().remove(channel) {
                     self.core
@@ -230,7 +277,7 @@ impl Session {
                         .await
                         .map_err(unavailable)?;
                 }
-                Ok(())
+                Ok(Done::Ok)
             }
             Command::Publish { channel, data } => {
                 let by_claim = self
@@ -245,13 +292,15 @@ impl Session {
                         format!("publishing to `{channel}` is not allowed"),
                     ));
                 }
-                self.core
+                let at = self
+                    .core
                     .hub
-                    .publish(channel, data)
+                    .publish(channel, data, None)
                     .await
-                    .map_err(unavailable)
+                    .map_err(unavailable)?;
+                Ok(at.map_or(Done::Ok, Done::Published))
             }
-            Command::Refresh { token } => self.refresh(token).await,
+            Command::Refresh { token } => self.refresh(token).await.map(|()| Done::Ok),
             Command::Send { data } => {
                 let user = self.identity.as_ref().map(|i| i.user_id.as_str());
                 self.core
@@ -259,7 +308,55 @@ impl Session {
                     .append(Inbound::Message, &self.conn_id, user, data)
                     .await
                     .map_err(unavailable)
+                    .map(|()| Done::Ok)
             }
+        }
+    }
+
+    /// True when the token's `channels` claim (if any) allows `channel`.
+    fn may_subscribe(&self, channel: &str) -> Result<(), Failure> {
+        let allowed = self
+            .identity
+            .as_ref()
+            .and_then(|i| i.channels.as_ref())
+            .is_none_or(|patterns| shared::channel::any_match(patterns, channel));
+        if allowed {
+            Ok(())
+        } else {
+            Err(Failure::new(
+                ErrorCode::Forbidden,
+                format!("your token does not allow subscribing to `{channel}`"),
+            ))
+        }
+    }
+
+    /// A history read, allowed to whoever may subscribe to the channel. Publications after
+    /// a position of another epoch mean nothing: then the reply has the current epoch and
+    /// none.
+    async fn history(
+        &self,
+        channel: &str,
+        limit: Option<usize>,
+        since: Option<Position>,
+    ) -> Result<Done, Failure> {
+        self.may_subscribe(channel)?;
+        let n = limit.unwrap_or(usize::MAX);
+        let read = match &since {
+            Some(p) => Since::After(p.offset, n),
+            None => Since::Last(n),
+        };
+        match self.core.hub.history(channel, read).await {
+            Ok(Some(mut h)) => {
+                if since.is_some_and(|p| p.epoch != h.epoch) {
+                    h.publications.clear();
+                }
+                Ok(Done::History(h))
+            }
+            Ok(None) => Err(Failure::new(
+                ErrorCode::NotEnabled,
+                format!("`{channel}` keeps no history"),
+            )),
+            Err(e) => Err(unavailable(e)),
         }
     }
 
@@ -288,25 +385,22 @@ impl Session {
         Ok(())
     }
 
-    async fn subscribe(&mut self, channel: &str) -> Result<(), Failure> {
+    async fn subscribe(
+        &mut self,
+        channel: &str,
+        recover: Option<Position>,
+    ) -> Result<Done, Failure> {
+        let hub = &self.core.hub;
         {
             let mut subs = self.subs();
-            if subs.contains(channel) {
-                return Ok(());
+            // The hub may have ended a history subscription (`insufficient_state`): then the
+            // name is still in our set, and the client subscribes again to resume.
+            if subs.contains(channel) && hub.contains(channel, self.id) {
+                return Ok(Done::Ok);
             }
-            let allowed = self
-                .identity
-                .as_ref()
-                .and_then(|i| i.channels.as_ref())
-                .is_none_or(|patterns| shared::channel::any_match(patterns, channel));
-            if !allowed {
-                return Err(Failure::new(
-                    ErrorCode::Forbidden,
-                    format!("your token does not allow subscribing to `{channel}`"),
-                ));
-            }
+            self.may_subscribe(channel)?;
             let max = self.core.config.max_subscriptions;
-            if subs.len() >= max {
+            if !subs.contains(channel) && subs.len() >= max {
                 return Err(Failure::new(
                     ErrorCode::TooManySubscriptions,
                     format!("a connection may hold at most {max} subscriptions"),
@@ -314,11 +408,29 @@ impl Session {
             }
             subs.insert(channel.to_owned());
         }
-        if let Err(e) = self.core.hub.subscribe(channel, self.id, &self.out).await {
-            self.subs().remove(channel);
-            return Err(unavailable(e));
+        let asked = recover.is_some();
+        match hub.subscribe(channel, self.id, &self.out, recover).await {
+            Ok(s) => {
+                if let (true, Some(j)) = (asked, &s.joined) {
+                    let label = if j.recovered == Some(true) {
+                        "true"
+                    } else {
+                        "false"
+                    };
+                    self.core.metrics.recoveries.inc([label]);
+                }
+                Ok(Done::Subscribed(Subscription {
+                    hub: hub.clone(),
+                    channel: channel.to_owned(),
+                    conn: self.id,
+                    joined: s.joined,
+                }))
+            }
+            Err(e) => {
+                self.subs().remove(channel);
+                Err(unavailable(e))
+            }
         }
-        Ok(())
     }
 }
 

@@ -247,13 +247,13 @@ async fn call(
     let Some((kind, rest)) = path.trim_start_matches("/v1/").split_once('/') else {
         return not_found();
     };
-    let (id, action) = ["publish", "send", "connections"]
+    let (id, action) = ["publish", "send", "connections", "history"]
         .iter()
         .find_map(|a| Some((rest.strip_suffix(a)?.strip_suffix('/')?, *a)))
         .unwrap_or((rest, ""));
     let allowed = match (kind, action) {
         ("channels", "publish") | ("users", "send") | ("connections", "send") => Method::POST,
-        ("users", "connections") => Method::GET,
+        ("users", "connections") | ("channels", "history") => Method::GET,
         ("connections", "") => Method::DELETE,
         _ => return not_found(),
     };
@@ -273,6 +273,7 @@ async fn call(
     }
     let dir = &node.directory;
     match (kind, action) {
+        ("channels", "history") => history(node, id, req.uri().query().unwrap_or("")).await,
         ("users", "connections") => match dir.user_connections(id).await {
             Ok(conns) => json(StatusCode::OK, &serde_json::json!({ "connections": conns })),
             Err(e) => unavailable(e),
@@ -286,32 +287,111 @@ async fn call(
             Err(e) => unavailable(e),
         },
         _ => {
+            // A retried publish with the same key is published once (history channels).
+            let key = req
+                .headers()
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .filter(|k| shared::channel::is_valid(k))
+                .map(str::to_owned);
             let data = match read_data(node, req).await {
                 Ok(d) => d,
                 Err(r) => return r,
             };
-            let sent = match (kind, &traceparent) {
-                ("channels", Some(tp)) => node
-                    .hub
-                    .publish_traced(id, data.get(), tp)
-                    .await
-                    .map(|()| None),
-                ("channels", None) => node.hub.publish(id, data.get()).await.map(|()| None),
-                ("users", _) => dir.send_user(id, data.get()).await.map(Some),
-                _ => dir.send_conn(id, data.get()).await.map(Some),
+            if kind == "channels" {
+                let published = match &traceparent {
+                    Some(tp) => node.hub.publish_traced(id, data.get(), tp).await,
+                    None => node.hub.publish(id, data.get(), key.as_deref()).await,
+                };
+                return match published {
+                    Ok(at) => {
+                        node.metrics.admin_publishes.inc([]);
+                        let mut body = serde_json::json!({ "status": "published" });
+                        if let Some(p) = at {
+                            body["offset"] = p.offset.into();
+                            body["epoch"] = p.epoch.into();
+                        }
+                        json(StatusCode::OK, &body)
+                    }
+                    Err(e) => unavailable(e),
+                };
+            }
+            let sent = match kind {
+                "users" => dir.send_user(id, data.get()).await,
+                _ => dir.send_conn(id, data.get()).await,
             };
             match sent {
-                Ok(None) => {
-                    node.metrics.admin_publishes.inc([]);
-                    json(
-                        StatusCode::OK,
-                        &serde_json::json!({ "status": "published" }),
-                    )
-                }
-                Ok(Some(n)) => json(StatusCode::OK, &serde_json::json!({ "delivered": n })),
+                Ok(n) => json(StatusCode::OK, &serde_json::json!({ "delivered": n })),
                 Err(e) => unavailable(e),
             }
         }
+    }
+}
+
+/// `GET /v1/channels/{ch}/history?limit=N[&since_epoch=E&since_offset=K]`: the last
+/// `limit` publications (all the channel keeps by default), or those after the position.
+async fn history(node: &Node, channel: &str, query: &str) -> HttpResponse {
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    };
+    let limit = param("limit").and_then(|v| v.parse::<usize>().ok());
+    let since = match (param("since_epoch"), param("since_offset")) {
+        (Some(epoch), Some(offset)) => match offset.parse::<u64>() {
+            Ok(offset) => Some(crate::broker::Position {
+                epoch: epoch.to_owned(),
+                offset,
+            }),
+            Err(_) => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "since_offset must be a number",
+                )
+            }
+        },
+        (None, None) => None,
+        _ => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "give both since_epoch and since_offset, or neither",
+            )
+        }
+    };
+    let n = limit.unwrap_or(usize::MAX);
+    let read = match &since {
+        Some(p) => crate::broker::Since::After(p.offset, n),
+        None => crate::broker::Since::Last(n),
+    };
+    match node.hub.history(channel, read).await {
+        Ok(Some(mut h)) => {
+            if since.is_some_and(|p| p.epoch != h.epoch) {
+                h.publications.clear();
+            }
+            let publications: Vec<serde_json::Value> = h
+                .publications
+                .iter()
+                .map(|(offset, data)| {
+                    let data: serde_json::Value =
+                        serde_json::from_str(data).unwrap_or(serde_json::Value::Null);
+                    serde_json::json!({ "offset": offset, "data": data })
+                })
+                .collect();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "epoch": h.epoch, "offset": h.top, "publications": publications
+                }),
+            )
+        }
+        Ok(None) => json_error(
+            StatusCode::NOT_FOUND,
+            "not_enabled",
+            "this channel keeps no history",
+        ),
+        Err(e) => unavailable(e),
     }
 }
 

@@ -4,12 +4,15 @@
 //! with `ack` or `error`, carrying the request's `id`.
 
 use bytes::Bytes;
-use shared::protocol::{parse_request, Request, RequestId, ServerFrame};
+use serde_json::value::RawValue;
+use shared::protocol::{parse_request, Publication, Request, RequestId, ServerFrame};
+
+use crate::broker::Position;
 
 use crate::conn::event::{Codec, Event};
 use crate::conn::frame;
 use crate::conn::socket::Handler;
-use crate::core::session::{Admit, Command, Failure, Session};
+use crate::core::session::{Admit, Command, Done, Failure, Session};
 use crate::error::CloseReason;
 
 /// The v1 codec.
@@ -25,7 +28,14 @@ impl Codec for V1 {
 
     fn encode(&self, event: &Event<'_>) -> Bytes {
         let json = match *event {
-            Event::Message { channel, data } => shared::protocol::encode_message(channel, data),
+            Event::Message {
+                channel,
+                data,
+                position,
+            } => shared::protocol::encode_message_at(channel, data, position.map(|(o, _)| o)),
+            Event::Unsubscribed { channel, code } => {
+                ServerFrame::Unsubscribed { channel, code }.to_json()
+            }
             Event::Direct { data } => shared::protocol::encode_direct(data),
             Event::TokenExpiring { grace_ms } => ServerFrame::TokenExpired { grace_ms }.to_json(),
         };
@@ -54,6 +64,50 @@ impl Connection {
         self.session.reply(frame::text(&f.to_json()));
     }
 
+    /// The reply to a command that went through. A subscription's replay follows its
+    /// reply: it starts when `done` is dropped, after the reply is queued.
+    fn reply(&self, id: Option<RequestId>, done: Done) {
+        match &done {
+            Done::Ok => self.send(&ServerFrame::Ack { id }),
+            Done::Subscribed(s) => match &s.joined {
+                None => self.send(&ServerFrame::Ack { id }),
+                Some(j) => self.send(&ServerFrame::Positioned {
+                    id,
+                    epoch: j.position.epoch.clone(),
+                    offset: j.position.offset,
+                    recovered: j.recovered,
+                }),
+            },
+            Done::Published(p) => self.send(&ServerFrame::Positioned {
+                id,
+                epoch: p.epoch.clone(),
+                offset: p.offset,
+                recovered: None,
+            }),
+            Done::History(h) => {
+                let publications = h
+                    .publications
+                    .iter()
+                    .filter_map(|(offset, data)| {
+                        // Stored data was checked as JSON when it was published.
+                        let data: &RawValue = serde_json::from_str(data).ok()?;
+                        Some(Publication {
+                            offset: *offset,
+                            data,
+                        })
+                    })
+                    .collect();
+                self.send(&ServerFrame::History {
+                    id,
+                    epoch: h.epoch.clone(),
+                    offset: h.top,
+                    publications,
+                });
+            }
+        }
+        drop(done);
+    }
+
     fn reply_error(&self, id: Option<RequestId>, failure: Failure) {
         self.session.refused(&failure);
         self.send(&ServerFrame::Error {
@@ -64,9 +118,28 @@ impl Connection {
     }
 }
 
+fn position(p: shared::protocol::Position) -> Position {
+    Position {
+        epoch: p.epoch,
+        offset: p.offset,
+    }
+}
+
 fn command(req: Request<'_>) -> Command<'_> {
     match req {
-        Request::Subscribe { channel } => Command::Subscribe { channel },
+        Request::Subscribe { channel, recover } => Command::Subscribe {
+            channel,
+            recover: recover.map(position),
+        },
+        Request::History {
+            channel,
+            limit,
+            since,
+        } => Command::History {
+            channel,
+            limit,
+            since: since.map(position),
+        },
         Request::Unsubscribe { channel } => Command::Unsubscribe { channel },
         Request::Publish { channel, data } => Command::Publish {
             channel,
@@ -86,7 +159,7 @@ impl Handler for Connection {
         match parse_request(&text) {
             Err(e) => self.reply_error(e.id, Failure::new(e.code, e.message)),
             Ok((id, req)) => match self.session.execute(command(req)).await {
-                Ok(()) => self.send(&ServerFrame::Ack { id }),
+                Ok(done) => self.reply(id, done),
                 Err(failure) => self.reply_error(id, failure),
             },
         }

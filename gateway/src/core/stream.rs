@@ -1,0 +1,453 @@
+//! One history channel on this node: its position, its live subscribers, and the ones
+//! joining. The hub keeps one [`Stream`] per history channel with local subscribers; all of
+//! its state sits behind one mutex, taken by the broker's push callback and by subscribes.
+//!
+//! The promise: within one epoch, each subscriber gets strictly consecutive offsets, no gap
+//! and no duplicate, or is told it cannot (`unsubscribed` / `insufficient_state`).
+//!
+//! - `position` is (epoch, top): every live subscriber has received everything up to `top`.
+//!   A publication with offset `top + 1` goes out live; one at or below `top` is a duplicate
+//!   and is dropped; one above `top + 1` reveals a gap (a lost pub/sub message, a Redis
+//!   reconnect). Then publications wait in `pending` while the gap is read from history,
+//!   and go out after it. A gap history cannot fill ends the live subscriptions with
+//!   `insufficient_state`; a new epoch does too.
+//! - A joining subscriber waits for a history read that *started after it joined*, so that
+//!   the read and the publications it sees live (its `tail`) overlap and nothing falls
+//!   between them. The read gives its replay (what it missed, when it asked to recover) and
+//!   its start position; the tail, less what the read already had, follows the replay.
+//!   The subscriber goes live when its protocol has sent the subscribe reply
+//!   ([`Stream::activate`]), so the reply always comes before the replay.
+//! - Reads are coalesced: all the joiners and the gap of one channel share one read, which
+//!   the hub batches for `recover_batch_ms` (see `core::hub`).
+//!
+//! Bounds: `pending` holds at most `2 × history_size` publications (beyond that the gap
+//! cannot be filled from history anyway, and the live subscriptions end with
+//! `insufficient_state`); a joiner's tail is bounded by its outbound queue's byte cap (past
+//! it the joiner is closed as a slow consumer, as a live one would be).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::hub::{fan_out, ConnId};
+use crate::broker::{Envelope, History, Position, Since};
+use crate::config::ChannelOptions;
+use crate::conn::event::{Encoded, Event};
+use crate::conn::outbound::{Outbound, Pushed};
+use crate::error::CloseReason;
+use crate::metrics::Metrics;
+
+/// The code of the `unsubscribed` event when a subscription cannot stay gap-free.
+pub const INSUFFICIENT_STATE: &str = "insufficient_state";
+
+/// What a joining subscriber learns once its read is done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    /// The channel's epoch and top offset when it joined.
+    pub position: Position,
+    /// Whether the asked-for position was recovered (`None`: it did not ask).
+    pub recovered: Option<bool>,
+}
+
+/// A publication held back: it waits for a gap to be filled, or for the position.
+struct Held {
+    offset: Option<u64>,
+    epoch: Option<Arc<str>>,
+    data: String,
+}
+
+enum Join {
+    /// Waits for a read that started after `after_read` reads had started.
+    Waiting {
+        after_read: u64,
+        recover: Option<Position>,
+        reply: oneshot::Sender<Joined>,
+    },
+    /// Read done; its frames (replay, then tail) go out on activation.
+    Ready,
+}
+
+struct Joiner {
+    out: Arc<Outbound>,
+    state: Join,
+    /// Frames to send on activation: the replay, then live publications since it joined.
+    frames: Vec<(Option<u64>, Bytes)>,
+    bytes: usize,
+}
+
+/// See the module docs.
+pub struct Stream {
+    options: ChannelOptions,
+    position: Option<(Arc<str>, u64)>,
+    live: HashMap<ConnId, Arc<Outbound>>,
+    joiners: HashMap<ConnId, Joiner>,
+    pending: Vec<Held>,
+    /// A read is wanted or running for a gap; `pending` waits for it.
+    filling: bool,
+    /// Reads started so far.
+    reads: u64,
+    /// A read is scheduled or running; more requests ride along.
+    reading: bool,
+}
+
+impl Stream {
+    pub fn new(options: ChannelOptions) -> Self {
+        Stream {
+            options,
+            position: None,
+            live: HashMap::new(),
+            joiners: HashMap::new(),
+            pending: Vec::new(),
+            filling: false,
+            reads: 0,
+            reading: false,
+        }
+    }
+
+    /// Subscribers, joining ones included.
+    pub fn len(&self) -> usize {
+        self.live.len() + self.joiners.len()
+    }
+
+    pub fn contains(&self, conn: ConnId) -> bool {
+        self.live.contains_key(&conn) || self.joiners.contains_key(&conn)
+    }
+
+    /// What a read must fetch to serve everyone waiting: what follows our position, or,
+    /// for a joiner that recovers (or before we know the position), all that history keeps.
+    pub fn wanted(&self) -> Since {
+        let size = self.options.history_size;
+        match self.position {
+            Some((_, top)) if !self.joiners_recovering() => Since::After(top, size),
+            _ => Since::Last(size),
+        }
+    }
+
+    fn joiners_recovering(&self) -> bool {
+        self.joiners.values().any(|j| {
+            matches!(
+                j.state,
+                Join::Waiting {
+                    recover: Some(_),
+                    ..
+                }
+            )
+        })
+    }
+
+    /// Adds a joining subscriber. Returns true when the caller must schedule a read.
+    pub fn join(
+        &mut self,
+        conn: ConnId,
+        out: Arc<Outbound>,
+        recover: Option<Position>,
+        reply: oneshot::Sender<Joined>,
+    ) -> bool {
+        self.joiners.insert(
+            conn,
+            Joiner {
+                out,
+                state: Join::Waiting {
+                    after_read: self.reads,
+                    recover,
+                    reply,
+                },
+                frames: Vec::new(),
+                bytes: 0,
+            },
+        );
+        self.want_read()
+    }
+
+    /// True when a read must be scheduled (none is scheduled or running).
+    fn want_read(&mut self) -> bool {
+        !std::mem::replace(&mut self.reading, true)
+    }
+
+    /// A scheduled read starts now. Returns its number.
+    pub fn read_started(&mut self) -> u64 {
+        self.reads += 1;
+        self.reads
+    }
+
+    /// Removes a subscriber. True when it was there.
+    pub fn leave(&mut self, conn: ConnId) -> bool {
+        self.live.remove(&conn).is_some() || self.joiners.remove(&conn).is_some()
+    }
+
+    /// A joiner whose reply went out goes live: its replay and tail first.
+    pub fn activate(&mut self, conn: ConnId, metrics: &Metrics) {
+        let Some(j) = self.joiners.remove(&conn) else {
+            return;
+        };
+        if !matches!(j.state, Join::Ready) {
+            // Not read yet (cannot happen: activation follows the reply). Keep it waiting.
+            self.joiners.insert(conn, j);
+            return;
+        }
+        for (_, frame) in j.frames {
+            if j.out.push(frame) == Pushed::Overflowed {
+                metrics.slow_consumer_disconnects.inc([]);
+            }
+        }
+        self.live.insert(conn, j.out);
+    }
+
+    /// A live publication from the broker.
+    /// Returns true when the caller must schedule a read (a gap, or a new epoch).
+    pub fn publish(&mut self, channel: &str, env: &Envelope<'_>, metrics: &Metrics) -> bool {
+        let held = Held {
+            offset: env.position.map(|(o, _)| o),
+            epoch: env.position.map(|(_, e)| Arc::from(e)),
+            data: env.data.to_owned(),
+        };
+        if self.position.is_none() || self.filling {
+            return self.hold(channel, held, metrics);
+        }
+        self.advance(channel, held, metrics)
+    }
+
+    fn hold(&mut self, channel: &str, held: Held, metrics: &Metrics) -> bool {
+        if self.pending.len() >= 2 * self.options.history_size.max(1) {
+            // The gap is longer than history could ever fill.
+            self.give_up(channel, metrics);
+            self.position = None;
+        }
+        self.pending.push(held);
+        self.want_read()
+    }
+
+    /// Delivers `held` if it is next, drops it if it is old, or starts filling a gap.
+    fn advance(&mut self, channel: &str, held: Held, metrics: &Metrics) -> bool {
+        let Some((epoch, top)) = self.position.clone() else {
+            return self.hold(channel, held, metrics);
+        };
+        let Some(offset) = held.offset else {
+            // A plain PUBLISH on a history channel: live only, no position.
+            self.send(channel, None, &held.data, metrics);
+            return false;
+        };
+        if held.epoch.as_deref() != Some(&*epoch) {
+            // History was lost (Redis restarted empty, it expired): nobody can stay gap-free.
+            self.give_up(channel, metrics);
+            self.position = None;
+            return self.hold(channel, held, metrics);
+        }
+        if offset <= top {
+            return false;
+        }
+        if offset > top + 1 {
+            self.filling = true;
+            return self.hold(channel, held, metrics);
+        }
+        self.send(channel, Some((offset, &epoch)), &held.data, metrics);
+        self.position = Some((epoch, offset));
+        false
+    }
+
+    /// Sends one publication to the live subscribers and queues it in every joiner's tail.
+    fn send(&mut self, channel: &str, at: Option<(u64, &str)>, data: &str, metrics: &Metrics) {
+        let mut encoded = Encoded::new(Event::Message {
+            channel,
+            data,
+            position: at,
+        });
+        fan_out(self.live.values(), &mut encoded, metrics, Instant::now());
+        let mut overflowed = Vec::new();
+        for (conn, j) in self.joiners.iter_mut() {
+            let frame = encoded.bytes(j.out.codec());
+            j.bytes += frame.len();
+            j.frames.push((at.map(|(o, _)| o), frame));
+            if j.bytes > j.out.cap() {
+                overflowed.push(*conn);
+            }
+        }
+        for conn in overflowed {
+            if let Some(j) = self.joiners.remove(&conn) {
+                j.out.close(CloseReason::SlowConsumer(j.out.cap()));
+                metrics.slow_consumer_disconnects.inc([]);
+            }
+        }
+    }
+
+    /// Ends every subscription that has been promised a gap-free stream: the live ones and
+    /// the joiners whose read is done. Waiting joiners will learn the new state from their
+    /// read.
+    fn give_up(&mut self, channel: &str, metrics: &Metrics) {
+        let event = Event::Unsubscribed {
+            channel,
+            code: INSUFFICIENT_STATE,
+        };
+        let mut n = 0;
+        for out in self.live.values() {
+            out.push_event(&event);
+            n += 1;
+        }
+        self.live.clear();
+        self.joiners.retain(|_, j| {
+            if matches!(j.state, Join::Ready) {
+                j.out.push_event(&event);
+                n += 1;
+                false
+            } else {
+                j.frames.clear();
+                j.bytes = 0;
+                true
+            }
+        });
+        if n > 0 {
+            metrics.insufficient_state.add([], n);
+            tracing::info!(
+                channel,
+                subscribers = n,
+                "cannot keep the stream gap-free; told the subscribers"
+            );
+        }
+        self.pending.clear();
+        self.filling = false;
+    }
+
+    /// A read that started as number `read` finished. Returns true when another read is
+    /// needed (joiners that joined after it started, or a gap it did not cover).
+    pub fn apply(
+        &mut self,
+        channel: &str,
+        read: u64,
+        result: Result<History, crate::error::BrokerError>,
+        metrics: &Metrics,
+    ) -> bool {
+        self.reading = false;
+        let h = match result {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(channel, error = %e, "history read failed");
+                // The joiners this read was for fail now (`unavailable`); later ones wait
+                // for the next read.
+                let before = self.joiners.len();
+                self.joiners.retain(|_, j| match j.state {
+                    Join::Waiting { after_read, .. } => after_read >= read,
+                    Join::Ready => true,
+                });
+                let again = self.joiners.len() < before
+                    && self
+                        .joiners
+                        .values()
+                        .any(|j| matches!(j.state, Join::Waiting { .. }));
+                if self.filling || self.position.is_none() {
+                    self.give_up(channel, metrics);
+                    self.position = None;
+                }
+                self.pending.clear();
+                self.reading = again;
+                return again;
+            }
+        };
+        let epoch: Arc<str> = Arc::from(h.epoch.as_str());
+        // The stream's own position first: a new epoch, or a gap to fill.
+        match self.position.clone() {
+            Some((ours, _)) if *ours != *epoch => {
+                self.give_up(channel, metrics);
+                self.position = Some((epoch.clone(), h.top));
+            }
+            Some((_, top)) if h.top > top => {
+                let covered = h.publications.first().is_some_and(|(o, _)| *o <= top + 1);
+                if covered {
+                    for (o, d) in h.publications.iter().filter(|(o, _)| *o > top) {
+                        self.send(channel, Some((*o, &epoch)), d, metrics);
+                    }
+                } else {
+                    self.give_up(channel, metrics);
+                }
+                self.position = Some((epoch.clone(), h.top));
+            }
+            Some(_) => {}
+            None => self.position = Some((epoch.clone(), h.top)),
+        }
+        self.filling = false;
+        // Then the joiners this read serves.
+        let mut encodings: Vec<Encoded<'_>> = h
+            .publications
+            .iter()
+            .map(|(o, d)| {
+                Encoded::new(Event::Message {
+                    channel,
+                    data: d,
+                    position: Some((*o, &h.epoch)),
+                })
+            })
+            .collect();
+        let mut again = false;
+        for j in self.joiners.values_mut() {
+            let after = match &j.state {
+                Join::Waiting { after_read, .. } => *after_read,
+                Join::Ready => continue,
+            };
+            if after >= read {
+                again = true;
+                continue;
+            }
+            let Join::Waiting { recover, reply, .. } = std::mem::replace(&mut j.state, Join::Ready)
+            else {
+                continue;
+            };
+            let recovered = recover.map(|want| {
+                let ok = *want.epoch == *epoch
+                    && want.offset <= h.top
+                    && h.top - want.offset <= self.options.max_recover() as u64
+                    && (want.offset == h.top
+                        || h.publications
+                            .first()
+                            .is_some_and(|(o, _)| *o <= want.offset + 1));
+                (ok, want.offset)
+            });
+            let mut frames = Vec::new();
+            if let Some((true, from)) = recovered {
+                for (i, (o, _)) in h.publications.iter().enumerate() {
+                    if *o > from {
+                        frames.push((Some(*o), encodings[i].bytes(j.out.codec())));
+                    }
+                }
+            }
+            // The tail, less what the read already had.
+            frames.extend(
+                j.frames
+                    .drain(..)
+                    .filter(|(o, _)| o.is_none_or(|o| o > h.top)),
+            );
+            j.bytes = frames.iter().map(|(_, f)| f.len()).sum();
+            j.frames = frames;
+            let _ = reply.send(Joined {
+                position: Position {
+                    epoch: h.epoch.clone(),
+                    offset: h.top,
+                },
+                recovered: recovered.map(|(ok, _)| ok),
+            });
+        }
+        drop(encodings);
+        // Then what waited for this read, in order.
+        for held in std::mem::take(&mut self.pending) {
+            if self.advance(channel, held, metrics) {
+                again = true;
+            }
+        }
+        if again {
+            self.reading = true;
+        }
+        again
+    }
+
+    /// A periodic check: is the epoch still ours, and did we miss anything (a pub/sub
+    /// message lost without a later one to reveal the gap)? Live delivery goes on while the
+    /// read runs: what it finds beyond our position is sent, and the live copies that
+    /// arrive later are dropped as duplicates. True when the caller must schedule a read.
+    pub fn check(&mut self) -> bool {
+        if self.position.is_some() && !self.live.is_empty() {
+            return self.want_read();
+        }
+        false
+    }
+}
