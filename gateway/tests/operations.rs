@@ -243,9 +243,8 @@ async fn traceparent_travels_from_admin_publish_to_the_delivery_log_line() {
             "--redis-url",
             &redis.url(),
             "--allow-anonymous",
-            "--log-format",
-            "json",
         ],
+        // its log lines, JSON as GatewayProcess runs it
         std::fs::File::create(&log).unwrap().into(),
     )
     .await;

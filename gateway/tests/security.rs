@@ -462,10 +462,11 @@ async fn jwks_keys_are_cached_refetched_on_unknown_kid_and_refetches_are_rate_li
 
 #[tokio::test]
 async fn jwks_outage_at_start_answers_503() {
-    // nothing listens on this port
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // nothing listens on this port: it is bound (so no one else gets it) but not listening,
+    // so connections to it are refused
+    let closed = tokio::net::TcpSocket::new_v4().unwrap();
+    closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let url = format!("http://{}/jwks.json", closed.local_addr().unwrap());
-    drop(closed);
     let node = start(gateway::Config {
         allow_anonymous: false,
         jwks_url: Some(url),

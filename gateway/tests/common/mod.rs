@@ -119,6 +119,35 @@ impl TestNode {
     }
 }
 
+/// Runs `spawn` on random unprivileged ports until one binds, for servers that cannot be told
+/// to pick an ephemeral port themselves and report it (`redis-server`, nginx). `spawn`
+/// returns `None` when the server could not bind its port (it exited, or logged a bind
+/// error), so that a port lost to someone else costs a retry instead of the test.
+pub async fn on_random_port<S, F, Fut>(mut spawn: F) -> S
+where
+    F: FnMut(u16) -> Fut,
+    Fut: std::future::Future<Output = Option<S>>,
+{
+    const ATTEMPTS: usize = 20;
+    for _ in 0..ATTEMPTS {
+        if let Some(server) = spawn(random_port()).await {
+            return server;
+        }
+    }
+    panic!("no port bound in {ATTEMPTS} attempts");
+}
+
+/// A port in 20000..32000: below Linux's ephemeral range (32768..), where in-process nodes
+/// and outgoing connections get theirs, and away from 6379.
+fn random_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    // every RandomState has fresh keys, so this hash of nothing is a fresh random number
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    20_000 + (r % 12_000) as u16
+}
+
 /// An HS256 token for `claims`.
 pub fn hs256(secret: &str, claims: &Value) -> String {
     jsonwebtoken::encode(
