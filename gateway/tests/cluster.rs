@@ -251,10 +251,10 @@ async fn per_user_cap_holds_across_nodes() {
     first.close(1000, "bye").await.unwrap();
     first.recv_close(T).await.unwrap();
     connect_eventually(&a.url(), &[("Authorization", &auth)]).await;
-    assert!(a
-        .metrics()
-        .await
-        .contains("gateway_handshakes_total{outcome=\"user_limit\"}"));
+    assert!(has_series(
+        &a.metrics().await,
+        "gateway_handshakes_total{outcome=\"user_limit\"}"
+    ));
 }
 
 #[tokio::test]

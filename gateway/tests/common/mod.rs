@@ -101,13 +101,13 @@ impl TestNode {
         self.admin("GET", "/metrics", "", None).await.1
     }
 
-    /// Waits until `/metrics` has the line `series` (counters are bumped after the close
-    /// frame goes out, so a test may see the close first).
+    /// Waits until `/metrics` has the whole line `series` (counters are bumped after the
+    /// close frame goes out, so a test may see the close first).
     pub async fn wait_metric(&self, series: &str) {
         let deadline = tokio::time::Instant::now() + T;
         loop {
             let m = self.metrics().await;
-            if m.lines().any(|l| l == series) {
+            if has_line(&m, series) {
                 return;
             }
             assert!(
@@ -117,6 +117,28 @@ impl TestNode {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// True when the Prometheus text `metrics` has the whole line `line`, series and value:
+/// `… 1` does not match `… 12`.
+pub fn has_line(metrics: &str, line: &str) -> bool {
+    metrics.lines().any(|l| l == line)
+}
+
+/// True when `metrics` has the series `series` (name and labels, exactly as exposed) with
+/// any value.
+pub fn has_series(metrics: &str, series: &str) -> bool {
+    metric(metrics, series).is_some()
+}
+
+/// The value of the series `series` (name and labels, exactly as exposed) in `metrics`: the
+/// text after the last space of the line that is that series and a value.
+pub fn metric<'a>(metrics: &'a str, series: &str) -> Option<&'a str> {
+    metrics.lines().find_map(|l| {
+        l.rsplit_once(' ')
+            .filter(|(s, _)| *s == series)
+            .map(|(_, v)| v)
+    })
 }
 
 /// Runs `spawn` on random unprivileged ports until one binds, for servers that cannot be told
