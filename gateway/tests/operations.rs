@@ -116,8 +116,7 @@ async fn scale_out_rebalances_within_the_slack() {
     for _ in 0..n {
         on_a.push(a.subscriber("chat:r").await);
     }
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(has_line(&a.metrics().await, "gateway_cluster_nodes 1"));
+    a.wait_metric("gateway_cluster_nodes 1").await;
 
     let b = start(rebalancing("b")).await;
     let mut on_b = Vec::new();
@@ -143,7 +142,8 @@ async fn scale_out_rebalances_within_the_slack() {
         }
         on_a = kept;
     }
-    // it settles: no further shedding once within the slack
+    // it settles: no further shedding once within the slack (a check that nothing happens,
+    // so it waits: several heartbeats, at each of which a would shed if it still meant to)
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     for c in &mut on_a {
         assert!(
@@ -319,6 +319,7 @@ async fn drain_on_demand_empties_the_node_and_keeps_it_running() {
         Client::connect(&node.url()).await,
         Err(loadtest::client::ConnectError::Status(503))
     ));
+    // a check that nothing happens (the node does not stop after the drain), so it waits
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!node.task.is_finished(), "the process stays up");
     assert_eq!(node.admin("GET", "/healthz", "", None).await.0, 200);

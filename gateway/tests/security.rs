@@ -434,7 +434,8 @@ async fn jwks_keys_are_cached_refetched_on_unknown_kid_and_refetches_are_rate_li
     }
     assert_eq!(server.fetches.load(Ordering::SeqCst), 1, "cached");
 
-    // a flood of unknown kids costs at most one refetch per min-refresh interval
+    // a flood of unknown kids costs at most one refetch per min-refresh interval; the
+    // sleep waits out the interval that began with the first fetch, so one refetch is due
     tokio::time::sleep(Duration::from_millis(1100)).await;
     for i in 0..20 {
         let forged = sign(
@@ -449,6 +450,7 @@ async fn jwks_keys_are_cached_refetched_on_unknown_kid_and_refetches_are_rate_li
 
     // rotation: the issuer publishes k2 beside k1 and starts signing with it
     *server.body.lock().unwrap() = json!({"keys":[jwk1, jwk2]}).to_string();
+    // waits out the min-refresh interval of the refetch above, so k2 may trigger another
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let token2 = sign(Algorithm::EdDSA, &k2, Some("k2"), &user("u2"));
     let (_c, welcome) = with_token(&node, &token2).await.expect("k2 after refetch");
@@ -510,6 +512,7 @@ async fn expiring_tokens_get_a_warning_a_grace_period_and_4002() {
     );
     let fresh = hs(secret, &user("ann"));
     request(&mut good, json!({"type":"refresh","token":fresh,"id":7})).await;
+    // a check that nothing happens: past the 400 ms grace, no 4002 comes, so it waits
     tokio::time::sleep(Duration::from_millis(700)).await;
     request(
         &mut good,
@@ -669,6 +672,7 @@ async fn handshake_flood_from_one_ip_gets_429_with_retry_after() {
     );
     // connections already open are not affected, and the bucket refills
     request(&mut first, json!({"type":"subscribe","channel":"a","id":1})).await;
+    // the bucket refills at 1 handshake per second: the wait is what is under test
     tokio::time::sleep(Duration::from_millis(1100)).await;
     node.client().await;
 }
