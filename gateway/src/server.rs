@@ -38,6 +38,7 @@ pub async fn run(
     let node = Node::new(config, shutdown.clone()).await?;
     let background = CancellationToken::new();
     spawn_background(&node, tls.as_ref().map(|(_, r)| r.clone()), &background);
+    let admin_addr = admin_listener.local_addr().ok();
     let admin = tokio::spawn(crate::ops::admin::serve(
         admin_listener,
         node.clone(),
@@ -48,7 +49,7 @@ pub async fn run(
         node = %node.config.node_id,
         listen = ?listener.local_addr().ok(),
         tls = acceptor.is_some(),
-        admin = ?node.config.admin_listen,
+        admin = ?admin_addr,
         auth = node.auth.is_some(),
         "gateway serving"
     );

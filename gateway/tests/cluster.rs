@@ -251,10 +251,10 @@ async fn per_user_cap_holds_across_nodes() {
     first.close(1000, "bye").await.unwrap();
     first.recv_close(T).await.unwrap();
     connect_eventually(&a.url(), &[("Authorization", &auth)]).await;
-    assert!(a
-        .metrics()
-        .await
-        .contains("gateway_handshakes_total{outcome=\"user_limit\"}"));
+    assert!(has_series(
+        &a.metrics().await,
+        "gateway_handshakes_total{outcome=\"user_limit\"}"
+    ));
 }
 
 #[tokio::test]
@@ -447,21 +447,21 @@ impl RedisCluster {
         std::fs::create_dir_all(&dir).unwrap();
         let mut servers = Vec::new();
         for _ in 0..3 {
-            let port = common::redis_server::free_port();
-            let conf = format!("nodes-{port}.conf");
             let d = dir.to_str().unwrap();
             servers.push(
-                RedisServer::start_with(
-                    port,
-                    &[
+                RedisServer::start_with(|port| {
+                    let conf = format!("nodes-{port}.conf");
+                    [
                         "--cluster-enabled",
                         "yes",
                         "--cluster-config-file",
                         &conf,
                         "--dir",
                         d,
-                    ],
-                )
+                    ]
+                    .map(String::from)
+                    .to_vec()
+                })
                 .await,
             );
         }

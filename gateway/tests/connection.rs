@@ -48,7 +48,7 @@ async fn plain_http_gets_plain_answers() {
     assert!(page.contains("new WebSocket"));
     let m = node.metrics().await;
     assert!(
-        m.contains("gateway_handshakes_total{outcome=\"bad_request\"} 4"),
+        has_line(&m, "gateway_handshakes_total{outcome=\"bad_request\"} 4"),
         "{m}"
     );
 }
@@ -65,10 +65,10 @@ async fn connection_cap_answers_503_before_upgrade() {
         Err(e) => panic!("expected 503, got {e}"),
         Ok(_) => panic!("expected 503, got a connection"),
     }
-    assert!(node
-        .metrics()
-        .await
-        .contains("gateway_handshakes_total{outcome=\"over_capacity\"} 1"));
+    assert!(has_line(
+        &node.metrics().await,
+        "gateway_handshakes_total{outcome=\"over_capacity\"} 1"
+    ));
     b.close(1000, "bye").await.expect("close");
     b.recv_close(T).await.expect("close echo");
     // the slot is released once the connection is gone
@@ -89,7 +89,8 @@ async fn slow_handshake_is_cut_off() {
         .expect("partial headers");
     let mut buf = Vec::new();
     let started = std::time::Instant::now();
-    // slowloris: the headers trickle in, one line at a time, never finishing
+    // slowloris: the headers trickle in, one line at a time, never finishing (the sleeps are
+    // the trickle: each line arrives well within the timeout, the whole never does)
     for line in [
         "Upgrade: websocket\r\n",
         "Connection: Upgrade\r\n",
@@ -265,10 +266,8 @@ async fn hostile_frames_get_exact_close_codes_and_spare_bystanders() {
 }
 
 fn count(metrics: &str, series: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
+    metric(metrics, series)
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
 
@@ -317,10 +316,10 @@ async fn server_pings_and_closes_silent_peers() {
     }
     // The silent one got pings and then a 4001 close.
     assert_eq!(silent.close_code().await, 4001);
-    assert!(node
-        .metrics()
-        .await
-        .contains("reason=\"heartbeat_timeout\""));
+    node.wait_metric(
+        "gateway_connection_closes_total{blame=\"client\",reason=\"heartbeat_timeout\"} 1",
+    )
+    .await;
     polite
         .send(0x81, br#"{"type":"subscribe","channel":"a","id":1}"#)
         .await;
@@ -346,7 +345,10 @@ async fn slow_consumer_is_disconnected_with_4000() {
         br#"{"type":"subscribe","channel":"chat:firehose","id":1}"#,
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        slow.frame().await,
+        Some((1, br#"{"type":"ack","id":1}"#.to_vec()))
+    );
 
     let payload = json!({"data": "y".repeat(16000)}).to_string();
     let reader = tokio::spawn(async move {
@@ -368,10 +370,10 @@ async fn slow_consumer_is_disconnected_with_4000() {
         assert_eq!(status, 200);
     }
     assert_eq!(reader.await.expect("reader"), 1000);
-    assert!(node
-        .metrics()
-        .await
-        .contains("gateway_slow_consumer_disconnects_total 1"));
+    assert!(has_line(
+        &node.metrics().await,
+        "gateway_slow_consumer_disconnects_total 1"
+    ));
     // Whatever was in flight drains first; the close frame follows if the peer started
     // reading again within the write timeout. If it did not, the node gave up writing to it
     // (that is the point of the policy) and the socket just ends.

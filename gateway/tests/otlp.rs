@@ -90,5 +90,8 @@ async fn metrics_are_pushed_over_otlp_http_protobuf() {
         }
     }
     // the Prometheus endpoint keeps working alongside
-    assert!(node.metrics().await.contains("gateway_connections_open 1"));
+    assert!(has_line(
+        &node.metrics().await,
+        "gateway_connections_open 1"
+    ));
 }

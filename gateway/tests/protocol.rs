@@ -133,7 +133,10 @@ async fn bad_requests_get_error_replies_and_the_connection_stays_open() {
         "bad_request",
     ] {
         assert!(
-            m.contains(&format!("gateway_request_errors_total{{code=\"{code}\"}}")),
+            has_series(
+                &m,
+                &format!("gateway_request_errors_total{{code=\"{code}\"}}")
+            ),
             "{code} missing in\n{m}"
         );
     }

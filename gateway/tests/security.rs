@@ -241,10 +241,13 @@ async fn hs256_tokens_are_verified_and_rejections_name_the_reason() {
 
     let m = node.metrics().await;
     assert!(
-        m.contains(&format!(
-            "gateway_handshakes_total{{outcome=\"unauthorized\"}} {}",
-            cases.len() + 1
-        )),
+        has_line(
+            &m,
+            &format!(
+                "gateway_handshakes_total{{outcome=\"unauthorized\"}} {}",
+                cases.len() + 1
+            )
+        ),
         "{m}"
     );
     // the connection opened before all this still works
@@ -431,7 +434,8 @@ async fn jwks_keys_are_cached_refetched_on_unknown_kid_and_refetches_are_rate_li
     }
     assert_eq!(server.fetches.load(Ordering::SeqCst), 1, "cached");
 
-    // a flood of unknown kids costs at most one refetch per min-refresh interval
+    // a flood of unknown kids costs at most one refetch per min-refresh interval; the
+    // sleep waits out the interval that began with the first fetch, so one refetch is due
     tokio::time::sleep(Duration::from_millis(1100)).await;
     for i in 0..20 {
         let forged = sign(
@@ -446,6 +450,7 @@ async fn jwks_keys_are_cached_refetched_on_unknown_kid_and_refetches_are_rate_li
 
     // rotation: the issuer publishes k2 beside k1 and starts signing with it
     *server.body.lock().unwrap() = json!({"keys":[jwk1, jwk2]}).to_string();
+    // waits out the min-refresh interval of the refetch above, so k2 may trigger another
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let token2 = sign(Algorithm::EdDSA, &k2, Some("k2"), &user("u2"));
     let (_c, welcome) = with_token(&node, &token2).await.expect("k2 after refetch");
@@ -454,18 +459,19 @@ async fn jwks_keys_are_cached_refetched_on_unknown_kid_and_refetches_are_rate_li
     // a known kid with the wrong key is a bad signature, not an unknown key
     let wrong = sign(Algorithm::EdDSA, &k2, Some("k1"), &user("x"));
     assert_eq!(refused(&node, &wrong).await.1["error"], "bad_signature");
-    assert!(node
-        .metrics()
-        .await
-        .contains("gateway_jwks_fetches_total{outcome=\"ok\"} 3"));
+    assert!(has_line(
+        &node.metrics().await,
+        "gateway_jwks_fetches_total{outcome=\"ok\"} 3"
+    ));
 }
 
 #[tokio::test]
 async fn jwks_outage_at_start_answers_503() {
-    // nothing listens on this port
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // nothing listens on this port: it is bound (so no one else gets it) but not listening,
+    // so connections to it are refused
+    let closed = tokio::net::TcpSocket::new_v4().unwrap();
+    closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let url = format!("http://{}/jwks.json", closed.local_addr().unwrap());
-    drop(closed);
     let node = start(gateway::Config {
         allow_anonymous: false,
         jwks_url: Some(url),
@@ -506,6 +512,7 @@ async fn expiring_tokens_get_a_warning_a_grace_period_and_4002() {
     );
     let fresh = hs(secret, &user("ann"));
     request(&mut good, json!({"type":"refresh","token":fresh,"id":7})).await;
+    // a check that nothing happens: past the 400 ms grace, no 4002 comes, so it waits
     tokio::time::sleep(Duration::from_millis(700)).await;
     request(
         &mut good,
@@ -613,10 +620,10 @@ async fn origin_policy_refuses_other_sites_with_403() {
         (got, body["error"].clone()),
         (403, json!("forbidden_origin"))
     );
-    assert!(node
-        .metrics()
-        .await
-        .contains("gateway_handshakes_total{outcome=\"forbidden_origin\"} 7"));
+    assert!(has_line(
+        &node.metrics().await,
+        "gateway_handshakes_total{outcome=\"forbidden_origin\"} 7"
+    ));
 
     // default policy: same-origin for browsers (the helper sends `Host: test`), and
     // non-browser clients without an Origin are let in
@@ -656,15 +663,16 @@ async fn handshake_flood_from_one_ip_gets_429_with_retry_after() {
     assert!(head.contains("retry-after: 1"), "{head}");
     let m = node.metrics().await;
     assert!(
-        m.contains("gateway_rate_limit_hits_total{kind=\"handshake\"} 2"),
+        has_line(&m, "gateway_rate_limit_hits_total{kind=\"handshake\"} 2"),
         "{m}"
     );
     assert!(
-        m.contains("gateway_handshakes_total{outcome=\"rate_limited\"} 2"),
+        has_line(&m, "gateway_handshakes_total{outcome=\"rate_limited\"} 2"),
         "{m}"
     );
     // connections already open are not affected, and the bucket refills
     request(&mut first, json!({"type":"subscribe","channel":"a","id":1})).await;
+    // the bucket refills at 1 handshake per second: the wait is what is under test
     tokio::time::sleep(Duration::from_millis(1100)).await;
     node.client().await;
 }
@@ -734,11 +742,15 @@ async fn message_and_byte_floods_get_errors_then_1008() {
 
     let m = node.metrics().await;
     assert!(
-        m.contains("gateway_rate_limit_hits_total{kind=\"messages\"} 4"),
+        has_line(&m, "gateway_rate_limit_hits_total{kind=\"messages\"} 4"),
         "{m}"
     );
     assert!(
-        m.contains("gateway_connection_closes_total{blame=\"client\",reason=\"rate_limited\"} 1")
+        has_line(
+            &m,
+            "gateway_connection_closes_total{blame=\"client\",reason=\"rate_limited\"} 1"
+        ),
+        "{m}"
     );
     // the bystander is untouched
     let (mut p, _) = node.client().await;
@@ -818,10 +830,10 @@ async fn proxy_protocol_v2_names_the_client() {
         .unwrap()
         .ok();
     assert!(buf.is_empty());
-    assert!(node
-        .metrics()
-        .await
-        .contains("gateway_handshakes_total{outcome=\"bad_request\"} 1"));
+    assert!(has_line(
+        &node.metrics().await,
+        "gateway_handshakes_total{outcome=\"bad_request\"} 1"
+    ));
 }
 
 #[tokio::test]
@@ -838,15 +850,8 @@ async fn malformed_http_gets_400_and_a_metric() {
         .ok();
     let head = String::from_utf8_lossy(&buf);
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
-    let deadline = tokio::time::Instant::now() + T;
-    while !node
-        .metrics()
-        .await
-        .contains("gateway_protocol_violations_total{kind=\"malformed_http\"} 1")
-    {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    node.wait_metric("gateway_protocol_violations_total{kind=\"malformed_http\"} 1")
+        .await;
     node.client().await;
 }
 
@@ -1036,10 +1041,12 @@ async fn tls_serves_wss_and_reloads_rotated_certificates() {
     // a plain-text client on the TLS port fails its TLS handshake and nothing else
     let (status, _) = http(node.addr, "GET", "/ws", "", UPGRADE).await;
     assert_eq!(status, 0);
+    // counted once the node has dropped the connection, which the client may see first
+    node.wait_metric("gateway_tls_handshake_failures_total 1")
+        .await;
     let m = node.metrics().await;
     assert!(
-        m.contains("gateway_tls_reloads_total{outcome=\"ok\"}"),
+        has_series(&m, "gateway_tls_reloads_total{outcome=\"ok\"}"),
         "{m}"
     );
-    assert!(m.contains("gateway_tls_handshake_failures_total 1"), "{m}");
 }

@@ -4,8 +4,8 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
+use common::process::GatewayProcess;
 use common::*;
 
 #[tokio::test]
@@ -45,50 +45,20 @@ async fn readiness_turns_false_before_clients_are_closed() {
     assert!(body.contains("draining"));
 }
 
-#[test]
-fn sigterm_exits_zero_after_closing_clients() {
-    let bin = env!("CARGO_BIN_EXE_gateway");
-    let port = free_port();
-    let admin = free_port();
-    let mut child = Command::new(bin)
-        .args([
-            "--allow-anonymous",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
-            "--drain-window-ms",
-            "1000",
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn gateway");
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let url = format!("ws://127.0.0.1:{port}/ws");
-        let mut client = loop {
-            match loadtest::client::Client::connect(&url).await {
-                Ok(c) => break c,
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
-        client.recv_json(T).await.expect("welcome");
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        assert_eq!(client.recv_close(T).await.expect("close").0, 1012);
-    });
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            assert_eq!(status.code(), Some(0));
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "gateway did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+#[tokio::test]
+async fn sigterm_exits_zero_after_closing_clients() {
+    let mut gateway = GatewayProcess::start(
+        &["--allow-anonymous", "--drain-window-ms", "1000"],
+        Stdio::null(),
+    )
+    .await;
+    let mut client = loadtest::client::Client::connect(&gateway.url())
+        .await
+        .expect("connect");
+    client.recv_json(T).await.expect("welcome");
+    gateway.terminate();
+    assert_eq!(client.recv_close(T).await.expect("close").0, 1012);
+    assert_eq!(gateway.exit_status(T).await.code(), Some(0));
 }
 
 #[test]
@@ -117,12 +87,4 @@ fn check_config_and_refusal_without_auth() {
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_connections"));
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }

@@ -101,13 +101,13 @@ impl TestNode {
         self.admin("GET", "/metrics", "", None).await.1
     }
 
-    /// Waits until `/metrics` has the line `series` (counters are bumped after the close
-    /// frame goes out, so a test may see the close first).
+    /// Waits until `/metrics` has the whole line `series` (counters are bumped after the
+    /// close frame goes out, so a test may see the close first).
     pub async fn wait_metric(&self, series: &str) {
         let deadline = tokio::time::Instant::now() + T;
         loop {
             let m = self.metrics().await;
-            if m.lines().any(|l| l == series) {
+            if has_line(&m, series) {
                 return;
             }
             assert!(
@@ -117,6 +117,57 @@ impl TestNode {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// True when the Prometheus text `metrics` has the whole line `line`, series and value:
+/// `… 1` does not match `… 12`.
+pub fn has_line(metrics: &str, line: &str) -> bool {
+    metrics.lines().any(|l| l == line)
+}
+
+/// True when `metrics` has the series `series` (name and labels, exactly as exposed) with
+/// any value.
+pub fn has_series(metrics: &str, series: &str) -> bool {
+    metric(metrics, series).is_some()
+}
+
+/// The value of the series `series` (name and labels, exactly as exposed) in `metrics`: the
+/// text after the last space of the line that is that series and a value.
+pub fn metric<'a>(metrics: &'a str, series: &str) -> Option<&'a str> {
+    metrics.lines().find_map(|l| {
+        l.rsplit_once(' ')
+            .filter(|(s, _)| *s == series)
+            .map(|(_, v)| v)
+    })
+}
+
+/// Runs `spawn` on random unprivileged ports until one binds, for servers that cannot be told
+/// to pick an ephemeral port themselves and report it (`redis-server`, nginx). `spawn`
+/// returns `None` when the server could not bind its port (it exited, or logged a bind
+/// error), so that a port lost to someone else costs a retry instead of the test.
+pub async fn on_random_port<S, F, Fut>(mut spawn: F) -> S
+where
+    F: FnMut(u16) -> Fut,
+    Fut: std::future::Future<Output = Option<S>>,
+{
+    const ATTEMPTS: usize = 20;
+    for _ in 0..ATTEMPTS {
+        if let Some(server) = spawn(random_port()).await {
+            return server;
+        }
+    }
+    panic!("no port bound in {ATTEMPTS} attempts");
+}
+
+/// A port in 20000..32000: below Linux's ephemeral range (32768..), where in-process nodes
+/// and outgoing connections get theirs, and away from 6379.
+fn random_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    // every RandomState has fresh keys, so this hash of nothing is a fresh random number
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    20_000 + (r % 12_000) as u16
 }
 
 /// An HS256 token for `claims`.
