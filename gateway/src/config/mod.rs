@@ -296,7 +296,7 @@ impl Config {
     pub fn token_grace(&self) -> Duration {
         Duration::from_millis(self.token_grace_ms)
     }
-    /// The options of `channel` (see [`channels`]); `None` for a plain channel.
+    /// The options of `channel` (see `config::channels`); `None` for a plain channel.
     pub fn channel(&self, channel: &str) -> Option<&ChannelOptions> {
         channels::lookup(&self.channels, channel)
     }

@@ -234,13 +234,19 @@ impl Hub {
 
     /// A joined subscriber of a history channel goes live (see [`Hub::subscribe`]).
     pub fn activate(&self, channel: &str, conn: ConnId) {
+        self.with_stream(channel, |s| s.activate(conn, &self.metrics));
+    }
+
+    /// Runs `f` on the stream of a history channel with local subscribers.
+    fn with_stream<R>(&self, channel: &str, f: impl FnOnce(&mut Stream) -> R) -> Option<R> {
         let map = self
             .shard(channel)
             .channels
             .read()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(Channel::History(s)) = map.get(channel) {
-            lock(s).activate(conn, &self.metrics);
+        match map.get(channel) {
+            Some(Channel::History(s)) => Some(f(&mut lock(s))),
+            _ => None,
         }
     }
 
@@ -451,20 +457,7 @@ impl Hub {
         tokio::spawn(async move {
             tokio::time::sleep(hub.settings.recover_batch).await;
             loop {
-                let started = {
-                    let map = hub
-                        .shard(&channel)
-                        .channels
-                        .read()
-                        .unwrap_or_else(|p| p.into_inner());
-                    match map.get(&channel) {
-                        Some(Channel::History(s)) => {
-                            let mut s = lock(s);
-                            Some((s.read_started(), s.wanted()))
-                        }
-                        _ => None,
-                    }
-                };
+                let started = hub.with_stream(&channel, |s| (s.read_started(), s.wanted()));
                 let Some((read, since)) = started else { return };
                 let result = match hub.retention(&channel) {
                     Some(r) => {
@@ -473,20 +466,9 @@ impl Hub {
                     }
                     None => return,
                 };
-                let again = {
-                    let map = hub
-                        .shard(&channel)
-                        .channels
-                        .read()
-                        .unwrap_or_else(|p| p.into_inner());
-                    match map.get(&channel) {
-                        Some(Channel::History(s)) => {
-                            lock(s).apply(&channel, read, result, &hub.metrics)
-                        }
-                        _ => false,
-                    }
-                };
-                if !again {
+                let again =
+                    hub.with_stream(&channel, |s| s.apply(&channel, read, result, &hub.metrics));
+                if again != Some(true) {
                     return;
                 }
             }
