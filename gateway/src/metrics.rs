@@ -137,6 +137,8 @@ families! {
         inbound_appends: "gateway_inbound_appends_total" ["event"],
         /// History-channel subscriptions ended because they could not stay gap-free.
         insufficient_state: "gateway_insufficient_state_total" [],
+        /// History reads sent to the broker (batched per channel: joiners, gaps, checks).
+        history_reads: "gateway_history_reads_total" [],
         /// Subscribes that asked to recover a position, by whether it was recovered.
         recoveries: "gateway_recoveries_total" ["recovered"],
     }

@@ -461,6 +461,7 @@ impl Hub {
                 let Some((read, since)) = started else { return };
                 let result = match hub.retention(&channel) {
                     Some(r) => {
+                        hub.metrics.history_reads.inc([]);
                         let call = hub.broker.history(&channel, r, since);
                         hub.timed("history", call).await
                     }

@@ -13,12 +13,14 @@ mod connect_storm;
 mod delivery;
 mod fanout;
 mod idle;
+mod recovery_storm;
 mod unicast;
 
 pub use churn::{churn, ChurnArgs};
 pub use connect_storm::{connect_storm, StormArgs};
 pub use fanout::{fanout, FanoutArgs};
 pub use idle::{idle, idle_worker, IdleArgs};
+pub use recovery_storm::{recovery_storm, RecoveryStormArgs};
 pub use unicast::{unicast, UnicastArgs};
 
 use std::path::PathBuf;
