@@ -18,30 +18,39 @@
 //! older than `node_ttl_ms`. A node that loses Redis keeps serving its local connections and,
 //! when Redis is back, reloads the functions and re-registers every local connection (Redis
 //! may have restarted empty).
+//!
+//! The parts, by job:
+//!
+//! - [`local`]: the node's own connections, with a by-user index, and local delivery;
+//! - [`backend`]: the [`Records`] trait, where connections are recorded for unicasts,
+//!   disconnects and the per-user cap: [`LocalRecords`] (one node, no Redis) or
+//!   [`RedisRecords`], chosen once here; held to [`conformance`];
+//! - [`codec`]: the `D`/`K` messages on a node's channel;
+//! - [`liveness`]: heartbeat, resync and janitor (with Redis only);
+//! - [`rebalance`]: load shedding after scale-out.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+pub mod backend;
+pub mod codec;
+pub mod conformance;
+pub mod liveness;
+pub mod local;
+pub mod rebalance;
 
-use bytes::Bytes;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::redis::Redis;
 use crate::config::Config;
-use crate::conn::frame;
-use crate::conn::outbound::{Outbound, Pushed};
+use crate::conn::outbound::Outbound;
 use crate::error::{BrokerError, CloseReason, StartError};
 use crate::metrics::Metrics;
 
-const LIBRARY: &str = include_str!("directory.lua");
-
-/// A connection held by this node.
-struct Local {
-    out: Arc<Outbound>,
-    user: Option<String>,
-    connected_ms: u64,
-}
+pub use backend::{LocalRecords, Records, RedisRecords};
+pub use liveness::Elector;
+pub use local::LocalConns;
+pub use rebalance::jittered_ms;
 
 /// One connection of a user, as listed by the admin API.
 #[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
@@ -60,60 +69,7 @@ pub enum AddError {
     Unavailable(#[from] BrokerError),
 }
 
-/// Load shedding after scale-out; see [`Directory::rebalance`].
-struct Rebalance {
-    slack: f64,
-    /// Most connections shed per heartbeat (from `rebalance_rate`).
-    per_beat: usize,
-    /// No shedding before this time: after a round, the shed clients need a few heartbeats
-    /// to land on other nodes and show in their counts, or this node would shed on stale
-    /// figures and overshoot.
-    quiet_until_ms: std::sync::atomic::AtomicU64,
-}
-
-/// A reconnect hint: a random delay, so that clients told to leave at the same moment do not
-/// come back at the same moment.
-pub fn jittered_ms(min: u64, max: u64) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let r = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    min + r % (max.saturating_sub(min) + 1)
-}
-
 pub use crate::broker::BoxFuture;
-
-/// Picks the one node that runs the janitor. Without one, a Redis lock does.
-pub trait Elector: Send + Sync {
-    /// Takes or renews leadership; true while this node leads.
-    fn acquire(&self) -> BoxFuture<'_, bool>;
-}
-
-/// See the module docs.
-pub struct Directory {
-    node_id: String,
-    redis: Option<Arc<Redis>>,
-    local: Mutex<HashMap<String, Local>>,
-    max_per_user: usize,
-    heartbeat: Duration,
-    ttl: Duration,
-    /// A registration failed while Redis was away: re-register everything on the next beat.
-    dirty: AtomicBool,
-    /// Connections that closed while Redis was away, whose records are still to delete
-    /// (Redis may have kept them), as `(conn, user)`.
-    orphans: Mutex<Vec<(String, Option<String>)>>,
-    rebalance: Option<Rebalance>,
-    elector: std::sync::OnceLock<Arc<dyn Elector>>,
-    metrics: Arc<Metrics>,
-}
-
-/// A Redis command from the argument list of a `shared::backend` call, so that the
-/// gateway and Rust backends use the same function names.
-fn command(args: [&str; 5]) -> redis::Cmd {
-    let mut cmd = redis::cmd(args[0]);
-    cmd.arg(&args[1..]);
-    cmd
-}
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -121,43 +77,48 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// See the module docs.
+pub struct Directory {
+    local: Arc<LocalConns>,
+    records: Arc<dyn Records>,
+    /// With Redis only.
+    liveness: Option<Arc<liveness::Liveness>>,
+    pending: Arc<liveness::Pending>,
+    max_per_user: usize,
+    metrics: Arc<Metrics>,
+}
+
 impl Directory {
     pub fn new(c: &Config, redis: Option<Arc<Redis>>, metrics: Arc<Metrics>) -> Arc<Directory> {
-        let dir = Arc::new(Directory {
-            node_id: c.node_id.clone(),
-            redis,
-            local: Mutex::new(HashMap::new()),
+        let local = Arc::new(LocalConns::new(metrics.clone()));
+        let pending = Arc::new(liveness::Pending::default());
+        let (records, liveness): (Arc<dyn Records>, _) = match redis {
+            Some(redis) => {
+                let records = Arc::new(RedisRecords::new(
+                    redis,
+                    &c.node_id,
+                    local.clone(),
+                    metrics.clone(),
+                ));
+                let liveness = liveness::Liveness::new(
+                    c,
+                    records.clone(),
+                    local.clone(),
+                    pending.clone(),
+                    metrics.clone(),
+                );
+                (records, Some(Arc::new(liveness)))
+            }
+            None => (Arc::new(LocalRecords::new(&c.node_id, local.clone())), None),
+        };
+        Arc::new(Directory {
+            local,
+            records,
+            liveness,
+            pending,
             max_per_user: c.max_connections_per_user,
-            heartbeat: Duration::from_millis(c.node_heartbeat_ms),
-            ttl: Duration::from_millis(c.node_ttl_ms),
-            dirty: AtomicBool::new(false),
-            orphans: Mutex::new(Vec::new()),
-            elector: std::sync::OnceLock::new(),
-            rebalance: c.rebalance.then_some(Rebalance {
-                slack: c.rebalance_slack,
-                per_beat: ((c.rebalance_rate as u64 * c.node_heartbeat_ms) / 1000).max(1) as usize,
-                quiet_until_ms: Default::default(),
-            }),
             metrics,
-        });
-        if let Some(redis) = &dir.redis {
-            let weak: Weak<Directory> = Arc::downgrade(&dir);
-            redis.set_node_handler(Arc::new(move |payload: &[u8]| {
-                if let Some(dir) = weak.upgrade() {
-                    dir.on_node_message(payload);
-                }
-            }));
-        }
-        dir
-    }
-
-    fn local(&self) -> std::sync::MutexGuard<'_, HashMap<String, Local>> {
-        self.local.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn key(&self, kind: &str, id: &str) -> String {
-        let p = self.redis.as_ref().map_or("", |r| r.prefix.as_str());
-        format!("{p}{kind}:{{{id}}}")
+        })
     }
 
     fn count(&self, op: &'static str) {
@@ -165,31 +126,23 @@ impl Directory {
             .inc("gateway_directory_ops_total", &[("op", op)]);
     }
 
-    /// Loads the function library, clears what a previous run of this node left behind,
-    /// subscribes to this node's channel and writes the first heartbeat.
-    pub async fn start(&self) -> Result<(), StartError> {
-        let Some(redis) = &self.redis else {
-            return Ok(());
-        };
-        let fail = |e: BrokerError| StartError::Redis(e.to_string());
-        self.load_functions(redis).await.map_err(fail)?;
-        self.purge_node(redis, &self.node_id).await.map_err(fail)?;
-        redis
-            .subscribe(
-                &crate::cluster::redis::node_channel(&redis.prefix, &self.node_id),
-                false,
-            )
-            .await
-            .map_err(fail)?;
-        self.beat(redis).await.map_err(fail)
+    /// Where this node's connections are recorded.
+    pub fn records(&self) -> &Arc<dyn Records> {
+        &self.records
     }
 
-    async fn load_functions(&self, redis: &Redis) -> Result<(), BrokerError> {
-        let code = LIBRARY.replace("__PREFIX__", &redis.prefix).replace(
-            "__CLUSTER__",
-            if redis.is_cluster() { "true" } else { "false" },
-        );
-        redis.load_functions(&code).await
+    /// This node's own connections.
+    pub fn local(&self) -> &Arc<LocalConns> {
+        &self.local
+    }
+
+    /// With Redis: loads the function library, clears what a previous run of this node left
+    /// behind, subscribes to this node's channel and writes the first heartbeat.
+    pub async fn start(&self) -> Result<(), StartError> {
+        match &self.liveness {
+            Some(l) => l.start().await,
+            None => Ok(()),
+        }
     }
 
     /// Registers a new connection of this node. Fails only on the per-user cap, or when the
@@ -203,537 +156,101 @@ impl Directory {
     ) -> Result<(), AddError> {
         let connected_ms = now_ms();
         let capped = self.max_per_user > 0 && user.is_some();
-        match (&self.redis, user) {
-            (None, Some(u)) if capped => {
-                let held = self
-                    .local()
-                    .values()
-                    .filter(|l| l.user.as_deref() == Some(u))
-                    .count();
-                if held >= self.max_per_user {
-                    return Err(AddError::UserLimit);
-                }
-            }
-            (Some(redis), _) => {
-                match self.register(redis, conn, user, connected_ms, capped).await {
-                    Ok(true) => {}
-                    Ok(false) => return Err(AddError::UserLimit),
-                    Err(e) if capped => return Err(e.into()),
-                    Err(_) => self.dirty.store(true, Ordering::Release),
-                }
-            }
-            _ => {}
+        match self
+            .records
+            .register(conn, user, connected_ms, self.max_per_user)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return Err(AddError::UserLimit),
+            Err(e) if capped => return Err(e.into()),
+            Err(_) => self.pending.mark_dirty(),
         }
-        self.local().insert(
-            conn.to_owned(),
-            Local {
-                out,
-                user: user.map(str::to_owned),
-                connected_ms,
-            },
-        );
+        self.local.insert(conn, user, out, connected_ms);
         self.count("add");
         Ok(())
     }
 
-    /// Writes one connection's records. `Ok(false)`: the user is at the cap.
-    async fn register(
-        &self,
-        redis: &Redis,
-        conn: &str,
-        user: Option<&str>,
-        connected_ms: u64,
-        capped: bool,
-    ) -> Result<bool, BrokerError> {
-        if let Some(u) = user {
-            let mut add = redis::cmd("FCALL");
-            add.arg("gw_add_conn")
-                .arg(1)
-                .arg(u)
-                .arg(conn)
-                .arg(&self.node_id)
-                .arg(connected_ms)
-                .arg(if capped { self.max_per_user } else { 0 });
-            if redis.call::<i64>("add", add).await? == 0 {
-                return Ok(false);
-            }
-        }
-        let mut set = redis::cmd("SET");
-        set.arg(self.key("conn", conn)).arg(format!(
-            "{} {connected_ms} {}",
-            self.node_id,
-            user.unwrap_or("-")
-        ));
-        let mut own = redis::cmd("HSET");
-        own.arg(self.key("nodeconns", &self.node_id))
-            .arg(conn)
-            .arg(user.unwrap_or("-"));
-        let (a, b) = tokio::join!(redis.call::<()>("add", set), redis.call::<()>("add", own));
-        a.and(b).map(|_| true)
-    }
-
     /// Forgets a connection of this node (it closed).
     pub async fn remove(&self, conn: &str) {
-        let Some(local) = self.local().remove(conn) else {
+        let Some(local) = self.local.remove(conn) else {
             return;
         };
         self.count("remove");
-        let Some(redis) = &self.redis else { return };
         if self
-            .unregister(redis, conn, local.user.as_deref())
+            .records
+            .unregister(conn, local.user.as_deref())
             .await
             .is_err()
         {
-            self.orphans
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((conn.to_owned(), local.user));
-            self.dirty.store(true, Ordering::Release);
+            self.pending.orphan(conn, local.user);
         }
-    }
-
-    /// Deletes one connection's records.
-    async fn unregister(
-        &self,
-        redis: &Redis,
-        conn: &str,
-        user: Option<&str>,
-    ) -> Result<(), BrokerError> {
-        let mut del = redis::cmd("DEL");
-        del.arg(self.key("conn", conn));
-        let mut own = redis::cmd("HDEL");
-        own.arg(self.key("nodeconns", &self.node_id)).arg(conn);
-        let by_user = async {
-            match user {
-                Some(u) => {
-                    let mut hdel = redis::cmd("HDEL");
-                    hdel.arg(self.key("user", u)).arg(conn);
-                    redis.call::<()>("remove", hdel).await
-                }
-                None => Ok(()),
-            }
-        };
-        let (a, b, c) = tokio::join!(
-            redis.call::<()>("remove", del),
-            redis.call::<()>("remove", own),
-            by_user
-        );
-        a.and(b).and(c)
     }
 
     /// Sends `{"type":"direct","data":data}` to every connection of `user`, on any node.
     /// Returns how many connections it reached.
     pub async fn send_user(&self, user: &str, data: &str) -> Result<u64, BrokerError> {
         self.count("send_user");
-        match &self.redis {
-            Some(redis) => {
-                redis
-                    .call("send_user", command(shared::backend::send_user(user, data)))
-                    .await
-            }
-            None => {
-                let conns: Vec<String> = self
-                    .local()
-                    .iter()
-                    .filter(|(_, l)| l.user.as_deref() == Some(user))
-                    .map(|(c, _)| c.clone())
-                    .collect();
-                Ok(self.deliver(conns.iter().map(String::as_str), data))
-            }
-        }
+        self.records.send_user(user, data).await
     }
 
     /// Sends `{"type":"direct","data":data}` to one connection, on any node: 1 or 0.
     pub async fn send_conn(&self, conn: &str, data: &str) -> Result<u64, BrokerError> {
         self.count("send_conn");
-        match &self.redis {
-            Some(redis) => {
-                redis
-                    .call("send_conn", command(shared::backend::send_conn(conn, data)))
-                    .await
-            }
-            None => Ok(self.deliver(std::iter::once(conn), data)),
-        }
+        self.records.send_conn(conn, data).await
     }
 
     /// Closes one connection, on any node, with 4003. False when no such connection exists.
     pub async fn disconnect(&self, conn: &str) -> Result<bool, BrokerError> {
         self.count("disconnect");
-        let Some(redis) = &self.redis else {
-            return Ok(self.kick(conn));
-        };
-        let mut get = redis::cmd("GET");
-        get.arg(self.key("conn", conn));
-        let Some(entry) = redis.call::<Option<String>>("disconnect", get).await? else {
-            return Ok(false);
-        };
-        let node = entry.split(' ').next().unwrap_or_default();
-        let channel = crate::cluster::redis::node_channel(&redis.prefix, node);
-        redis
-            .publish(&channel, &format!("K {conn}\n"), false)
-            .await?;
-        Ok(true)
+        self.records.disconnect(conn).await
     }
 
     /// Lists a user's live connections, from any node.
     pub async fn user_connections(&self, user: &str) -> Result<Vec<ConnInfo>, BrokerError> {
         self.count("list");
-        let Some(redis) = &self.redis else {
-            let mut v: Vec<ConnInfo> = self
-                .local()
-                .iter()
-                .filter(|(_, l)| l.user.as_deref() == Some(user))
-                .map(|(c, l)| ConnInfo {
-                    conn_id: c.clone(),
-                    node_id: self.node_id.clone(),
-                    connected_ms: l.connected_ms,
-                })
-                .collect();
-            v.sort_by(|a, b| a.conn_id.cmp(&b.conn_id));
-            return Ok(v);
-        };
-        let mut all = redis::cmd("HGETALL");
-        all.arg(self.key("user", user));
-        let entries: HashMap<String, String> = redis.call("list", all).await?;
-        let mut live: HashMap<String, bool> = HashMap::new();
-        let mut out = Vec::new();
-        for (conn_id, entry) in entries {
-            let mut parts = entry.split(' ');
-            let node_id = parts.next().unwrap_or_default().to_owned();
-            let connected_ms = parts.next().and_then(|t| t.parse().ok()).unwrap_or(0);
-            if !live.contains_key(&node_id) {
-                let mut score = redis::cmd("ZSCORE");
-                score.arg(format!("{}nodes", redis.prefix)).arg(&node_id);
-                let expiry: Option<f64> = redis.call("list", score).await?;
-                live.insert(node_id.clone(), expiry.is_some_and(|e| e as u64 > now_ms()));
-            }
-            if live[&node_id] {
-                out.push(ConnInfo {
-                    conn_id,
-                    node_id,
-                    connected_ms,
-                });
-            }
-        }
-        out.sort_by(|a, b| a.conn_id.cmp(&b.conn_id));
-        Ok(out)
-    }
-
-    /// Queues a direct frame, encoded once, to local connections. Returns how many got it.
-    fn deliver<'a>(&self, conns: impl Iterator<Item = &'a str>, data: &str) -> u64 {
-        let bytes: Bytes = frame::text(&shared::protocol::encode_direct(data));
-        let local = self.local();
-        let mut n = 0;
-        for conn in conns {
-            if let Some(l) = local.get(conn) {
-                match l.out.push(bytes.clone()) {
-                    Pushed::Queued => n += 1,
-                    Pushed::Overflowed => self
-                        .metrics
-                        .inc("gateway_slow_consumer_disconnects_total", &[]),
-                    Pushed::Closing => {}
-                }
-            }
-        }
-        self.metrics.deliveries.fetch_add(n, Ordering::Relaxed);
-        n
-    }
-
-    fn kick(&self, conn: &str) -> bool {
-        match self.local().get(conn) {
-            Some(l) => {
-                l.out.close(CloseReason::Disconnected);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// A message on this node's channel: `D conns\njson` or `K conn\n`.
-    fn on_node_message(&self, payload: &[u8]) {
-        let Ok(text) = std::str::from_utf8(payload) else {
-            return;
-        };
-        let (head, body) = text.split_once('\n').unwrap_or((text, ""));
-        match head.split_once(' ') {
-            Some(("D", conns)) => match shared::protocol::check_data(body) {
-                Ok(()) => {
-                    self.deliver(conns.split(' '), body);
-                }
-                Err(why) => {
-                    if let Some(r) = &self.redis {
-                        r.drop_message(why);
-                    }
-                }
-            },
-            Some(("K", conn)) => {
-                self.kick(conn);
-            }
-            _ => tracing::debug!(head, "unknown node message"),
-        }
+        self.records.user_connections(user).await
     }
 
     /// Connections held by this node.
     pub fn local_count(&self) -> usize {
-        self.local().len()
+        self.local.len()
     }
 
     /// Closes up to `n` of this node's connections, oldest first, with the reason `why`
-    /// gives each. Returns how many it closed. Oldest first because a connection that has
-    /// just arrived (perhaps just shed by another node) should not be bounced again.
+    /// gives each. Returns how many it closed. See [`LocalConns::close_oldest`].
     pub fn close_oldest(&self, n: usize, why: impl Fn() -> CloseReason) -> usize {
-        let local = self.local();
-        let mut open: Vec<(&u64, &Arc<Outbound>)> = local
-            .values()
-            .filter(|l| !l.out.is_closing())
-            .map(|l| (&l.connected_ms, &l.out))
-            .collect();
-        open.sort_by_key(|(at, _)| **at);
-        for (_, out) in open.iter().take(n) {
-            out.close(why());
-        }
-        n.min(open.len())
+        self.local.close_oldest(n, why)
     }
 
     /// Heartbeat, resync after an outage, the janitor and rebalancing (not while
-    /// `draining`), until `stop`.
+    /// `draining`), until `stop`. Returns at once without Redis.
     pub async fn run(self: Arc<Self>, draining: CancellationToken, stop: CancellationToken) {
-        let Some(redis) = self.redis.clone() else {
-            return;
-        };
-        let mut resync = false;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(self.heartbeat) => {}
-                _ = stop.cancelled() => return,
-            }
-            resync |= redis.take_resync() | self.dirty.swap(false, Ordering::AcqRel);
-            let ok = self.beat(&redis).await.is_ok();
-            resync |= !ok;
-            redis.set_healthy(ok);
-            if !ok {
-                continue;
-            }
-            if resync {
-                match self.resync(&redis).await {
-                    Ok(n) => {
-                        resync = false;
-                        tracing::info!(connections = n, "directory restored in Redis");
-                    }
-                    Err(e) => tracing::warn!(error = %e, "directory resync failed; retrying"),
-                }
-            }
-            if let Err(e) = self.janitor(&redis).await {
-                tracing::debug!(error = %e, "janitor pass failed");
-            }
-            if !draining.is_cancelled() {
-                if let Err(e) = self.rebalance(&redis).await {
-                    tracing::debug!(error = %e, "rebalance pass failed");
-                }
-            }
+        if let Some(l) = self.liveness.clone() {
+            l.run(draining, stop).await;
         }
     }
 
-    /// Marks this node alive until now + ttl and publishes its connection count.
-    async fn beat(&self, redis: &Redis) -> Result<(), BrokerError> {
-        let mut zadd = redis::cmd("ZADD");
-        zadd.arg(format!("{}nodes", redis.prefix))
-            .arg(now_ms() + self.ttl.as_millis() as u64)
-            .arg(&self.node_id);
-        let mut load = redis::cmd("HSET");
-        load.arg(format!("{}load", redis.prefix))
-            .arg(&self.node_id)
-            .arg(self.local_count());
-        let (a, b) = tokio::join!(
-            redis.call::<()>("heartbeat", zadd),
-            redis.call::<()>("heartbeat", load)
-        );
-        a.and(b)
-    }
-
-    /// The cluster's live nodes and their connection counts.
-    async fn cluster_load(&self, redis: &Redis) -> Result<Vec<(String, u64)>, BrokerError> {
-        let mut live = redis::cmd("ZRANGEBYSCORE");
-        live.arg(format!("{}nodes", redis.prefix))
-            .arg(now_ms())
-            .arg("+inf");
-        let live: Vec<String> = redis.call("heartbeat", live).await?;
-        let mut all = redis::cmd("HGETALL");
-        all.arg(format!("{}load", redis.prefix));
-        let load: HashMap<String, u64> = redis.call("heartbeat", all).await?;
-        Ok(live
-            .into_iter()
-            .map(|n| {
-                let c = load.get(&n).copied().unwrap_or(0);
-                (n, c)
-            })
-            .collect())
-    }
-
-    /// After scale-out, long-lived sockets stay on the old nodes. A node above the cluster
-    /// mean by more than the slack closes its excess with 1013 and a reconnect hint, at most
-    /// `per_beat` per round and then quiet for three heartbeats, so the load balancer moves
-    /// them to the new nodes gradually and the figures settle before the next round.
-    async fn rebalance(&self, redis: &Redis) -> Result<(), BrokerError> {
-        let load = self.cluster_load(redis).await?;
-        let total: u64 = load.iter().map(|(_, c)| c).sum();
-        let nodes = load.len().max(1) as u64;
-        self.metrics.set("gateway_cluster_connections", &[], total);
-        self.metrics.set("gateway_cluster_nodes", &[], nodes);
-        let Some(r) = &self.rebalance else {
-            return Ok(());
-        };
-        if now_ms() < r.quiet_until_ms.load(Ordering::Acquire) {
-            return Ok(());
+    /// Re-registers every local connection in Redis now, as after an outage; returns how
+    /// many. For tests and tools; the heartbeat schedules this by itself.
+    pub async fn resync(&self) -> Result<usize, BrokerError> {
+        match &self.liveness {
+            Some(l) => l.resync().await,
+            None => Ok(0),
         }
-        let mine = self.local_count() as f64;
-        let limit = (total as f64 / nodes as f64 * (1.0 + r.slack)).ceil();
-        if nodes < 2 || mine <= limit {
-            return Ok(());
-        }
-        let excess = (mine - limit) as usize;
-        let shed = self.close_oldest(excess.min(r.per_beat), || {
-            CloseReason::Rebalance(jittered_ms(500, 5_000))
-        });
-        if shed > 0 {
-            r.quiet_until_ms.store(
-                now_ms() + 3 * self.heartbeat.as_millis() as u64,
-                Ordering::Release,
-            );
-            self.metrics
-                .add("gateway_rebalance_shed_total", &[], shed as u64);
-            tracing::info!(
-                shed,
-                mine,
-                limit,
-                nodes,
-                total,
-                "shedding connections to rebalance"
-            );
-        }
-        Ok(())
-    }
-
-    /// Reloads the functions, deletes the records of connections that closed during the
-    /// outage, and re-registers every local connection.
-    async fn resync(&self, redis: &Redis) -> Result<usize, BrokerError> {
-        self.load_functions(redis).await?;
-        let orphans = std::mem::take(&mut *self.orphans.lock().unwrap_or_else(|p| p.into_inner()));
-        for (i, (conn, user)) in orphans.iter().enumerate() {
-            if let Err(e) = self.unregister(redis, conn, user.as_deref()).await {
-                self.orphans
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend(orphans[i..].iter().cloned());
-                return Err(e);
-            }
-        }
-        let conns: Vec<(String, Option<String>, u64)> = self
-            .local()
-            .iter()
-            .map(|(c, l)| (c.clone(), l.user.clone(), l.connected_ms))
-            .collect();
-        for (conn, user, at) in &conns {
-            self.register(redis, conn, user.as_deref(), *at, false)
-                .await?;
-        }
-        self.count("resync");
-        Ok(conns.len())
     }
 
     /// Elects the janitor through `elector` (a Kubernetes Lease) instead of the Redis lock.
     pub fn set_elector(&self, elector: Arc<dyn Elector>) {
-        let _ = self.elector.set(elector);
-    }
-
-    /// One janitor pass, on the elected node: purges nodes whose liveness entry expired.
-    async fn janitor(&self, redis: &Redis) -> Result<(), BrokerError> {
-        let mine = match self.elector.get() {
-            Some(e) => e.acquire().await,
-            None => self.redis_lock(redis).await?,
-        };
-        if !mine {
-            return Ok(());
+        if let Some(l) = &self.liveness {
+            l.set_elector(elector);
         }
-        let mut dead = redis::cmd("ZRANGEBYSCORE");
-        dead.arg(format!("{}nodes", redis.prefix))
-            .arg("-inf")
-            .arg(now_ms());
-        let dead: Vec<String> = redis.call("janitor", dead).await?;
-        for node in dead.iter().filter(|n| **n != self.node_id) {
-            let n = self.purge_node(redis, node).await?;
-            tracing::info!(node, routes = n, "purged the routes of a dead node");
-        }
-        Ok(())
-    }
-
-    /// The janitor lock in Redis: `SET <P>janitor <node> NX PX ttl`, renewed by its holder.
-    async fn redis_lock(&self, redis: &Redis) -> Result<bool, BrokerError> {
-        let lock = format!("{}janitor", redis.prefix);
-        let mut take = redis::cmd("SET");
-        take.arg(&lock)
-            .arg(&self.node_id)
-            .arg("NX")
-            .arg("PX")
-            .arg(self.ttl.as_millis() as u64);
-        let mine = redis
-            .call::<Option<String>>("janitor", take)
-            .await?
-            .is_some()
-            || {
-                let mut get = redis::cmd("GET");
-                get.arg(&lock);
-                let holder: Option<String> = redis.call("janitor", get).await?;
-                if holder.as_deref() == Some(&self.node_id) {
-                    let mut extend = redis::cmd("PEXPIRE");
-                    extend.arg(&lock).arg(self.ttl.as_millis() as u64);
-                    redis.call::<()>("janitor", extend).await?;
-                    true
-                } else {
-                    false
-                }
-            };
-        Ok(mine)
-    }
-
-    /// Deletes every route of `node` and its liveness entry. Returns how many connections
-    /// it had.
-    async fn purge_node(&self, redis: &Redis, node: &str) -> Result<usize, BrokerError> {
-        let own_key = self.key("nodeconns", node);
-        let mut all = redis::cmd("HGETALL");
-        all.arg(&own_key);
-        let conns: HashMap<String, String> = redis.call("purge", all).await?;
-        for (conn, user) in &conns {
-            if user != "-" {
-                let mut hdel = redis::cmd("HDEL");
-                hdel.arg(self.key("user", user)).arg(conn);
-                redis.call::<()>("purge", hdel).await?;
-            }
-            let mut del = redis::cmd("DEL");
-            del.arg(self.key("conn", conn));
-            redis.call::<()>("purge", del).await?;
-        }
-        let mut del = redis::cmd("DEL");
-        del.arg(&own_key);
-        redis.call::<()>("purge", del).await?;
-        let mut zrem = redis::cmd("ZREM");
-        zrem.arg(format!("{}nodes", redis.prefix)).arg(node);
-        redis.call::<()>("purge", zrem).await?;
-        let mut hdel = redis::cmd("HDEL");
-        hdel.arg(format!("{}load", redis.prefix)).arg(node);
-        redis.call::<()>("purge", hdel).await?;
-        self.metrics.add(
-            "gateway_directory_ops_total",
-            &[("op", "purge")],
-            conns.len() as u64,
-        );
-        Ok(conns.len())
     }
 
     /// Removes this node from the cluster's routing (graceful shutdown).
     pub async fn leave(&self) {
-        if let Some(redis) = &self.redis {
-            let _ = self.purge_node(redis, &self.node_id).await;
+        if let Some(l) = &self.liveness {
+            l.leave().await;
         }
     }
 }
