@@ -6,6 +6,7 @@
 pub use crate::broker::memory::{Bus, MemoryBroker};
 pub use crate::broker::redis::RedisBroker;
 pub use crate::broker::{conformance, Broker, Sink};
+pub use crate::cluster::directory::{conformance as directory_conformance, Directory};
 pub use crate::cluster::redis::Redis;
 pub use crate::conn::frame;
 pub use crate::conn::outbound::Outbound;
@@ -17,4 +18,4 @@ pub use crate::ops::admin::Maintenance;
 pub use crate::ops::kube::{watch_drain, LeaseElector, DRAIN_ANNOTATION};
 /// The v1 codec, for queues in tools that never send events.
 pub use crate::protocol::v1::CODEC as V1;
-pub use crate::time::now_secs;
+pub use crate::time::{now_ms, now_secs};

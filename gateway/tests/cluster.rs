@@ -442,7 +442,10 @@ struct RedisCluster {
 
 impl RedisCluster {
     async fn start() -> RedisCluster {
-        let dir = std::env::temp_dir().join(format!("gw-cluster-{}", std::process::id()));
+        // one folder per cluster: tests in this process may run two at once
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("gw-cluster-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut servers = Vec::new();
@@ -571,4 +574,77 @@ async fn sharded_pubsub_and_unicast_on_a_three_master_cluster() {
         .await;
     assert_eq!((status, body.as_str()), (200, r#"{"delivered":2}"#));
     assert_eq!(on_a.recv_json(T).await.unwrap()["data"], 8);
+}
+
+/// The directory's batched writes (resync after Redis lost everything, and the purge of a
+/// node's routes) on Redis Cluster, where a batch's keys span every master.
+#[tokio::test]
+async fn batched_resync_and_purge_on_a_three_master_cluster() {
+    use gateway::test_util::Directory;
+    use std::sync::Arc;
+    const CONNS: usize = 1_200;
+    let cluster = RedisCluster::start().await;
+    let config = gateway::Config {
+        node_id: "big".into(),
+        redis_url: Some(cluster.seeds().into()),
+        redis_cluster: true,
+        rebalance: false,
+        ..config()
+    };
+    let redis = gateway::test_util::Redis::connect(&config, Arc::default())
+        .await
+        .unwrap();
+    let dir = Directory::new(&config, Some(redis), Arc::default());
+    dir.start().await.unwrap();
+    for i in 0..CONNS {
+        let user = (i % 4 != 3).then(|| format!("u{}", i / 4));
+        let out = Arc::new(gateway::test_util::Outbound::new(
+            1 << 16,
+            &gateway::test_util::V1,
+        ));
+        dir.add(&format!("big.c.{i}"), user.as_deref(), out)
+            .await
+            .unwrap();
+    }
+    for s in &cluster.servers {
+        let _: () = redis::cmd("FLUSHALL")
+            .query_async(&mut s.client().await)
+            .await
+            .unwrap();
+    }
+    let backend = redis::cluster::ClusterClient::new(
+        cluster.servers.iter().map(|s| s.url()).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let mut backend = backend.get_async_connection().await.unwrap();
+    let recorded: usize = backend.hlen("gw:nodeconns:{big}").await.unwrap();
+    assert_eq!(recorded, 0, "FLUSHALL left records");
+
+    assert_eq!(dir.resync().await.unwrap(), CONNS);
+    let recorded: usize = backend.hlen("gw:nodeconns:{big}").await.unwrap();
+    assert_eq!(recorded, CONNS);
+    let entry: Option<String> = backend.get("gw:conn:{big.c.1198}").await.unwrap();
+    assert!(entry.unwrap().starts_with("big "));
+    // every user's hash is back, on whichever master owns it (the heartbeat is not running:
+    // write the liveness entry that listing checks)
+    let _: () = backend
+        .zadd("gw:nodes", "big", gateway::test_util::now_ms() + 60_000)
+        .await
+        .unwrap();
+    for u in [0, 150, 299] {
+        let listed = dir.user_connections(&format!("u{u}")).await.unwrap();
+        assert_eq!(listed.len(), 3, "u{u}: {listed:?}");
+    }
+
+    dir.leave().await;
+    let recorded: usize = backend.hlen("gw:nodeconns:{big}").await.unwrap();
+    assert_eq!(recorded, 0);
+    for u in [0, 150, 299] {
+        let left: usize = backend.hlen(format!("gw:user:{{u{u}}}")).await.unwrap();
+        assert_eq!(left, 0, "u{u} kept routes");
+    }
+    let entry: Option<String> = backend.get("gw:conn:{big.c.1198}").await.unwrap();
+    assert_eq!(entry, None);
+    let live: Option<f64> = backend.zscore("gw:nodes", "big").await.unwrap();
+    assert_eq!(live, None);
 }

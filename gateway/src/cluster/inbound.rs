@@ -51,7 +51,7 @@ impl Inbound {
             return Err(BrokerError::NotConfigured("no Redis is configured"));
         };
         let mut xadd = redis::cmd("XADD");
-        xadd.arg(shared::backend::Names::new(&redis.prefix).inbound())
+        xadd.arg(crate::cluster::keys::Keys::new(&redis.prefix).inbound())
             .arg("MAXLEN")
             .arg("~")
             .arg(self.maxlen)

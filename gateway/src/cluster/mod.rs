@@ -3,4 +3,5 @@
 
 pub mod directory;
 pub mod inbound;
+pub mod keys;
 pub mod redis;

@@ -210,6 +210,44 @@ impl Redis {
         self.finish(op, tokio::time::timeout(self.timeout, run).await)
     }
 
+    /// Runs many commands, their replies ignored, under one node Redis timeout for the whole
+    /// batch; the first failure fails the batch (some commands may have run). `op` labels the
+    /// error metric, as for [`Redis::call`].
+    ///
+    /// A standalone Redis gets them as one pipeline: one round trip, and other commands on
+    /// the shared connection (heartbeats) wait for one batch at most, not for all of them.
+    /// Redis Cluster refuses a pipeline whose keys are in different slots, so there each
+    /// command is sent on its own, all at once; the cluster client routes each to its
+    /// primary and pipelines them per connection itself.
+    pub async fn batch(&self, op: &'static str, cmds: Vec<Cmd>) -> Result<(), BrokerError> {
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        let run = async {
+            match self.conn.clone() {
+                Conn::Single(mut c) => {
+                    let mut pipe = redis::pipe();
+                    for cmd in cmds {
+                        pipe.add_command(cmd).ignore();
+                    }
+                    pipe.query_async::<()>(&mut c).await
+                }
+                Conn::Cluster(c) => {
+                    let mut each = tokio::task::JoinSet::new();
+                    for cmd in cmds {
+                        let mut c = c.clone();
+                        each.spawn(async move { cmd.query_async::<Value>(&mut c).await });
+                    }
+                    while let Some(done) = each.join_next().await {
+                        done.map_err(std::io::Error::other)??;
+                    }
+                    Ok(())
+                }
+            }
+        };
+        self.finish(op, tokio::time::timeout(self.timeout, run).await)
+    }
+
     fn finish<T>(
         &self,
         op: &'static str,
@@ -321,11 +359,6 @@ impl Redis {
             tokio::time::timeout(self.timeout, run).await,
         )
     }
-}
-
-/// `<prefix>node:<node_id>`: the channel that carries unicasts and disconnects to one node.
-pub fn node_channel(prefix: &str, node_id: &str) -> String {
-    format!("{prefix}node:{node_id}")
 }
 
 fn with_auth(url: &str, c: &Config) -> redis::RedisResult<redis::ConnectionInfo> {

@@ -62,3 +62,18 @@ impl<'a> Encoded<'a> {
             .clone()
     }
 }
+
+/// A codec for tests of the queues, the hub and the directory that need no wire protocol:
+/// each event is its `Debug` text. Its id is the last slot, which no protocol takes.
+#[cfg(any(test, feature = "test-util"))]
+pub struct DebugCodec;
+
+#[cfg(any(test, feature = "test-util"))]
+impl Codec for DebugCodec {
+    fn id(&self) -> usize {
+        MAX_CODECS - 1
+    }
+    fn encode(&self, event: &Event<'_>) -> Bytes {
+        Bytes::from(format!("{event:?}"))
+    }
+}

@@ -195,16 +195,7 @@ impl Outbound {
 mod tests {
     use super::*;
 
-    /// Tests of the queue alone need no protocol.
-    struct NoCodec;
-    impl Codec for NoCodec {
-        fn id(&self) -> usize {
-            0
-        }
-        fn encode(&self, _: &Event<'_>) -> Bytes {
-            Bytes::new()
-        }
-    }
+    use crate::conn::event::DebugCodec as NoCodec;
 
     #[test]
     fn overflow_drops_queue_and_closes() {

@@ -1,0 +1,67 @@
+//! Redis key and channel names, in one place. Backends use the same names through
+//! `shared::backend::Names` (channels, the inbound stream); the history keys are named in
+//! `broker/history.lua`, which runs inside Redis.
+
+/// Every Redis key and channel name under one prefix. Every per-id key carries the id as
+/// its hash tag, so that on Redis Cluster each lives in its id's slot.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    fn tagged(&self, kind: &str, id: &str) -> String {
+        format!("{}{kind}:{{{id}}}", self.prefix)
+    }
+
+    /// `<P>user:{user}` hash `conn → "node connected_ms"`.
+    pub fn user(&self, user: &str) -> String {
+        self.tagged("user", user)
+    }
+
+    /// `<P>conn:{conn}` string `"node connected_ms user"`.
+    pub fn conn(&self, conn: &str) -> String {
+        self.tagged("conn", conn)
+    }
+
+    /// `<P>nodeconns:{node}` hash `conn → user`.
+    pub fn nodeconns(&self, node: &str) -> String {
+        self.tagged("nodeconns", node)
+    }
+
+    /// `<P>nodes` sorted set `node → expiry_ms`.
+    pub fn nodes(&self) -> String {
+        format!("{}nodes", self.prefix)
+    }
+
+    /// `<P>load` hash `node → connections`.
+    pub fn load(&self) -> String {
+        format!("{}load", self.prefix)
+    }
+
+    /// `<P>janitor`: the janitor lock.
+    pub fn janitor(&self) -> String {
+        format!("{}janitor", self.prefix)
+    }
+
+    /// `<P>node:<node>`: the pub/sub channel of one node's unicasts and disconnects.
+    pub fn node_channel(&self, node: &str) -> String {
+        format!("{}node:{node}", self.prefix)
+    }
+
+    /// `<P>ch:<channel>`: the pub/sub channel of a gateway channel (as backends name it).
+    pub fn channel(&self, channel: &str) -> String {
+        shared::backend::Names::new(&self.prefix).channel(channel)
+    }
+
+    /// `<P>inbound`: the backends' stream.
+    pub fn inbound(&self) -> String {
+        shared::backend::Names::new(&self.prefix).inbound()
+    }
+}
