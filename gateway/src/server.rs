@@ -197,7 +197,8 @@ fn spawn_background(
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(node.config.node_heartbeat_ms)) => {
                     // History channels: is the epoch still ours, did we miss anything?
-                    node.hub.check_streams();
+                    node.hub
+                        .check_streams(Duration::from_millis(node.config.node_heartbeat_ms));
                     let left = node.hub.reconcile().await;
                     if left > 0 {
                         tracing::debug!(left, "broker subscriptions still to reconcile");

@@ -430,15 +430,16 @@ impl Hub {
         }
     }
 
-    /// Asks every history channel with live subscribers whether its epoch still holds and
-    /// whether it missed anything; runs every heartbeat (see `server`).
-    pub fn check_streams(&self) {
+    /// Asks every history channel with live subscribers and no publication for `quiet`
+    /// whether its epoch still holds and whether it missed anything; runs every heartbeat
+    /// (see `server`), so a quiet channel costs one read per heartbeat.
+    pub fn check_streams(&self, quiet: Duration) {
         let mut due = Vec::new();
         for shard in self.shards.iter() {
             let map = shard.channels.read().unwrap_or_else(|p| p.into_inner());
             for (name, c) in map.iter() {
                 if let Channel::History(s) = c {
-                    if lock(s).check() {
+                    if lock(s).check(quiet) {
                         due.push(name.clone());
                     }
                 }

@@ -91,6 +91,9 @@ pub struct Stream {
     reads: u64,
     /// A read is scheduled or running; more requests ride along.
     reading: bool,
+    /// When the last publication arrived: a channel that keeps publishing reveals a gap or
+    /// a new epoch by itself, so only a quiet one needs the heartbeat's check.
+    last_publish: Option<Instant>,
 }
 
 impl Stream {
@@ -104,6 +107,7 @@ impl Stream {
             filling: false,
             reads: 0,
             reading: false,
+            last_publish: None,
         }
     }
 
@@ -199,6 +203,7 @@ impl Stream {
     /// A live publication from the broker.
     /// Returns true when the caller must schedule a read (a gap, or a new epoch).
     pub fn publish(&mut self, channel: &str, env: &Envelope<'_>, metrics: &Metrics) -> bool {
+        self.last_publish = Some(Instant::now());
         let held = Held {
             offset: env.position.map(|(o, _)| o),
             epoch: env.position.map(|(_, e)| Arc::from(e)),
@@ -440,12 +445,14 @@ impl Stream {
         again
     }
 
-    /// A periodic check: is the epoch still ours, and did we miss anything (a pub/sub
-    /// message lost without a later one to reveal the gap)? Live delivery goes on while the
-    /// read runs: what it finds beyond our position is sent, and the live copies that
-    /// arrive later are dropped as duplicates. True when the caller must schedule a read.
-    pub fn check(&mut self) -> bool {
-        if self.position.is_some() && !self.live.is_empty() {
+    /// A periodic check of a channel quiet for `quiet`: is the epoch still ours (Redis may
+    /// have restarted empty), and did we miss anything (a last publication lost, with no
+    /// later one to reveal the gap)? Live delivery goes on while the read runs: what it
+    /// finds beyond our position is sent, and the live copies that arrive later are dropped
+    /// as duplicates. True when the caller must schedule a read.
+    pub fn check(&mut self, quiet: std::time::Duration) -> bool {
+        let idle = self.last_publish.is_none_or(|t| t.elapsed() >= quiet);
+        if idle && self.position.is_some() && !self.live.is_empty() {
             return self.want_read();
         }
         false
