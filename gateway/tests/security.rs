@@ -971,20 +971,39 @@ async fn wss(node: &TestNode, connector: &tokio_rustls::TlsConnector) -> (Client
     (c, cert)
 }
 
-#[tokio::test]
-async fn tls_serves_wss_and_reloads_rotated_certificates() {
-    let dir = scratch("tls");
-    make_ca(&dir);
-    make_leaf(&dir, "one");
-    std::fs::copy(dir.join("one.crt"), dir.join("tls.crt")).unwrap();
-    std::fs::copy(dir.join("one.key"), dir.join("tls.key")).unwrap();
-    let node = start(gateway::Config {
+/// Installs `<name>.crt` and `<name>.key` as `tls.crt` and `tls.key`, and starts a node that
+/// serves them and checks them for changes every 100 ms.
+async fn tls_node(dir: &Path, name: &str) -> TestNode {
+    for ext in ["crt", "key"] {
+        std::fs::copy(
+            dir.join(format!("{name}.{ext}")),
+            dir.join(format!("tls.{ext}")),
+        )
+        .unwrap();
+    }
+    start(gateway::Config {
         tls_cert: Some(dir.join("tls.crt")),
         tls_key: Some(dir.join("tls.key")),
         tls_reload_interval_ms: 100,
         ..config()
     })
-    .await;
+    .await
+}
+
+/// Replaces `tls.<ext>` with `<name>.<ext>` as a Secret volume update does: written aside,
+/// then renamed into place.
+fn rotate(dir: &Path, name: &str, ext: &str) {
+    let aside = dir.join(format!("tls.{ext}.tmp"));
+    std::fs::copy(dir.join(format!("{name}.{ext}")), &aside).unwrap();
+    std::fs::rename(aside, dir.join(format!("tls.{ext}"))).unwrap();
+}
+
+#[tokio::test]
+async fn tls_serves_wss_and_reloads_rotated_certificates() {
+    let dir = scratch("tls");
+    make_ca(&dir);
+    make_leaf(&dir, "one");
+    let node = tls_node(&dir, "one").await;
     let tls13 = tls_client(&dir, &rustls::version::TLS13);
     let tls12 = tls_client(&dir, &rustls::version::TLS12);
 
@@ -1008,10 +1027,8 @@ async fn tls_serves_wss_and_reloads_rotated_certificates() {
 
     // cert-manager style rotation: new files appear; new handshakes get the new certificate
     make_leaf(&dir, "two");
-    std::fs::copy(dir.join("two.key"), dir.join("tls.key.tmp")).unwrap();
-    std::fs::copy(dir.join("two.crt"), dir.join("tls.crt.tmp")).unwrap();
-    std::fs::rename(dir.join("tls.key.tmp"), dir.join("tls.key")).unwrap();
-    std::fs::rename(dir.join("tls.crt.tmp"), dir.join("tls.crt")).unwrap();
+    rotate(&dir, "two", "key");
+    rotate(&dir, "two", "crt");
     let deadline = tokio::time::Instant::now() + T;
     loop {
         let (_c, cert) = wss(&node, &tls13).await;
@@ -1042,4 +1059,52 @@ async fn tls_serves_wss_and_reloads_rotated_certificates() {
         "{m}"
     );
     assert!(m.contains("gateway_tls_handshake_failures_total 1"), "{m}");
+}
+
+/// A certificate and key that do not belong together are refused at start, and on reload,
+/// where the old pair stays served (a pair that does not match would fail every handshake).
+#[tokio::test]
+async fn tls_reload_refuses_a_certificate_that_does_not_match_its_key() {
+    let dir = scratch("tls-mismatch");
+    make_ca(&dir);
+    make_leaf(&dir, "one");
+    make_leaf(&dir, "two");
+    let bad = start(gateway::Config {
+        tls_cert: Some(dir.join("one.crt")),
+        tls_key: Some(dir.join("two.key")),
+        ..config()
+    })
+    .await;
+    let err = tokio::time::timeout(T, bad.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    let cause = std::error::Error::source(&err).map(|c| c.to_string());
+    assert!(
+        cause
+            .as_deref()
+            .is_some_and(|c| c.contains("does not match")),
+        "{err}: {cause:?}"
+    );
+
+    let node = tls_node(&dir, "one").await;
+    let tls = tls_client(&dir, &rustls::version::TLS13);
+    let (_c, first) = wss(&node, &tls).await;
+    // a half-done rotation: the new certificate, the old key
+    rotate(&dir, "two", "crt");
+    node.wait_metric("gateway_tls_reloads_total{outcome=\"mismatch\"} 1")
+        .await;
+    let (_c, served) = wss(&node, &tls).await;
+    assert_eq!(served, first, "the old pair is still served");
+    // refused once per change, not once per tick
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    node.wait_metric("gateway_tls_reloads_total{outcome=\"mismatch\"} 1")
+        .await;
+    // the key arrives: the rotation completes
+    rotate(&dir, "two", "key");
+    node.wait_metric("gateway_tls_reloads_total{outcome=\"ok\"} 1")
+        .await;
+    let (_c, served) = wss(&node, &tls).await;
+    assert_ne!(served, first, "the new pair once it matches");
 }
