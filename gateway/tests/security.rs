@@ -998,6 +998,87 @@ fn rotate(dir: &Path, name: &str, ext: &str) {
     std::fs::rename(aside, dir.join(format!("tls.{ext}"))).unwrap();
 }
 
+/// Several `X-Forwarded-For` lines are one list in order (RFC 7230 §3.2.2): the client is
+/// the right-most untrusted entry of them all, not of the first line (which the client may
+/// have written itself).
+#[tokio::test]
+async fn forwarded_for_lines_are_combined_in_order() {
+    let node = start(gateway::Config {
+        handshake_rate_per_ip: 1,
+        handshake_burst_per_ip: 1,
+        trusted_proxies: vec!["127.0.0.0/8".into()],
+        ..config()
+    })
+    .await;
+    let two_lines = "X-Forwarded-For: 198.51.100.7\r\nX-Forwarded-For: 203.0.113.1, 127.0.0.2\r\n";
+    assert_eq!(handshake(&node, "/ws", two_lines).await.0, 101);
+    let xff = |ip: &str| format!("X-Forwarded-For: {ip}\r\n");
+    assert_eq!(
+        handshake(&node, "/ws", &xff("203.0.113.1")).await.0,
+        429,
+        "the client was the last line's untrusted hop"
+    );
+    assert_eq!(
+        handshake(&node, "/ws", &xff("198.51.100.7")).await.0,
+        101,
+        "not the first line's"
+    );
+}
+
+/// `max_connections_per_ip` counts open connections by client IP (forwarded, with trusted
+/// proxies; IPv6 by its /64); the excess gets 429 before the upgrade, and a closed
+/// connection gives its place back.
+#[tokio::test]
+async fn open_connections_per_ip_are_capped_and_ipv6_counts_by_its_64() {
+    let node = start(gateway::Config {
+        max_connections_per_ip: 2,
+        trusted_proxies: vec!["127.0.0.0/8".into()],
+        ..config()
+    })
+    .await;
+    let url = node.url();
+    let from = |ip: &'static str| {
+        let url = url.clone();
+        async move {
+            match Client::connect_with(&url, &[("X-Forwarded-For", ip)]).await {
+                Ok(mut c) => {
+                    assert_eq!(c.recv_json(T).await.unwrap()["type"], "welcome");
+                    Ok(c)
+                }
+                Err(ConnectError::Status(s)) => Err(s),
+                Err(e) => panic!("{ip}: {e}"),
+            }
+        }
+    };
+    let mut first = from("203.0.113.1").await.expect("first");
+    let _second = from("203.0.113.1").await.expect("second");
+    let (status, body) = handshake(&node, "/ws", "X-Forwarded-For: 203.0.113.1\r\n").await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (429, json!("ip_connection_limit")),
+        "{body}"
+    );
+    let _other = from("203.0.113.2")
+        .await
+        .expect("another IP has its own count");
+    let _v6a = from("2001:db8:1:1::1").await.expect("v6 first");
+    let _v6b = from("2001:db8:1:1:ffff::2")
+        .await
+        .expect("v6 second, same /64");
+    assert_eq!(from("2001:db8:1:1::3").await.err(), Some(429), "same /64");
+    let _v6c = from("2001:db8:1:2::1").await.expect("another /64");
+    let m = node.metrics().await;
+    assert!(
+        m.contains("gateway_handshakes_total{outcome=\"ip_limit\"} 2"),
+        "{m}"
+    );
+    // connections already open are untouched, and a closed one gives its place back
+    request(&mut first, json!({"type":"subscribe","channel":"a","id":1})).await;
+    first.close(1000, "bye").await.unwrap();
+    first.recv_close(T).await.unwrap();
+    connect_eventually(&url, &[("X-Forwarded-For", "203.0.113.1")]).await;
+}
+
 #[tokio::test]
 async fn tls_serves_wss_and_reloads_rotated_certificates() {
     let dir = scratch("tls");

@@ -53,6 +53,12 @@ macro_rules! settings {
             publish_allow: Vec<String> = Vec::new();
             /// Open WebSocket connections per node; more get HTTP 503 before the upgrade.
             max_connections: usize = 100_000;
+            /// Open WebSocket connections from one client IP (an IPv6 client's /64), counted
+            /// per node; more get HTTP 429 before the upgrade (0 = unlimited).
+            max_connections_per_ip: usize = 1000;
+            /// TCP connections accepted but not yet upgraded (PROXY header, TLS and HTTP
+            /// still under way), per node; more are closed at once.
+            max_pending_handshakes: usize = 10_000;
             /// Largest client message (after reassembling fragments); larger closes with 1009.
             max_message_bytes: usize = 64 * 1024;
             /// Subscriptions per connection; more get error `too_many_subscriptions`.

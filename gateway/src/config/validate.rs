@@ -16,6 +16,9 @@ impl Config {
         if self.max_connections == 0 {
             return bad("max_connections", "must be at least 1");
         }
+        if self.max_pending_handshakes == 0 {
+            return bad("max_pending_handshakes", "must be at least 1");
+        }
         if self.max_message_bytes < 128 {
             return bad("max_message_bytes", "must be at least 128");
         }
