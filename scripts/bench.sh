@@ -94,8 +94,9 @@ start_gateway() {
   GW_PORT=$(free_port); GW_ADMIN=$(free_port); local admin=$GW_ADMIN
   "$GW" --node-id "$name" --listen "127.0.0.1:$GW_PORT" --admin-listen "127.0.0.1:$admin" \
     --redis-url "$REDIS" --allow-anonymous --jwt-secret "$SECRET" \
-    --jwt-public-key "$WORK/jwt.pub" --handshake-rate-per-ip 0 --message-rate 0 \
-    --max-connections 200000 --rebalance false --pre-stop-delay-ms 0 "$@" >>"$WORK/$name.log" 2>&1 &
+    --jwt-public-key "$WORK/jwt.pub" --jwt-allow-any-audience --handshake-rate-per-ip 0 \
+    --message-rate 0 --max-connections 200000 --max-connections-per-ip 0 --rebalance false \
+    --pre-stop-delay-ms 0 "$@" >>"$WORK/$name.log" 2>&1 &
   GW_PID=$!
   pids+=("$GW_PID")
   wait_port "$GW_PORT"

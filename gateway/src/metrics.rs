@@ -121,8 +121,12 @@ families! {
         tls_reloads: "gateway_tls_reloads_total" ["outcome"],
         /// TLS handshakes that failed or timed out.
         tls_handshake_failures: "gateway_tls_handshake_failures_total" [],
+        /// Connections closed at accept because `max_pending_handshakes` were under way.
+        pending_handshakes_dropped: "gateway_pending_handshakes_dropped_total" [],
         /// JWKS fetches by result.
         jwks_fetches: "gateway_jwks_fetches_total" ["outcome"],
+        /// Cached JWKS key sets dropped after `jwks_max_stale_secs` without a successful fetch.
+        jwks_keys_expired: "gateway_jwks_keys_expired_total" [],
         /// Connection directory operations, by op.
         directory_ops: "gateway_directory_ops_total" ["op"],
         /// Failed Redis calls and lost connections, by op.

@@ -114,6 +114,40 @@ async fn slow_handshake_is_cut_off() {
     node.client().await;
 }
 
+/// Connections that are accepted but never finish their handshake are capped per node
+/// (`max_pending_handshakes`): the excess is closed at once, not after the handshake
+/// timeout. Upgraded connections do not count.
+#[tokio::test]
+async fn pending_handshakes_are_capped_and_the_excess_closed_at_once() {
+    use tokio::io::AsyncReadExt;
+    let mut cfg = config();
+    cfg.max_pending_handshakes = 2;
+    let node = start(cfg).await;
+    let (mut open1, _) = node.client().await;
+    let (_open2, _) = node.client().await;
+    let (_open3, _) = node.client().await;
+    let idle1 = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let idle2 = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let mut excess = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    tokio::time::timeout(T, excess.read_to_end(&mut buf))
+        .await
+        .expect("closed by the node")
+        .ok();
+    assert!(buf.is_empty(), "{}", String::from_utf8_lossy(&buf));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "closed at once, not after the 10 s handshake timeout"
+    );
+    node.wait_metric("gateway_pending_handshakes_dropped_total 1")
+        .await;
+    // open connections are untouched, and once the idle sockets go there is room again
+    request(&mut open1, json!({"type":"subscribe","channel":"a","id":1})).await;
+    drop((idle1, idle2));
+    connect_eventually(&node.url(), &[]).await;
+}
+
 #[tokio::test]
 async fn client_close_is_echoed_and_bad_close_frames_get_1002() {
     let node = start(config()).await;

@@ -53,6 +53,12 @@ macro_rules! settings {
             publish_allow: Vec<String> = Vec::new();
             /// Open WebSocket connections per node; more get HTTP 503 before the upgrade.
             max_connections: usize = 100_000;
+            /// Open WebSocket connections from one client IP (an IPv6 client's /64), counted
+            /// per node; more get HTTP 429 before the upgrade (0 = unlimited).
+            max_connections_per_ip: usize = 1000;
+            /// TCP connections accepted but not yet upgraded (PROXY header, TLS and HTTP
+            /// still under way), per node; more are closed at once.
+            max_pending_handshakes: usize = 10_000;
             /// Largest client message (after reassembling fragments); larger closes with 1009.
             max_message_bytes: usize = 64 * 1024;
             /// Subscriptions per connection; more get error `too_many_subscriptions`.
@@ -91,18 +97,29 @@ macro_rules! settings {
             /// (comma-separated in a flag). Several keys may be live at once during a rotation.
             #[arg(value_delimiter = ',')]
             jwt_public_key: Vec<PathBuf> = Vec::new();
-            /// JWKS URL (http or https); keys are chosen by `kid`.
+            /// JWKS URL (`https://`, or `http://` with `jwks_allow_http`); keys are chosen by
+            /// `kid`.
             jwks_url: Option<String>;
+            /// Accept an `http://` JWKS URL (tests, or a sidecar on localhost): anyone on the
+            /// path could swap the keys.
+            jwks_allow_http: switch;
             /// Periodic JWKS refresh interval.
             jwks_refresh_secs: u64 = 300;
-            /// Minimum time between two JWKS fetches caused by unknown `kid`s.
+            /// Minimum time between two JWKS fetches caused by unknown `kid`s; at least 1.
             jwks_min_refresh_secs: u64 = 10;
+            /// Cached JWKS keys are dropped after this long without a successful fetch;
+            /// handshakes then get 503 `keys_unavailable`.
+            jwks_max_stale_secs: u64 = 86_400;
             /// CA bundle used to verify an https JWKS URL.
             jwks_ca_file: PathBuf = PathBuf::from("/etc/ssl/certs/ca-certificates.crt");
             /// Required `iss` claim.
             jwt_issuer: Option<String>;
-            /// Required `aud` claim.
+            /// Required `aud` claim. Required itself with `jwt_public_key` or `jwks_url`, unless
+            /// `jwt_allow_any_audience`.
             jwt_audience: Option<String>;
+            /// With public keys or a JWKS and no `jwt_audience`: accept tokens whatever their
+            /// `aud`, including tokens the same issuer minted for other applications.
+            jwt_allow_any_audience: switch;
             /// Clock skew allowed on `exp` and `nbf`.
             jwt_leeway_secs: u64 = 30;
             /// After a connection's token expires, time it has to send `refresh` before close 4002.
@@ -149,7 +166,7 @@ macro_rules! settings {
             /// Password, when it is not in the URL (so it can come from a Secret via env).
             #[arg(hide_env_values = true)]
             redis_password: Option<Secret>;
-            /// Prefix of every Redis key and channel this gateway uses.
+            /// Prefix of every Redis key and channel this gateway uses; `[A-Za-z0-9_.:-]` only.
             redis_prefix: String = "gw:".into();
             /// `redis_url` names Redis Cluster seed nodes.
             redis_cluster: switch;

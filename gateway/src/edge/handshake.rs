@@ -44,6 +44,8 @@ pub enum Refusal {
     Draining,
     /// The node is at `max_connections`.
     OverCapacity,
+    /// The client IP (its /64 for IPv6) is at `max_connections_per_ip`.
+    IpLimit,
     Unauthorized(AuthError),
     /// The user is at `max_connections_per_user`.
     UserLimit,
@@ -56,7 +58,9 @@ pub enum Refusal {
 impl Refusal {
     fn status(&self) -> StatusCode {
         match self {
-            Refusal::RateLimited { .. } | Refusal::UserLimit => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::RateLimited { .. } | Refusal::IpLimit | Refusal::UserLimit => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Refusal::NotGet => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::NotUpgrade | Refusal::BadVersion => StatusCode::UPGRADE_REQUIRED,
             Refusal::Origin(_) => StatusCode::FORBIDDEN,
@@ -79,6 +83,7 @@ impl Refusal {
             | Refusal::BadUpgrade(_) => "bad_request",
             Refusal::Origin(_) => "forbidden_origin",
             Refusal::Draining | Refusal::OverCapacity => "over_capacity",
+            Refusal::IpLimit => "ip_limit",
             Refusal::Unauthorized(_) => "unauthorized",
             Refusal::UserLimit => "user_limit",
             Refusal::DirectoryUnavailable => "directory_unavailable",
@@ -89,6 +94,7 @@ impl Refusal {
     fn code(&self) -> &'static str {
         match self {
             Refusal::Draining => "draining",
+            Refusal::IpLimit => "ip_connection_limit",
             Refusal::UserLimit => "user_connection_limit",
             Refusal::Unauthorized(e) => e.code(),
             other => other.outcome(),
@@ -107,6 +113,7 @@ impl Refusal {
                 "this node is draining; connect through the load balancer to another node".into()
             }
             Refusal::OverCapacity => "node is at its connection limit; retry another node".into(),
+            Refusal::IpLimit => "too many open connections from this address".into(),
             Refusal::Unauthorized(e) => e.to_string(),
             Refusal::UserLimit => "this user already has the maximum number of connections".into(),
             Refusal::DirectoryUnavailable => {
@@ -150,11 +157,10 @@ pub async fn upgrade(
     mut req: Request<Incoming>,
     peer: SocketAddr,
 ) -> HttpResponse {
-    let forwarded = req
-        .headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok());
-    let ip = node.proxies.client_ip(peer.ip(), forwarded);
+    let forwarded = req.headers().get_all("x-forwarded-for");
+    let ip = node
+        .proxies
+        .client_ip(peer.ip(), forwarded.iter().map(HeaderValue::as_bytes));
     let admitted = match admit(&node, &req, ip).await {
         Ok(a) => a,
         Err(refusal) => return refusal.respond(&node, ip),
@@ -219,7 +225,7 @@ async fn admit(
     if node.maintenance.is_on() {
         return Err(Refusal::Draining);
     }
-    let slot = node.try_admit().ok_or(Refusal::OverCapacity)?;
+    let slot = node.try_admit(ip)?;
     let identity = authenticate(node, req)
         .await
         .map_err(Refusal::Unauthorized)?;

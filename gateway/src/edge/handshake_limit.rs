@@ -1,4 +1,5 @@
-//! The handshake rate per client IP (governor).
+//! The handshake rate per client IP (governor), keyed like every per-IP limit: IPv6
+//! clients by their /64 ([`super::per_ip::key`]).
 //!
 //! Per-IP state lives in a keyed limiter whose entries are evicted every minute once their
 //! bucket is full again ([`HandshakeLimiter::evict`]), so memory follows the number of IPs
@@ -34,7 +35,7 @@ impl HandshakeLimiter {
         let Some(l) = &self.limiter else {
             return Ok(());
         };
-        l.check_key(&ip)
+        l.check_key(&super::per_ip::key(ip))
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 
@@ -70,5 +71,16 @@ mod tests {
         std::thread::sleep(Duration::from_millis(600));
         l.evict();
         assert_eq!(l.tracked(), 0, "refilled buckets are dropped");
+    }
+
+    #[test]
+    fn an_ipv6_64_shares_one_bucket() {
+        let l = HandshakeLimiter::new(1, 2);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(l.check(ip("2001:db8:0:1::1")).is_ok());
+        assert!(l.check(ip("2001:db8:0:1:ffff::2")).is_ok());
+        assert!(l.check(ip("2001:db8:0:1::3")).is_err(), "same /64");
+        assert!(l.check(ip("2001:db8:0:2::1")).is_ok(), "another /64");
+        assert_eq!(l.tracked(), 2);
     }
 }

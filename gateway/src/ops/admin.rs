@@ -54,6 +54,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, stop: CancellationTok
         };
         let node = node.clone();
         let stop = stop.clone();
+        let timeout = node.config.handshake_timeout();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let node = node.clone();
@@ -61,7 +62,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, stop: CancellationTok
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
+                .header_read_timeout(timeout)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
@@ -437,11 +438,28 @@ fn drain(node: &Node, method: &Method) -> HttpResponse {
 
 /// Reads `{"data": <json>}`, bounded by `max_message_bytes`, with the same checks as a
 /// client's `data`.
+///
+/// The read is bounded in time too (`handshake_timeout_ms`, as the request head is): hyper's
+/// header timeout ends with the head, and a caller that sends the head and then trickles
+/// the body would otherwise hold the connection and its task for as long as it likes.
 async fn read_data(node: &Node, req: Request<Incoming>) -> Result<Box<RawValue>, HttpResponse> {
     let max = node.config.max_message_bytes;
-    let body = match Limited::new(req.into_body(), max).collect().await {
-        Ok(b) => b.to_bytes(),
+    let timeout = node.config.handshake_timeout();
+    let read = Limited::new(req.into_body(), max).collect();
+    let body = match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(b)) => b.to_bytes(),
         Err(_) => {
+            tracing::info!(
+                timeout_ms = node.config.handshake_timeout_ms,
+                "admin request refused: body not received in time"
+            );
+            return Err(json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "request body not received in time",
+            ));
+        }
+        Ok(Err(_)) => {
             return Err(json_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
