@@ -11,16 +11,22 @@
 //! vectored write, so a burst costs one syscall rather than one per frame. Memory per
 //! connection is therefore bounded by twice the cap: one queue being filled, one batch being
 //! written.
+//!
+//! A queue may also hold its connection's [`Framer`] (protocols whose frames carry
+//! per-connection headers, see [`super::event`]) and carries the keep-alive that such a
+//! protocol negotiates after the connection opened ([`Heartbeat`]) to the writer.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use std::time::Instant;
 
 use tokio::sync::Notify;
 
-use super::event::{Codec, Event};
+use super::event::{Codec, Encoded, Event, Framer};
 use crate::error::CloseReason;
 
 /// See the module docs.
@@ -32,6 +38,21 @@ pub struct Outbound {
     codec: &'static dyn Codec,
     /// Where [`Outbound::written`] records the fan-out latency; `None` in tools and tests.
     latency: Option<opentelemetry::metrics::Histogram<f64>>,
+    /// The connection's own part of its frames; `None` for protocols without one (v1).
+    framer: Option<Arc<dyn Framer>>,
+    /// A [`Heartbeat`] is waiting in `State` for the writer: checked without the lock.
+    heartbeat_set: AtomicBool,
+}
+
+/// A keep-alive that the connection's protocol negotiated after it opened (STOMP's
+/// `heart-beat`), run by the writer loop on top of the WebSocket pings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Queue this frame at this interval; `None`: the server sends none.
+    pub send: Option<(Duration, Bytes)>,
+    /// Close with 4001 once no data message (text or binary: pongs do not count) arrived for
+    /// this long; `None`: only the WebSocket ping timeout applies.
+    pub expect: Option<Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -43,6 +64,8 @@ struct State {
     oldest: Option<Instant>,
     /// Writes that carried a channel message, for sampling the latency histogram.
     writes: u32,
+    /// Set by the protocol, taken by the writer.
+    heartbeat: Option<Heartbeat>,
 }
 
 /// One write in this many (per connection) that carried a channel message records its
@@ -58,6 +81,9 @@ pub enum Pushed {
     Overflowed,
     /// The connection is already closing; the frame was dropped.
     Closing,
+    /// The connection's framer had no frame for the event (a STOMP connection without a
+    /// subscription for it): nothing was queued.
+    Unwanted,
 }
 
 impl Outbound {
@@ -69,6 +95,16 @@ impl Outbound {
             cap,
             codec,
             latency: None,
+            framer: None,
+            heartbeat_set: AtomicBool::new(false),
+        }
+    }
+
+    /// Frames every event for this connection with `framer` (see [`super::event`]).
+    pub fn with_framer(self, framer: Arc<dyn Framer>) -> Self {
+        Outbound {
+            framer: Some(framer),
+            ..self
         }
     }
 
@@ -80,14 +116,71 @@ impl Outbound {
         }
     }
 
-    /// The connection's wire protocol.
-    pub fn codec(&self) -> &'static dyn Codec {
-        self.codec
-    }
-
     /// Encodes `event` for this connection and queues it.
     pub fn push_event(&self, event: &Event<'_>) -> Pushed {
-        self.push(self.codec.encode(event))
+        self.push_encoded(&mut Encoded::new(*event), None).0
+    }
+
+    /// Queues an event being delivered to many connections: its bytes for this connection's
+    /// codec (encoded once per protocol), framed by the connection's [`Framer`] when it has
+    /// one. `received` is when the broker handed over a channel message. Returns what
+    /// happened and how many bytes were queued.
+    pub fn push_encoded(
+        &self,
+        encoded: &mut Encoded<'_>,
+        received: Option<Instant>,
+    ) -> (Pushed, usize) {
+        let shared = encoded.bytes(self.codec);
+        let Some(framer) = &self.framer else {
+            let len = shared.len();
+            return (self.push_at(shared, received), len);
+        };
+        let mut s = self.lock();
+        if s.close.is_some() {
+            return (Pushed::Closing, 0);
+        }
+        let (mut parts, mut added) = (0, 0);
+        framer.frame(encoded.event(), &shared, &mut |part: Bytes| {
+            parts += 1;
+            added += part.len();
+            s.frames.push_back(part);
+        });
+        if parts == 0 {
+            return (Pushed::Unwanted, 0);
+        }
+        if s.oldest.is_none() {
+            s.oldest = received;
+        }
+        if s.bytes + added > self.cap {
+            return (self.overflow(s), 0);
+        }
+        s.bytes += added;
+        let first = s.frames.len() == parts;
+        drop(s);
+        if first {
+            self.notify.notify_one();
+        }
+        (Pushed::Queued, added)
+    }
+
+    /// The last frame before the close frame, from the connection's framer.
+    pub fn farewell(&self, reason: &CloseReason) -> Option<Bytes> {
+        self.framer.as_ref()?.farewell(reason)
+    }
+
+    /// Hands the writer a keep-alive to run from now on (replacing any earlier one).
+    pub fn set_heartbeat(&self, heartbeat: Heartbeat) {
+        self.lock().heartbeat = Some(heartbeat);
+        self.heartbeat_set.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// The keep-alive set since the last call, if any. For the writer: cheap when none was.
+    pub fn take_heartbeat(&self) -> Option<Heartbeat> {
+        if !self.heartbeat_set.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        self.lock().heartbeat.take()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -101,11 +194,6 @@ impl Outbound {
         self.push_at(frame, None)
     }
 
-    /// Queues a channel message that the broker handed over at `received`.
-    pub fn push_received(&self, frame: Bytes, received: Instant) -> Pushed {
-        self.push_at(frame, Some(received))
-    }
-
     fn push_at(&self, frame: Bytes, received: Option<Instant>) -> Pushed {
         let mut s = self.lock();
         if s.oldest.is_none() {
@@ -115,12 +203,7 @@ impl Outbound {
             return Pushed::Closing;
         }
         if s.bytes + frame.len() > self.cap {
-            s.frames.clear();
-            s.bytes = 0;
-            s.close = Some(CloseReason::SlowConsumer(self.cap));
-            drop(s);
-            self.notify.notify_one();
-            return Pushed::Overflowed;
+            return self.overflow(s);
         }
         s.bytes += frame.len();
         s.frames.push_back(frame);
@@ -132,6 +215,16 @@ impl Outbound {
             self.notify.notify_one();
         }
         Pushed::Queued
+    }
+
+    /// Drops everything queued and closes the connection as a slow consumer.
+    fn overflow(&self, mut s: std::sync::MutexGuard<'_, State>) -> Pushed {
+        s.frames.clear();
+        s.bytes = 0;
+        s.close = Some(CloseReason::SlowConsumer(self.cap));
+        drop(s);
+        self.notify.notify_one();
+        Pushed::Overflowed
     }
 
     /// Asks the writer to close the connection. The first reason given wins; frames already

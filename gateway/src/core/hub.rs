@@ -211,17 +211,16 @@ impl Hub {
         let received = std::time::Instant::now();
         let (mut delivered, mut bytes) = (0u64, 0u64);
         for out in subs.values() {
-            let frame = encoded.bytes(out.codec());
-            let len = frame.len() as u64;
-            match out.push_received(frame, received) {
+            let (pushed, len) = out.push_encoded(&mut encoded, Some(received));
+            match pushed {
                 Pushed::Queued => {
                     delivered += 1;
-                    bytes += len;
+                    bytes += len as u64;
                 }
                 Pushed::Overflowed => {
                     self.metrics.slow_consumer_disconnects.inc([]);
                 }
-                Pushed::Closing => {}
+                Pushed::Closing | Pushed::Unwanted => {}
             }
         }
         drop(map);
