@@ -35,8 +35,12 @@ pub enum Command<'a> {
     Unsubscribe { channel: &'a str },
     /// Publish `data` (JSON text) to a channel.
     Publish { channel: &'a str, data: &'a str },
-    /// Send `data` (JSON text) to the backends' inbound stream.
-    Send { data: &'a str },
+    /// Send `data` (JSON text) to the backends' inbound stream. `destination` is recorded
+    /// with it when the protocol names one (STOMP's `SEND /app/<x>`); v1 has none.
+    Send {
+        data: &'a str,
+        destination: Option<&'a str>,
+    },
     /// Replace the connection's token before it expires.
     Refresh { token: &'a str },
 }
@@ -252,11 +256,11 @@ impl Session {
                     .map_err(unavailable)
             }
             Command::Refresh { token } => self.refresh(token).await,
-            Command::Send { data } => {
+            Command::Send { data, destination } => {
                 let user = self.identity.as_ref().map(|i| i.user_id.as_str());
                 self.core
                     .inbound
-                    .append(Inbound::Message, &self.conn_id, user, data)
+                    .append(Inbound::Message, &self.conn_id, user, data, destination)
                     .await
                     .map_err(unavailable)
             }
