@@ -358,6 +358,12 @@ impl Ending {
     }
 }
 
+/// Counts and logs a connection that closed before its protocol opened a session (a STOMP
+/// connection before its CONNECT): it never was in the directory or the inbound stream.
+pub fn closed_unopened(core: &Core, peer: IpAddr, conn_id: &str, reason: &CloseReason) {
+    closed(core, peer, conn_id, reason);
+}
+
 /// Counts and logs a closed connection.
 fn closed(core: &Core, peer: IpAddr, conn_id: &str, reason: &CloseReason) {
     let (label, blame) = (reason.label(), reason.blame());
