@@ -15,6 +15,8 @@
 //!   decoded without a standing read buffer.
 //! - [`outbound`]: a connection's byte-bounded outbound queue and slow-consumer policy.
 //! - [`session`]: protocol v1 for one connection (subscribe, unsubscribe, publish).
+//! - [`protocol`]: the wire protocols, each a frame handler and a codec: v1 (JSON) and STOMP
+//!   1.0–1.2, picked at the handshake by `Sec-WebSocket-Protocol`.
 //! - [`hub`]: channel → local subscribers, sharded; drives broker subscriptions.
 //! - [`broker`]: the `Broker` trait, the in-memory and Redis brokers, the conformance suite.
 //! - [`redis`]: the node's one Redis connection and the router of its pub/sub pushes.
