@@ -13,6 +13,7 @@
 //! let e = Inbound::from_fields([("event", "message"), ("conn_id", "n1.1.1"), ("user_id", "alice"),
 //!     ("node_id", "n1"), ("ts", "1700000000000"), ("data", "{\"order\":1}")]).unwrap();
 //! assert_eq!(e.event, shared::backend::Event::Message);
+//! assert_eq!(e.destination, None); // set on a STOMP client's SEND /app/<x>
 //! ```
 
 /// The Redis key and channel names under one prefix (`--redis-prefix`, default `gw:`).

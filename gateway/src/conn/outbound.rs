@@ -294,6 +294,69 @@ mod tests {
         }
     }
 
+    /// A framer that sends every event as a head of its own plus the shared part, or
+    /// nothing for direct messages.
+    struct TwoParts;
+    impl Framer for TwoParts {
+        fn frame(&self, event: &Event<'_>, shared: &Bytes, part: &mut dyn FnMut(Bytes)) {
+            if let Event::Message { .. } = event {
+                part(Bytes::from_static(b"head"));
+                part(shared.clone());
+            }
+        }
+        fn farewell(&self, _: &CloseReason) -> Option<Bytes> {
+            Some(Bytes::from_static(b"bye"))
+        }
+    }
+
+    struct Body;
+    impl Codec for Body {
+        fn id(&self) -> usize {
+            0
+        }
+        fn encode(&self, _: &Event<'_>) -> Bytes {
+            Bytes::from_static(b"body")
+        }
+    }
+
+    #[test]
+    fn a_framer_queues_its_parts_together_or_not_at_all() {
+        let q = Outbound::new(12, &Body).with_framer(Arc::new(TwoParts));
+        let message = Event::Message {
+            channel: "c",
+            data: "1",
+        };
+        let mut e = Encoded::new(message);
+        assert_eq!(q.push_encoded(&mut e, None), (Pushed::Queued, 8));
+        let mut direct = Encoded::new(Event::Direct { data: "1" });
+        assert_eq!(q.push_encoded(&mut direct, None), (Pushed::Unwanted, 0));
+        // 8 + 8 > 12: both parts of the second go, with everything else
+        assert_eq!(q.push_encoded(&mut e, None).0, Pushed::Overflowed);
+        let mut batch = VecDeque::new();
+        assert_eq!(q.take(&mut batch).0, Some(CloseReason::SlowConsumer(12)));
+        assert!(batch.is_empty());
+        assert_eq!(
+            q.farewell(&CloseReason::Shutdown).as_deref(),
+            Some(&b"bye"[..])
+        );
+        assert!(Outbound::new(1, &Body)
+            .farewell(&CloseReason::Shutdown)
+            .is_none());
+    }
+
+    #[test]
+    fn a_heartbeat_is_taken_once() {
+        let q = Outbound::new(10, &NoCodec);
+        assert_eq!(q.take_heartbeat(), None);
+        let hb = Heartbeat {
+            send: Some((Duration::from_secs(1), Bytes::from_static(b"\n"))),
+            expect: None,
+        };
+        q.set_heartbeat(hb.clone());
+        assert_eq!(q.take_heartbeat(), Some(hb));
+        assert_eq!(q.take_heartbeat(), None);
+    }
+
     #[test]
     fn overflow_drops_queue_and_closes() {
         let q = Outbound::new(10, &NoCodec);
