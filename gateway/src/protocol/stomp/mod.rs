@@ -135,6 +135,8 @@ pub struct Routes {
     errored: AtomicBool,
     /// A CONNECT arrived (the CONNECT deadline no longer applies).
     connecting: AtomicBool,
+    /// CONNECTED went out: the client knows the version, and ERROR values are escaped.
+    open: AtomicBool,
 }
 
 impl Routes {
@@ -146,14 +148,20 @@ impl Routes {
         self.version.get().copied().unwrap_or(Version::V1_2)
     }
 
-    /// An ERROR frame, marked as sent.
+    /// An ERROR frame, marked as sent. Before CONNECTED the client cannot know which
+    /// version's escaping applies (stompjs unescapes only once connected with 1.2), so the
+    /// values are then written as 1.0 does: raw, line breaks replaced.
     fn error(&self, message: &str, receipt: Option<&str>) -> Bytes {
         self.errored.store(true, Ordering::Release);
         let mut headers = vec![("message", message), ("content-type", "text/plain")];
         if let Some(r) = receipt {
             headers.push(("receipt-id", r));
         }
-        frame::encode("ERROR", &headers, message, self.version())
+        let version = match self.open.load(Ordering::Acquire) {
+            true => self.version(),
+            false => Version::V1_0,
+        };
+        frame::encode("ERROR", &headers, message, version)
     }
 
     fn route(&self, sub: &str, destination: &str, ack: bool) -> Route {
@@ -544,6 +552,7 @@ impl Connection {
             headers.push(("user-name", u));
         }
         self.send(frame::encode("CONNECTED", &headers, "", version));
+        self.routes.open.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -896,6 +905,23 @@ mod tests {
         a.take(&mut q);
         let p = payload(&q);
         assert!(p.ends_with(b"xx\"\0"));
+    }
+
+    #[test]
+    fn errors_are_escaped_once_connected() {
+        let routes = Routes::default();
+        let before = routes.error("a: b", None);
+        assert!(String::from_utf8_lossy(&before).contains("\nmessage:a: b\n"));
+        let _ = routes.version.set(Version::V1_2);
+        routes.open.store(true, Ordering::Release);
+        let after = routes.error("a: b", Some("r:1"));
+        let text = String::from_utf8_lossy(&after);
+        assert!(text.contains("\nmessage:a\\c b\n"), "{text}");
+        assert!(text.contains("\nreceipt-id:r\\c1\n"), "{text}");
+        assert!(
+            text.ends_with("\n\na: b\0"),
+            "the body is not escaped: {text}"
+        );
     }
 
     #[test]
