@@ -177,7 +177,10 @@ impl Outbound {
 
     /// The keep-alive set since the last call, if any. For the writer: cheap when none was.
     pub fn take_heartbeat(&self) -> Option<Heartbeat> {
-        if !self.heartbeat_set.swap(false, Ordering::AcqRel) {
+        // A plain load first: this runs on every turn of every writer.
+        if !self.heartbeat_set.load(Ordering::Acquire)
+            || !self.heartbeat_set.swap(false, Ordering::AcqRel)
+        {
             return None;
         }
         self.lock().heartbeat.take()
