@@ -23,7 +23,8 @@ lint:
 unit:
 	$(CARGO) test --workspace $(FEATURES)
 
-## Headless Chromium drives the demo page (needs the debug gateway binary).
+## Headless Chromium drives the demo page; stompjs and ws clients test STOMP (needs the debug
+## gateway binary and redis-server).
 e2e: deps-node
 	$(CARGO) build -p gateway $(FEATURES)
 	cd e2e && node --test

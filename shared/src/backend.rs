@@ -13,6 +13,7 @@
 //! let e = Inbound::from_fields([("event", "message"), ("conn_id", "n1.1.1"), ("user_id", "alice"),
 //!     ("node_id", "n1"), ("ts", "1700000000000"), ("data", "{\"order\":1}")]).unwrap();
 //! assert_eq!(e.event, shared::backend::Event::Message);
+//! assert_eq!(e.destination, None); // set on a STOMP client's SEND /app/<x>
 //! ```
 
 /// The Redis key and channel names under one prefix (`--redis-prefix`, default `gw:`).
@@ -90,6 +91,9 @@ pub struct Inbound {
     /// `message`: the client's `data` (JSON text). `disconnect`: `{"code":..,"reason":..}`.
     /// `connect`: empty.
     pub data: String,
+    /// `message` from a STOMP `SEND /app/<x>`: that destination (`/app/orders`). `None` for
+    /// v1 `send`s and lifecycle events (the field is absent).
+    pub destination: Option<String>,
 }
 
 impl Inbound {
@@ -99,6 +103,7 @@ impl Inbound {
     ) -> Option<Inbound> {
         let (mut event, mut conn, mut user, mut node, mut ts, mut data) =
             (None, None, None, None, None, None);
+        let mut destination = None;
         for (k, v) in fields {
             let v = v.as_ref();
             match k.as_ref() {
@@ -108,6 +113,7 @@ impl Inbound {
                 "node_id" => node = Some(v.to_owned()),
                 "ts" => ts = v.parse().ok(),
                 "data" => data = Some(v.to_owned()),
+                "destination" => destination = Some(v.to_owned()),
                 _ => {}
             }
         }
@@ -118,6 +124,7 @@ impl Inbound {
             node_id: node?,
             ts: ts?,
             data: data?,
+            destination,
         })
     }
 }

@@ -66,9 +66,9 @@ macro_rules! settings {
             /// Bytes queued for one client before it is disconnected as a slow consumer
             /// (close 4000).
             outbound_queue_bytes: usize = 1024 * 1024;
-            /// Time allowed to receive the HTTP upgrade request headers.
+            /// Time allowed to receive the HTTP upgrade request headers (and a STOMP CONNECT).
             handshake_timeout_ms: u64 = 10_000;
-            /// Interval between server pings.
+            /// Interval between server pings (and the heart-beat offered to STOMP clients).
             ping_interval_ms: u64 = 25_000;
             /// A peer silent (no frame of any kind) for this long is closed with 4001.
             ping_timeout_ms: u64 = 60_000;

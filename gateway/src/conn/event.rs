@@ -7,9 +7,17 @@
 //! every later subscriber of that protocol. A channel message fanned out to ten thousand
 //! connections of two protocols is encoded twice.
 //!
+//! A protocol whose frames also carry something of the connection's own (STOMP's
+//! `subscription` and `message-id` headers) adds a [`Framer`] to each of its connections'
+//! queues: the codec still encodes the shared part once, and the framer puts a small prefix
+//! of the connection's own in front of it, which the writer sends with the shared bytes in
+//! one vectored write, so the shared part is never copied.
+//!
 //! [`Outbound`]: super::outbound::Outbound
 
 use bytes::Bytes;
+
+use crate::error::CloseReason;
 
 /// An event for one connection, borrowed from whoever produced it.
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +49,23 @@ pub trait Codec: Send + Sync + 'static {
     fn encode(&self, event: &Event<'_>) -> Bytes;
 }
 
+/// The per-connection half of a protocol whose frames differ per connection, held by each
+/// of its connections' [`Outbound`](super::outbound::Outbound) queues. See the module docs.
+pub trait Framer: Send + Sync + 'static {
+    /// Hands `part`, in order, the buffers that make up this connection's frame(s) for
+    /// `event`, `shared` (what the codec encoded, shared by every connection of the protocol)
+    /// among them. Called with the queue locked, so the parts are queued together. Handing
+    /// over nothing drops the event for this connection (a STOMP connection holding no
+    /// subscription for it).
+    fn frame(&self, event: &Event<'_>, shared: &Bytes, part: &mut dyn FnMut(Bytes));
+
+    /// A last frame to write before the close frame (STOMP's ERROR naming the reason).
+    fn farewell(&self, reason: &CloseReason) -> Option<Bytes> {
+        let _ = reason;
+        None
+    }
+}
+
 /// An event being delivered to many connections: encoded at most once per protocol.
 pub struct Encoded<'a> {
     event: Event<'a>,
@@ -53,6 +78,11 @@ impl<'a> Encoded<'a> {
             event,
             cache: Default::default(),
         }
+    }
+
+    /// The event itself.
+    pub fn event(&self) -> &Event<'a> {
+        &self.event
     }
 
     /// The event's bytes for `codec`, encoded on first use.

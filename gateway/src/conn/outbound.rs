@@ -11,16 +11,22 @@
 //! vectored write, so a burst costs one syscall rather than one per frame. Memory per
 //! connection is therefore bounded by twice the cap: one queue being filled, one batch being
 //! written.
+//!
+//! A queue may also hold its connection's [`Framer`] (protocols whose frames carry
+//! per-connection headers, see [`super::event`]) and carries the keep-alive that such a
+//! protocol negotiates after the connection opened ([`Heartbeat`]) to the writer.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use std::time::Instant;
 
 use tokio::sync::Notify;
 
-use super::event::{Codec, Event};
+use super::event::{Codec, Encoded, Event, Framer};
 use crate::error::CloseReason;
 
 /// See the module docs.
@@ -32,6 +38,21 @@ pub struct Outbound {
     codec: &'static dyn Codec,
     /// Where [`Outbound::written`] records the fan-out latency; `None` in tools and tests.
     latency: Option<opentelemetry::metrics::Histogram<f64>>,
+    /// The connection's own part of its frames; `None` for protocols without one (v1).
+    framer: Option<Arc<dyn Framer>>,
+    /// A [`Heartbeat`] is waiting in `State` for the writer: checked without the lock.
+    heartbeat_set: AtomicBool,
+}
+
+/// A keep-alive that the connection's protocol negotiated after it opened (STOMP's
+/// `heart-beat`), run by the writer loop on top of the WebSocket pings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Queue this frame at this interval; `None`: the server sends none.
+    pub send: Option<(Duration, Bytes)>,
+    /// Close with 4001 once no data message (text or binary: pongs do not count) arrived for
+    /// this long; `None`: only the WebSocket ping timeout applies.
+    pub expect: Option<Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -43,12 +64,31 @@ struct State {
     oldest: Option<Instant>,
     /// Writes that carried a channel message, for sampling the latency histogram.
     writes: u32,
+    /// Set by the protocol, taken by the writer.
+    heartbeat: Option<Heartbeat>,
 }
 
 /// One write in this many (per connection) that carried a channel message records its
 /// latency: the histogram is shared by every connection of the node, and recording every
 /// write cost about 2 % of the node's CPU at one delivery per write.
 pub const LATENCY_SAMPLE: u32 = 8;
+
+/// The bytes of one event for one connection, queued together.
+pub enum Parts {
+    /// One buffer (a connection without a framer).
+    One(Bytes),
+    /// The framer's buffers, in order (none: the connection does not want the event).
+    Many(Vec<Bytes>),
+}
+
+impl Parts {
+    pub fn len(&self) -> usize {
+        match self {
+            Parts::One(b) => b.len(),
+            Parts::Many(p) => p.iter().map(Bytes::len).sum(),
+        }
+    }
+}
 
 /// What [`Outbound::push`] did with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +98,9 @@ pub enum Pushed {
     Overflowed,
     /// The connection is already closing; the frame was dropped.
     Closing,
+    /// The connection's framer had no frame for the event (a STOMP connection without a
+    /// subscription for it): nothing was queued.
+    Unwanted,
 }
 
 impl Outbound {
@@ -69,6 +112,16 @@ impl Outbound {
             cap,
             codec,
             latency: None,
+            framer: None,
+            heartbeat_set: AtomicBool::new(false),
+        }
+    }
+
+    /// Frames every event for this connection with `framer` (see [`super::event`]).
+    pub fn with_framer(self, framer: Arc<dyn Framer>) -> Self {
+        Outbound {
+            framer: Some(framer),
+            ..self
         }
     }
 
@@ -85,14 +138,114 @@ impl Outbound {
         self.cap
     }
 
-    /// The connection's wire protocol.
-    pub fn codec(&self) -> &'static dyn Codec {
-        self.codec
-    }
-
     /// Encodes `event` for this connection and queues it.
     pub fn push_event(&self, event: &Event<'_>) -> Pushed {
-        self.push(self.codec.encode(event))
+        self.push_encoded(&mut Encoded::new(*event), None).0
+    }
+
+    /// Queues an event being delivered to many connections: its bytes for this connection's
+    /// codec (encoded once per protocol), framed by the connection's [`Framer`] when it has
+    /// one. `received` is when the broker handed over a channel message. Returns what
+    /// happened and how many bytes were queued.
+    pub fn push_encoded(
+        &self,
+        encoded: &mut Encoded<'_>,
+        received: Option<Instant>,
+    ) -> (Pushed, usize) {
+        let shared = encoded.bytes(self.codec);
+        let Some(framer) = &self.framer else {
+            let len = shared.len();
+            return (self.push_at(shared, received), len);
+        };
+        let mut s = self.lock();
+        if s.close.is_some() {
+            return (Pushed::Closing, 0);
+        }
+        let (mut parts, mut added) = (0, 0);
+        framer.frame(encoded.event(), &shared, &mut |part: Bytes| {
+            parts += 1;
+            added += part.len();
+            s.frames.push_back(part);
+        });
+        if parts == 0 {
+            return (Pushed::Unwanted, 0);
+        }
+        if s.oldest.is_none() {
+            s.oldest = received;
+        }
+        if s.bytes + added > self.cap {
+            return (self.overflow(s), 0);
+        }
+        s.bytes += added;
+        let first = s.frames.len() == parts;
+        drop(s);
+        if first {
+            self.notify.notify_one();
+        }
+        (Pushed::Queued, added)
+    }
+
+    /// The bytes `push_encoded` would queue for this event, without queueing them: for a
+    /// subscriber that buffers until it goes live (a history channel's joiner). Empty when
+    /// the connection's framer does not want the event.
+    pub fn frame_encoded(&self, encoded: &mut Encoded<'_>) -> Parts {
+        let shared = encoded.bytes(self.codec);
+        let Some(framer) = &self.framer else {
+            return Parts::One(shared);
+        };
+        let mut parts = Vec::new();
+        framer.frame(encoded.event(), &shared, &mut |part: Bytes| {
+            parts.push(part)
+        });
+        Parts::Many(parts)
+    }
+
+    /// Queues what [`Outbound::frame_encoded`] made: all of its parts, or none.
+    pub fn push_parts(&self, parts: Parts) -> Pushed {
+        let parts = match parts {
+            Parts::One(b) => return self.push(b),
+            Parts::Many(p) if p.is_empty() => return Pushed::Unwanted,
+            Parts::Many(p) => p,
+        };
+        let mut s = self.lock();
+        if s.close.is_some() {
+            return Pushed::Closing;
+        }
+        let added: usize = parts.iter().map(Bytes::len).sum();
+        if s.bytes + added > self.cap {
+            return self.overflow(s);
+        }
+        s.bytes += added;
+        let first = s.frames.is_empty();
+        s.frames.extend(parts);
+        drop(s);
+        if first {
+            self.notify.notify_one();
+        }
+        Pushed::Queued
+    }
+
+    /// The last frame before the close frame, from the connection's framer.
+    pub fn farewell(&self, reason: &CloseReason) -> Option<Bytes> {
+        self.framer.as_ref()?.farewell(reason)
+    }
+
+    /// Hands the writer a keep-alive to run from now on (replacing any earlier one).
+    pub fn set_heartbeat(&self, heartbeat: Heartbeat) {
+        self.lock().heartbeat = Some(heartbeat);
+        self.heartbeat_set.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// The keep-alive set since the last call, if any. For the writer: cheap when none was.
+    pub fn take_heartbeat(&self) -> Option<Heartbeat> {
+        // A plain load first: this runs on every turn of every writer.
+        if !self.heartbeat_set.load(Ordering::Acquire)
+            || !self.heartbeat_set.swap(false, Ordering::AcqRel)
+        {
+            return None;
+        }
+        self.lock().heartbeat.take()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -106,11 +259,6 @@ impl Outbound {
         self.push_at(frame, None)
     }
 
-    /// Queues a channel message that the broker handed over at `received`.
-    pub fn push_received(&self, frame: Bytes, received: Instant) -> Pushed {
-        self.push_at(frame, Some(received))
-    }
-
     fn push_at(&self, frame: Bytes, received: Option<Instant>) -> Pushed {
         let mut s = self.lock();
         if s.oldest.is_none() {
@@ -120,12 +268,7 @@ impl Outbound {
             return Pushed::Closing;
         }
         if s.bytes + frame.len() > self.cap {
-            s.frames.clear();
-            s.bytes = 0;
-            s.close = Some(CloseReason::SlowConsumer(self.cap));
-            drop(s);
-            self.notify.notify_one();
-            return Pushed::Overflowed;
+            return self.overflow(s);
         }
         s.bytes += frame.len();
         s.frames.push_back(frame);
@@ -137,6 +280,16 @@ impl Outbound {
             self.notify.notify_one();
         }
         Pushed::Queued
+    }
+
+    /// Drops everything queued and closes the connection as a slow consumer.
+    fn overflow(&self, mut s: std::sync::MutexGuard<'_, State>) -> Pushed {
+        s.frames.clear();
+        s.bytes = 0;
+        s.close = Some(CloseReason::SlowConsumer(self.cap));
+        drop(s);
+        self.notify.notify_one();
+        Pushed::Overflowed
     }
 
     /// Asks the writer to close the connection. The first reason given wins; frames already
@@ -196,6 +349,70 @@ mod tests {
     use super::*;
 
     use crate::conn::event::DebugCodec as NoCodec;
+
+    /// A framer that sends every event as a head of its own plus the shared part, or
+    /// nothing for direct messages.
+    struct TwoParts;
+    impl Framer for TwoParts {
+        fn frame(&self, event: &Event<'_>, shared: &Bytes, part: &mut dyn FnMut(Bytes)) {
+            if let Event::Message { .. } = event {
+                part(Bytes::from_static(b"head"));
+                part(shared.clone());
+            }
+        }
+        fn farewell(&self, _: &CloseReason) -> Option<Bytes> {
+            Some(Bytes::from_static(b"bye"))
+        }
+    }
+
+    struct Body;
+    impl Codec for Body {
+        fn id(&self) -> usize {
+            0
+        }
+        fn encode(&self, _: &Event<'_>) -> Bytes {
+            Bytes::from_static(b"body")
+        }
+    }
+
+    #[test]
+    fn a_framer_queues_its_parts_together_or_not_at_all() {
+        let q = Outbound::new(12, &Body).with_framer(Arc::new(TwoParts));
+        let message = Event::Message {
+            position: None,
+            channel: "c",
+            data: "1",
+        };
+        let mut e = Encoded::new(message);
+        assert_eq!(q.push_encoded(&mut e, None), (Pushed::Queued, 8));
+        let mut direct = Encoded::new(Event::Direct { data: "1" });
+        assert_eq!(q.push_encoded(&mut direct, None), (Pushed::Unwanted, 0));
+        // 8 + 8 > 12: both parts of the second go, with everything else
+        assert_eq!(q.push_encoded(&mut e, None).0, Pushed::Overflowed);
+        let mut batch = VecDeque::new();
+        assert_eq!(q.take(&mut batch).0, Some(CloseReason::SlowConsumer(12)));
+        assert!(batch.is_empty());
+        assert_eq!(
+            q.farewell(&CloseReason::Shutdown).as_deref(),
+            Some(&b"bye"[..])
+        );
+        assert!(Outbound::new(1, &Body)
+            .farewell(&CloseReason::Shutdown)
+            .is_none());
+    }
+
+    #[test]
+    fn a_heartbeat_is_taken_once() {
+        let q = Outbound::new(10, &NoCodec);
+        assert_eq!(q.take_heartbeat(), None);
+        let hb = Heartbeat {
+            send: Some((Duration::from_secs(1), Bytes::from_static(b"\n"))),
+            expect: None,
+        };
+        q.set_heartbeat(hb.clone());
+        assert_eq!(q.take_heartbeat(), Some(hb));
+        assert_eq!(q.take_heartbeat(), None);
+    }
 
     #[test]
     fn overflow_drops_queue_and_closes() {

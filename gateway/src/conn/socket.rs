@@ -13,6 +13,12 @@
 //! Control frames the reader sees (ping → pong, close → our close) are answered through the
 //! same outbound queue, keeping a single writer per socket.
 //!
+//! A protocol with a keep-alive of its own (STOMP's heart-beats) hands the writer a
+//! [`Heartbeat`] through the outbound queue once negotiated; the writer then also sends that
+//! protocol's beat and closes with 4001 when no data message arrived in time (pongs answer
+//! our pings whatever the application does, so they do not count there). Before closing,
+//! the writer writes the queue's farewell frame, if its protocol has one (STOMP's ERROR).
+//!
 //! A plain-TCP connection is unwrapped from hyper's `Upgraded` back to its socket
 //! ([`serve_upgraded`]): the halves are owned (no split lock, no boxed I/O on every call) and
 //! the writer sends with `sendmsg`, which skips the file layer that `writev` goes through.
@@ -39,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use crate::conn::clock::{ClockEvent, TokenClock};
 use crate::conn::event::Event;
 use crate::conn::frame::{self, FrameReader, OpCode};
-use crate::conn::outbound::Outbound;
+use crate::conn::outbound::{Heartbeat, Outbound};
 use crate::error::CloseReason;
 
 /// What the application does with complete messages.
@@ -94,7 +100,7 @@ where
     H: Handler,
 {
     let silence = Silence {
-        last_seen: Arc::new(AtomicU64::new(0)),
+        last_seen: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
         started: Instant::now(),
     };
     let reader = tokio::spawn(read_loop(
@@ -198,24 +204,100 @@ impl AsyncWrite for TcpWriter {
     }
 }
 
-/// When the reader last saw a frame, in milliseconds since `started`.
+/// When the reader last saw a frame (`[0]`) and a data frame (`[1]`: text, binary or
+/// continuation), in milliseconds since `started`.
 #[derive(Clone)]
 struct Silence {
-    last_seen: Arc<AtomicU64>,
+    last_seen: Arc<[AtomicU64; 2]>,
     started: Instant,
 }
 
 impl Silence {
-    fn heard(&self) {
+    fn heard(&self, data: bool) {
         let ms = self.started.elapsed().as_millis() as u64;
-        self.last_seen.store(ms, Ordering::Relaxed);
+        self.last_seen[0].store(ms, Ordering::Relaxed);
+        if data {
+            self.last_seen[1].store(ms, Ordering::Relaxed);
+        }
     }
 
+    /// No frame at all for longer than `limit`.
     fn longer_than(&self, limit: Duration) -> bool {
-        let silent_ms = (self.started.elapsed().as_millis() as u64)
-            .saturating_sub(self.last_seen.load(Ordering::Relaxed));
-        silent_ms > limit.as_millis() as u64
+        self.silent_ms(0) > limit.as_millis() as u64
     }
+
+    /// No data frame for longer than `limit`.
+    fn no_data_for(&self, limit: Duration) -> bool {
+        self.silent_ms(1) > limit.as_millis() as u64
+    }
+
+    fn silent_ms(&self, which: usize) -> u64 {
+        (self.started.elapsed().as_millis() as u64)
+            .saturating_sub(self.last_seen[which].load(Ordering::Relaxed))
+    }
+}
+
+/// The timers of a protocol's [`Heartbeat`]. Boxed in the writer, so that connections
+/// without one do not reserve room for it.
+struct Beat {
+    heartbeat: Heartbeat,
+    next_send: Option<tokio::time::Instant>,
+    next_check: Option<tokio::time::Instant>,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Beat {
+    fn new(heartbeat: Heartbeat) -> Box<Beat> {
+        let now = tokio::time::Instant::now();
+        let mut b = Box::new(Beat {
+            next_send: heartbeat.send.as_ref().map(|(every, _)| now + *every),
+            next_check: heartbeat.expect.map(|limit| now + check_every(limit)),
+            heartbeat,
+            timer: Box::pin(tokio::time::sleep_until(now)),
+        });
+        b.aim();
+        b
+    }
+
+    fn aim(&mut self) {
+        let next = match (self.next_send, self.next_check) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or_else(far_future),
+        };
+        self.timer.as_mut().reset(next);
+    }
+
+    /// The timer fired: queues the beat when due, and returns false when the peer has been
+    /// silent for longer than the protocol allows.
+    fn fire(&mut self, outbound: &Outbound, silence: &Silence) -> bool {
+        let now = tokio::time::Instant::now();
+        if let (Some(at), Some((every, frame))) = (self.next_send, &self.heartbeat.send) {
+            if now >= at {
+                outbound.push(frame.clone());
+                self.next_send = Some(now + *every);
+            }
+        }
+        if let (Some(at), Some(limit)) = (self.next_check, self.heartbeat.expect) {
+            if now >= at {
+                if silence.no_data_for(limit) {
+                    return false;
+                }
+                self.next_check = Some(now + check_every(limit));
+            }
+        }
+        self.aim();
+        true
+    }
+}
+
+/// How often a heartbeat's silence limit is checked: a peer is closed between `limit` and
+/// 1.25 × `limit` after its last data message.
+fn check_every(limit: Duration) -> Duration {
+    (limit / 4).max(Duration::from_millis(10))
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
 /// The writer: the connection's main loop. See the module docs.
@@ -242,7 +324,11 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
         let mut token_timer = token
             .as_ref()
             .map(|t| (t.due_ms(), Box::pin(tokio::time::sleep_until(t.deadline()))));
+        let mut beat: Option<Box<Beat>> = None;
         let reason = loop {
+            if let Some(heartbeat) = outbound.take_heartbeat() {
+                beat = Some(Beat::new(heartbeat));
+            }
             let (closing, oldest) = outbound.take(&mut batch);
             if !batch.is_empty() {
                 if write_batch(&mut write_half, &mut batch, limits)
@@ -270,6 +356,12 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
                     None => std::future::pending().await,
                 }
             };
+            let beat_due = async {
+                match beat.as_mut() {
+                    Some(b) => b.timer.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = outbound.changed() => {}
                 _ = ping.tick() => {
@@ -277,6 +369,11 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
                         break CloseReason::HeartbeatTimeout;
                     }
                     outbound.push(frame::ping());
+                }
+                _ = beat_due => {
+                    if beat.as_mut().is_some_and(|b| !b.fire(&outbound, &silence)) {
+                        break CloseReason::HeartbeatTimeout;
+                    }
                 }
                 _ = &mut cancelled => break CloseReason::Shutdown,
                 _ = token_due => {
@@ -296,7 +393,8 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
 
         if reason != CloseReason::Abnormal {
             // Best effort: the peer may be gone or not reading (slow consumer); bounded by timeout.
-            let mut last = VecDeque::from([frame::close(reason.code(), &reason.to_string())]);
+            let mut last: VecDeque<Bytes> = outbound.farewell(&reason).into_iter().collect();
+            last.push_back(frame::close(reason.code(), &reason.to_string()));
             let _ = write_batch(&mut write_half, &mut last, limits).await;
             let _ = tokio::time::timeout(limits.write_timeout, write_half.shutdown()).await;
             // Give the peer a moment to answer our close so the reader ends cleanly.
@@ -387,7 +485,10 @@ where
                 Ok(f) => f,
                 Err(reason) => break reason,
             };
-            silence.heard();
+            silence.heard(matches!(
+                frame.opcode,
+                OpCode::Text | OpCode::Binary | OpCode::Continuation
+            ));
             let complete = match frame.opcode {
                 OpCode::Text | OpCode::Binary => {
                     if partial.is_some() {

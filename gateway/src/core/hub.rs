@@ -527,15 +527,14 @@ pub(super) fn fan_out<'a>(
 ) {
     let (mut delivered, mut bytes) = (0u64, 0u64);
     for out in subs {
-        let frame = encoded.bytes(out.codec());
-        let len = frame.len() as u64;
-        match out.push_received(frame, received) {
+        let (pushed, len) = out.push_encoded(encoded, Some(received));
+        match pushed {
             Pushed::Queued => {
                 delivered += 1;
-                bytes += len;
+                bytes += len as u64;
             }
             Pushed::Overflowed => metrics.slow_consumer_disconnects.inc([]),
-            Pushed::Closing => {}
+            Pushed::Closing | Pushed::Unwanted => {}
         }
     }
     let hot = &metrics.hot;

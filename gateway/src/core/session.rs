@@ -48,8 +48,12 @@ pub enum Command<'a> {
     Unsubscribe { channel: &'a str },
     /// Publish `data` (JSON text) to a channel.
     Publish { channel: &'a str, data: &'a str },
-    /// Send `data` (JSON text) to the backends' inbound stream.
-    Send { data: &'a str },
+    /// Send `data` (JSON text) to the backends' inbound stream. `destination` is recorded
+    /// with it when the protocol names one (STOMP's `SEND /app/<x>`); v1 has none.
+    Send {
+        data: &'a str,
+        destination: Option<&'a str>,
+    },
     /// Replace the connection's token before it expires.
     Refresh { token: &'a str },
 }
@@ -301,11 +305,11 @@ impl Session {
                 Ok(at.map_or(Done::Ok, Done::Published))
             }
             Command::Refresh { token } => self.refresh(token).await.map(|()| Done::Ok),
-            Command::Send { data } => {
+            Command::Send { data, destination } => {
                 let user = self.identity.as_ref().map(|i| i.user_id.as_str());
                 self.core
                     .inbound
-                    .append(Inbound::Message, &self.conn_id, user, data)
+                    .append(Inbound::Message, &self.conn_id, user, data, destination)
                     .await
                     .map_err(unavailable)
                     .map(|()| Done::Ok)
@@ -464,6 +468,12 @@ impl Ending {
             .await;
         closed(core, self.ip, &self.conn_id, reason);
     }
+}
+
+/// Counts and logs a connection that closed before its protocol opened a session (a STOMP
+/// connection before its CONNECT): it never was in the directory or the inbound stream.
+pub fn closed_unopened(core: &Core, peer: IpAddr, conn_id: &str, reason: &CloseReason) {
+    closed(core, peer, conn_id, reason);
 }
 
 /// Counts and logs a closed connection.

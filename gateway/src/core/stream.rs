@@ -29,14 +29,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::hub::{fan_out, ConnId};
 use crate::broker::{Envelope, History, Position, Since};
 use crate::config::ChannelOptions;
 use crate::conn::event::{Encoded, Event};
-use crate::conn::outbound::{Outbound, Pushed};
+use crate::conn::outbound::{Outbound, Parts, Pushed};
 use crate::error::CloseReason;
 use crate::metrics::Metrics;
 
@@ -74,7 +73,7 @@ struct Joiner {
     out: Arc<Outbound>,
     state: Join,
     /// Frames to send on activation: the replay, then live publications since it joined.
-    frames: Vec<(Option<u64>, Bytes)>,
+    frames: Vec<(Option<u64>, Parts)>,
     bytes: usize,
 }
 
@@ -193,7 +192,7 @@ impl Stream {
             return;
         }
         for (_, frame) in j.frames {
-            if j.out.push(frame) == Pushed::Overflowed {
+            if j.out.push_parts(frame) == Pushed::Overflowed {
                 metrics.slow_consumer_disconnects.inc([]);
             }
         }
@@ -263,7 +262,7 @@ impl Stream {
         fan_out(self.live.values(), &mut encoded, metrics, Instant::now());
         let mut overflowed = Vec::new();
         for (conn, j) in self.joiners.iter_mut() {
-            let frame = encoded.bytes(j.out.codec());
+            let frame = j.out.frame_encoded(&mut encoded);
             j.bytes += frame.len();
             j.frames.push((at.map(|(o, _)| o), frame));
             if j.bytes > j.out.cap() {
@@ -412,7 +411,7 @@ impl Stream {
             if let Some((true, from)) = recovered {
                 for (i, (o, _)) in h.publications.iter().enumerate() {
                     if *o > from {
-                        frames.push((Some(*o), encodings[i].bytes(j.out.codec())));
+                        frames.push((Some(*o), j.out.frame_encoded(&mut encodings[i])));
                     }
                 }
             }

@@ -5,6 +5,13 @@
 //!
 //! Each way to refuse is a [`Refusal`]: it decides the HTTP status, the JSON error code, the
 //! `outcome` label of `gateway_handshakes_total` and the log line, in one place.
+//!
+//! The handshake also picks the wire protocol ([`Wire`]): STOMP when the client offers
+//! `v12.stomp`, `v11.stomp` or `v10.stomp` in `Sec-WebSocket-Protocol` (the best one is
+//! echoed in the 101) or comes to `/stomp`, else v1. A STOMP client may authenticate in its
+//! CONNECT frame instead (browsers cannot set handshake headers), so a STOMP handshake
+//! without a token is not refused, and its directory entry (with the per-user cap) waits
+//! for CONNECT; a token it does carry is checked here as for v1.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -24,7 +31,39 @@ use crate::conn::outbound::Outbound;
 use crate::conn::socket;
 use crate::core::session::{Conn, Session};
 use crate::node::{Node, Slot};
-use crate::protocol::v1;
+use crate::protocol::{stomp, v1};
+
+/// The wire protocol a handshake chose.
+enum Wire {
+    V1,
+    /// STOMP: the subprotocol to echo (`None` on `/stomp` without one), and the
+    /// connection's subscriptions as its fan-out sees them.
+    Stomp {
+        subprotocol: Option<&'static str>,
+        routes: Arc<stomp::Routes>,
+    },
+}
+
+impl Wire {
+    fn choose(req: &Request<Incoming>) -> Wire {
+        let offered = req
+            .headers()
+            .get_all(hyper::header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        match stomp::negotiate(offered) {
+            Some(p) => Wire::Stomp {
+                subprotocol: Some(p),
+                routes: Arc::default(),
+            },
+            None if req.uri().path() == "/stomp" => Wire::Stomp {
+                subprotocol: None,
+                routes: Arc::default(),
+            },
+            None => Wire::V1,
+        }
+    }
+}
 
 /// Why a handshake was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -165,14 +204,24 @@ pub async fn upgrade(
         Ok(a) => a,
         Err(refusal) => return refusal.respond(&node, ip),
     };
-    let (conn, slot) = admitted;
-    let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
+    let (conn, slot, wire) = admitted;
+    let (mut response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(r) => r,
         Err(e) => {
             node.directory.remove(&conn.conn_id).await;
             return Refusal::BadUpgrade(e.to_string()).respond(&node, ip);
         }
     };
+    if let Wire::Stomp {
+        subprotocol: Some(p),
+        ..
+    } = &wire
+    {
+        response.headers_mut().insert(
+            hyper::header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(p),
+        );
+    }
     node.metrics.handshakes.inc(["ok"]);
     let span = tracing::Span::current();
     span.record("outcome", "ok");
@@ -182,7 +231,7 @@ pub async fn upgrade(
     tracing::debug!(%ip, user = conn.identity.as_ref().map(|i| i.user_id.as_str()), "handshake ok");
     tokio::spawn(async move {
         match fut.await {
-            Ok(ws) => open_connection(node, conn, slot, ws.into_inner().into_inner()).await,
+            Ok(ws) => open_connection(node, conn, slot, wire, ws.into_inner().into_inner()).await,
             Err(e) => {
                 tracing::debug!(%ip, error = %e, "upgrade did not complete");
                 node.directory.remove(&conn.conn_id).await;
@@ -192,12 +241,13 @@ pub async fn upgrade(
     response.map(|_| Full::new(Bytes::new()))
 }
 
-/// The checks, in order. On success the connection holds a slot and is in the directory.
+/// The checks, in order. On success the connection holds a slot and (v1) is in the
+/// directory.
 async fn admit(
     node: &Arc<Node>,
     req: &Request<Incoming>,
     ip: IpAddr,
-) -> Result<(Conn, Slot), Refusal> {
+) -> Result<(Conn, Slot, Wire), Refusal> {
     if let Err(wait) = node.handshake_limiter.check(ip) {
         node.metrics.rate_limit_hits.inc(["handshake"]);
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -226,19 +276,29 @@ async fn admit(
         return Err(Refusal::Draining);
     }
     let slot = node.try_admit(ip)?;
-    let identity = authenticate(node, req)
+    let wire = Wire::choose(req);
+    let stomp = matches!(wire, Wire::Stomp { .. });
+    let identity = authenticate(node, req, stomp)
         .await
         .map_err(Refusal::Unauthorized)?;
     let (id, conn_id) = node.next_conn_id();
-    let out = Arc::new(
-        Outbound::new(node.config.outbound_queue_bytes, &v1::CODEC)
-            .with_latency(node.metrics.fanout_latency.clone()),
-    );
-    let user = identity.as_ref().map(|i| i.user_id.as_str());
-    match node.directory.add(&conn_id, user, out.clone()).await {
-        Ok(()) => {}
-        Err(AddError::UserLimit) => return Err(Refusal::UserLimit),
-        Err(AddError::Unavailable(_)) => return Err(Refusal::DirectoryUnavailable),
+    let cap = node.config.outbound_queue_bytes;
+    let latency = node.metrics.fanout_latency.clone();
+    let out = match &wire {
+        Wire::V1 => Arc::new(Outbound::new(cap, &v1::CODEC).with_latency(latency)),
+        Wire::Stomp { routes, .. } => Arc::new(
+            Outbound::new(cap, &stomp::CODEC)
+                .with_framer(routes.clone())
+                .with_latency(latency),
+        ),
+    };
+    if !stomp {
+        let user = identity.as_ref().map(|i| i.user_id.as_str());
+        match node.directory.add(&conn_id, user, out.clone()).await {
+            Ok(()) => {}
+            Err(AddError::UserLimit) => return Err(Refusal::UserLimit),
+            Err(AddError::Unavailable(_)) => return Err(Refusal::DirectoryUnavailable),
+        }
     }
     let conn = Conn {
         id,
@@ -247,12 +307,17 @@ async fn admit(
         ip,
         identity,
     };
-    Ok((conn, slot))
+    Ok((conn, slot, wire))
 }
 
 /// The token from `Authorization: Bearer` or the `access_token` query parameter (browsers
-/// cannot set headers on a WebSocket), verified. `Ok(None)` for an anonymous client.
-async fn authenticate(node: &Node, req: &Request<Incoming>) -> Result<Option<Identity>, AuthError> {
+/// cannot set headers on a WebSocket), verified. `Ok(None)` for an anonymous client, and
+/// for a STOMP client without a token (`later`): it may bring one in its CONNECT frame.
+async fn authenticate(
+    node: &Node,
+    req: &Request<Incoming>,
+    later: bool,
+) -> Result<Option<Identity>, AuthError> {
     let from_header = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -267,7 +332,7 @@ async fn authenticate(node: &Node, req: &Request<Incoming>) -> Result<Option<Ide
         (Some(token), Some(auth)) => auth.verify(token).await.map(Some),
         // A token on a node without keys cannot be checked: refuse rather than ignore it.
         (Some(_), None) => Err(AuthError::UnsupportedAlgorithm),
-        (None, _) if node.config.allow_anonymous => Ok(None),
+        (None, _) if node.config.allow_anonymous || later => Ok(None),
         (None, _) => Err(AuthError::Missing),
     }
 }
@@ -278,9 +343,29 @@ async fn authenticate(node: &Node, req: &Request<Incoming>) -> Result<Option<Ide
 /// This runs in the short-lived task that awaited the upgrade. The long-lived task that it
 /// spawns captures only what the connection needs until cleanup, because whatever a task's
 /// future holds is reserved for every idle connection's whole life.
-async fn open_connection(node: Arc<Node>, conn: Conn, slot: Slot, upgraded: Upgraded) {
+async fn open_connection(node: Arc<Node>, conn: Conn, slot: Slot, wire: Wire, upgraded: Upgraded) {
     let out = conn.out.clone();
     tracing::debug!(peer = %conn.ip, conn = %conn.conn_id, "connection open");
+    if let Wire::Stomp { routes, .. } = wire {
+        // The session opens at CONNECT; until then the writer's token clock idles.
+        let clock = stomp::idle_clock(node.config.token_grace());
+        let (connection, cleanup) =
+            stomp::Connection::new(node.core.clone(), conn, routes, clock.clone());
+        let served = socket::serve_upgraded(
+            upgraded,
+            node.limits(),
+            connection,
+            out,
+            node.close_all.child_token(),
+            Some(clock),
+        );
+        tokio::spawn(async move {
+            let reason = served.await;
+            Box::pin(cleanup.close(&node.core, &reason)).await;
+            drop(slot);
+        });
+        return;
+    }
     let (session, ending) = Session::open(node.core.clone(), conn).await;
     let clock = session.clock();
     let connection = v1::Connection::open(session);

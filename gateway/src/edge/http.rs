@@ -1,5 +1,6 @@
-//! The public listener: HTTP/1.1 with `GET /ws` upgrading to WebSocket, the demo chat page at
-//! `/`, and a plain HTTP answer for anything else.
+//! The public listener: HTTP/1.1 with `GET /ws` (and `GET /stomp`, for STOMP clients)
+//! upgrading to WebSocket, the demo chat page at `/`, and a plain HTTP answer for anything
+//! else.
 //!
 //! The upgrade itself, and every check before it, is in [`super::handshake`].
 
@@ -62,7 +63,7 @@ where
 
 async fn route(node: Arc<Node>, req: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
     let response = match (req.method(), req.uri().path()) {
-        (_, "/ws") => {
+        (_, "/ws" | "/stomp") => {
             let span = tracing::info_span!(
                 "handshake",
                 node = %node.config.node_id,

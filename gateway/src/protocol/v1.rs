@@ -146,7 +146,10 @@ fn command(req: Request<'_>) -> Command<'_> {
             data: data.get(),
         },
         Request::Refresh { token } => Command::Refresh { token },
-        Request::Send { data } => Command::Send { data: data.get() },
+        Request::Send { data } => Command::Send {
+            data: data.get(),
+            destination: None,
+        },
     }
 }
 

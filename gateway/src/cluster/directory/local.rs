@@ -161,10 +161,10 @@ impl LocalConns {
         let mut n = 0;
         for conn in conns {
             if let Some(l) = local.get(conn) {
-                match l.out.push(encoded.bytes(l.out.codec())) {
+                match l.out.push_encoded(&mut encoded, None).0 {
                     Pushed::Queued => n += 1,
                     Pushed::Overflowed => self.metrics.slow_consumer_disconnects.inc([]),
-                    Pushed::Closing => {}
+                    Pushed::Closing | Pushed::Unwanted => {}
                 }
             }
         }
