@@ -359,15 +359,18 @@ impl Hub {
 
     /// Publishes with a W3C `traceparent`: it travels in front of the data (see
     /// [`crate::broker::Envelope`]) so that every node's delivery log line carries it.
-    /// Plain channels only: a history publication's payload is written by the broker.
+    /// Plain channels only: a history publication's payload is written by the broker, so
+    /// there the traceparent is left out and the publish is [`Hub::publish`]'s, with its
+    /// idempotency key.
     pub async fn publish_traced(
         &self,
         channel: &str,
         data: &str,
         traceparent: &str,
+        idempotency_key: Option<&str>,
     ) -> Result<Option<Position>, BrokerError> {
         if self.retention(channel).is_some() {
-            return self.publish(channel, data, None).await;
+            return self.publish(channel, data, idempotency_key).await;
         }
         let payload = crate::broker::traced(data, traceparent);
         self.broker_call("publish", self.broker.publish(channel, &payload))
