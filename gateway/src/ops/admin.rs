@@ -293,8 +293,9 @@ async fn call(
         _ => {
             // A retried publish with the same key is published once (history channels).
             // A key that cannot be used is refused rather than ignored: ignoring it would
-            // turn the caller's retry into a second publication.
-            let key = match req.headers().get("idempotency-key") {
+            // turn the caller's retry into a second publication. Sends take no key.
+            let header = req.headers().get("idempotency-key");
+            let key = match header.filter(|_| kind == "channels") {
                 None => None,
                 Some(v) => match v.to_str().ok().filter(|k| shared::channel::is_valid(k)) {
                     Some(k) => Some(k.to_owned()),
