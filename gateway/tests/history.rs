@@ -1110,3 +1110,54 @@ async fn history_requests_return_the_right_publications() {
     let (status, r) = http(n.admin, "GET", "/v1/channels/news:1/history", "", "").await;
     assert_eq!(status, 404, "{r}");
 }
+
+// ---- A quiet channel -------------------------------------------------------------------------
+
+/// A channel with live subscribers that nobody publishes on for longer than its
+/// `history_ttl_secs` lost nothing: its subscribers keep their subscription and the
+/// offsets go on in the same epoch. Only the publications older than the TTL are gone.
+#[tokio::test]
+async fn a_quiet_channel_keeps_its_subscribers_past_the_ttl() {
+    let redis = RedisServer::start().await;
+    let n = start(gateway::Config {
+        channels: vec!["chat:brief*?history_size=10&history_ttl_secs=1"
+            .parse()
+            .unwrap()],
+        ..node(&redis, "q")
+    })
+    .await;
+    let ch = "chat:brief";
+    let mut backend = redis.client().await;
+    let mut c = connect(&n.url()).await;
+    let epoch = Pos::of(&subscribe(&mut c, ch, None).await).epoch;
+    publish_numbers(&mut backend, ch, 1..=1).await;
+    expect_offsets(&mut c, ch, 1..=1).await;
+    // the point of the case: the TTL passes (twice) with nothing published, while the
+    // node checks the channel at every heartbeat
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let p = publish(&mut backend, ch, &json!({"n": 2}), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        p,
+        Pos {
+            epoch: epoch.clone(),
+            offset: 2
+        },
+        "same epoch, next offset"
+    );
+    expect_offsets(&mut c, ch, 2..=2).await;
+
+    // offset 1 expired with the TTL; what came after it is still recoverable
+    let mut late = connect(&n.url()).await;
+    let from = |offset| Pos {
+        epoch: epoch.clone(),
+        offset,
+    };
+    let ack = subscribe(&mut late, ch, Some(&from(1))).await;
+    assert_eq!(ack["recovered"], true, "{ack}");
+    expect_offsets(&mut late, ch, 2..=2).await;
+    let mut later = connect(&n.url()).await;
+    let ack = subscribe(&mut later, ch, Some(&from(0))).await;
+    assert_eq!(ack["recovered"], false, "offset 1 expired: {ack}");
+}

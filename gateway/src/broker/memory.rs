@@ -17,8 +17,11 @@ use crate::error::BrokerError;
 pub struct Bus(Arc<RwLock<Vec<Arc<Member>>>>, Arc<Mutex<Streams>>);
 
 /// Every history channel's stream. Bounded like Redis: each stream holds at most its
-/// retention's size, and a stream (with its idempotency keys) is dropped once its TTL has
-/// passed since its last write, when it is next touched or by the sweep on every write.
+/// retention's size; its publications are dropped once the TTL has passed since the last
+/// one, and the stream itself (its epoch and offset, with its idempotency keys) once the
+/// TTL has passed since its last publication or read, when it is next touched or by the
+/// sweep on every write. Reads keep the epoch of a quiet channel alive, as `gw_history`
+/// does in Redis: the nodes read the channels they have subscribers of every heartbeat.
 /// Each idempotency key is forgotten once the TTL has passed since it was first used,
 /// as Redis expires it, even while the channel stays busy.
 #[derive(Default)]
@@ -38,6 +41,10 @@ struct Stream {
     /// When each key of `keys` expires, oldest first (the TTL is the channel's, so the
     /// order of first use is the order of expiry).
     key_expiry: VecDeque<(Instant, String)>,
+    /// When the publications expire: the TTL after the last one.
+    entries_expire: Instant,
+    /// When the stream expires (a new epoch next time): the TTL after the last
+    /// publication or read.
     expires: Instant,
 }
 
@@ -73,13 +80,19 @@ impl Streams {
                     entries: VecDeque::new(),
                     keys: HashMap::new(),
                     key_expiry: VecDeque::new(),
+                    entries_expire: now + retention.ttl,
                     expires: now + retention.ttl,
                 },
             );
         }
-        self.by_channel
+        let s = self
+            .by_channel
             .get_mut(channel)
-            .unwrap_or_else(|| unreachable!("inserted above"))
+            .unwrap_or_else(|| unreachable!("inserted above"));
+        if s.entries_expire <= now {
+            s.entries.clear();
+        }
+        s
     }
 
     /// Drops expired streams every so many writes, so that channels nobody touches again
@@ -191,6 +204,7 @@ impl Broker for MemoryBroker {
         }
         stream.top += 1;
         stream.expires = now + retention.ttl;
+        stream.entries_expire = stream.expires;
         stream.entries.push_back((stream.top, data.to_owned()));
         while stream.entries.len() > retention.size {
             stream.entries.pop_front();
@@ -221,6 +235,7 @@ impl Broker for MemoryBroker {
     ) -> BoxFuture<'a, Result<History, BrokerError>> {
         let mut streams = self.bus.1.lock().unwrap_or_else(|p| p.into_inner());
         let s = streams.stream(channel, retention);
+        s.expires = Instant::now() + retention.ttl;
         let publications = match since {
             Since::Last(n) => {
                 let skip = s.entries.len().saturating_sub(n);
