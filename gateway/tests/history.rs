@@ -9,7 +9,8 @@
 //! - idempotent publishes (`FCALL gw_publish … <key>`, the admin API's `Idempotency-Key`);
 //! - subscribes racing a 1000 msg/s publish;
 //! - a plain `PUBLISH` on a history channel;
-//! - the v1 `history` request and the admin history endpoint.
+//! - the v1 `history` request and the admin history endpoint;
+//! - a quiet channel past its TTL.
 
 // Test helpers panic on setup failures by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
