@@ -8,9 +8,10 @@ APT_GET := $(if $(filter 0,$(shell id -u)),apt-get,sudo apt-get)
 
 .PHONY: run cluster test lint unit e2e deps deps-system deps-node conformance check-config clean-tools
 
-## One node with the embedded broker; chat demo at http://127.0.0.1:8080/
+## One node with the embedded broker; chat demo at http://127.0.0.1:8080/ (chat:* keeps history)
 run:
 	$(CARGO) run -p gateway -- --allow-anonymous --publish-allow 'chat:*' \
+		--channels 'chat:*?history_size=100&history_ttl_secs=600' \
 		--listen 127.0.0.1:8080 --admin-listen 127.0.0.1:9090
 
 ## Everything CI runs: install what is missing, lint, Rust tests, browser test.

@@ -274,8 +274,8 @@ pub enum ServerFrame<'a> {
         offset: u64,
         publications: Vec<Publication<'a>>,
     },
-    /// The node ended a subscription (`insufficient_state`: it could not keep it gap-free;
-    /// `forbidden`: a refreshed token no longer allows it).
+    /// The node ended a subscription; `code` says why (`insufficient_state`: on a history
+    /// channel, it could not keep the subscription gap-free).
     Unsubscribed { channel: &'a str, code: &'a str },
     /// A request failed; the connection stays open.
     Error {

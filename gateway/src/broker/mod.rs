@@ -81,7 +81,8 @@ impl<'a> Envelope<'a> {
 
 /// A channel's place in its history: the offset of a publication within an epoch. Offsets
 /// start at 1 and grow by one per publication; the epoch changes whenever the history may
-/// have been lost (Redis restarted empty, the history expired).
+/// have been lost (Redis restarted empty, or nobody published or read the channel for its
+/// TTL).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Position {
     pub epoch: String,
@@ -140,7 +141,10 @@ pub trait Broker: Send + Sync + 'static {
         idempotency_key: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Position, BrokerError>>;
     /// Reads a channel's history. A channel without an epoch gets a new one here, so that a
-    /// reader always learns the epoch it must later compare.
+    /// reader always learns the epoch it must later compare. A read keeps the epoch (and
+    /// the last offset) for another TTL, though not the publications: the nodes read the
+    /// channels they have subscribers of every heartbeat, so a quiet channel keeps its
+    /// epoch while anyone listens.
     fn history<'a>(
         &'a self,
         channel: &'a str,

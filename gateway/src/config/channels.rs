@@ -33,8 +33,9 @@ pub struct ChannelOptions {
     /// Publications kept per channel; 0 means no history.
     #[serde(default)]
     pub history_size: usize,
-    /// History is dropped this long after the channel's last publication (required with
-    /// history).
+    /// Publications are dropped this long after the channel's last one (required with
+    /// history). The channel's epoch lasts as long after its last publication or read;
+    /// nodes read the channels they have subscribers of every `node_heartbeat_ms`.
     #[serde(default)]
     pub history_ttl_secs: u64,
     /// Most publications one subscribe may recover; default `history_size`.

@@ -20,7 +20,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -77,6 +77,10 @@ pub struct Hub {
     /// unsubscribe failed, or a subscribe timed out (the broker may have subscribed anyway).
     /// [`Hub::reconcile`] unsubscribes them. Bounded by the channels this node ever had.
     stale: Mutex<HashSet<String>>,
+    /// Numbers the history streams this hub makes, so that a read started for a stream
+    /// that has since been dropped (its last subscriber left) is never applied to the one
+    /// that replaced it under the same channel name.
+    streams_made: AtomicU64,
     me: Weak<Hub>,
 }
 
@@ -113,6 +117,7 @@ impl Hub {
                 metrics,
                 settings,
                 stale: Default::default(),
+                streams_made: AtomicU64::new(0),
                 me: weak.clone(),
             }
         })
@@ -159,7 +164,10 @@ impl Hub {
             let mut map = write(&shard.channels);
             let entry = map.entry(channel.to_owned()).or_insert_with(|| {
                 match self.history_options(channel) {
-                    Some(o) => Channel::History(Mutex::new(Stream::new(o.clone()))),
+                    Some(o) => {
+                        let id = self.streams_made.fetch_add(1, Ordering::Relaxed);
+                        Channel::History(Mutex::new(Stream::new(id, o.clone())))
+                    }
                     None => Channel::Plain(HashMap::new()),
                 }
             });
@@ -172,7 +180,7 @@ impl Hub {
                     if !s.contains(conn) {
                         let (tx, rx) = oneshot::channel();
                         if s.join(conn, out.clone(), recover, tx) {
-                            self.schedule_read(channel);
+                            self.schedule_read(channel, s.id());
                         }
                         joined = Some(rx);
                     }
@@ -365,15 +373,18 @@ impl Hub {
 
     /// Publishes with a W3C `traceparent`: it travels in front of the data (see
     /// [`crate::broker::Envelope`]) so that every node's delivery log line carries it.
-    /// Plain channels only: a history publication's payload is written by the broker.
+    /// Plain channels only: a history publication's payload is written by the broker, so
+    /// there the traceparent is left out and the publish is [`Hub::publish`]'s, with its
+    /// idempotency key.
     pub async fn publish_traced(
         &self,
         channel: &str,
         data: &str,
         traceparent: &str,
+        idempotency_key: Option<&str>,
     ) -> Result<Option<Position>, BrokerError> {
         if self.retention(channel).is_some() {
-            return self.publish(channel, data, None).await;
+            return self.publish(channel, data, idempotency_key).await;
         }
         let payload = crate::broker::traced(data, traceparent);
         self.broker_call("publish", self.broker.publish(channel, &payload))
@@ -423,8 +434,9 @@ impl Hub {
                 fan_out(subs.values(), &mut encoded, &self.metrics, Instant::now());
             }
             Channel::History(s) => {
-                if lock(s).publish(channel, &env, &self.metrics) {
-                    self.schedule_read(channel);
+                let mut s = lock(s);
+                if s.publish(channel, &env, &self.metrics) {
+                    self.schedule_read(channel, s.id());
                 }
             }
         }
@@ -439,27 +451,35 @@ impl Hub {
             let map = shard.channels.read().unwrap_or_else(|p| p.into_inner());
             for (name, c) in map.iter() {
                 if let Channel::History(s) = c {
-                    if lock(s).check(quiet) {
-                        due.push(name.clone());
+                    let mut s = lock(s);
+                    if s.check(quiet) {
+                        due.push((name.clone(), s.id()));
                     }
                 }
             }
         }
-        for name in due {
-            self.schedule_read(&name);
+        for (name, id) in due {
+            self.schedule_read(&name, id);
         }
     }
 
-    /// Starts a batched history read of `channel`: after `recover_batch`, one read serves
-    /// every request made meanwhile.
-    fn schedule_read(&self, channel: &str) {
+    /// Starts a batched history read of `channel`'s stream number `stream`: after
+    /// `recover_batch`, one read serves every request made meanwhile. The read is dropped
+    /// if that stream is gone by then (or by the time the read is answered): a stream
+    /// made since under the same name asked for its own read, which must start after its
+    /// joiners joined.
+    fn schedule_read(&self, channel: &str, stream: u64) {
         let Some(hub) = self.me.upgrade() else { return };
         let channel = channel.to_owned();
         tokio::spawn(async move {
             tokio::time::sleep(hub.settings.recover_batch).await;
             loop {
-                let started = hub.with_stream(&channel, |s| (s.read_started(), s.wanted()));
-                let Some((read, since)) = started else { return };
+                let started = hub.with_stream(&channel, |s| {
+                    (s.id() == stream).then(|| (s.read_started(), s.wanted()))
+                });
+                let Some(Some((read, since))) = started else {
+                    return;
+                };
                 let result = match hub.retention(&channel) {
                     Some(r) => {
                         hub.metrics.history_reads.inc([]);
@@ -468,8 +488,9 @@ impl Hub {
                     }
                     None => return,
                 };
-                let again =
-                    hub.with_stream(&channel, |s| s.apply(&channel, read, result, &hub.metrics));
+                let again = hub.with_stream(&channel, |s| {
+                    s.id() == stream && s.apply(&channel, read, result, &hub.metrics)
+                });
                 if again != Some(true) {
                     return;
                 }
@@ -687,6 +708,162 @@ mod tests {
             offsets(&texts(&c)).is_empty(),
             "nothing replayed when not recovered"
         );
+    }
+
+    /// A memory broker whose history reads wait for the test's permits (one per read, in
+    /// the order the reads arrive) and count how many have arrived.
+    struct Gated {
+        inner: MemoryBroker,
+        gate: tokio::sync::Semaphore,
+        arrived: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Broker for Gated {
+        fn subscribe<'a>(
+            &'a self,
+            channel: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            self.inner.subscribe(channel)
+        }
+        fn unsubscribe<'a>(
+            &'a self,
+            channel: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            self.inner.unsubscribe(channel)
+        }
+        fn publish<'a>(
+            &'a self,
+            channel: &'a str,
+            data: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            self.inner.publish(channel, data)
+        }
+        fn publish_history<'a>(
+            &'a self,
+            channel: &'a str,
+            data: &'a str,
+            retention: Retention,
+            key: Option<&'a str>,
+        ) -> crate::broker::BoxFuture<'a, Result<Position, BrokerError>> {
+            self.inner.publish_history(channel, data, retention, key)
+        }
+        fn history<'a>(
+            &'a self,
+            channel: &'a str,
+            retention: Retention,
+            since: Since,
+        ) -> crate::broker::BoxFuture<'a, Result<History, BrokerError>> {
+            Box::pin(async move {
+                self.arrived.fetch_add(1, Ordering::SeqCst);
+                self.gate.acquire().await.expect("open").forget();
+                self.inner.history(channel, retention, since).await
+            })
+        }
+    }
+
+    fn gated_hub() -> (Arc<Hub>, Arc<Gated>) {
+        let slot: Arc<std::sync::OnceLock<Arc<Gated>>> = Default::default();
+        let s = slot.clone();
+        let hub = Hub::new(settings(), Arc::default(), move |sink| {
+            let b = Arc::new(Gated {
+                inner: MemoryBroker::new(sink),
+                gate: tokio::sync::Semaphore::new(0),
+                arrived: 0.into(),
+            });
+            let _ = s.set(b.clone());
+            b as Arc<dyn Broker>
+        });
+        let broker = slot.get().expect("built").clone();
+        (hub, broker)
+    }
+
+    async fn reads_arrived(broker: &Gated, n: usize) {
+        for _ in 0..500 {
+            if broker.arrived.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("{n} history reads did not arrive");
+    }
+
+    #[tokio::test]
+    async fn a_read_that_outlives_its_stream_does_not_serve_the_next_one() {
+        let (hub, broker) = gated_hub();
+        let a = out();
+        let sub = {
+            let (hub, a) = (hub.clone(), a.clone());
+            tokio::spawn(async move { hub.subscribe("h:s", 1, &a, None).await })
+        };
+        reads_arrived(&broker, 1).await;
+        broker.gate.add_permits(1);
+        let epoch = sub
+            .await
+            .unwrap()
+            .expect("sub a")
+            .joined
+            .unwrap()
+            .position
+            .epoch;
+        hub.activate("h:s", 1);
+        for i in 1..=5 {
+            hub.publish("h:s", &i.to_string(), None)
+                .await
+                .expect("publish");
+        }
+        // a heartbeat check starts a read of what follows offset 5, which Redis is slow
+        // to answer; meanwhile the only subscriber leaves, and the stream with it
+        hub.check_streams(Duration::ZERO);
+        reads_arrived(&broker, 2).await;
+        hub.unsubscribe("h:s", 1).await.expect("unsub");
+        for i in 6..=8 {
+            hub.publish("h:s", &i.to_string(), None)
+                .await
+                .expect("publish");
+        }
+        // a new subscriber recovers from 2: a new stream, with a read of its own
+        let b = out();
+        let sub = {
+            let (hub, b) = (hub.clone(), b.clone());
+            let from = Position {
+                epoch: epoch.clone(),
+                offset: 2,
+            };
+            tokio::spawn(async move { hub.subscribe("h:s", 2, &b, Some(from)).await })
+        };
+        reads_arrived(&broker, 3).await;
+        // the old read is answered first (publications after 5 only), then the new one
+        broker.gate.add_permits(2);
+        let j = sub.await.unwrap().expect("sub b").joined.unwrap();
+        assert_eq!(
+            (j.position.offset, j.recovered),
+            (8, Some(true)),
+            "served by its own read, not by the old stream's"
+        );
+        hub.activate("h:s", 2);
+        assert_eq!(offsets(&texts(&b)), vec![3, 4, 5, 6, 7, 8]);
+    }
+
+    #[tokio::test]
+    async fn a_joiner_ended_before_its_reply_is_told_after_it() {
+        let hub = hub();
+        let a = out();
+        hub.subscribe("h:e", 1, &a, None).await.expect("sub");
+        hub.publish("h:e", "1", None).await.expect("publish");
+        // before the protocol has sent the reply (and activated the subscriber), a
+        // publication of another epoch arrives: the subscription cannot stay gap-free
+        hub.deliver("h:e", &crate::broker::positioned("2", 7, "another"));
+        assert!(texts(&a).is_empty(), "nothing may come before the reply");
+        assert!(!hub.contains("h:e", 1), "the subscription is over");
+        hub.activate("h:e", 1);
+        let t = texts(&a);
+        assert_eq!(offsets(&t), vec![1], "what it had, then the end");
+        assert_eq!(
+            t.last().map(String::as_str),
+            Some(r#"{"type":"unsubscribed","channel":"h:e","code":"insufficient_state"}"#)
+        );
+        hub.publish("h:e", "3", None).await.expect("publish");
+        assert!(texts(&a).is_empty(), "not live");
     }
 
     #[tokio::test]

@@ -16,7 +16,8 @@
 //!   between them. The read gives its replay (what it missed, when it asked to recover) and
 //!   its start position; the tail, less what the read already had, follows the replay.
 //!   The subscriber goes live when its protocol has sent the subscribe reply
-//!   ([`Stream::activate`]), so the reply always comes before the replay.
+//!   ([`Stream::activate`]), so the reply always comes before the replay, and before an
+//!   `unsubscribed` that ends the subscription in between.
 //! - Reads are coalesced: all the joiners and the gap of one channel share one read, which
 //!   the hub batches for `recover_batch_ms` (see `core::hub`).
 //!
@@ -67,6 +68,10 @@ enum Join {
     },
     /// Read done; its frames (replay, then tail) go out on activation.
     Ready,
+    /// Ended (`insufficient_state`) after its read but before its activation, so before
+    /// its subscribe reply went out: on activation its frames go out with the
+    /// `unsubscribed` event last, after the reply, and it does not go live.
+    Ended,
 }
 
 struct Joiner {
@@ -79,6 +84,8 @@ struct Joiner {
 
 /// See the module docs.
 pub struct Stream {
+    /// Unique among the hub's streams (see [`Stream::id`]).
+    id: u64,
     options: ChannelOptions,
     position: Option<(Arc<str>, u64)>,
     live: HashMap<ConnId, Arc<Outbound>>,
@@ -96,8 +103,9 @@ pub struct Stream {
 }
 
 impl Stream {
-    pub fn new(options: ChannelOptions) -> Self {
+    pub fn new(id: u64, options: ChannelOptions) -> Self {
         Stream {
+            id,
             options,
             position: None,
             live: HashMap::new(),
@@ -110,13 +118,24 @@ impl Stream {
         }
     }
 
+    /// The number the hub gave this stream: a read it scheduled applies only to the stream
+    /// it was scheduled for, not to a later one of the same channel.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Subscribers, joining ones included.
     pub fn len(&self) -> usize {
         self.live.len() + self.joiners.len()
     }
 
+    /// True while `conn` is subscribed: live, or joining and not ended.
     pub fn contains(&self, conn: ConnId) -> bool {
-        self.live.contains_key(&conn) || self.joiners.contains_key(&conn)
+        self.live.contains_key(&conn)
+            || self
+                .joiners
+                .get(&conn)
+                .is_some_and(|j| !matches!(j.state, Join::Ended))
     }
 
     /// What a read must fetch to serve everyone waiting: what follows our position, or,
@@ -181,22 +200,30 @@ impl Stream {
         self.live.remove(&conn).is_some() || self.joiners.remove(&conn).is_some()
     }
 
-    /// A joiner whose reply went out goes live: its replay and tail first.
+    /// A joiner whose reply went out goes live: its replay and tail first. One that ended
+    /// meanwhile gets its frames and the `unsubscribed` event instead, and is gone.
     pub fn activate(&mut self, conn: ConnId, metrics: &Metrics) {
         let Some(j) = self.joiners.remove(&conn) else {
             return;
         };
-        if !matches!(j.state, Join::Ready) {
-            // Not read yet (cannot happen: activation follows the reply). Keep it waiting.
-            self.joiners.insert(conn, j);
-            return;
-        }
+        let ended = match j.state {
+            Join::Ready => false,
+            Join::Ended => true,
+            Join::Waiting { .. } => {
+                // Not read yet (cannot happen: activation follows the reply). Keep it
+                // waiting.
+                self.joiners.insert(conn, j);
+                return;
+            }
+        };
         for (_, frame) in j.frames {
             if j.out.push_parts(frame) == Pushed::Overflowed {
                 metrics.slow_consumer_disconnects.inc([]);
             }
         }
-        self.live.insert(conn, j.out);
+        if !ended {
+            self.live.insert(conn, j.out);
+        }
     }
 
     /// A live publication from the broker.
@@ -262,6 +289,9 @@ impl Stream {
         fan_out(self.live.values(), &mut encoded, metrics, Instant::now());
         let mut overflowed = Vec::new();
         for (conn, j) in self.joiners.iter_mut() {
+            if matches!(j.state, Join::Ended) {
+                continue;
+            }
             let frame = j.out.frame_encoded(&mut encoded);
             j.bytes += frame.len();
             j.frames.push((at.map(|(o, _)| o), frame));
@@ -278,30 +308,35 @@ impl Stream {
     }
 
     /// Ends every subscription that has been promised a gap-free stream: the live ones and
-    /// the joiners whose read is done. Waiting joiners will learn the new state from their
-    /// read.
+    /// the joiners whose read is done. A joiner whose reply may not have gone out yet is
+    /// told on activation, after the reply (see [`Join::Ended`]): told now, it would read
+    /// `unsubscribed` before the subscribe's ack and take the ack for a live subscription.
+    /// Waiting joiners will learn the new state from their read.
     fn give_up(&mut self, channel: &str, metrics: &Metrics) {
-        let event = Event::Unsubscribed {
+        let mut event = Encoded::new(Event::Unsubscribed {
             channel,
             code: INSUFFICIENT_STATE,
-        };
+        });
         let mut n = 0;
         for out in self.live.values() {
-            out.push_event(&event);
+            out.push_encoded(&mut event, None);
             n += 1;
         }
         self.live.clear();
-        self.joiners.retain(|_, j| {
-            if matches!(j.state, Join::Ready) {
-                j.out.push_event(&event);
-                n += 1;
-                false
-            } else {
-                j.frames.clear();
-                j.bytes = 0;
-                true
+        for j in self.joiners.values_mut() {
+            match j.state {
+                Join::Ready => {
+                    j.frames.push((None, j.out.frame_encoded(&mut event)));
+                    j.state = Join::Ended;
+                    n += 1;
+                }
+                Join::Waiting { .. } => {
+                    j.frames.clear();
+                    j.bytes = 0;
+                }
+                Join::Ended => {}
             }
-        });
+        }
         if n > 0 {
             metrics.insufficient_state.add([], n);
             tracing::info!(
@@ -333,7 +368,7 @@ impl Stream {
                 let before = self.joiners.len();
                 self.joiners.retain(|_, j| match j.state {
                     Join::Waiting { after_read, .. } => after_read >= read,
-                    Join::Ready => true,
+                    Join::Ready | Join::Ended => true,
                 });
                 let again = self.joiners.len() < before
                     && self
@@ -387,7 +422,7 @@ impl Stream {
         for j in self.joiners.values_mut() {
             let after = match &j.state {
                 Join::Waiting { after_read, .. } => *after_read,
-                Join::Ready => continue,
+                Join::Ready | Join::Ended => continue,
             };
             if after >= read {
                 again = true;

@@ -5,6 +5,10 @@
 //!   broker is unreachable.
 //! - `GET /metrics`: Prometheus text.
 //! - `POST /v1/channels/{channel}/publish` with `{"data": <json>}`: publishes cluster-wide.
+//!   On a history channel the answer has the publication's `offset` and `epoch`, and a
+//!   retry with the same `Idempotency-Key` header publishes nothing and answers the first.
+//! - `GET /v1/channels/{channel}/history?limit=N[&since_epoch=E&since_offset=K]`: a history
+//!   channel's publications.
 //! - `POST /v1/users/{user}/send`, `POST /v1/connections/{conn}/send` with
 //!   `{"data": <json>}`: unicast, answered with `{"delivered": n}`.
 //! - `DELETE /v1/connections/{conn}`: closes that connection (4003) on whichever node.
@@ -289,20 +293,31 @@ async fn call(
         },
         _ => {
             // A retried publish with the same key is published once (history channels).
-            let key = req
-                .headers()
-                .get("idempotency-key")
-                .and_then(|v| v.to_str().ok())
-                .filter(|k| shared::channel::is_valid(k))
-                .map(str::to_owned);
+            // A key that cannot be used is refused rather than ignored: ignoring it would
+            // turn the caller's retry into a second publication. Sends take no key.
+            let header = req.headers().get("idempotency-key");
+            let key = match header.filter(|_| kind == "channels") {
+                None => None,
+                Some(v) => match v.to_str().ok().filter(|k| shared::channel::is_valid(k)) {
+                    Some(k) => Some(k.to_owned()),
+                    None => {
+                        return json_error(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_idempotency_key",
+                            "Idempotency-Key must match [A-Za-z0-9_.:@/-]{1,200}",
+                        )
+                    }
+                },
+            };
             let data = match read_data(node, req).await {
                 Ok(d) => d,
                 Err(r) => return r,
             };
             if kind == "channels" {
+                let key = key.as_deref();
                 let published = match &traceparent {
-                    Some(tp) => node.hub.publish_traced(id, data.get(), tp).await,
-                    None => node.hub.publish(id, data.get(), key.as_deref()).await,
+                    Some(tp) => node.hub.publish_traced(id, data.get(), tp, key).await,
+                    None => node.hub.publish(id, data.get(), key).await,
                 };
                 return match published {
                     Ok(at) => {

@@ -1,6 +1,7 @@
 //! Helpers for integration tests: a real node on 127.0.0.1:0, real clients, raw sockets.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod nginx;
 pub mod process;
 pub mod redis_server;
 
