@@ -64,7 +64,7 @@ impl Connection {
     }
 }
 
-fn command(req: Request<'_>) -> Command<'_> {
+fn command<'a>(req: &'a Request<'_>) -> Command<'a> {
     match req {
         Request::Subscribe { channel } => Command::Subscribe { channel },
         Request::Unsubscribe { channel } => Command::Unsubscribe { channel },
@@ -85,7 +85,7 @@ impl Handler for Connection {
         }
         match parse_request(&text) {
             Err(e) => self.reply_error(e.id, Failure::new(e.code, e.message)),
-            Ok((id, req)) => match self.session.execute(command(req)).await {
+            Ok((id, req)) => match self.session.execute(command(&req)).await {
                 Ok(()) => self.send(&ServerFrame::Ack { id }),
                 Err(failure) => self.reply_error(id, failure),
             },
