@@ -15,6 +15,7 @@ use crate::cluster::directory::Directory;
 use crate::cluster::inbound::Inbound;
 use crate::cluster::redis::Redis;
 use crate::config::Config;
+use crate::conn::limiter::KeyedLimiter;
 use crate::conn::socket::Limits;
 use crate::core::hub::{ConnId, Hub};
 use crate::core::Core;
@@ -75,6 +76,7 @@ impl Node {
             config.inbound_maxlen,
             metrics.clone(),
         );
+        let send_limiter = KeyedLimiter::new(config.send_rate_per_user, config.send_rate_per_user);
         let boot_ms = crate::time::now_ms();
         Ok(Arc::new(Node {
             core: Arc::new(Core {
@@ -83,6 +85,7 @@ impl Node {
                 hub,
                 directory,
                 inbound,
+                send_limiter,
                 metrics,
             }),
             handshake_limiter,

@@ -434,6 +434,49 @@ async fn inbound_stream_gets_connect_message_disconnect_in_order() {
     assert_eq!(read.keys[0].ids.len(), 3);
 }
 
+#[tokio::test]
+async fn send_needs_a_user_fits_its_cap_and_shares_the_users_rate() {
+    let redis = RedisServer::start().await;
+    let node = start(gateway::Config {
+        max_send_bytes: 64,
+        send_rate_per_user: 3,
+        ..cluster_config(&redis, "n1")
+    })
+    .await;
+    // anonymous: refused before anything reaches the stream
+    let (mut anon, _) = node.client().await;
+    let reply = ask(&mut anon, r#"{"type":"send","data":1,"id":1}"#).await;
+    assert_eq!(
+        (reply["code"].as_str(), reply["id"].as_u64()),
+        (Some("forbidden"), Some(1))
+    );
+    // too big: refused, and the connection stays open
+    let (mut a, _) = user_client(&node, "hank").await;
+    let big = json!({"type":"send","data":"x".repeat(63),"id":2}).to_string();
+    let reply = ask(&mut a, &big).await;
+    assert_eq!(reply["code"], "message_too_big", "{reply}");
+    request(&mut a, json!({"type":"send","data":"x".repeat(62),"id":3})).await;
+    // the rate is the user's, whichever connection sends
+    let (mut b, _) = user_client(&node, "hank").await;
+    request(&mut b, json!({"type":"send","data":1,"id":4})).await;
+    request(&mut a, json!({"type":"send","data":2,"id":5})).await;
+    let reply = ask(&mut b, r#"{"type":"send","data":3,"id":6}"#).await;
+    assert_eq!(reply["code"], "rate_limited", "{reply}");
+    // another user has a rate of its own
+    let (mut other, _) = user_client(&node, "ivy").await;
+    request(&mut other, json!({"type":"send","data":4,"id":7})).await;
+    node.wait_metric("gateway_rate_limit_hits_total{kind=\"send\"} 1")
+        .await;
+    let mut backend = redis.client().await;
+    let r: redis::streams::StreamRangeReply = backend.xrange_all("gw:inbound").await.unwrap();
+    let messages = r
+        .ids
+        .iter()
+        .filter(|e| e.get::<String>("event").as_deref() == Some("message"))
+        .count();
+    assert_eq!(messages, 4, "only the accepted sends reach the stream");
+}
+
 /// A 3-master Redis Cluster on free ports, made with `redis-cli --cluster create`.
 struct RedisCluster {
     servers: Vec<RedisServer>,

@@ -285,6 +285,9 @@ pub enum ErrorCode {
     Unavailable,
     /// A token refresh was refused.
     Unauthorized,
+    /// A part of the request is over its size cap (the `data` of a `send`); the connection
+    /// stays open.
+    MessageTooBig,
 }
 
 impl ErrorCode {
@@ -299,6 +302,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::MessageTooBig => "message_too_big",
         }
     }
 }

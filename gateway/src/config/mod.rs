@@ -164,8 +164,19 @@ macro_rules! settings {
             /// Cluster-wide cap on one user's connections (0: no cap). Anonymous clients are
             /// exempt.
             max_connections_per_user: usize = 0;
-            /// Approximate length cap of the inbound stream (`XADD ... MAXLEN ~`).
+            /// Approximate length cap of the inbound stream (`XADD ... MAXLEN ~`). With
+            /// `max_send_bytes`, it bounds the stream's memory in Redis.
             inbound_maxlen: usize = 100_000;
+            /// Let anonymous connections `send` to the inbound stream; without it they get
+            /// error `forbidden`, so that every entry names a user.
+            anonymous_send: switch;
+            /// Largest `data` of a `send`, in bytes; larger gets error `message_too_big`. The
+            /// stream holds at most about `inbound_maxlen` × this.
+            max_send_bytes: usize = 16 * 1024;
+            /// `send`s per second per user, over all of the user's connections on this node
+            /// (anonymous ones: per client IP), burst the same; more get `rate_limited`
+            /// (0 = unlimited).
+            send_rate_per_user: u32 = 20;
 
             // ---- Drain and rebalancing ----
             /// After SIGTERM, keep serving (and accepting) this long with `/readyz` failing, so

@@ -97,6 +97,9 @@ impl Config {
         if self.drain_window_ms < 100 {
             return bad("drain_window_ms", "must be at least 100");
         }
+        if self.max_send_bytes == 0 {
+            return bad("max_send_bytes", "must be at least 1");
+        }
         if self.redis_timeout_ms == 0 {
             return bad("redis_timeout_ms", "must be at least 1");
         }

@@ -5,7 +5,10 @@
 //! subscription cap, the publish rules, the token's user on refresh) live here once, so every
 //! protocol enforces the same rules.
 //!
-//! `send` succeeds only once the message is in the backends' Redis stream.
+//! `send` succeeds only once the message is in the backends' Redis stream. It needs a user
+//! (unless `anonymous_send`), its `data` is capped at `max_send_bytes`, and a user's sends
+//! share one rate (`send_rate_per_user`) over all the user's connections: the stream is
+//! shared by every node and every backend, so one client must not be able to fill it.
 //!
 //! Command failures are answered, not fatal: a client bug should cost one request, not the
 //! connection and every subscription on it. Only the per-connection rate limit closes.
@@ -18,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use shared::protocol::ErrorCode;
 
 use super::hub::ConnId;
-use super::Core;
+use super::{Core, Sender};
 use crate::auth::Identity;
 use crate::cluster::inbound::Event as Inbound;
 use crate::conn::clock::TokenClock;
@@ -91,6 +94,8 @@ pub struct Session {
     identity: Option<Identity>,
     clock: Option<Arc<TokenClock>>,
     limiter: ConnLimiter,
+    /// The key of this connection's `send`s in the node's send limiter.
+    sender: Sender,
 }
 
 /// What outlives the session for the cleanup after the socket closed.
@@ -129,6 +134,10 @@ impl Session {
             c.rate_limit_strikes,
         );
         let subs = Subscriptions::default();
+        let sender = match &user_id {
+            Some(user) => Sender::User(user.clone()),
+            None => Sender::Anonymous(ip),
+        };
         let ending = Ending {
             id,
             ip,
@@ -145,6 +154,7 @@ impl Session {
             identity,
             clock,
             limiter,
+            sender,
         };
         (session, ending)
     }
@@ -252,15 +262,45 @@ impl Session {
                     .map_err(unavailable)
             }
             Command::Refresh { token } => self.refresh(token).await,
-            Command::Send { data } => {
-                let user = self.identity.as_ref().map(|i| i.user_id.as_str());
-                self.core
-                    .inbound
-                    .append(Inbound::Message, &self.conn_id, user, data)
-                    .await
-                    .map_err(unavailable)
-            }
+            Command::Send { data } => self.send(data).await,
         }
+    }
+
+    /// Appends a `send` to the inbound stream, after its own checks: a user (unless
+    /// `anonymous_send`), `max_send_bytes`, and the user's `send_rate_per_user`.
+    async fn send(&self, data: &str) -> Result<(), Failure> {
+        let c = &self.core.config;
+        let user = self.identity.as_ref().map(|i| i.user_id.as_str());
+        if user.is_none() && !c.anonymous_send {
+            return Err(Failure::new(
+                ErrorCode::Forbidden,
+                "anonymous connections may not send; connect with a token",
+            ));
+        }
+        if data.len() > c.max_send_bytes {
+            return Err(Failure::new(
+                ErrorCode::MessageTooBig,
+                format!(
+                    "the data of a send may hold at most {} bytes",
+                    c.max_send_bytes
+                ),
+            ));
+        }
+        if self.core.send_limiter.check(&self.sender).is_err() {
+            self.core.metrics.rate_limit_hits.inc(["send"]);
+            return Err(Failure::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "over the send rate of {} per second for this user",
+                    c.send_rate_per_user
+                ),
+            ));
+        }
+        self.core
+            .inbound
+            .append(Inbound::Message, &self.conn_id, user, data)
+            .await
+            .map_err(unavailable)
     }
 
     /// Replaces the connection's token. The new token must name the same user.
