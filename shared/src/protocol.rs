@@ -327,6 +327,9 @@ pub enum ServerFrame<'a> {
     },
     /// The connection's token expired; send `refresh` within `grace_ms` or be closed (4002).
     TokenExpired { grace_ms: u64 },
+    /// The gateway ended a subscription on its own: `code` says why (`forbidden`: a refreshed
+    /// token's `channels` claim no longer allows the channel).
+    Unsubscribed { channel: String, code: ErrorCode },
     /// A channel message.
     Message {
         channel: String,

@@ -10,6 +10,7 @@
 //! [`Outbound`]: super::outbound::Outbound
 
 use bytes::Bytes;
+use shared::protocol::ErrorCode;
 
 /// An event for one connection, borrowed from whoever produced it.
 #[derive(Debug, Clone, Copy)]
@@ -20,6 +21,9 @@ pub enum Event<'a> {
     Direct { data: &'a str },
     /// The connection's token has expired; it has `grace_ms` to refresh it.
     TokenExpiring { grace_ms: u64 },
+    /// The node ended the connection's subscription to `channel`, for the reason `code`
+    /// (`Forbidden`: a refreshed token no longer allows it).
+    Unsubscribed { channel: &'a str, code: ErrorCode },
 }
 
 /// How many wire protocols can exist at once: the size of [`Encoded`]'s cache.

@@ -25,6 +25,7 @@ use super::{Core, Sender};
 use crate::auth::Identity;
 use crate::cluster::inbound::Event as Inbound;
 use crate::conn::clock::TokenClock;
+use crate::conn::event::Event;
 use crate::conn::limiter::{ConnLimiter, Verdict};
 use crate::conn::outbound::{Outbound, Pushed};
 use crate::error::{Blame, CloseReason};
@@ -191,6 +192,11 @@ impl Session {
         }
     }
 
+    /// Encodes `event` in the connection's protocol and queues it as a reply.
+    fn notify(&self, event: &Event<'_>) {
+        self.reply(self.out.codec().encode(event));
+    }
+
     fn subs(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.subs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -303,7 +309,9 @@ impl Session {
             .map_err(unavailable)
     }
 
-    /// Replaces the connection's token. The new token must name the same user.
+    /// Replaces the connection's token. The new token must name the same user. Its claims
+    /// replace the old ones at once: a subscription that its `channels` claim no longer allows
+    /// is ended, and the client is told so (`unsubscribed`, `forbidden`) before the ack.
     async fn refresh(&mut self, token: &str) -> Result<(), Failure> {
         let (Some(auth), Some(current)) = (&self.core.auth, &self.identity) else {
             return Err(Failure::new(
@@ -324,7 +332,24 @@ impl Session {
         if let Some(clock) = &self.clock {
             clock.renew(fresh.exp);
         }
+        let mut revoked = Vec::new();
+        self.subs().retain(|channel| {
+            let keep = may_subscribe(Some(&fresh), channel);
+            if !keep {
+                revoked.push(channel.clone());
+            }
+            keep
+        });
         self.identity = Some(fresh);
+        for channel in &revoked {
+            // Locally the subscription is gone whatever the broker says; a failed broker
+            // unsubscribe is left to the hub's reconcile.
+            let _ = self.core.hub.unsubscribe(channel, self.id).await;
+            self.notify(&Event::Unsubscribed {
+                channel,
+                code: ErrorCode::Forbidden,
+            });
+        }
         Ok(())
     }
 
@@ -334,12 +359,7 @@ impl Session {
             if subs.contains(channel) {
                 return Ok(());
             }
-            let allowed = self
-                .identity
-                .as_ref()
-                .and_then(|i| i.channels.as_ref())
-                .is_none_or(|patterns| shared::channel::any_match(patterns, channel));
-            if !allowed {
+            if !may_subscribe(self.identity.as_ref(), channel) {
                 return Err(Failure::new(
                     ErrorCode::Forbidden,
                     format!("your token does not allow subscribing to `{channel}`"),
@@ -360,6 +380,14 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// True when the token (if any) allows subscribing to `channel`: no `channels` claim, or a
+/// pattern in it that matches.
+fn may_subscribe(identity: Option<&Identity>, channel: &str) -> bool {
+    identity
+        .and_then(|i| i.channels.as_ref())
+        .is_none_or(|patterns| shared::channel::any_match(patterns, channel))
 }
 
 fn unavailable(e: crate::error::BrokerError) -> Failure {

@@ -28,6 +28,11 @@ impl Codec for V1 {
             Event::Message { channel, data } => shared::protocol::encode_message(channel, data),
             Event::Direct { data } => shared::protocol::encode_direct(data),
             Event::TokenExpiring { grace_ms } => ServerFrame::TokenExpired { grace_ms }.to_json(),
+            Event::Unsubscribed { channel, code } => ServerFrame::Unsubscribed {
+                channel: channel.to_owned(),
+                code,
+            }
+            .to_json(),
         };
         frame::text(&json)
     }
