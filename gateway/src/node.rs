@@ -128,6 +128,7 @@ impl Node {
     pub fn limits(&self) -> Limits {
         Limits {
             max_message_bytes: self.config.max_message_bytes,
+            fragment_timeout: self.config.fragment_timeout(),
             ping_interval: self.config.ping_interval(),
             ping_timeout: self.config.ping_timeout(),
             write_timeout: Duration::from_secs(2).min(self.config.ping_timeout()),

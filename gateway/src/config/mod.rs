@@ -55,6 +55,9 @@ macro_rules! settings {
             max_connections: usize = 100_000;
             /// Largest client message (after reassembling fragments); larger closes with 1009.
             max_message_bytes: usize = 64 * 1024;
+            /// Time a fragmented message has from its first fragment to its last; later closes
+            /// with 1008, so that a client cannot hold a reassembly buffer open forever.
+            fragment_timeout_ms: u64 = 10_000;
             /// Subscriptions per connection; more get error `too_many_subscriptions`.
             max_subscriptions: usize = 128;
             /// Bytes queued for one client before it is disconnected as a slow consumer
@@ -291,6 +294,9 @@ impl Config {
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+    pub fn fragment_timeout(&self) -> Duration {
+        Duration::from_millis(self.fragment_timeout_ms)
     }
     pub fn token_grace(&self) -> Duration {
         Duration::from_millis(self.token_grace_ms)

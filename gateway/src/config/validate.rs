@@ -28,6 +28,9 @@ impl Config {
                 "must be greater than ping_interval_ms (> 0)",
             );
         }
+        if self.fragment_timeout_ms == 0 {
+            return bad("fragment_timeout_ms", "must be > 0");
+        }
         if self.handshake_timeout_ms == 0 {
             return bad("handshake_timeout_ms", "must be > 0");
         }

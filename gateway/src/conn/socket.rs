@@ -4,7 +4,8 @@
 //!   [`Handler`]. It is a task of its own so that a slow handler (a Redis round trip) never
 //!   delays writes, and so that the writer's `select!` never has to cancel a read. It
 //!   reassembles fragments itself and closes with 1009 the moment the running total passes
-//!   `max_message_bytes`, before buffering any more.
+//!   `max_message_bytes`, before buffering any more, and with 1008 when a fragmented
+//!   message is not complete `fragment_timeout` after its first fragment.
 //! - The writer is the connection's main loop: one `select!` over the outbound queue, the
 //!   heartbeat tick and the shutdown token. It writes pre-encoded frames ([`crate::conn::frame`])
 //!   straight to the socket with vectored writes, so a frame fanned out to many connections
@@ -59,6 +60,8 @@ pub trait Handler: Send + 'static {
 pub struct Limits {
     /// Largest message after reassembly.
     pub max_message_bytes: usize,
+    /// Time from a fragmented message's first fragment to its last.
+    pub fragment_timeout: Duration,
     /// Interval between server pings.
     pub ping_interval: Duration,
     /// Silence (no frame at all) after which the peer is closed with 4001.
@@ -382,12 +385,30 @@ where
         // fast instead of after the whole message arrived).
         let mut partial: Option<(OpCode, Vec<u8>)> = None;
         let mut utf8_checked = 0;
+        // When the message in `partial` must be complete. Checked on two paths, so that
+        // neither a silent client nor one that keeps sending (pings, more fragments) can hold
+        // the buffer past it: the read is timed out at the deadline (it is cancel-safe, so
+        // nothing is lost), and every frame that arrives is checked against it, since a read
+        // that finds bytes already buffered completes before its timer is looked at.
+        let mut fragment_due: Option<tokio::time::Instant> = None;
         let reason = loop {
-            let frame = match frames.next().await {
+            let next = match fragment_due {
+                // Boxed: only a connection in the middle of a fragmented message pays for the
+                // timer; inline, it would be reserved in every idle connection's reader task.
+                Some(due) => match Box::pin(tokio::time::timeout_at(due, frames.next())).await {
+                    Ok(next) => next,
+                    Err(_) => break CloseReason::FragmentTimeout,
+                },
+                None => frames.next().await,
+            };
+            let frame = match next {
                 Ok(f) => f,
                 Err(reason) => break reason,
             };
             silence.heard();
+            if fragment_due.is_some_and(|due| tokio::time::Instant::now() >= due) {
+                break CloseReason::FragmentTimeout;
+            }
             let complete = match frame.opcode {
                 OpCode::Text | OpCode::Binary => {
                     if partial.is_some() {
@@ -405,6 +426,7 @@ where
                             break CloseReason::InvalidUtf8;
                         }
                         partial = Some((frame.opcode, buf));
+                        fragment_due = Some(tokio::time::Instant::now() + limits.fragment_timeout);
                         None
                     }
                 }
@@ -420,6 +442,7 @@ where
                         break CloseReason::InvalidUtf8;
                     }
                     if frame.fin {
+                        fragment_due = None;
                         partial.take()
                     } else {
                         None
