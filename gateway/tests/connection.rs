@@ -346,6 +346,38 @@ async fn fragmented_message_must_complete_in_time() {
     );
 }
 
+/// Every ping costs the node a pong, so pings count against the message rate: a ping flood
+/// gets what a message flood gets, pongs for the burst, then 1008. The pongs of a run of
+/// pings the writer has not caught up with are coalesced, so there may be fewer.
+#[tokio::test]
+async fn ping_flood_is_rate_limited_like_messages() {
+    let mut cfg = config();
+    cfg.message_rate = 2;
+    cfg.message_burst = 5;
+    cfg.rate_limit_strikes = 3;
+    let node = start(cfg).await;
+    let mut raw = Raw::connect(&node).await;
+    let flood: Vec<u8> = (0..50u8).flat_map(|i| masked(0x89, &[i])).collect();
+    use tokio::io::AsyncWriteExt;
+    raw.s.write_all(&flood).await.expect("flood");
+    let mut pongs = Vec::new();
+    let code = loop {
+        match raw.frame().await {
+            Some((0xA, p)) => pongs.push(p[0]),
+            Some((8, p)) => break u16::from_be_bytes([p[0], p[1]]),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(code, 1008);
+    assert!(!pongs.is_empty() && pongs.len() <= 5, "pongs {pongs:?}");
+    assert!(
+        pongs.iter().all(|&p| p < 5),
+        "only the burst is answered: {pongs:?}"
+    );
+    node.wait_metric("gateway_rate_limit_hits_total{kind=\"messages\"} 4")
+        .await;
+}
+
 #[tokio::test]
 async fn server_pings_and_closes_silent_peers() {
     let mut cfg = config();

@@ -10,9 +10,22 @@
 //! The writer takes the whole queue at once ([`Outbound::take`]) and writes it with one
 //! vectored write, so a burst costs one syscall rather than one per frame. Memory per
 //! connection is therefore bounded by twice the cap: one queue being filled, one batch being
-//! written.
+//! written. For that bound to hold for small frames too, the cap counts what a frame costs,
+//! not only its bytes:
+//!
+//! - each frame is charged [`FRAME_COST`] on top of its length: its slot in the queue, the
+//!   slack of a queue that doubled to make room, and the allocator's header of its buffer.
+//!   A flood of empty frames (2 bytes each) would otherwise hold some 30 times the cap;
+//! - a run of pongs not yet written is one pong: RFC 6455 §5.5.3 lets an endpoint answer
+//!   only the most recent ping ([`Outbound::push_pong`]), so a client that pings without
+//!   reading holds one queued pong, not one per ping (and its pings count against its
+//!   message rate, see `core::session`);
+//! - the queues give memory back: [`Outbound::take`] hands the queue's buffer to the batch
+//!   instead of copying into it, and [`release`] frees a drained batch that a burst made far
+//!   larger than a connection usually needs.
 
 use std::collections::VecDeque;
+use std::mem::size_of;
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -37,12 +50,33 @@ pub struct Outbound {
 #[derive(Debug, Default)]
 struct State {
     frames: VecDeque<Bytes>,
+    /// What `frames` costs: their lengths plus [`FRAME_COST`] each.
     bytes: usize,
+    /// Where in `frames` the pong not yet taken is, if there is one.
+    pong: Option<usize>,
     close: Option<CloseReason>,
     /// Broker receipt time of the oldest channel message queued.
     oldest: Option<Instant>,
     /// Writes that carried a channel message, for sampling the latency histogram.
     writes: u32,
+}
+
+/// What a queued frame costs on top of its length: its `Bytes` in the queue, as much again
+/// for a queue that has just doubled, and 32 bytes for the allocator's header and rounding of
+/// the frame's own buffer (counted for shared fan-out frames too, which overstates them).
+pub const FRAME_COST: usize = 2 * size_of::<Bytes>() + 32;
+
+/// A drained batch keeps its buffer up to this many frames; a larger one is freed (see
+/// [`release`]). Bursts past it are rare, and reallocating once per burst is cheap next to
+/// holding the buffer on every connection that once had one.
+pub const RETAIN_FRAMES: usize = 64;
+
+/// Frees a drained batch's buffer when it holds room for more than [`RETAIN_FRAMES`]: the
+/// writer calls it after each write, so a burst's memory goes back once it is written.
+pub fn release(batch: &mut VecDeque<Bytes>) {
+    if batch.is_empty() && batch.capacity() > RETAIN_FRAMES {
+        *batch = VecDeque::new();
+    }
 }
 
 /// One write in this many (per connection) that carried a channel message records its
@@ -106,23 +140,52 @@ impl Outbound {
         self.push_at(frame, Some(received))
     }
 
-    fn push_at(&self, frame: Bytes, received: Option<Instant>) -> Pushed {
+    /// Queues a pong, or replaces the pong already queued and not yet taken by the writer:
+    /// a run of pings gets one pong, echoing the last of them (RFC 6455 §5.5.3).
+    pub fn push_pong(&self, frame: Bytes) -> Pushed {
         let mut s = self.lock();
+        if let Some(at) = s.pong.filter(|_| s.close.is_none()) {
+            let old = std::mem::replace(&mut s.frames[at], frame);
+            s.bytes = s.bytes - old.len() + s.frames[at].len();
+            return Pushed::Queued;
+        }
+        self.queue(s, frame, None, true)
+    }
+
+    fn push_at(&self, frame: Bytes, received: Option<Instant>) -> Pushed {
+        self.queue(self.lock(), frame, received, false)
+    }
+
+    /// Queues `frame` under the lock `s`; `pong` marks it as the pong [`Outbound::push_pong`]
+    /// may replace.
+    fn queue(
+        &self,
+        mut s: std::sync::MutexGuard<'_, State>,
+        frame: Bytes,
+        received: Option<Instant>,
+        pong: bool,
+    ) -> Pushed {
         if s.oldest.is_none() {
             s.oldest = received;
         }
         if s.close.is_some() {
             return Pushed::Closing;
         }
-        if s.bytes + frame.len() > self.cap {
-            s.frames.clear();
+        let cost = frame.len() + FRAME_COST;
+        if s.bytes + cost > self.cap {
+            // Freed at once: the connection is closing and will never write them.
+            s.frames = VecDeque::new();
             s.bytes = 0;
+            s.pong = None;
             s.close = Some(CloseReason::SlowConsumer(self.cap));
             drop(s);
             self.notify.notify_one();
             return Pushed::Overflowed;
         }
-        s.bytes += frame.len();
+        s.bytes += cost;
+        if pong {
+            s.pong = Some(s.frames.len());
+        }
         s.frames.push_back(frame);
         let first = s.frames.len() == 1;
         drop(s);
@@ -145,6 +208,12 @@ impl Outbound {
         self.notify.notify_one();
     }
 
+    /// What the queued frames cost against the cap: their lengths plus [`FRAME_COST`] each.
+    #[cfg(test)]
+    pub fn queued(&self) -> usize {
+        self.lock().bytes
+    }
+
     /// True once a close was requested.
     pub fn is_closing(&self) -> bool {
         self.lock().close.is_some()
@@ -158,10 +227,18 @@ impl Outbound {
     /// Moves every queued frame into `batch`. Returns the close reason, if one is set, and
     /// for one write in [`LATENCY_SAMPLE`] the broker receipt time of the batch's oldest
     /// channel message, which the writer hands to [`Outbound::written`].
+    ///
+    /// An empty `batch` (the writer's, after a write) trades buffers with the queue rather
+    /// than taking a copy, so the frames' slots are held once, not once in each.
     pub fn take(&self, batch: &mut VecDeque<Bytes>) -> (Option<CloseReason>, Option<Instant>) {
         let mut s = self.lock();
-        batch.append(&mut s.frames);
+        if batch.is_empty() {
+            std::mem::swap(batch, &mut s.frames);
+        } else {
+            batch.append(&mut s.frames);
+        }
         s.bytes = 0;
+        s.pong = None;
         let oldest = s.oldest.take();
         // The first such write is sampled, then every LATENCY_SAMPLE-th.
         let sampled = oldest.is_some() && {
@@ -189,6 +266,7 @@ impl Outbound {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::frame;
 
     /// Tests of the queue alone need no protocol.
     struct NoCodec;
@@ -203,19 +281,20 @@ mod tests {
 
     #[test]
     fn overflow_drops_queue_and_closes() {
-        let q = Outbound::new(10, &NoCodec);
+        let cap = 2 * (5 + FRAME_COST);
+        let q = Outbound::new(cap, &NoCodec);
         assert_eq!(q.push(Bytes::from_static(b"12345")), Pushed::Queued);
         assert_eq!(q.push(Bytes::from_static(b"12345")), Pushed::Queued);
         assert_eq!(q.push(Bytes::from_static(b"1")), Pushed::Overflowed);
         assert_eq!(q.push(Bytes::from_static(b"1")), Pushed::Closing);
         let mut batch = VecDeque::new();
-        assert_eq!(q.take(&mut batch).0, Some(CloseReason::SlowConsumer(10)));
+        assert_eq!(q.take(&mut batch).0, Some(CloseReason::SlowConsumer(cap)));
         assert!(batch.is_empty());
     }
 
     #[test]
     fn take_frees_room_and_first_close_wins() {
-        let q = Outbound::new(10, &NoCodec);
+        let q = Outbound::new(10 + FRAME_COST, &NoCodec);
         q.push(Bytes::from_static(b"1234567890"));
         let mut batch = VecDeque::new();
         assert_eq!(q.take(&mut batch).0, None);
@@ -225,5 +304,95 @@ mod tests {
         q.close(CloseReason::Disconnected);
         assert_eq!(q.take(&mut batch).0, Some(CloseReason::Shutdown));
         assert_eq!(batch.len(), 2);
+    }
+
+    /// The heap that `frames` holds, as far as it can be seen from here: the slot array at
+    /// its capacity, and each frame's buffer as glibc's malloc sizes it (the request plus an
+    /// 8-byte header, rounded up to 16, at least 32).
+    fn held(frames: &VecDeque<Bytes>) -> usize {
+        let buffers: usize = frames
+            .iter()
+            .map(|f| (f.len() + 8).next_multiple_of(16).max(32))
+            .sum();
+        frames.capacity() * size_of::<Bytes>() + buffers
+    }
+
+    /// The documented bound, against the worst client for it: the writer holds a full batch
+    /// of the smallest frames it can be given (empty text frames, 2 bytes each) that it
+    /// cannot write because the client does not read, and the client floods pings.
+    #[test]
+    fn a_client_that_floods_pings_and_never_reads_holds_at_most_twice_the_cap() {
+        const CAP: usize = 64 * 1024;
+        let accepted = {
+            let probe = Outbound::new(CAP, &NoCodec);
+            let mut n = 0;
+            while probe.push(frame::text("")) == Pushed::Queued {
+                n += 1;
+            }
+            n
+        };
+        let q = Outbound::new(CAP, &NoCodec);
+        for _ in 0..accepted {
+            assert_eq!(q.push(frame::text("")), Pushed::Queued);
+        }
+        let mut batch = VecDeque::new();
+        q.take(&mut batch);
+        assert_eq!(batch.len(), accepted);
+        for i in 0..100_000u32 {
+            q.push_pong(frame::pong(&i.to_be_bytes()));
+        }
+        assert!(
+            !q.is_closing(),
+            "a ping flood alone does not overflow the queue"
+        );
+        let total = held(&batch) + held(&q.lock().frames);
+        assert!(total <= 2 * CAP, "{total} bytes held for a cap of {CAP}");
+        let mut pongs = VecDeque::new();
+        q.take(&mut pongs);
+        assert_eq!(Vec::from(pongs), [frame::pong(&99_999u32.to_be_bytes())]);
+    }
+
+    #[test]
+    fn a_run_of_pongs_is_one_pong_in_place_until_taken() {
+        let q = Outbound::new(1 << 20, &NoCodec);
+        q.push(frame::text("a"));
+        q.push_pong(frame::pong(b"1"));
+        q.push_pong(frame::pong(b"2"));
+        q.push(frame::text("b"));
+        q.push_pong(frame::pong(b"3"));
+        assert_eq!(q.queued(), 3 * (3 + FRAME_COST), "three frames of 3 bytes");
+        let mut batch = VecDeque::new();
+        q.take(&mut batch);
+        let want = [frame::text("a"), frame::pong(b"3"), frame::text("b")];
+        assert_eq!(Vec::from(std::mem::take(&mut batch)), want);
+        // once taken (being written), the next ping gets a pong of its own
+        q.push_pong(frame::pong(b"4"));
+        q.take(&mut batch);
+        assert_eq!(Vec::from(batch), [frame::pong(b"4")]);
+    }
+
+    #[test]
+    fn queues_give_memory_back_after_a_burst() {
+        let q = Outbound::new(1 << 30, &NoCodec);
+        let mut batch = VecDeque::new();
+        for _ in 0..10_000 {
+            q.push(frame::text("x"));
+        }
+        q.take(&mut batch);
+        assert_eq!(batch.len(), 10_000);
+        assert!(
+            q.lock().frames.capacity() <= RETAIN_FRAMES,
+            "the queue's buffer went to the batch, not a copy"
+        );
+        batch.clear(); // written
+        release(&mut batch);
+        assert!(batch.capacity() <= RETAIN_FRAMES, "{}", batch.capacity());
+        // a connection's usual few frames keep their buffers from write to write
+        q.push(frame::text("x"));
+        q.take(&mut batch);
+        let kept = batch.capacity();
+        batch.clear();
+        release(&mut batch);
+        assert!(kept > 0 && batch.capacity() == kept);
     }
 }

@@ -12,7 +12,9 @@
 //!   is encoded once and shared as [`Bytes`]. Every write is flushed, which TLS streams need.
 //!
 //! Control frames the reader sees (ping → pong, close → our close) are answered through the
-//! same outbound queue, keeping a single writer per socket.
+//! same outbound queue, keeping a single writer per socket. A ping is first offered to the
+//! handler ([`Handler::on_ping`]), which counts it against the connection's rate limits, and
+//! pongs not yet written are coalesced into one ([`Outbound::push_pong`]).
 //!
 //! A plain-TCP connection is unwrapped from hyper's `Upgraded` back to its socket
 //! ([`serve_upgraded`]): the halves are owned (no split lock, no boxed I/O on every call) and
@@ -40,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use crate::conn::clock::{ClockEvent, TokenClock};
 use crate::conn::event::Event;
 use crate::conn::frame::{self, FrameReader, OpCode};
-use crate::conn::outbound::Outbound;
+use crate::conn::outbound::{self, Outbound};
 use crate::error::CloseReason;
 
 /// What the application does with complete messages.
@@ -52,6 +54,14 @@ pub trait Handler: Send + 'static {
     fn on_binary(&mut self, data: Vec<u8>) -> impl Future<Output = Result<(), CloseReason>> + Send {
         let _ = data;
         async { Err(CloseReason::Binary) }
+    }
+
+    /// A ping with `len` bytes of payload: `Ok(true)` answers it with a pong, `Ok(false)`
+    /// drops it (over a rate limit), `Err` closes. Pings cost the node a pong each, so a
+    /// handler with rate limits counts them; the default answers every ping.
+    fn on_ping(&mut self, len: usize) -> Result<bool, CloseReason> {
+        let _ = len;
+        Ok(true)
     }
 }
 
@@ -256,6 +266,7 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
                     // overflowed, is a slow consumer, not a lost connection.
                     break outbound.close_reason().unwrap_or(CloseReason::Abnormal);
                 }
+                outbound::release(&mut batch);
                 outbound.written(oldest);
             }
             if let Some(reason) = closing {
@@ -449,7 +460,13 @@ where
                     }
                 }
                 OpCode::Ping => {
-                    outbound.push(frame::pong(&frame.payload));
+                    match handler.on_ping(frame.payload.len()) {
+                        Ok(true) => {
+                            outbound.push_pong(frame::pong(&frame.payload));
+                        }
+                        Ok(false) => {}
+                        Err(reason) => break reason,
+                    }
                     None
                 }
                 OpCode::Pong => None,

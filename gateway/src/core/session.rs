@@ -207,6 +207,18 @@ impl Session {
         let m = &self.core.metrics;
         m.hot.messages_in.fetch_add(1, Ordering::Relaxed);
         m.hot.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+        self.limit(len)
+    }
+
+    /// Applies the connection's rate limits to a ping of `len` bytes, as to a message: each
+    /// ping costs a pong, so a ping flood is a message flood. Not counted as a message in
+    /// the traffic metrics.
+    pub fn admit_ping(&mut self, len: usize) -> Result<Admit, CloseReason> {
+        self.limit(len)
+    }
+
+    fn limit(&mut self, len: usize) -> Result<Admit, CloseReason> {
+        let m = &self.core.metrics;
         match self.limiter.check(len) {
             Verdict::Pass => Ok(Admit::Yes),
             Verdict::Refuse(kind) => {

@@ -97,4 +97,10 @@ impl Handler for Connection {
         }
         Ok(())
     }
+
+    /// A ping over the rate gets no pong (and no error frame: a ping has no `id` to answer),
+    /// but counts as a strike like a refused message.
+    fn on_ping(&mut self, len: usize) -> Result<bool, CloseReason> {
+        Ok(self.session.admit_ping(len)? == Admit::Yes)
+    }
 }
