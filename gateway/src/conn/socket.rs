@@ -309,8 +309,15 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
         outbound.close(reason.clone());
 
         if reason != CloseReason::Abnormal {
-            // Best effort: the peer may be gone or not reading (slow consumer); bounded by timeout.
-            let mut last = VecDeque::from([frame::close(reason.code(), &reason.to_string())]);
+            // Best effort: the peer may be gone or not reading (slow consumer); bounded by
+            // timeout. Before the close frame go what is left of a batch whose write failed (so
+            // that the peer never sees half a frame and then a close), and the frames queued
+            // since the last write: a drain's close comes through `take` and has none left,
+            // but shutdown and the timers end the loop from the `select!`, which can win over
+            // frames queued a moment before. The queue is closed now, so nothing joins later.
+            let mut last = std::mem::take(&mut batch);
+            outbound.take(&mut last);
+            last.push_back(frame::close(reason.code(), &reason.to_string()));
             let _ = write_batch(&mut write_half, &mut last, limits).await;
             let _ = tokio::time::timeout(limits.write_timeout, write_half.shutdown()).await;
             // Give the peer a moment to answer our close so the reader ends cleanly.
@@ -534,6 +541,90 @@ fn close_reason(payload: &[u8]) -> CloseReason {
             } else {
                 CloseReason::ClientClosed(code)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::event::Codec;
+    use tokio::io::AsyncReadExt;
+
+    struct Quiet;
+    impl Handler for Quiet {
+        async fn on_text(&mut self, _: String) -> Result<(), CloseReason> {
+            Ok(())
+        }
+    }
+
+    struct NoCodec;
+    impl Codec for NoCodec {
+        fn id(&self) -> usize {
+            0
+        }
+        fn encode(&self, _: &Event<'_>) -> Bytes {
+            Bytes::new()
+        }
+    }
+
+    /// Server frames (unmasked, short) as (opcode, payload).
+    fn frames(mut wire: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while let [b0, len, rest @ ..] = wire {
+            let len = usize::from(*len);
+            out.push((b0 & 0x0f, rest[..len].to_vec()));
+            wire = &rest[len..];
+        }
+        out
+    }
+
+    /// Frames queued when shutdown comes are written before the close frame. The writer's
+    /// `select!` picks among ready branches at random, so the case where shutdown wins over
+    /// the queued frames comes up in about half the rounds.
+    #[tokio::test]
+    async fn shutdown_writes_what_was_queued_before_the_close_frame() {
+        let limits = Limits {
+            max_message_bytes: 1024,
+            fragment_timeout: Duration::from_secs(60),
+            ping_interval: Duration::from_secs(60),
+            ping_timeout: Duration::from_secs(120),
+            write_timeout: Duration::from_millis(20),
+        };
+        for round in 0..32 {
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            let (read_half, write_half) = tokio::io::split(server);
+            let out = Arc::new(Outbound::new(1 << 20, &NoCodec));
+            let stop = CancellationToken::new();
+            let serving = tokio::spawn(serve(
+                read_half,
+                write_half,
+                &[],
+                limits,
+                Quiet,
+                out.clone(),
+                stop.clone(),
+                None,
+            ));
+            // The writer waits in its `select!`; then frames and shutdown come together.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            for n in ["1", "2", "3"] {
+                out.push(frame::text(n));
+            }
+            stop.cancel();
+            assert_eq!(serving.await.expect("served"), CloseReason::Shutdown);
+            let mut wire = Vec::new();
+            client.read_to_end(&mut wire).await.expect("read");
+            let text = |s: &str| (1, s.as_bytes().to_vec());
+            let close = (
+                8,
+                [&1001u16.to_be_bytes()[..], b"node shutting down"].concat(),
+            );
+            assert_eq!(
+                frames(&wire),
+                [text("1"), text("2"), text("3"), close],
+                "round {round}"
+            );
         }
     }
 }
