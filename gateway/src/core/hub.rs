@@ -8,6 +8,14 @@
 //!   that "first local subscriber → broker subscribe" and "last one left → broker unsubscribe"
 //!   happen in the order they were decided, even though the broker calls are async.
 //!
+//! A channel is in `channels` only while the node's broker subscription to it stands: its
+//! first subscriber adds it once the broker call succeeded, its last one removes it before
+//! the broker unsubscribe. So a subscriber of a channel already there joins it under the
+//! `channels` lock alone, and one that leaves others behind leaves the same way: neither
+//! waits behind the shard's broker calls, which a slow Redis makes as long as its timeout.
+//! Who does need `control` waits for it at most the broker timeout, then gets
+//! [`BrokerError::Timeout`] (the client's `unavailable`), however many transitions queue.
+//!
 //! Fan-out encodes the `message` frame once and pushes the same [`Bytes`] to every
 //! subscriber's [`Outbound`] queue.
 
@@ -91,29 +99,26 @@ impl Hub {
         out: &Arc<Outbound>,
     ) -> Result<(), BrokerError> {
         let shard = self.shard(channel);
-        let _order = shard.control.lock().await;
-        let first = {
-            let mut map = write(&shard.channels);
-            let subs = map.entry(channel.to_owned()).or_default();
-            subs.insert(conn, out.clone());
-            subs.len() == 1
-        };
-        if first {
-            if let Err(e) = self
-                .broker_call("subscribe", self.broker.subscribe(channel))
-                .await
-            {
-                let mut map = write(&shard.channels);
-                if let Some(subs) = map.get_mut(channel) {
-                    subs.remove(&conn);
-                    if subs.is_empty() {
-                        map.remove(channel);
-                        self.mark_stale(channel);
-                    }
-                }
-                return Err(e);
-            }
+        if join(shard, channel, conn, out) {
+            return Ok(());
         }
+        let _order = self.control(shard, "subscribe").await?;
+        // Another first subscriber may have finished while this one waited.
+        if join(shard, channel, conn, out) {
+            return Ok(());
+        }
+        let unsettled = Unsettled(self, channel);
+        self.broker_call("subscribe", self.broker.subscribe(channel))
+            .await?;
+        let mut map = write(&shard.channels);
+        if out.is_closing() {
+            // See `join`; the broker subscription goes with the next `reconcile`.
+            return Ok(());
+        }
+        unsettled.settled();
+        map.entry(channel.to_owned())
+            .or_default()
+            .insert(conn, out.clone());
         Ok(())
     }
 
@@ -121,7 +126,21 @@ impl Hub {
     /// unsubscribe from the broker. Removing an absent subscriber is a no-op.
     pub async fn unsubscribe(&self, channel: &str, conn: ConnId) -> Result<(), BrokerError> {
         let shard = self.shard(channel);
-        let _order = shard.control.lock().await;
+        {
+            let mut map = write(&shard.channels);
+            match map.get_mut(channel) {
+                None => return Ok(()),
+                Some(subs) if subs.len() > 1 || !subs.contains_key(&conn) => {
+                    subs.remove(&conn);
+                    return Ok(());
+                }
+                Some(_) => {}
+            }
+        }
+        // The last subscriber (unless one joined meanwhile). It leaves even when the wait for
+        // `control` times out, as a closing connection must: the broker subscription is then
+        // left to `reconcile`, like one whose unsubscribe failed.
+        let order = self.control(shard, "unsubscribe").await;
         let last = {
             let mut map = write(&shard.channels);
             let emptied = map
@@ -133,15 +152,29 @@ impl Hub {
             emptied
         };
         if last {
-            let r = self
-                .broker_call("unsubscribe", self.broker.unsubscribe(channel))
-                .await;
-            if r.is_err() {
-                self.mark_stale(channel);
-            }
-            r?;
+            let unsettled = Unsettled(self, channel);
+            let _order = order?;
+            self.broker_call("unsubscribe", self.broker.unsubscribe(channel))
+                .await?;
+            unsettled.settled();
         }
         Ok(())
+    }
+
+    /// The shard's `control`, waited for at most the broker timeout.
+    async fn control<'s>(
+        &self,
+        shard: &'s Shard,
+        op: &'static str,
+    ) -> Result<tokio::sync::MutexGuard<'s, ()>, BrokerError> {
+        match tokio::time::timeout(self.broker_timeout, shard.control.lock()).await {
+            Ok(guard) => Ok(guard),
+            Err(_) => {
+                self.metrics.broker_errors.inc([op]);
+                tracing::warn!(op, "timed out waiting behind the hub shard's broker calls");
+                Err(BrokerError::Timeout)
+            }
+        }
     }
 
     fn mark_stale(&self, channel: &str) {
@@ -277,6 +310,42 @@ fn write(
     lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Adds `conn` to `channel` if the channel is there, that is, subscribed at the broker.
+///
+/// A closing connection is not added: its cleanup may already have left every channel (a
+/// reader task that is being aborted can still finish a subscribe), and it would stay here
+/// for good. Checked under the `channels` lock, which the cleanup's unsubscribe takes after
+/// the connection was marked closing, so one of the two always sees the other.
+fn join(shard: &Shard, channel: &str, conn: ConnId, out: &Arc<Outbound>) -> bool {
+    let mut map = write(&shard.channels);
+    let Some(subs) = map.get_mut(channel) else {
+        return false;
+    };
+    if !out.is_closing() {
+        subs.insert(conn, out.clone());
+    }
+    true
+}
+
+/// A broker call in flight for a channel, which may leave the broker subscribed to it with
+/// no local subscriber: dropped before it is forgotten (the call failed, timed out, or its
+/// future was dropped with the connection), it marks the channel stale for
+/// [`Hub::reconcile`].
+struct Unsettled<'a>(&'a Hub, &'a str);
+
+impl Unsettled<'_> {
+    /// The call succeeded and its result is recorded in `channels`.
+    fn settled(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        self.0.mark_stale(self.1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,5 +478,135 @@ mod tests {
         hub.publish("c", "2").await.expect("publish");
         out.take(&mut q);
         assert_eq!(q.len(), 1, "no delivery after the last subscriber left");
+    }
+
+    /// A memory broker whose subscribe to channels named `slow*` never answers, as a Redis
+    /// that stalls; it records the unsubscribes it gets.
+    struct Stalling {
+        inner: MemoryBroker,
+        unsubscribed: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl Broker for Stalling {
+        fn subscribe<'a>(
+            &'a self,
+            channel: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            if channel.starts_with("slow") {
+                return Box::pin(std::future::pending());
+            }
+            self.inner.subscribe(channel)
+        }
+        fn unsubscribe<'a>(
+            &'a self,
+            channel: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            self.unsubscribed.lock().unwrap().push(channel.to_owned());
+            self.inner.unsubscribe(channel)
+        }
+        fn publish<'a>(
+            &'a self,
+            channel: &'a str,
+            data: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            self.inner.publish(channel, data)
+        }
+    }
+
+    /// One shard, so that every channel shares its `control`.
+    fn stalling_hub(timeout: Duration) -> (Arc<Hub>, Arc<Stalling>) {
+        let slot: Arc<std::sync::OnceLock<Arc<Stalling>>> = Default::default();
+        let set = slot.clone();
+        let hub = Hub::new(1, Arc::default(), timeout, move |sink| {
+            let b = Arc::new(Stalling {
+                inner: MemoryBroker::new(sink),
+                unsubscribed: Default::default(),
+            });
+            let _ = set.set(b.clone());
+            b as Arc<dyn Broker>
+        });
+        let broker = slot.get().expect("built").clone();
+        (hub, broker)
+    }
+
+    /// Done within 3 s, far longer than the hubs' broker timeout here.
+    async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(3), f)
+            .await
+            .expect("bounded by the broker timeout")
+    }
+
+    /// Ready on its first poll: it did not wait for anything.
+    async fn at_once<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::ZERO, f)
+            .await
+            .expect("completes without waiting")
+    }
+
+    #[tokio::test]
+    async fn joining_or_leaving_a_subscribed_channel_does_not_wait_for_the_broker() {
+        let (hub, _) = stalling_hub(Duration::from_secs(5));
+        let out = Arc::new(Outbound::new(1 << 16, &v1::CODEC));
+        hub.subscribe("busy", 1, &out).await.expect("sub");
+        // a first subscriber whose broker call hangs holds the shard's transitions
+        let (h, o) = (hub.clone(), out.clone());
+        let stalled = tokio::spawn(async move { h.subscribe("slow", 2, &o).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        at_once(hub.subscribe("busy", 3, &out)).await.expect("join");
+        assert_eq!(hub.subscribers("busy"), 2);
+        at_once(hub.unsubscribe("busy", 3)).await.expect("leave");
+        at_once(hub.unsubscribe("never", 3)).await.expect("no-op");
+        assert_eq!(
+            hub.subscribers("slow"),
+            0,
+            "not subscribed before the broker is"
+        );
+        stalled.abort();
+    }
+
+    #[tokio::test]
+    async fn the_wait_for_a_shards_broker_calls_is_bounded_by_the_broker_timeout() {
+        let (hub, broker) = stalling_hub(Duration::from_millis(100));
+        let out = Arc::new(Outbound::new(1 << 16, &v1::CODEC));
+        hub.subscribe("busy", 1, &out).await.expect("sub");
+        // as a queue of broker calls that each take their whole timeout would
+        let held = hub.shards[0].control.lock().await;
+        let r = bounded(hub.subscribe("new", 2, &out)).await;
+        assert!(matches!(r, Err(BrokerError::Timeout)), "{r:?}");
+        assert_eq!(hub.subscribers("new"), 0);
+        // the last subscriber leaves anyway (a closing connection must); the broker
+        // unsubscribe is left to reconcile
+        let r = bounded(hub.unsubscribe("busy", 1)).await;
+        assert!(matches!(r, Err(BrokerError::Timeout)), "{r:?}");
+        assert_eq!(hub.subscribers("busy"), 0);
+        drop(held);
+        assert_eq!(hub.reconcile().await, 0);
+        assert_eq!(*broker.unsubscribed.lock().unwrap(), ["busy"]);
+        // and the channel comes back through the broker for its next subscriber
+        hub.subscribe("busy", 3, &out).await.expect("sub again");
+        hub.publish("busy", "1").await.expect("publish");
+        let mut q = VecDeque::new();
+        out.take(&mut q);
+        assert_eq!(q.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_first_subscribe_cut_off_mid_call_is_reconciled() {
+        let (hub, broker) = stalling_hub(Duration::from_secs(5));
+        let out = Arc::new(Outbound::new(1 << 16, &v1::CODEC));
+        let (h, o) = (hub.clone(), out.clone());
+        let cut = tokio::spawn(async move { h.subscribe("slow", 1, &o).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cut.abort();
+        let _ = cut.await;
+        assert_eq!(hub.reconcile().await, 0);
+        assert_eq!(*broker.unsubscribed.lock().unwrap(), ["slow"]);
+        // a closing connection is not added, to a subscribed channel or a new one
+        let closing = Arc::new(Outbound::new(1 << 16, &v1::CODEC));
+        closing.close(crate::error::CloseReason::Abnormal);
+        hub.subscribe("c", 2, &out).await.expect("sub");
+        hub.subscribe("c", 3, &closing).await.expect("sub");
+        hub.subscribe("d", 3, &closing).await.expect("sub");
+        assert_eq!((hub.subscribers("c"), hub.subscribers("d")), (1, 0));
     }
 }
