@@ -17,7 +17,8 @@
 //! - [`session`]: protocol v1 for one connection (subscribe, unsubscribe, publish).
 //! - [`hub`]: channel → local subscribers, sharded; drives broker subscriptions.
 //! - [`broker`]: the `Broker` trait, the in-memory and Redis brokers, the conformance suite.
-//! - [`redis`]: the node's one Redis connection and the router of its pub/sub pushes.
+//! - [`redis`]: the node's two Redis connections (pub/sub, commands) and the router of its
+//!   pub/sub pushes.
 //! - [`directory`]: which user and connection lives on which node; unicast, remote
 //!   disconnect, per-user caps, node liveness and the janitor.
 //! - [`inbound`]: client `send` messages and lifecycle events to the backends' stream.

@@ -434,6 +434,88 @@ async fn inbound_stream_gets_connect_message_disconnect_in_order() {
     assert_eq!(read.keys[0].ids.len(), 3);
 }
 
+/// Pub/sub has a connection of its own: Redis dropping it (as it does a subscriber over its
+/// `client-output-buffer-limit pubsub`) leaves the directory's commands unharmed, and the
+/// node resubscribes.
+#[tokio::test]
+async fn pubsub_has_its_own_connection_and_losing_it_spares_the_commands() {
+    let redis = RedisServer::start().await;
+    let node = start(cluster_config(&redis, "n1")).await;
+    let mut sub = node.subscriber("chat:k").await;
+    let (_alice, conn) = user_client(&node, "alice").await;
+    let mut backend = redis.client().await;
+    let me: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut backend)
+        .await
+        .unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut backend)
+        .await
+        .unwrap();
+    let node_clients: Vec<&str> = list
+        .lines()
+        .filter(|l| !l.starts_with(&format!("id={me} ")))
+        .collect();
+    assert_eq!(node_clients.len(), 2, "{node_clients:#?}");
+    let subscribers = node_clients
+        .iter()
+        .filter(|l| l.contains(" flags=P "))
+        .count();
+    assert_eq!(subscribers, 1, "one pub/sub connection: {node_clients:#?}");
+
+    // directory commands keep flowing while the pub/sub connection is killed under them
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let askers: Vec<_> = (0..8)
+        .map(|_| {
+            let (admin, stop, conn) = (node.admin, stop.clone(), conn.clone());
+            tokio::spawn(async move {
+                let mut asked = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (status, body) =
+                        http(admin, "GET", "/v1/users/alice/connections", "", "").await;
+                    assert_eq!(status, 200, "{body}");
+                    assert!(body.contains(&conn), "{body}");
+                    asked += 1;
+                }
+                asked
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut backend)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for asker in askers {
+        assert!(asker.await.expect("every directory command succeeded") > 0);
+    }
+    let reached: i64 = fcall(&mut backend, shared::backend::send_user("alice", "1"))
+        .await
+        .unwrap();
+    assert_eq!(reached, 1);
+    // the pub/sub connection comes back with its subscriptions
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let receivers: i64 = backend.publish("gw:ch:chat:k", "7").await.unwrap();
+        if receivers == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never resubscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sub.recv_json(T).await.unwrap()["data"], 7);
+    node.wait_metric("gateway_redis_errors_total{op=\"disconnected\"} 1")
+        .await;
+}
+
 #[tokio::test]
 async fn send_needs_a_user_fits_its_cap_and_shares_the_users_rate() {
     let redis = RedisServer::start().await;
