@@ -58,3 +58,17 @@ impl<'a> Encoded<'a> {
             .clone()
     }
 }
+
+/// For tests of a connection's mechanics alone, which need no protocol.
+#[cfg(test)]
+pub struct NoCodec;
+
+#[cfg(test)]
+impl Codec for NoCodec {
+    fn id(&self) -> usize {
+        0
+    }
+    fn encode(&self, _: &Event<'_>) -> Bytes {
+        Bytes::new()
+    }
+}

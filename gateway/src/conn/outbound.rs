@@ -266,18 +266,8 @@ impl Outbound {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::event::NoCodec;
     use crate::conn::frame;
-
-    /// Tests of the queue alone need no protocol.
-    struct NoCodec;
-    impl Codec for NoCodec {
-        fn id(&self) -> usize {
-            0
-        }
-        fn encode(&self, _: &Event<'_>) -> Bytes {
-            Bytes::new()
-        }
-    }
 
     #[test]
     fn overflow_drops_queue_and_closes() {

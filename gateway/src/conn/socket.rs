@@ -548,23 +548,13 @@ fn close_reason(payload: &[u8]) -> CloseReason {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::event::Codec;
+    use crate::conn::event::NoCodec;
     use tokio::io::AsyncReadExt;
 
     struct Quiet;
     impl Handler for Quiet {
         async fn on_text(&mut self, _: String) -> Result<(), CloseReason> {
             Ok(())
-        }
-    }
-
-    struct NoCodec;
-    impl Codec for NoCodec {
-        fn id(&self) -> usize {
-            0
-        }
-        fn encode(&self, _: &Event<'_>) -> Bytes {
-            Bytes::new()
         }
     }
 
