@@ -7,8 +7,8 @@
 //!
 //! `send` succeeds only once the message is in the backends' Redis stream. It needs a user
 //! (unless `anonymous_send`), its `data` is capped at `max_send_bytes`, and a user's sends
-//! share one rate (`send_rate_per_user`) over all the user's connections: the stream is
-//! shared by every node and every backend, so one client must not be able to fill it.
+//! share one rate (`send_rate_per_user`) over all the user's connections on the node: the
+//! stream is shared by every node and every backend, so one client must not fill it.
 //!
 //! Command failures are answered, not fatal: a client bug should cost one request, not the
 //! connection and every subscription on it. Only the per-connection rate limit closes.
