@@ -50,7 +50,8 @@ pub struct Outbound {
 #[derive(Debug, Default)]
 struct State {
     frames: VecDeque<Bytes>,
-    /// What `frames` costs: their lengths plus [`FRAME_COST`] each.
+    /// What `frames` costs: their lengths plus [`FRAME_COST`] each (a pong counts as the
+    /// longest, [`MAX_PONG`]).
     bytes: usize,
     /// Where in `frames` the pong not yet taken is, if there is one.
     pong: Option<usize>,
@@ -65,6 +66,11 @@ struct State {
 /// for a queue that has just doubled, and 32 bytes for the allocator's header and rounding of
 /// the frame's own buffer (counted for shared fan-out frames too, which overstates them).
 pub const FRAME_COST: usize = 2 * size_of::<Bytes>() + 32;
+
+/// The longest pong: a control frame's 125 bytes of payload and its 2-byte header. A queued
+/// pong is charged this much, so that replacing it with the next one never moves the count
+/// past the cap.
+const MAX_PONG: usize = 127;
 
 /// A drained batch keeps its buffer up to this many frames; a larger one is freed (see
 /// [`release`]). Bursts past it are rare, and reallocating once per burst is cheap next to
@@ -145,8 +151,7 @@ impl Outbound {
     pub fn push_pong(&self, frame: Bytes) -> Pushed {
         let mut s = self.lock();
         if let Some(at) = s.pong.filter(|_| s.close.is_none()) {
-            let old = std::mem::replace(&mut s.frames[at], frame);
-            s.bytes = s.bytes - old.len() + s.frames[at].len();
+            s.frames[at] = frame;
             return Pushed::Queued;
         }
         self.queue(s, frame, None, true)
@@ -171,7 +176,7 @@ impl Outbound {
         if s.close.is_some() {
             return Pushed::Closing;
         }
-        let cost = frame.len() + FRAME_COST;
+        let cost = if pong { MAX_PONG } else { frame.len() } + FRAME_COST;
         if s.bytes + cost > self.cap {
             // Freed at once: the connection is closing and will never write them.
             s.frames = VecDeque::new();
@@ -208,7 +213,7 @@ impl Outbound {
         self.notify.notify_one();
     }
 
-    /// What the queued frames cost against the cap: their lengths plus [`FRAME_COST`] each.
+    /// What the queued frames cost against the cap (see `State::bytes`).
     #[cfg(test)]
     pub fn queued(&self) -> usize {
         self.lock().bytes
@@ -350,7 +355,7 @@ mod tests {
         q.push_pong(frame::pong(b"2"));
         q.push(frame::text("b"));
         q.push_pong(frame::pong(b"3"));
-        assert_eq!(q.queued(), 3 * (3 + FRAME_COST), "three frames of 3 bytes");
+        assert_eq!(q.queued(), 3 + 3 + MAX_PONG + 3 * FRAME_COST);
         let mut batch = VecDeque::new();
         q.take(&mut batch);
         let want = [frame::text("a"), frame::pong(b"3"), frame::text("b")];
