@@ -16,6 +16,7 @@ use crate::cluster::directory::Directory;
 use crate::cluster::inbound::Inbound;
 use crate::cluster::redis::Redis;
 use crate::config::Config;
+use crate::conn::limiter::KeyedLimiter;
 use crate::conn::socket::Limits;
 use crate::core::hub::{ConnId, Hub, Settings};
 use crate::core::Core;
@@ -100,6 +101,7 @@ impl Node {
             config.inbound_maxlen,
             metrics.clone(),
         );
+        let send_limiter = KeyedLimiter::new(config.send_rate_per_user, config.send_rate_per_user);
         let boot_ms = crate::time::now_ms();
         Ok(Arc::new(Node {
             core: Arc::new(Core {
@@ -108,6 +110,7 @@ impl Node {
                 hub,
                 directory,
                 inbound,
+                send_limiter,
                 metrics,
             }),
             handshake_limiter,
@@ -155,6 +158,7 @@ impl Node {
     pub fn limits(&self) -> Limits {
         Limits {
             max_message_bytes: self.config.max_message_bytes,
+            fragment_timeout: self.config.fragment_timeout(),
             ping_interval: self.config.ping_interval(),
             ping_timeout: self.config.ping_timeout(),
             write_timeout: Duration::from_secs(2).min(self.config.ping_timeout()),

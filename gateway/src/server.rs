@@ -225,7 +225,10 @@ fn spawn_background(
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(60)) => n.handshake_limiter.evict(),
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {
+                    n.handshake_limiter.evict();
+                    n.send_limiter.evict();
+                }
                 _ = s.cancelled() => return,
             }
         }

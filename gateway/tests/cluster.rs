@@ -434,6 +434,131 @@ async fn inbound_stream_gets_connect_message_disconnect_in_order() {
     assert_eq!(read.keys[0].ids.len(), 3);
 }
 
+/// Pub/sub has a connection of its own: Redis dropping it (as it does a subscriber over its
+/// `client-output-buffer-limit pubsub`) leaves the directory's commands unharmed, and the
+/// node resubscribes.
+#[tokio::test]
+async fn pubsub_has_its_own_connection_and_losing_it_spares_the_commands() {
+    let redis = RedisServer::start().await;
+    let node = start(cluster_config(&redis, "n1")).await;
+    let mut sub = node.subscriber("chat:k").await;
+    let (_alice, conn) = user_client(&node, "alice").await;
+    let mut backend = redis.client().await;
+    let me: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut backend)
+        .await
+        .unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut backend)
+        .await
+        .unwrap();
+    let node_clients: Vec<&str> = list
+        .lines()
+        .filter(|l| !l.starts_with(&format!("id={me} ")))
+        .collect();
+    assert_eq!(node_clients.len(), 2, "{node_clients:#?}");
+    let subscribers = node_clients
+        .iter()
+        .filter(|l| l.contains(" flags=P "))
+        .count();
+    assert_eq!(subscribers, 1, "one pub/sub connection: {node_clients:#?}");
+
+    // directory commands keep flowing while the pub/sub connection is killed under them
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let askers: Vec<_> = (0..8)
+        .map(|_| {
+            let (admin, stop, conn) = (node.admin, stop.clone(), conn.clone());
+            tokio::spawn(async move {
+                let mut asked = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (status, body) =
+                        http(admin, "GET", "/v1/users/alice/connections", "", "").await;
+                    assert_eq!(status, 200, "{body}");
+                    assert!(body.contains(&conn), "{body}");
+                    asked += 1;
+                }
+                asked
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut backend)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for asker in askers {
+        assert!(asker.await.expect("every directory command succeeded") > 0);
+    }
+    let reached: i64 = fcall(&mut backend, shared::backend::send_user("alice", "1"))
+        .await
+        .unwrap();
+    assert_eq!(reached, 1);
+    // the pub/sub connection comes back with its subscriptions
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let receivers: i64 = backend.publish("gw:ch:chat:k", "7").await.unwrap();
+        if receivers == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never resubscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sub.recv_json(T).await.unwrap()["data"], 7);
+    node.wait_metric("gateway_redis_errors_total{op=\"disconnected\"} 1")
+        .await;
+}
+
+#[tokio::test]
+async fn send_needs_a_user_fits_its_cap_and_shares_the_users_rate() {
+    let redis = RedisServer::start().await;
+    let node = start(gateway::Config {
+        max_send_bytes: 64,
+        send_rate_per_user: 3,
+        ..cluster_config(&redis, "n1")
+    })
+    .await;
+    // anonymous: refused before anything reaches the stream
+    let (mut anon, _) = node.client().await;
+    let reply = ask(&mut anon, r#"{"type":"send","data":1,"id":1}"#).await;
+    assert_eq!(
+        (reply["code"].as_str(), reply["id"].as_u64()),
+        (Some("forbidden"), Some(1))
+    );
+    // too big: refused, and the connection stays open
+    let (mut a, _) = user_client(&node, "hank").await;
+    let big = json!({"type":"send","data":"x".repeat(63),"id":2}).to_string();
+    let reply = ask(&mut a, &big).await;
+    assert_eq!(reply["code"], "message_too_big", "{reply}");
+    request(&mut a, json!({"type":"send","data":"x".repeat(62),"id":3})).await;
+    // the rate is the user's, whichever connection sends
+    let (mut b, _) = user_client(&node, "hank").await;
+    request(&mut b, json!({"type":"send","data":1,"id":4})).await;
+    request(&mut a, json!({"type":"send","data":2,"id":5})).await;
+    let reply = ask(&mut b, r#"{"type":"send","data":3,"id":6}"#).await;
+    assert_eq!(reply["code"], "rate_limited", "{reply}");
+    // another user has a rate of its own
+    let (mut other, _) = user_client(&node, "ivy").await;
+    request(&mut other, json!({"type":"send","data":4,"id":7})).await;
+    node.wait_metric("gateway_rate_limit_hits_total{kind=\"send\"} 1")
+        .await;
+    let mut backend = redis.client().await;
+    let r: redis::streams::StreamRangeReply = backend.xrange_all("gw:inbound").await.unwrap();
+    let messages = r
+        .ids
+        .iter()
+        .filter(|e| e.get::<String>("event").as_deref() == Some("message"))
+        .count();
+    assert_eq!(messages, 4, "only the accepted sends reach the stream");
+}
+
 /// A 3-master Redis Cluster on free ports, made with `redis-cli --cluster create`.
 struct RedisCluster {
     servers: Vec<RedisServer>,

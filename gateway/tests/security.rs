@@ -725,6 +725,54 @@ async fn channels_claim_limits_subscriptions_and_publish_claim_extends_publishin
 }
 
 #[tokio::test]
+async fn refresh_with_a_narrower_channels_claim_ends_the_subscriptions_it_no_longer_allows() {
+    let secret = "narrow-secret-0123456789-0123456789-abc";
+    let node = start(hs_config(secret)).await;
+    let token = |channels: Value| {
+        hs(
+            secret,
+            &json!({"sub":"dora","exp":now()+600,"channels":channels}),
+        )
+    };
+    let (mut c, _) = with_token(&node, &token(json!(["chat:*"]))).await.unwrap();
+    for (i, ch) in ["chat:keep", "chat:drop1", "chat:drop2"].iter().enumerate() {
+        request(&mut c, json!({"type":"subscribe","channel":ch,"id":i})).await;
+    }
+    let narrower = token(json!(["chat:keep"]));
+    c.send_json(&json!({"type":"refresh","token":narrower,"id":7}))
+        .await
+        .unwrap();
+    let mut dropped = Vec::new();
+    for _ in 0..2 {
+        let f = c.recv_json(T).await.unwrap();
+        assert_eq!(f["type"], "unsubscribed", "{f}");
+        assert_eq!(f["code"], "forbidden", "{f}");
+        dropped.push(f["channel"].as_str().unwrap().to_owned());
+    }
+    dropped.sort();
+    assert_eq!(dropped, ["chat:drop1", "chat:drop2"]);
+    assert_eq!(c.recv_json(T).await.unwrap(), json!({"type":"ack","id":7}));
+    // messages stop on the dropped channels and keep coming on the kept one
+    let (mut p, _) = with_token(&node, &hs(secret, &user("pub"))).await.unwrap();
+    for ch in ["chat:drop1", "chat:keep"] {
+        request(
+            &mut p,
+            json!({"type":"publish","channel":ch,"data":ch,"id":1}),
+        )
+        .await;
+    }
+    assert_eq!(c.recv_json(T).await.unwrap()["data"], "chat:keep");
+    // a refresh without a channels claim allows everything again, and ends nothing
+    let open = hs(secret, &user("dora"));
+    request(&mut c, json!({"type":"refresh","token":open,"id":8})).await;
+    request(
+        &mut c,
+        json!({"type":"subscribe","channel":"chat:drop1","id":9}),
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn origin_policy_refuses_other_sites_with_403() {
     let mut cfg = config();
     cfg.allowed_origins = vec![

@@ -61,6 +61,9 @@ macro_rules! settings {
             max_pending_handshakes: usize = 10_000;
             /// Largest client message (after reassembling fragments); larger closes with 1009.
             max_message_bytes: usize = 64 * 1024;
+            /// Time a fragmented message has from its first fragment to its last; later closes
+            /// with 1008, so that a client cannot hold a reassembly buffer open forever.
+            fragment_timeout_ms: u64 = 10_000;
             /// Subscriptions per connection; more get error `too_many_subscriptions`.
             max_subscriptions: usize = 128;
             /// Bytes queued for one client before it is disconnected as a slow consumer
@@ -181,8 +184,19 @@ macro_rules! settings {
             /// Cluster-wide cap on one user's connections (0: no cap). Anonymous clients are
             /// exempt.
             max_connections_per_user: usize = 0;
-            /// Approximate length cap of the inbound stream (`XADD ... MAXLEN ~`).
+            /// Approximate length cap of the inbound stream (`XADD ... MAXLEN ~`). With
+            /// `max_send_bytes`, it bounds the stream's memory in Redis.
             inbound_maxlen: usize = 100_000;
+            /// Let anonymous connections `send` to the inbound stream; without it they get
+            /// error `forbidden`, so that every entry names a user.
+            anonymous_send: switch;
+            /// Largest `data` of a `send`, in bytes; larger gets error `message_too_big`. The
+            /// stream holds at most about `inbound_maxlen` × this.
+            max_send_bytes: usize = 16 * 1024;
+            /// `send`s per second per user, over all of the user's connections on this node
+            /// (anonymous ones: per client IP), burst the same; more get `rate_limited`
+            /// (0 = unlimited).
+            send_rate_per_user: u32 = 20;
 
             // ---- Channels ----
             /// Per-channel options: history, presence, join/leave (`[[channels]]` in TOML;
@@ -309,6 +323,9 @@ impl Config {
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+    pub fn fragment_timeout(&self) -> Duration {
+        Duration::from_millis(self.fragment_timeout_ms)
     }
     pub fn token_grace(&self) -> Duration {
         Duration::from_millis(self.token_grace_ms)

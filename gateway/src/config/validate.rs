@@ -36,6 +36,9 @@ impl Config {
                 "must be greater than ping_interval_ms (> 0)",
             );
         }
+        if self.fragment_timeout_ms == 0 {
+            return bad("fragment_timeout_ms", "must be > 0");
+        }
         if self.handshake_timeout_ms == 0 {
             return bad("handshake_timeout_ms", "must be > 0");
         }
@@ -134,6 +137,9 @@ impl Config {
         }
         if self.drain_window_ms < 100 {
             return bad("drain_window_ms", "must be at least 100");
+        }
+        if self.max_send_bytes == 0 {
+            return bad("max_send_bytes", "must be at least 1");
         }
         if self.redis_timeout_ms == 0 {
             return bad("redis_timeout_ms", "must be at least 1");

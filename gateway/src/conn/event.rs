@@ -30,7 +30,8 @@ pub enum Event<'a> {
         position: Option<(u64, &'a str)>,
     },
     /// The node ended the connection's subscription to `channel`; `code` says why
-    /// (`insufficient_state`: it could not keep the stream gap-free).
+    /// (`insufficient_state`: it could not keep the stream gap-free; `forbidden`: a refreshed
+    /// token no longer allows it).
     Unsubscribed { channel: &'a str, code: &'a str },
     /// A unicast to the connection's user or to the connection itself; `data` is JSON text.
     Direct { data: &'a str },

@@ -10,13 +10,27 @@
 //! The writer takes the whole queue at once ([`Outbound::take`]) and writes it with one
 //! vectored write, so a burst costs one syscall rather than one per frame. Memory per
 //! connection is therefore bounded by twice the cap: one queue being filled, one batch being
-//! written.
+//! written. For that bound to hold for small frames too, the cap counts what a frame costs,
+//! not only its bytes:
+//!
+//! - each frame is charged [`FRAME_COST`] on top of its length: its slot in the queue, the
+//!   slack of a queue that doubled to make room, and the allocator's header of its buffer.
+//!   A flood of empty frames (2 bytes each) would otherwise hold some 30 times the cap;
+//! - a run of pongs not yet written is one pong: RFC 6455 §5.5.3 lets an endpoint answer
+//!   only the most recent ping ([`Outbound::push_pong`]), so a client that pings without
+//!   reading holds one queued pong, not one per ping (and its pings count against its
+//!   message rate, see `core::session`);
+//! - the queues give memory back: [`Outbound::take`] hands the queue's buffer to the batch
+//!   instead of copying into it, and [`release`] frees a drained batch that a burst made far
+//!   larger than a connection usually needs.
+
 //!
 //! A queue may also hold its connection's [`Framer`] (protocols whose frames carry
 //! per-connection headers, see [`super::event`]) and carries the keep-alive that such a
 //! protocol negotiates after the connection opened ([`Heartbeat`]) to the writer.
 
 use std::collections::VecDeque;
+use std::mem::size_of;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -55,24 +69,6 @@ pub struct Heartbeat {
     pub expect: Option<Duration>,
 }
 
-#[derive(Debug, Default)]
-struct State {
-    frames: VecDeque<Bytes>,
-    bytes: usize,
-    close: Option<CloseReason>,
-    /// Broker receipt time of the oldest channel message queued.
-    oldest: Option<Instant>,
-    /// Writes that carried a channel message, for sampling the latency histogram.
-    writes: u32,
-    /// Set by the protocol, taken by the writer.
-    heartbeat: Option<Heartbeat>,
-}
-
-/// One write in this many (per connection) that carried a channel message records its
-/// latency: the histogram is shared by every connection of the node, and recording every
-/// write cost about 2 % of the node's CPU at one delivery per write.
-pub const LATENCY_SAMPLE: u32 = 8;
-
 /// The bytes of one event for one connection, queued together.
 pub enum Parts {
     /// One buffer (a connection without a framer).
@@ -90,6 +86,51 @@ impl Parts {
     }
 }
 
+#[derive(Debug, Default)]
+struct State {
+    frames: VecDeque<Bytes>,
+    /// What `frames` costs: their lengths plus [`FRAME_COST`] each (a pong counts as the
+    /// longest, [`MAX_PONG`]).
+    bytes: usize,
+    /// Where in `frames` the pong not yet taken is, if there is one.
+    pong: Option<usize>,
+    close: Option<CloseReason>,
+    /// Broker receipt time of the oldest channel message queued.
+    oldest: Option<Instant>,
+    /// Writes that carried a channel message, for sampling the latency histogram.
+    writes: u32,
+    /// A keep-alive for the writer (see [`Outbound::set_heartbeat`]).
+    heartbeat: Option<Heartbeat>,
+}
+
+/// What a queued frame costs on top of its length: its `Bytes` in the queue, as much again
+/// for a queue that has just doubled, and 32 bytes for the allocator's header and rounding of
+/// the frame's own buffer (counted for shared fan-out frames too, which overstates them).
+pub const FRAME_COST: usize = 2 * size_of::<Bytes>() + 32;
+
+/// The longest pong: a control frame's 125 bytes of payload and its 2-byte header. A queued
+/// pong is charged this much, so that replacing it with the next one never moves the count
+/// past the cap.
+const MAX_PONG: usize = 127;
+
+/// A drained batch keeps its buffer up to this many frames; a larger one is freed (see
+/// [`release`]). Bursts past it are rare, and reallocating once per burst is cheap next to
+/// holding the buffer on every connection that once had one.
+pub const RETAIN_FRAMES: usize = 64;
+
+/// Frees a drained batch's buffer when it holds room for more than [`RETAIN_FRAMES`]: the
+/// writer calls it after each write, so a burst's memory goes back once it is written.
+pub fn release(batch: &mut VecDeque<Bytes>) {
+    if batch.is_empty() && batch.capacity() > RETAIN_FRAMES {
+        *batch = VecDeque::new();
+    }
+}
+
+/// One write in this many (per connection) that carried a channel message records its
+/// latency: the histogram is shared by every connection of the node, and recording every
+/// write cost about 2 % of the node's CPU at one delivery per write.
+pub const LATENCY_SAMPLE: u32 = 8;
+
 /// What [`Outbound::push`] did with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -99,7 +140,7 @@ pub enum Pushed {
     /// The connection is already closing; the frame was dropped.
     Closing,
     /// The connection's framer had no frame for the event (a STOMP connection without a
-    /// subscription for it): nothing was queued.
+    /// subscription that wants it); nothing was queued.
     Unwanted,
 }
 
@@ -157,37 +198,16 @@ impl Outbound {
             let len = shared.len();
             return (self.push_at(shared, received), len);
         };
-        let mut s = self.lock();
-        if s.close.is_some() {
-            return (Pushed::Closing, 0);
-        }
-        let (mut parts, mut added) = (0, 0);
+        let mut parts = Vec::new();
         framer.frame(encoded.event(), &shared, &mut |part: Bytes| {
-            parts += 1;
-            added += part.len();
-            s.frames.push_back(part);
+            parts.push(part)
         });
-        if parts == 0 {
-            return (Pushed::Unwanted, 0);
-        }
-        if s.oldest.is_none() {
-            s.oldest = received;
-        }
-        if s.bytes + added > self.cap {
-            return (self.overflow(s), 0);
-        }
-        s.bytes += added;
-        let first = s.frames.len() == parts;
-        drop(s);
-        if first {
-            self.notify.notify_one();
-        }
-        (Pushed::Queued, added)
+        let len = parts.iter().map(Bytes::len).sum();
+        (self.queue_parts(self.lock(), parts, received), len)
     }
 
     /// The bytes `push_encoded` would queue for this event, without queueing them: for a
-    /// subscriber that buffers until it goes live (a history channel's joiner). Empty when
-    /// the connection's framer does not want the event.
+    /// subscriber that buffers until it goes live (a history channel's joiner).
     pub fn frame_encoded(&self, encoded: &mut Encoded<'_>) -> Parts {
         let shared = encoded.bytes(self.codec);
         let Some(framer) = &self.framer else {
@@ -202,20 +222,33 @@ impl Outbound {
 
     /// Queues what [`Outbound::frame_encoded`] made: all of its parts, or none.
     pub fn push_parts(&self, parts: Parts) -> Pushed {
-        let parts = match parts {
-            Parts::One(b) => return self.push(b),
-            Parts::Many(p) if p.is_empty() => return Pushed::Unwanted,
-            Parts::Many(p) => p,
-        };
-        let mut s = self.lock();
+        match parts {
+            Parts::One(b) => self.push(b),
+            Parts::Many(p) => self.queue_parts(self.lock(), p, None),
+        }
+    }
+
+    /// Queues a framer's parts together (each charged as a frame), or none of them.
+    fn queue_parts(
+        &self,
+        mut s: std::sync::MutexGuard<'_, State>,
+        parts: Vec<Bytes>,
+        received: Option<Instant>,
+    ) -> Pushed {
+        if parts.is_empty() {
+            return Pushed::Unwanted;
+        }
         if s.close.is_some() {
             return Pushed::Closing;
         }
-        let added: usize = parts.iter().map(Bytes::len).sum();
-        if s.bytes + added > self.cap {
+        if s.oldest.is_none() {
+            s.oldest = received;
+        }
+        let cost: usize = parts.iter().map(|p| p.len() + FRAME_COST).sum();
+        if s.bytes + cost > self.cap {
             return self.overflow(s);
         }
-        s.bytes += added;
+        s.bytes += cost;
         let first = s.frames.is_empty();
         s.frames.extend(parts);
         drop(s);
@@ -223,6 +256,18 @@ impl Outbound {
             self.notify.notify_one();
         }
         Pushed::Queued
+    }
+
+    /// Drops everything queued and closes the connection as a slow consumer. Freed at once:
+    /// the connection is closing and will never write them.
+    fn overflow(&self, mut s: std::sync::MutexGuard<'_, State>) -> Pushed {
+        s.frames = VecDeque::new();
+        s.bytes = 0;
+        s.pong = None;
+        s.close = Some(CloseReason::SlowConsumer(self.cap));
+        drop(s);
+        self.notify.notify_one();
+        Pushed::Overflowed
     }
 
     /// The last frame before the close frame, from the connection's framer.
@@ -259,18 +304,44 @@ impl Outbound {
         self.push_at(frame, None)
     }
 
-    fn push_at(&self, frame: Bytes, received: Option<Instant>) -> Pushed {
+    /// Queues a pong, or replaces the pong already queued and not yet taken by the writer:
+    /// a run of pings gets one pong, echoing the last of them (RFC 6455 §5.5.3).
+    pub fn push_pong(&self, frame: Bytes) -> Pushed {
         let mut s = self.lock();
+        if let Some(at) = s.pong.filter(|_| s.close.is_none()) {
+            s.frames[at] = frame;
+            return Pushed::Queued;
+        }
+        self.queue(s, frame, None, true)
+    }
+
+    fn push_at(&self, frame: Bytes, received: Option<Instant>) -> Pushed {
+        self.queue(self.lock(), frame, received, false)
+    }
+
+    /// Queues `frame` under the lock `s`; `pong` marks it as the pong [`Outbound::push_pong`]
+    /// may replace.
+    fn queue(
+        &self,
+        mut s: std::sync::MutexGuard<'_, State>,
+        frame: Bytes,
+        received: Option<Instant>,
+        pong: bool,
+    ) -> Pushed {
         if s.oldest.is_none() {
             s.oldest = received;
         }
         if s.close.is_some() {
             return Pushed::Closing;
         }
-        if s.bytes + frame.len() > self.cap {
+        let cost = if pong { MAX_PONG } else { frame.len() } + FRAME_COST;
+        if s.bytes + cost > self.cap {
             return self.overflow(s);
         }
-        s.bytes += frame.len();
+        s.bytes += cost;
+        if pong {
+            s.pong = Some(s.frames.len());
+        }
         s.frames.push_back(frame);
         let first = s.frames.len() == 1;
         drop(s);
@@ -282,16 +353,6 @@ impl Outbound {
         Pushed::Queued
     }
 
-    /// Drops everything queued and closes the connection as a slow consumer.
-    fn overflow(&self, mut s: std::sync::MutexGuard<'_, State>) -> Pushed {
-        s.frames.clear();
-        s.bytes = 0;
-        s.close = Some(CloseReason::SlowConsumer(self.cap));
-        drop(s);
-        self.notify.notify_one();
-        Pushed::Overflowed
-    }
-
     /// Asks the writer to close the connection. The first reason given wins; frames already
     /// queued are still written before the close frame.
     pub fn close(&self, reason: CloseReason) {
@@ -301,6 +362,12 @@ impl Outbound {
         }
         drop(s);
         self.notify.notify_one();
+    }
+
+    /// What the queued frames cost against the cap (see `State::bytes`).
+    #[cfg(test)]
+    pub fn queued(&self) -> usize {
+        self.lock().bytes
     }
 
     /// True once a close was requested.
@@ -316,10 +383,18 @@ impl Outbound {
     /// Moves every queued frame into `batch`. Returns the close reason, if one is set, and
     /// for one write in [`LATENCY_SAMPLE`] the broker receipt time of the batch's oldest
     /// channel message, which the writer hands to [`Outbound::written`].
+    ///
+    /// An empty `batch` (the writer's, after a write) trades buffers with the queue rather
+    /// than taking a copy, so the frames' slots are held once, not once in each.
     pub fn take(&self, batch: &mut VecDeque<Bytes>) -> (Option<CloseReason>, Option<Instant>) {
         let mut s = self.lock();
-        batch.append(&mut s.frames);
+        if batch.is_empty() {
+            std::mem::swap(batch, &mut s.frames);
+        } else {
+            batch.append(&mut s.frames);
+        }
         s.bytes = 0;
+        s.pong = None;
         let oldest = s.oldest.take();
         // The first such write is sampled, then every LATENCY_SAMPLE-th.
         let sampled = oldest.is_some() && {
@@ -347,8 +422,8 @@ impl Outbound {
 #[cfg(test)]
 mod tests {
     use super::*;
-
     use crate::conn::event::DebugCodec as NoCodec;
+    use crate::conn::frame;
 
     /// A framer that sends every event as a head of its own plus the shared part, or
     /// nothing for direct messages.
@@ -377,7 +452,8 @@ mod tests {
 
     #[test]
     fn a_framer_queues_its_parts_together_or_not_at_all() {
-        let q = Outbound::new(12, &Body).with_framer(Arc::new(TwoParts));
+        let cap = 8 + 2 * FRAME_COST + 4;
+        let q = Outbound::new(cap, &Body).with_framer(Arc::new(TwoParts));
         let message = Event::Message {
             position: None,
             channel: "c",
@@ -387,10 +463,10 @@ mod tests {
         assert_eq!(q.push_encoded(&mut e, None), (Pushed::Queued, 8));
         let mut direct = Encoded::new(Event::Direct { data: "1" });
         assert_eq!(q.push_encoded(&mut direct, None), (Pushed::Unwanted, 0));
-        // 8 + 8 > 12: both parts of the second go, with everything else
+        // a second message does not fit: both of its parts go, with everything else
         assert_eq!(q.push_encoded(&mut e, None).0, Pushed::Overflowed);
         let mut batch = VecDeque::new();
-        assert_eq!(q.take(&mut batch).0, Some(CloseReason::SlowConsumer(12)));
+        assert_eq!(q.take(&mut batch).0, Some(CloseReason::SlowConsumer(cap)));
         assert!(batch.is_empty());
         assert_eq!(
             q.farewell(&CloseReason::Shutdown).as_deref(),
@@ -416,19 +492,20 @@ mod tests {
 
     #[test]
     fn overflow_drops_queue_and_closes() {
-        let q = Outbound::new(10, &NoCodec);
+        let cap = 2 * (5 + FRAME_COST);
+        let q = Outbound::new(cap, &NoCodec);
         assert_eq!(q.push(Bytes::from_static(b"12345")), Pushed::Queued);
         assert_eq!(q.push(Bytes::from_static(b"12345")), Pushed::Queued);
         assert_eq!(q.push(Bytes::from_static(b"1")), Pushed::Overflowed);
         assert_eq!(q.push(Bytes::from_static(b"1")), Pushed::Closing);
         let mut batch = VecDeque::new();
-        assert_eq!(q.take(&mut batch).0, Some(CloseReason::SlowConsumer(10)));
+        assert_eq!(q.take(&mut batch).0, Some(CloseReason::SlowConsumer(cap)));
         assert!(batch.is_empty());
     }
 
     #[test]
     fn take_frees_room_and_first_close_wins() {
-        let q = Outbound::new(10, &NoCodec);
+        let q = Outbound::new(10 + FRAME_COST, &NoCodec);
         q.push(Bytes::from_static(b"1234567890"));
         let mut batch = VecDeque::new();
         assert_eq!(q.take(&mut batch).0, None);
@@ -438,5 +515,95 @@ mod tests {
         q.close(CloseReason::Disconnected);
         assert_eq!(q.take(&mut batch).0, Some(CloseReason::Shutdown));
         assert_eq!(batch.len(), 2);
+    }
+
+    /// The heap that `frames` holds, as far as it can be seen from here: the slot array at
+    /// its capacity, and each frame's buffer as glibc's malloc sizes it (the request plus an
+    /// 8-byte header, rounded up to 16, at least 32).
+    fn held(frames: &VecDeque<Bytes>) -> usize {
+        let buffers: usize = frames
+            .iter()
+            .map(|f| (f.len() + 8).next_multiple_of(16).max(32))
+            .sum();
+        frames.capacity() * size_of::<Bytes>() + buffers
+    }
+
+    /// The documented bound, against the worst client for it: the writer holds a full batch
+    /// of the smallest frames it can be given (empty text frames, 2 bytes each) that it
+    /// cannot write because the client does not read, and the client floods pings.
+    #[test]
+    fn a_client_that_floods_pings_and_never_reads_holds_at_most_twice_the_cap() {
+        const CAP: usize = 64 * 1024;
+        let accepted = {
+            let probe = Outbound::new(CAP, &NoCodec);
+            let mut n = 0;
+            while probe.push(frame::text("")) == Pushed::Queued {
+                n += 1;
+            }
+            n
+        };
+        let q = Outbound::new(CAP, &NoCodec);
+        for _ in 0..accepted {
+            assert_eq!(q.push(frame::text("")), Pushed::Queued);
+        }
+        let mut batch = VecDeque::new();
+        q.take(&mut batch);
+        assert_eq!(batch.len(), accepted);
+        for i in 0..100_000u32 {
+            q.push_pong(frame::pong(&i.to_be_bytes()));
+        }
+        assert!(
+            !q.is_closing(),
+            "a ping flood alone does not overflow the queue"
+        );
+        let total = held(&batch) + held(&q.lock().frames);
+        assert!(total <= 2 * CAP, "{total} bytes held for a cap of {CAP}");
+        let mut pongs = VecDeque::new();
+        q.take(&mut pongs);
+        assert_eq!(Vec::from(pongs), [frame::pong(&99_999u32.to_be_bytes())]);
+    }
+
+    #[test]
+    fn a_run_of_pongs_is_one_pong_in_place_until_taken() {
+        let q = Outbound::new(1 << 20, &NoCodec);
+        q.push(frame::text("a"));
+        q.push_pong(frame::pong(b"1"));
+        q.push_pong(frame::pong(b"2"));
+        q.push(frame::text("b"));
+        q.push_pong(frame::pong(b"3"));
+        assert_eq!(q.queued(), 3 + 3 + MAX_PONG + 3 * FRAME_COST);
+        let mut batch = VecDeque::new();
+        q.take(&mut batch);
+        let want = [frame::text("a"), frame::pong(b"3"), frame::text("b")];
+        assert_eq!(Vec::from(std::mem::take(&mut batch)), want);
+        // once taken (being written), the next ping gets a pong of its own
+        q.push_pong(frame::pong(b"4"));
+        q.take(&mut batch);
+        assert_eq!(Vec::from(batch), [frame::pong(b"4")]);
+    }
+
+    #[test]
+    fn queues_give_memory_back_after_a_burst() {
+        let q = Outbound::new(1 << 30, &NoCodec);
+        let mut batch = VecDeque::new();
+        for _ in 0..10_000 {
+            q.push(frame::text("x"));
+        }
+        q.take(&mut batch);
+        assert_eq!(batch.len(), 10_000);
+        assert!(
+            q.lock().frames.capacity() <= RETAIN_FRAMES,
+            "the queue's buffer went to the batch, not a copy"
+        );
+        batch.clear(); // written
+        release(&mut batch);
+        assert!(batch.capacity() <= RETAIN_FRAMES, "{}", batch.capacity());
+        // a connection's usual few frames keep their buffers from write to write
+        q.push(frame::text("x"));
+        q.take(&mut batch);
+        let kept = batch.capacity();
+        batch.clear();
+        release(&mut batch);
+        assert!(kept > 0 && batch.capacity() == kept);
     }
 }

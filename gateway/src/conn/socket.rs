@@ -4,14 +4,17 @@
 //!   [`Handler`]. It is a task of its own so that a slow handler (a Redis round trip) never
 //!   delays writes, and so that the writer's `select!` never has to cancel a read. It
 //!   reassembles fragments itself and closes with 1009 the moment the running total passes
-//!   `max_message_bytes`, before buffering any more.
+//!   `max_message_bytes`, before buffering any more, and with 1008 when a fragmented
+//!   message is not complete `fragment_timeout` after its first fragment.
 //! - The writer is the connection's main loop: one `select!` over the outbound queue, the
 //!   heartbeat tick and the shutdown token. It writes pre-encoded frames ([`crate::conn::frame`])
 //!   straight to the socket with vectored writes, so a frame fanned out to many connections
 //!   is encoded once and shared as [`Bytes`]. Every write is flushed, which TLS streams need.
 //!
 //! Control frames the reader sees (ping → pong, close → our close) are answered through the
-//! same outbound queue, keeping a single writer per socket.
+//! same outbound queue, keeping a single writer per socket. A ping is first offered to the
+//! handler ([`Handler::on_ping`]), which counts it against the connection's rate limits, and
+//! pongs not yet written are coalesced into one ([`Outbound::push_pong`]).
 //!
 //! A protocol with a keep-alive of its own (STOMP's heart-beats) hands the writer a
 //! [`Heartbeat`] through the outbound queue once negotiated; the writer then also sends that
@@ -45,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use crate::conn::clock::{ClockEvent, TokenClock};
 use crate::conn::event::Event;
 use crate::conn::frame::{self, FrameReader, OpCode};
-use crate::conn::outbound::{Heartbeat, Outbound};
+use crate::conn::outbound::{self, Heartbeat, Outbound};
 use crate::error::CloseReason;
 
 /// What the application does with complete messages.
@@ -58,6 +61,14 @@ pub trait Handler: Send + 'static {
         let _ = data;
         async { Err(CloseReason::Binary) }
     }
+
+    /// A ping with `len` bytes of payload: `Ok(true)` answers it with a pong, `Ok(false)`
+    /// drops it (over a rate limit), `Err` closes. Pings cost the node a pong each, so a
+    /// handler with rate limits counts them; the default answers every ping.
+    fn on_ping(&mut self, len: usize) -> Result<bool, CloseReason> {
+        let _ = len;
+        Ok(true)
+    }
 }
 
 /// Per-connection limits and timers.
@@ -65,6 +76,8 @@ pub trait Handler: Send + 'static {
 pub struct Limits {
     /// Largest message after reassembly.
     pub max_message_bytes: usize,
+    /// Time from a fragmented message's first fragment to its last.
+    pub fragment_timeout: Duration,
     /// Interval between server pings.
     pub ping_interval: Duration,
     /// Silence (no frame at all) after which the peer is closed with 4001.
@@ -339,6 +352,7 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
                     // overflowed, is a slow consumer, not a lost connection.
                     break outbound.close_reason().unwrap_or(CloseReason::Abnormal);
                 }
+                outbound::release(&mut batch);
                 outbound.written(oldest);
             }
             if let Some(reason) = closing {
@@ -392,8 +406,15 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
         outbound.close(reason.clone());
 
         if reason != CloseReason::Abnormal {
-            // Best effort: the peer may be gone or not reading (slow consumer); bounded by timeout.
-            let mut last: VecDeque<Bytes> = outbound.farewell(&reason).into_iter().collect();
+            // Best effort: the peer may be gone or not reading (slow consumer); bounded by
+            // timeout. Before the close frame go what is left of a batch whose write failed (so
+            // that the peer never sees half a frame and then a close), and the frames queued
+            // since the last write: a drain's close comes through `take` and has none left,
+            // but shutdown and the timers end the loop from the `select!`, which can win over
+            // frames queued a moment before. The queue is closed now, so nothing joins later.
+            let mut last = std::mem::take(&mut batch);
+            outbound.take(&mut last);
+            last.extend(outbound.farewell(&reason));
             last.push_back(frame::close(reason.code(), &reason.to_string()));
             let _ = write_batch(&mut write_half, &mut last, limits).await;
             let _ = tokio::time::timeout(limits.write_timeout, write_half.shutdown()).await;
@@ -480,8 +501,23 @@ where
         // fast instead of after the whole message arrived).
         let mut partial: Option<(OpCode, Vec<u8>)> = None;
         let mut utf8_checked = 0;
+        // When the message in `partial` must be complete. Checked on two paths, so that
+        // neither a silent client nor one that keeps sending (pings, more fragments) can hold
+        // the buffer past it: the read is timed out at the deadline (it is cancel-safe, so
+        // nothing is lost), and every frame that arrives is checked against it, since a read
+        // that finds bytes already buffered completes before its timer is looked at.
+        let mut fragment_due: Option<tokio::time::Instant> = None;
         let reason = loop {
-            let frame = match frames.next().await {
+            let next = match fragment_due {
+                // Boxed: only a connection in the middle of a fragmented message pays for the
+                // timer; inline, it would be reserved in every idle connection's reader task.
+                Some(due) => match Box::pin(tokio::time::timeout_at(due, frames.next())).await {
+                    Ok(next) => next,
+                    Err(_) => break CloseReason::FragmentTimeout,
+                },
+                None => frames.next().await,
+            };
+            let frame = match next {
                 Ok(f) => f,
                 Err(reason) => break reason,
             };
@@ -489,6 +525,9 @@ where
                 frame.opcode,
                 OpCode::Text | OpCode::Binary | OpCode::Continuation
             ));
+            if fragment_due.is_some_and(|due| tokio::time::Instant::now() >= due) {
+                break CloseReason::FragmentTimeout;
+            }
             let complete = match frame.opcode {
                 OpCode::Text | OpCode::Binary => {
                     if partial.is_some() {
@@ -506,6 +545,7 @@ where
                             break CloseReason::InvalidUtf8;
                         }
                         partial = Some((frame.opcode, buf));
+                        fragment_due = Some(tokio::time::Instant::now() + limits.fragment_timeout);
                         None
                     }
                 }
@@ -521,13 +561,20 @@ where
                         break CloseReason::InvalidUtf8;
                     }
                     if frame.fin {
+                        fragment_due = None;
                         partial.take()
                     } else {
                         None
                     }
                 }
                 OpCode::Ping => {
-                    outbound.push(frame::pong(&frame.payload));
+                    match handler.on_ping(frame.payload.len()) {
+                        Ok(true) => {
+                            outbound.push_pong(frame::pong(&frame.payload));
+                        }
+                        Ok(false) => {}
+                        Err(reason) => break reason,
+                    }
                     None
                 }
                 OpCode::Pong => None,
@@ -595,6 +642,80 @@ fn close_reason(payload: &[u8]) -> CloseReason {
             } else {
                 CloseReason::ClientClosed(code)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::event::DebugCodec as NoCodec;
+    use tokio::io::AsyncReadExt;
+
+    struct Quiet;
+    impl Handler for Quiet {
+        async fn on_text(&mut self, _: String) -> Result<(), CloseReason> {
+            Ok(())
+        }
+    }
+
+    /// Server frames (unmasked, short) as (opcode, payload).
+    fn frames(mut wire: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while let [b0, len, rest @ ..] = wire {
+            let len = usize::from(*len);
+            out.push((b0 & 0x0f, rest[..len].to_vec()));
+            wire = &rest[len..];
+        }
+        out
+    }
+
+    /// Frames queued when shutdown comes are written before the close frame. The writer's
+    /// `select!` picks among ready branches at random, so the case where shutdown wins over
+    /// the queued frames comes up in about half the rounds.
+    #[tokio::test]
+    async fn shutdown_writes_what_was_queued_before_the_close_frame() {
+        let limits = Limits {
+            max_message_bytes: 1024,
+            fragment_timeout: Duration::from_secs(60),
+            ping_interval: Duration::from_secs(60),
+            ping_timeout: Duration::from_secs(120),
+            write_timeout: Duration::from_millis(20),
+        };
+        for round in 0..32 {
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            let (read_half, write_half) = tokio::io::split(server);
+            let out = Arc::new(Outbound::new(1 << 20, &NoCodec));
+            let stop = CancellationToken::new();
+            let serving = tokio::spawn(serve(
+                read_half,
+                write_half,
+                &[],
+                limits,
+                Quiet,
+                out.clone(),
+                stop.clone(),
+                None,
+            ));
+            // The writer waits in its `select!`; then frames and shutdown come together.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            for n in ["1", "2", "3"] {
+                out.push(frame::text(n));
+            }
+            stop.cancel();
+            assert_eq!(serving.await.expect("served"), CloseReason::Shutdown);
+            let mut wire = Vec::new();
+            client.read_to_end(&mut wire).await.expect("read");
+            let text = |s: &str| (1, s.as_bytes().to_vec());
+            let close = (
+                8,
+                [&1001u16.to_be_bytes()[..], b"node shutting down"].concat(),
+            );
+            assert_eq!(
+                frames(&wire),
+                [text("1"), text("2"), text("3"), close],
+                "round {round}"
+            );
         }
     }
 }

@@ -55,6 +55,9 @@ impl Channel {
 struct Shard {
     control: tokio::sync::Mutex<()>,
     channels: RwLock<HashMap<String, Channel>>,
+    /// Channels whose first broker subscribe is in flight: a subscriber that finds its
+    /// channel here waits for `control` (the broker's answer) instead of joining at once.
+    settling: Mutex<HashSet<String>>,
 }
 
 /// How the hub is set up.
@@ -111,6 +114,7 @@ impl Hub {
                     .map(|_| Shard {
                         control: tokio::sync::Mutex::new(()),
                         channels: RwLock::new(HashMap::new()),
+                        settling: Mutex::new(HashSet::new()),
                     })
                     .collect(),
                 broker: make_broker(sink),
@@ -158,45 +162,43 @@ impl Hub {
         recover: Option<Position>,
     ) -> Result<Subscribed, BrokerError> {
         let shard = self.shard(channel);
-        let _order = shard.control.lock().await;
-        let mut joined = None;
-        let first = {
-            let mut map = write(&shard.channels);
-            let entry = map.entry(channel.to_owned()).or_insert_with(|| {
-                match self.history_options(channel) {
-                    Some(o) => {
-                        let id = self.streams_made.fetch_add(1, Ordering::Relaxed);
-                        Channel::History(Mutex::new(Stream::new(id, o.clone())))
-                    }
-                    None => Channel::Plain(HashMap::new()),
-                }
-            });
-            match entry {
-                Channel::Plain(subs) => {
-                    subs.insert(conn, out.clone());
-                }
-                Channel::History(stream) => {
-                    let mut s = lock(stream);
-                    if !s.contains(conn) {
-                        let (tx, rx) = oneshot::channel();
-                        if s.join(conn, out.clone(), recover, tx) {
-                            self.schedule_read(channel, s.id());
-                        }
-                        joined = Some(rx);
-                    }
-                }
-            }
-            entry.len() == 1
-        };
-        if first {
-            if let Err(e) = self
-                .broker_call("subscribe", self.broker.subscribe(channel))
-                .await
-            {
-                self.remove(channel, conn);
-                return Err(e);
-            }
+        if out.is_closing() {
+            // Its cleanup may already have run: added now, it would never be removed.
+            return Ok(Subscribed::default());
         }
+        // A channel the broker already delivers is joined under the map lock alone: such a
+        // subscriber must not wait behind the shard's broker calls (a slow Redis makes each
+        // as long as its timeout).
+        let settled = {
+            let mut map = write(&shard.channels);
+            let ready = map.contains_key(channel) && !lock(&shard.settling).contains(channel);
+            ready.then(|| self.register(&mut map, channel, conn, out, recover.clone()))
+        };
+        let (joined, _order) = match settled {
+            Some((_, joined)) => (joined, None),
+            None => {
+                let order = self.control(shard, "subscribe").await?;
+                let (first, joined) = {
+                    let mut map = write(&shard.channels);
+                    self.register(&mut map, channel, conn, out, recover)
+                };
+                if first {
+                    lock(&shard.settling).insert(channel.to_owned());
+                    // Cut off mid-call (the caller dropped), the channel is left to
+                    // `reconcile`: the broker may have subscribed anyway.
+                    let unsettled = Unsettled(self, shard, channel);
+                    let r = self
+                        .broker_call("subscribe", self.broker.subscribe(channel))
+                        .await;
+                    unsettled.settled();
+                    if let Err(e) = r {
+                        self.remove(channel, conn);
+                        return Err(e);
+                    }
+                }
+                (joined, Some(order))
+            }
+        };
         drop(_order);
         let Some(rx) = joined else {
             return Ok(Subscribed::default());
@@ -212,6 +214,61 @@ impl Hub {
             }
             Err(_) => {
                 self.remove(channel, conn);
+                Err(BrokerError::Timeout)
+            }
+        }
+    }
+
+    /// Adds `conn` to `channel` in `map`. Returns whether it is the channel's first
+    /// subscriber, and, on a history channel, where its join will be answered.
+    fn register(
+        &self,
+        map: &mut HashMap<String, Channel>,
+        channel: &str,
+        conn: ConnId,
+        out: &Arc<Outbound>,
+        recover: Option<Position>,
+    ) -> (bool, Option<oneshot::Receiver<Joined>>) {
+        let entry =
+            map.entry(channel.to_owned())
+                .or_insert_with(|| match self.history_options(channel) {
+                    Some(o) => {
+                        let id = self.streams_made.fetch_add(1, Ordering::Relaxed);
+                        Channel::History(Mutex::new(Stream::new(id, o.clone())))
+                    }
+                    None => Channel::Plain(HashMap::new()),
+                });
+        let mut joined = None;
+        match entry {
+            Channel::Plain(subs) => {
+                subs.insert(conn, out.clone());
+            }
+            Channel::History(stream) => {
+                let mut s = lock(stream);
+                if !s.contains(conn) {
+                    let (tx, rx) = oneshot::channel();
+                    if s.join(conn, out.clone(), recover, tx) {
+                        self.schedule_read(channel, s.id());
+                    }
+                    joined = Some(rx);
+                }
+            }
+        }
+        (entry.len() == 1, joined)
+    }
+
+    /// The shard's `control`, waited for at most the broker timeout: however many broker
+    /// calls queue ahead, a subscribe or unsubscribe answers `unavailable` in bounded time.
+    async fn control<'s>(
+        &self,
+        shard: &'s Shard,
+        op: &'static str,
+    ) -> Result<tokio::sync::MutexGuard<'s, ()>, BrokerError> {
+        match tokio::time::timeout(self.settings.broker_timeout, shard.control.lock()).await {
+            Ok(guard) => Ok(guard),
+            Err(_) => {
+                self.metrics.broker_errors.inc([op]);
+                tracing::warn!(op, "timed out waiting behind the hub shard's broker calls");
                 Err(BrokerError::Timeout)
             }
         }
@@ -238,6 +295,13 @@ impl Hub {
             drop(map);
             self.mark_stale(channel);
         }
+    }
+
+    /// Drops `channel`'s local subscribers and leaves its broker subscription to
+    /// [`Hub::reconcile`] (a first subscribe cut off mid-call).
+    fn remove_all(&self, channel: &str) {
+        write(&self.shard(channel).channels).remove(channel);
+        self.mark_stale(channel);
     }
 
     /// A joined subscriber of a history channel goes live (see [`Hub::subscribe`]).
@@ -277,7 +341,35 @@ impl Hub {
     /// unsubscribe from the broker. Removing an absent subscriber is a no-op.
     pub async fn unsubscribe(&self, channel: &str, conn: ConnId) -> Result<(), BrokerError> {
         let shard = self.shard(channel);
-        let _order = shard.control.lock().await;
+        // Leaving others behind (or an absent subscriber) needs no broker call, and so no
+        // wait behind the shard's.
+        {
+            let mut map = write(&shard.channels);
+            match map.get_mut(channel) {
+                None => return Ok(()),
+                Some(c) if c.len() > 1 => {
+                    match c {
+                        Channel::Plain(subs) => {
+                            subs.remove(&conn);
+                        }
+                        Channel::History(s) => {
+                            lock(s).leave(conn);
+                        }
+                    }
+                    return Ok(());
+                }
+                Some(_) => {}
+            }
+        }
+        let _order = match self.control(shard, "unsubscribe").await {
+            Ok(order) => order,
+            Err(e) => {
+                // The last subscriber leaves anyway (a closing connection must); the broker
+                // unsubscribe is left to `reconcile`.
+                self.remove(channel, conn);
+                return Err(e);
+            }
+        };
         let last = {
             let mut map = write(&shard.channels);
             let emptied = map.get_mut(channel).is_some_and(|c| {
@@ -536,6 +628,25 @@ impl Hub {
             tracing::warn!(op, error = %e, "broker call failed");
         }
         result
+    }
+}
+
+/// A first subscribe's broker call in flight: the channel is `settling` until
+/// [`Unsettled::settled`]; dropped before (the call was cut off), the channel goes to
+/// `reconcile`, since the broker may have subscribed anyway.
+struct Unsettled<'a>(&'a Hub, &'a Shard, &'a str);
+
+impl Unsettled<'_> {
+    fn settled(self) {
+        lock(&self.1.settling).remove(self.2);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        lock(&self.1.settling).remove(self.2);
+        self.0.remove_all(self.2);
     }
 }
 
@@ -1003,5 +1114,142 @@ mod tests {
         hub.publish("c", "2", None).await.expect("publish");
         out.take(&mut q);
         assert_eq!(q.len(), 1, "no delivery after the last subscriber left");
+    }
+
+    /// A memory broker whose subscribe to a `slow*` channel never answers, as a Redis that
+    /// hangs; records its unsubscribes.
+    struct Stalling {
+        inner: MemoryBroker,
+        unsubscribed: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl Broker for Stalling {
+        fn subscribe<'a>(
+            &'a self,
+            channel: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            if channel.starts_with("slow") {
+                return Box::pin(std::future::pending());
+            }
+            self.inner.subscribe(channel)
+        }
+        fn unsubscribe<'a>(
+            &'a self,
+            channel: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            self.unsubscribed.lock().unwrap().push(channel.to_owned());
+            self.inner.unsubscribe(channel)
+        }
+        fn publish<'a>(
+            &'a self,
+            channel: &'a str,
+            data: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            self.inner.publish(channel, data)
+        }
+        fn publish_history<'a>(
+            &'a self,
+            channel: &'a str,
+            data: &'a str,
+            retention: Retention,
+            key: Option<&'a str>,
+        ) -> crate::broker::BoxFuture<'a, Result<Position, BrokerError>> {
+            self.inner.publish_history(channel, data, retention, key)
+        }
+        fn history<'a>(
+            &'a self,
+            channel: &'a str,
+            retention: Retention,
+            since: Since,
+        ) -> crate::broker::BoxFuture<'a, Result<History, BrokerError>> {
+            self.inner.history(channel, retention, since)
+        }
+    }
+
+    /// One shard, so that every channel shares its `control`.
+    fn stalling_hub(timeout: Duration) -> (Arc<Hub>, Arc<Stalling>) {
+        let slot: Arc<std::sync::OnceLock<Arc<Stalling>>> = Default::default();
+        let set = slot.clone();
+        let settings = Settings {
+            shards: 1,
+            broker_timeout: timeout,
+            ..settings()
+        };
+        let hub = Hub::new(settings, Arc::default(), move |sink| {
+            let b = Arc::new(Stalling {
+                inner: MemoryBroker::new(sink),
+                unsubscribed: Default::default(),
+            });
+            let _ = set.set(b.clone());
+            b as Arc<dyn Broker>
+        });
+        let broker = slot.get().expect("built").clone();
+        (hub, broker)
+    }
+
+    /// Ready on its first poll: it did not wait for anything.
+    async fn at_once<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::ZERO, f)
+            .await
+            .expect("completes without waiting")
+    }
+
+    #[tokio::test]
+    async fn joining_or_leaving_a_subscribed_channel_does_not_wait_for_the_broker() {
+        let (hub, _) = stalling_hub(Duration::from_secs(5));
+        let out = Arc::new(Outbound::new(1 << 16, &v1::CODEC));
+        hub.subscribe("busy", 1, &out, None).await.expect("sub");
+        // a first subscriber whose broker call hangs holds the shard's transitions
+        let (h, o) = (hub.clone(), out.clone());
+        let stalled = tokio::spawn(async move { h.subscribe("slow", 2, &o, None).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        at_once(hub.subscribe("busy", 3, &out, None))
+            .await
+            .expect("join");
+        assert_eq!(hub.subscribers("busy"), 2);
+        at_once(hub.unsubscribe("busy", 3)).await.expect("leave");
+        at_once(hub.unsubscribe("never", 3)).await.expect("no-op");
+        stalled.abort();
+    }
+
+    #[tokio::test]
+    async fn the_wait_for_a_shards_broker_calls_is_bounded_and_a_cut_off_subscribe_reconciled() {
+        let (hub, broker) = stalling_hub(Duration::from_millis(100));
+        let out = Arc::new(Outbound::new(1 << 16, &v1::CODEC));
+        hub.subscribe("busy", 1, &out, None).await.expect("sub");
+        // as a queue of broker calls that each take their whole timeout would
+        let held = hub.shards[0].control.lock().await;
+        let r = tokio::time::timeout(Duration::from_secs(3), hub.subscribe("new", 2, &out, None))
+            .await
+            .expect("bounded");
+        assert!(matches!(r, Err(BrokerError::Timeout)), "{r:?}");
+        assert_eq!(hub.subscribers("new"), 0);
+        // the last subscriber leaves anyway; the broker unsubscribe is left to reconcile
+        let r = tokio::time::timeout(Duration::from_secs(3), hub.unsubscribe("busy", 1))
+            .await
+            .expect("bounded");
+        assert!(matches!(r, Err(BrokerError::Timeout)), "{r:?}");
+        assert_eq!(hub.subscribers("busy"), 0);
+        drop(held);
+        assert_eq!(hub.reconcile().await, 0);
+        assert_eq!(*broker.unsubscribed.lock().unwrap(), ["busy"]);
+        // a first subscribe cut off mid-call leaves its channel to reconcile
+        let (h, o) = (hub.clone(), out.clone());
+        let cut = tokio::spawn(async move { h.subscribe("slow", 3, &o, None).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cut.abort();
+        let _ = cut.await;
+        assert_eq!(hub.subscribers("slow"), 0);
+        assert_eq!(hub.reconcile().await, 0);
+        assert!(broker
+            .unsubscribed
+            .lock()
+            .unwrap()
+            .contains(&"slow".to_owned()));
+        // a closing connection is not added
+        let closing = Arc::new(Outbound::new(1 << 16, &v1::CODEC));
+        closing.close(crate::error::CloseReason::Abnormal);
+        hub.subscribe("c", 4, &closing, None).await.expect("sub");
+        assert_eq!(hub.subscribers("c"), 0);
     }
 }

@@ -8,12 +8,14 @@ pub mod hub;
 pub mod session;
 pub mod stream;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::auth::Authenticator;
 use crate::cluster::directory::Directory;
 use crate::cluster::inbound::Inbound;
 use crate::config::Config;
+use crate::conn::limiter::KeyedLimiter;
 use crate::metrics::Metrics;
 
 /// The services every session uses, built once per node.
@@ -26,5 +28,17 @@ pub struct Core {
     pub directory: Arc<Directory>,
     /// Client `send` messages and lifecycle events to the backends.
     pub inbound: Inbound,
+    /// `send_rate_per_user`, shared by a user's connections. Evicted every minute (see
+    /// [`KeyedLimiter`]); between evictions it holds at most one key per sender active since
+    /// the last one, and senders are users with an open connection (or client IPs).
+    pub send_limiter: KeyedLimiter<Sender>,
     pub metrics: Arc<Metrics>,
+}
+
+/// Who a `send` is counted against: its user, or for anonymous connections (with
+/// `anonymous_send`) their client IP, as for handshakes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Sender {
+    User(String),
+    Anonymous(IpAddr),
 }

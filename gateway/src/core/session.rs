@@ -5,7 +5,10 @@
 //! subscription cap, the publish rules, the token's user on refresh) live here once, so every
 //! protocol enforces the same rules.
 //!
-//! `send` succeeds only once the message is in the backends' Redis stream.
+//! `send` succeeds only once the message is in the backends' Redis stream. It needs a user
+//! (unless `anonymous_send`), its `data` is capped at `max_send_bytes`, and a user's sends
+//! share one rate (`send_rate_per_user`) over all the user's connections on the node: the
+//! stream is shared by every node and every backend, so one client must not fill it.
 //!
 //! Command failures are answered, not fatal: a client bug should cost one request, not the
 //! connection and every subscription on it. Only the per-connection rate limit closes.
@@ -19,11 +22,12 @@ use shared::protocol::ErrorCode;
 
 use super::hub::{ConnId, Hub};
 use super::stream::Joined;
-use super::Core;
+use super::{Core, Sender};
 use crate::auth::Identity;
 use crate::broker::{History, Position, Since};
 use crate::cluster::inbound::Event as Inbound;
 use crate::conn::clock::TokenClock;
+use crate::conn::event::Event;
 use crate::conn::limiter::{ConnLimiter, Verdict};
 use crate::conn::outbound::{Outbound, Pushed};
 use crate::error::{Blame, CloseReason};
@@ -137,6 +141,8 @@ pub struct Session {
     identity: Option<Identity>,
     clock: Option<Arc<TokenClock>>,
     limiter: ConnLimiter,
+    /// The key of this connection's `send`s in the node's send limiter.
+    sender: Sender,
 }
 
 /// What outlives the session for the cleanup after the socket closed.
@@ -175,6 +181,10 @@ impl Session {
             c.rate_limit_strikes,
         );
         let subs = Subscriptions::default();
+        let sender = match &user_id {
+            Some(user) => Sender::User(user.clone()),
+            None => Sender::Anonymous(ip),
+        };
         let ending = Ending {
             id,
             ip,
@@ -191,6 +201,7 @@ impl Session {
             identity,
             clock,
             limiter,
+            sender,
         };
         (session, ending)
     }
@@ -227,6 +238,13 @@ impl Session {
         }
     }
 
+    /// Encodes `event` in the connection's protocol and queues it as a reply.
+    fn notify(&self, event: &Event<'_>) {
+        if self.out.push_event(event) == Pushed::Overflowed {
+            self.core.metrics.slow_consumer_disconnects.inc([]);
+        }
+    }
+
     fn subs(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.subs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -237,6 +255,18 @@ impl Session {
         let m = &self.core.metrics;
         m.hot.messages_in.fetch_add(1, Ordering::Relaxed);
         m.hot.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+        self.limit(len)
+    }
+
+    /// Applies the connection's rate limits to a ping of `len` bytes, as to a message: each
+    /// ping costs a pong, so a ping flood is a message flood. Not counted as a message in
+    /// the traffic metrics.
+    pub fn admit_ping(&mut self, len: usize) -> Result<Admit, CloseReason> {
+        self.limit(len)
+    }
+
+    fn limit(&mut self, len: usize) -> Result<Admit, CloseReason> {
+        let m = &self.core.metrics;
         match self.limiter.check(len) {
             Verdict::Pass => Ok(Admit::Yes),
             Verdict::Refuse(kind) => {
@@ -306,13 +336,7 @@ impl Session {
             }
             Command::Refresh { token } => self.refresh(token).await.map(|()| Done::Ok),
             Command::Send { data, destination } => {
-                let user = self.identity.as_ref().map(|i| i.user_id.as_str());
-                self.core
-                    .inbound
-                    .append(Inbound::Message, &self.conn_id, user, data, destination)
-                    .await
-                    .map_err(unavailable)
-                    .map(|()| Done::Ok)
+                self.send(data, destination).await.map(|()| Done::Ok)
             }
         }
     }
@@ -364,7 +388,46 @@ impl Session {
         }
     }
 
-    /// Replaces the connection's token. The new token must name the same user.
+    /// Appends a `send` to the inbound stream, after its own checks: a user (unless
+    /// `anonymous_send`), `max_send_bytes`, and the user's `send_rate_per_user`.
+    async fn send(&self, data: &str, destination: Option<&str>) -> Result<(), Failure> {
+        let c = &self.core.config;
+        let user = self.identity.as_ref().map(|i| i.user_id.as_str());
+        if user.is_none() && !c.anonymous_send {
+            return Err(Failure::new(
+                ErrorCode::Forbidden,
+                "anonymous connections may not send; connect with a token",
+            ));
+        }
+        if data.len() > c.max_send_bytes {
+            return Err(Failure::new(
+                ErrorCode::MessageTooBig,
+                format!(
+                    "the data of a send may hold at most {} bytes",
+                    c.max_send_bytes
+                ),
+            ));
+        }
+        if self.core.send_limiter.check(&self.sender).is_err() {
+            self.core.metrics.rate_limit_hits.inc(["send"]);
+            return Err(Failure::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "over the send rate of {} per second for this user",
+                    c.send_rate_per_user
+                ),
+            ));
+        }
+        self.core
+            .inbound
+            .append(Inbound::Message, &self.conn_id, user, data, destination)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Replaces the connection's token. The new token must name the same user. Its claims
+    /// replace the old ones at once: a subscription that its `channels` claim no longer allows
+    /// is ended, and the client is told so (`unsubscribed`, `forbidden`) before the ack.
     async fn refresh(&mut self, token: &str) -> Result<(), Failure> {
         let (Some(auth), Some(current)) = (&self.core.auth, &self.identity) else {
             return Err(Failure::new(
@@ -385,7 +448,24 @@ impl Session {
         if let Some(clock) = &self.clock {
             clock.renew(fresh.exp);
         }
+        let mut revoked = Vec::new();
+        self.subs().retain(|channel| {
+            let keep = may_subscribe(Some(&fresh), channel);
+            if !keep {
+                revoked.push(channel.clone());
+            }
+            keep
+        });
         self.identity = Some(fresh);
+        for channel in &revoked {
+            // Locally the subscription is gone whatever the broker says; a failed broker
+            // unsubscribe is left to the hub's reconcile.
+            let _ = self.core.hub.unsubscribe(channel, self.id).await;
+            self.notify(&Event::Unsubscribed {
+                channel,
+                code: ErrorCode::Forbidden.as_str(),
+            });
+        }
         Ok(())
     }
 
@@ -436,6 +516,14 @@ impl Session {
             }
         }
     }
+}
+
+/// True when the token (if any) allows subscribing to `channel`: no `channels` claim, or a
+/// pattern in it that matches.
+fn may_subscribe(identity: Option<&Identity>, channel: &str) -> bool {
+    identity
+        .and_then(|i| i.channels.as_ref())
+        .is_none_or(|patterns| shared::channel::any_match(patterns, channel))
 }
 
 fn unavailable(e: crate::error::BrokerError) -> Failure {

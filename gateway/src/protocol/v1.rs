@@ -125,11 +125,11 @@ fn position(p: shared::protocol::Position) -> Position {
     }
 }
 
-fn command(req: Request<'_>) -> Command<'_> {
+fn command<'a>(req: &'a Request<'_>) -> Command<'a> {
     match req {
         Request::Subscribe { channel, recover } => Command::Subscribe {
             channel,
-            recover: recover.map(position),
+            recover: recover.clone().map(position),
         },
         Request::History {
             channel,
@@ -137,8 +137,8 @@ fn command(req: Request<'_>) -> Command<'_> {
             since,
         } => Command::History {
             channel,
-            limit,
-            since: since.map(position),
+            limit: *limit,
+            since: since.clone().map(position),
         },
         Request::Unsubscribe { channel } => Command::Unsubscribe { channel },
         Request::Publish { channel, data } => Command::Publish {
@@ -161,11 +161,17 @@ impl Handler for Connection {
         }
         match parse_request(&text) {
             Err(e) => self.reply_error(e.id, Failure::new(e.code, e.message)),
-            Ok((id, req)) => match self.session.execute(command(req)).await {
+            Ok((id, req)) => match self.session.execute(command(&req)).await {
                 Ok(done) => self.reply(id, done),
                 Err(failure) => self.reply_error(id, failure),
             },
         }
         Ok(())
+    }
+
+    /// A ping over the rate gets no pong (and no error frame: a ping has no `id` to answer),
+    /// but counts as a strike like a refused message.
+    fn on_ping(&mut self, len: usize) -> Result<bool, CloseReason> {
+        Ok(self.session.admit_ping(len)? == Admit::Yes)
     }
 }
