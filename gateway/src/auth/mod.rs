@@ -46,6 +46,8 @@ pub enum AuthError {
     UnknownKey,
     #[error("signing keys are unavailable right now")]
     KeysUnavailable,
+    #[error("the token's info claim must be a JSON object of at most 1024 bytes")]
+    InvalidInfo,
 }
 
 impl AuthError {
@@ -61,6 +63,7 @@ impl AuthError {
             AuthError::UnsupportedAlgorithm => "unsupported_algorithm",
             AuthError::UnknownKey => "unknown_key",
             AuthError::KeysUnavailable => "keys_unavailable",
+            AuthError::InvalidInfo => "invalid_info",
         }
     }
 }
@@ -75,6 +78,9 @@ pub struct Identity {
     pub publish: Vec<String>,
     /// Expiry, Unix seconds.
     pub exp: u64,
+    /// The `info` claim as compact JSON text (an object of at most
+    /// `shared::claims::MAX_INFO_BYTES`); shown in presence and join/leave frames.
+    pub info: Option<String>,
 }
 
 /// See the module docs.
@@ -152,6 +158,7 @@ impl Authenticator {
                 Ok(data) => {
                     let c = data.claims;
                     return Ok(Identity {
+                        info: info_text(c.info)?,
                         user_id: c.sub,
                         channels: c.channels,
                         publish: c.publish,
@@ -193,6 +200,22 @@ impl Authenticator {
             None => v.validate_aud = false,
         }
         v
+    }
+}
+
+/// The `info` claim as compact JSON text, when it is an object small enough.
+fn info_text(info: Option<serde_json::Value>) -> Result<Option<String>, AuthError> {
+    match info {
+        None => Ok(None),
+        Some(v @ serde_json::Value::Object(_)) => {
+            let text = v.to_string();
+            if text.len() > shared::claims::MAX_INFO_BYTES {
+                Err(AuthError::InvalidInfo)
+            } else {
+                Ok(Some(text))
+            }
+        }
+        Some(_) => Err(AuthError::InvalidInfo),
     }
 }
 
