@@ -413,6 +413,9 @@ impl Hub {
                 "delivering traced message"
             );
         }
+        if let Some(kind) = env.event {
+            return announce(c, channel, kind, env.data, &self.metrics);
+        }
         match c {
             Channel::Plain(subs) => {
                 let mut encoded = Encoded::new(Event::Message {
@@ -514,6 +517,36 @@ impl Hub {
             tracing::warn!(op, error = %e, "broker call failed");
         }
         result
+    }
+}
+
+/// A presence announcement (`join`, `leave`; see `cluster::presence`) to every live local
+/// subscriber of the channel, encoded once per protocol. Anything else is dropped.
+fn announce(c: &Channel, channel: &str, kind: &str, member: &str, metrics: &Metrics) {
+    let Some(e) = crate::cluster::presence::Entry::parse(member) else {
+        metrics.broker_dropped.inc([]);
+        return;
+    };
+    let (conn_id, user_id, info) = (&*e.conn_id, e.user_id.as_deref(), e.info.map(|i| i.get()));
+    let event = match kind {
+        "join" => Event::Join {
+            channel,
+            conn_id,
+            user_id,
+            info,
+        },
+        "leave" => Event::Leave {
+            channel,
+            conn_id,
+            user_id,
+            info,
+        },
+        _ => return,
+    };
+    let mut encoded = Encoded::new(event);
+    match c {
+        Channel::Plain(subs) => fan_out(subs.values(), &mut encoded, metrics, Instant::now()),
+        Channel::History(s) => fan_out(lock(s).live(), &mut encoded, metrics, Instant::now()),
     }
 }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use crate::auth::Authenticator;
 use crate::cluster::directory::Directory;
 use crate::cluster::inbound::Inbound;
+use crate::cluster::presence::Presence;
 use crate::config::Config;
 use crate::metrics::Metrics;
 
@@ -26,5 +27,7 @@ pub struct Core {
     pub directory: Arc<Directory>,
     /// Client `send` messages and lifecycle events to the backends.
     pub inbound: Inbound,
+    /// Who is subscribed to each presence channel, cluster-wide.
+    pub presence: Arc<Presence>,
     pub metrics: Arc<Metrics>,
 }

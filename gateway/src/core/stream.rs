@@ -112,6 +112,11 @@ impl Stream {
         self.live.len() + self.joiners.len()
     }
 
+    /// The live subscribers (not the joining ones), for presence announcements.
+    pub fn live(&self) -> impl Iterator<Item = &Arc<Outbound>> {
+        self.live.values()
+    }
+
     pub fn contains(&self, conn: ConnId) -> bool {
         self.live.contains_key(&conn) || self.joiners.contains_key(&conn)
     }
