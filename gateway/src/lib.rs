@@ -13,7 +13,8 @@
 //! 4. `core` (the protocol-agnostic session, the hub of local subscribers, the history
 //!    streams) and `auth` (JWT and JWKS).
 //! 5. `broker` (the `Broker` trait, memory and Redis, one conformance suite) and
-//!    `cluster` (the Redis transport, the connection directory, the inbound stream).
+//!    `cluster` (the Redis transport, the connection directory, presence, the inbound
+//!    stream).
 //! 6. `conn`: one connection's mechanics whatever its protocol: frames, the reader task
 //!    and the writer loop, the byte-bounded outbound queue, the events and their codecs,
 //!    the token clock, the rate limiter.
