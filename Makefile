@@ -11,7 +11,7 @@ APT_GET := $(if $(filter 0,$(shell id -u)),apt-get,sudo apt-get)
 ## One node with the embedded broker; chat demo at http://127.0.0.1:8080/ (chat:* keeps history)
 run:
 	$(CARGO) run -p gateway -- --allow-anonymous --publish-allow 'chat:*' \
-		--channels 'chat:*?history_size=100&history_ttl_secs=600' \
+		--channels 'chat:*?history_size=100&history_ttl_secs=600&presence&join_leave' \
 		--listen 127.0.0.1:8080 --admin-listen 127.0.0.1:9090
 
 ## Everything CI runs: install what is missing, lint, Rust tests, browser test.

@@ -14,7 +14,7 @@
 //!    streams) and `auth` (JWT and JWKS).
 //! 5. `broker` (the `Broker` trait, memory and Redis, one conformance suite) and
 //!    `cluster` (the Redis transport, with its pub/sub and command connections, the
-//!    connection directory, the inbound stream).
+//!    connection directory, presence, the inbound stream).
 //! 6. `conn`: one connection's mechanics whatever its protocol: frames, the reader task
 //!    and the writer loop, the byte-bounded outbound queue, the events and their codecs,
 //!    the token clock, the rate limiter.

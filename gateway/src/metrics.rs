@@ -145,6 +145,9 @@ families! {
         history_reads: "gateway_history_reads_total" [],
         /// Subscribes that asked to recover a position, by whether it was recovered.
         recoveries: "gateway_recoveries_total" ["recovered"],
+        /// Presence operations by op (join, leave, list, page, stats, resync; purge counts
+        /// the entries of dead nodes removed).
+        presence_ops: "gateway_presence_ops_total" ["op"],
     }
     gauges {
         /// Connections on all live nodes, from the last heartbeat.

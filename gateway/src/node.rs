@@ -14,6 +14,7 @@ use crate::broker::redis::RedisBroker;
 use crate::broker::Broker;
 use crate::cluster::directory::Directory;
 use crate::cluster::inbound::Inbound;
+use crate::cluster::presence::Presence;
 use crate::cluster::redis::Redis;
 use crate::config::Config;
 use crate::conn::limiter::KeyedLimiter;
@@ -94,6 +95,20 @@ impl Node {
                 .map_err(|e| StartError::Redis("loading the history functions", e))?;
         }
         let directory = Directory::new(&config, redis.clone(), metrics.clone());
+        let weak = Arc::downgrade(&hub);
+        let deliver: crate::broker::Sink = Arc::new(move |channel: &str, payload: &str| {
+            if let Some(hub) = weak.upgrade() {
+                hub.deliver(channel, payload);
+            }
+        });
+        let presence = Presence::new(&config, redis.clone(), deliver, metrics.clone());
+        if redis.is_some() {
+            presence
+                .start()
+                .await
+                .map_err(|e| StartError::Redis("loading the presence functions", e))?;
+            directory.attach(presence.clone());
+        }
         directory.start().await?;
         let inbound = Inbound::new(
             redis.clone(),
@@ -111,6 +126,7 @@ impl Node {
                 directory,
                 inbound,
                 send_limiter,
+                presence,
                 metrics,
             }),
             handshake_limiter,

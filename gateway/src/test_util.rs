@@ -7,7 +7,12 @@ pub use crate::broker::memory::{Bus, MemoryBroker};
 pub use crate::broker::redis::RedisBroker;
 pub use crate::broker::{conformance, Broker, Sink};
 pub use crate::cluster::directory::{conformance as directory_conformance, Directory};
+pub use crate::cluster::presence::{
+    conformance as presence_conformance, Member, MemoryStore as MemoryPresence,
+    RedisStore as RedisPresence, Store as PresenceStore,
+};
 pub use crate::cluster::redis::Redis;
+pub use crate::config::ChannelOptions;
 pub use crate::conn::frame;
 pub use crate::conn::outbound::Outbound;
 pub use crate::conn::socket::{serve, serve_upgraded, Handler, Limits};

@@ -43,6 +43,10 @@ pub enum Request<'a> {
     Refresh { token: Cow<'a, str> },
     /// Send `data` to the backends (the inbound stream).
     Send { data: &'a RawValue },
+    /// Who is subscribed to a presence channel.
+    Presence { channel: Cow<'a, str> },
+    /// How many connections and users are subscribed to a presence channel.
+    PresenceStats { channel: Cow<'a, str> },
 }
 
 /// A place in a history channel: the epoch and the offset of a publication in it.
@@ -222,6 +226,12 @@ pub fn parse_request(text: &str) -> Result<(Option<RequestId>, Request<'_>), Par
             data: data()?,
         },
         Some("send") => Request::Send { data: data()? },
+        Some("presence") => Request::Presence {
+            channel: channel()?,
+        },
+        Some("presence_stats") => Request::PresenceStats {
+            channel: channel()?,
+        },
         Some("refresh") => Request::Refresh {
             token: token
                 .ok_or_else(|| fail(ErrorCode::BadRequest, "missing field `token`".into()))?,
@@ -375,6 +385,36 @@ pub enum ServerFrame<'a> {
     /// The node ended a subscription; `code` says why (`insufficient_state`: on a history
     /// channel, it could not keep the subscription gap-free).
     Unsubscribed { channel: &'a str, code: &'a str },
+    /// The answer to `presence`: the members by conn_id, at most `presence_max_members`
+    /// of them, `truncated` when there are more.
+    #[serde(rename = "ack")]
+    Presence {
+        id: Option<RequestId>,
+        presence: std::collections::BTreeMap<&'a str, PresenceMember<'a>>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
+    },
+    /// The answer to `presence_stats`.
+    #[serde(rename = "ack")]
+    PresenceStats {
+        id: Option<RequestId>,
+        num_clients: u64,
+        num_users: u64,
+    },
+    /// A connection subscribed to a channel with join/leave.
+    Join {
+        channel: &'a str,
+        conn_id: &'a str,
+        user_id: Option<&'a str>,
+        info: Option<&'a RawValue>,
+    },
+    /// A connection unsubscribed from a channel with join/leave, closed, or its node died.
+    Leave {
+        channel: &'a str,
+        conn_id: &'a str,
+        user_id: Option<&'a str>,
+        info: Option<&'a RawValue>,
+    },
     /// A request failed; the connection stays open.
     Error {
         id: Option<RequestId>,
@@ -390,6 +430,14 @@ pub enum ServerFrame<'a> {
         offset: Option<u64>,
         data: &'a RawValue,
     },
+}
+
+/// One member of a `presence` reply: its user (`null` when anonymous) and the token's
+/// `info` claim (`null` when it has none).
+#[derive(Debug, Serialize)]
+pub struct PresenceMember<'a> {
+    pub user_id: Option<&'a str>,
+    pub info: Option<&'a RawValue>,
 }
 
 /// One publication of a history reply.
@@ -536,6 +584,54 @@ mod tests {
         let inner = format!("{}{}{}", "[".repeat(64), r#""[[\"{""#, "]".repeat(64));
         let ok = format!(r#"{{"type":"publish","channel":"c","id":1,"data":{inner}}}"#);
         assert!(parse_request(&ok).is_ok(), "{ok}");
+    }
+
+    #[test]
+    fn presence_requests_and_frames() {
+        let (id, r) = parse_request(r#"{"type":"presence","channel":"c:1","id":3}"#).unwrap();
+        assert_eq!(id, Some(3));
+        assert!(matches!(r, Request::Presence { channel } if channel == "c:1"));
+        let (_, r) = parse_request(r#"{"type":"presence_stats","channel":"c:1"}"#).unwrap();
+        assert!(matches!(r, Request::PresenceStats { channel } if channel == "c:1"));
+        let e = parse_request(r#"{"type":"presence","id":1}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        let info = RawValue::from_string(r#"{"name":"Ann"}"#.into()).unwrap();
+        let j = ServerFrame::Join {
+            channel: "c",
+            conn_id: "n.1.2",
+            user_id: Some("ann"),
+            info: Some(&info),
+        };
+        assert_eq!(
+            j.to_json(),
+            r#"{"type":"join","channel":"c","conn_id":"n.1.2","user_id":"ann","info":{"name":"Ann"}}"#
+        );
+        let mut members = std::collections::BTreeMap::new();
+        members.insert(
+            "n.1.3",
+            PresenceMember {
+                user_id: None,
+                info: None,
+            },
+        );
+        let p = ServerFrame::Presence {
+            id: Some(3),
+            presence: members,
+            truncated: false,
+        };
+        assert_eq!(
+            p.to_json(),
+            r#"{"type":"ack","id":3,"presence":{"n.1.3":{"user_id":null,"info":null}}}"#
+        );
+        let s = ServerFrame::PresenceStats {
+            id: Some(4),
+            num_clients: 3,
+            num_users: 2,
+        };
+        assert_eq!(
+            s.to_json(),
+            r#"{"type":"ack","id":4,"num_clients":3,"num_users":2}"#
+        );
     }
 
     #[test]

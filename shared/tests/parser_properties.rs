@@ -147,7 +147,9 @@ fn parser_never_panics_and_answers_every_input() {
                 match req {
                     Request::Subscribe { channel: c, .. }
                     | Request::History { channel: c, .. }
-                    | Request::Unsubscribe { channel: c } => {
+                    | Request::Unsubscribe { channel: c }
+                    | Request::Presence { channel: c }
+                    | Request::PresenceStats { channel: c } => {
                         assert!(channel::is_valid(&c), "case {i}: accepted channel {c:?}")
                     }
                     Request::Publish { channel: c, data } => {

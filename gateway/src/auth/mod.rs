@@ -49,6 +49,8 @@ pub enum AuthError {
     KeysUnavailable,
     #[error("token sub must be 1-200 bytes without control characters, `{{` or `}}`")]
     InvalidSubject,
+    #[error("the token's info claim must be a JSON object of at most 1024 bytes")]
+    InvalidInfo,
 }
 
 impl AuthError {
@@ -65,6 +67,7 @@ impl AuthError {
             AuthError::UnknownKey => "unknown_key",
             AuthError::KeysUnavailable => "keys_unavailable",
             AuthError::InvalidSubject => "invalid_subject",
+            AuthError::InvalidInfo => "invalid_info",
         }
     }
 }
@@ -79,6 +82,9 @@ pub struct Identity {
     pub publish: Vec<String>,
     /// Expiry, Unix seconds.
     pub exp: u64,
+    /// The `info` claim as compact JSON text (an object of at most
+    /// `shared::claims::MAX_INFO_BYTES`); shown in presence and join/leave frames.
+    pub info: Option<String>,
 }
 
 /// See the module docs.
@@ -159,6 +165,7 @@ impl Authenticator {
                         return Err(AuthError::InvalidSubject);
                     }
                     return Ok(Identity {
+                        info: info_text(c.info)?,
                         user_id: c.sub,
                         channels: c.channels,
                         publish: c.publish,
@@ -209,6 +216,22 @@ impl Authenticator {
 /// is the id limit of the rest of the node (channel names, node ids, admin API paths).
 fn valid_subject(sub: &str) -> bool {
     (1..=200).contains(&sub.len()) && !sub.chars().any(|c| c.is_control() || c == '{' || c == '}')
+}
+
+/// The `info` claim as compact JSON text, when it is an object small enough.
+fn info_text(info: Option<serde_json::Value>) -> Result<Option<String>, AuthError> {
+    match info {
+        None => Ok(None),
+        Some(v @ serde_json::Value::Object(_)) => {
+            let text = v.to_string();
+            if text.len() > shared::claims::MAX_INFO_BYTES {
+                Err(AuthError::InvalidInfo)
+            } else {
+                Ok(Some(text))
+            }
+        }
+        Some(_) => Err(AuthError::InvalidInfo),
+    }
 }
 
 fn map_error(kind: &ErrorKind) -> AuthError {

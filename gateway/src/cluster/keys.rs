@@ -35,6 +35,20 @@ impl Keys {
         self.tagged("nodeconns", node)
     }
 
+    /// `<P>pres:{channel}` hash `conn → {"conn_id","user_id","info","node"}` (JSON): a
+    /// presence channel's members. `HLEN` is its number of clients. Beside it, in the same
+    /// slot, `<P>presu:{channel}` hash `user → connections in the channel`, whose `HLEN` is
+    /// its number of users (anonymous connections are not in it); `presence.lua` names both.
+    pub fn presence(&self, channel: &str) -> String {
+        self.tagged("pres", channel)
+    }
+
+    /// `<P>nodepres:{node}` set of `"<channel> <conn>"`: the presence entries a node wrote,
+    /// removed (with their leaves) when it dies.
+    pub fn node_presence(&self, node: &str) -> String {
+        self.tagged("nodepres", node)
+    }
+
     /// `<P>nodes` sorted set `node → expiry_ms`.
     pub fn nodes(&self) -> String {
         format!("{}nodes", self.prefix)

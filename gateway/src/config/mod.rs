@@ -207,6 +207,9 @@ macro_rules! settings {
             /// How long a node waits to batch history reads of one channel, so that a
             /// reconnect storm costs one Redis read per channel per batch, not one per client.
             recover_batch_ms: u64 = 5;
+            /// Most members one `presence` request returns; more set `truncated` (the admin API
+            /// pages through all of them).
+            presence_max_members: usize = 1000;
 
             // ---- Drain and rebalancing ----
             /// After SIGTERM, keep serving (and accepting) this long with `/readyz` failing, so

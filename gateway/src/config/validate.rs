@@ -18,6 +18,9 @@ impl Config {
                 return Err(ConfigError::Invalid("channels", why));
             }
         }
+        if self.presence_max_members == 0 {
+            return bad("presence_max_members", "must be at least 1");
+        }
         if self.max_connections == 0 {
             return bad("max_connections", "must be at least 1");
         }

@@ -37,6 +37,22 @@ pub enum Event<'a> {
     Direct { data: &'a str },
     /// The connection's token has expired; it has `grace_ms` to refresh it.
     TokenExpiring { grace_ms: u64 },
+    /// A connection subscribed to a presence channel with join/leave. `user_id` is `None`
+    /// for an anonymous connection; `info` is the token's `info` claim (JSON text).
+    Join {
+        channel: &'a str,
+        conn_id: &'a str,
+        user_id: Option<&'a str>,
+        info: Option<&'a str>,
+    },
+    /// A connection left a presence channel with join/leave: it unsubscribed, closed, or
+    /// its node died. The same fields as its join.
+    Leave {
+        channel: &'a str,
+        conn_id: &'a str,
+        user_id: Option<&'a str>,
+        info: Option<&'a str>,
+    },
 }
 
 /// How many wire protocols can exist at once: the size of [`Encoded`]'s cache.

@@ -40,7 +40,8 @@ pub type ConnId = u64;
 /// A channel's local subscribers.
 enum Channel {
     Plain(HashMap<ConnId, Arc<Outbound>>),
-    History(Mutex<Stream>),
+    /// Boxed: a stream is far larger than a plain channel's map, and most channels are plain.
+    History(Box<Mutex<Stream>>),
 }
 
 impl Channel {
@@ -234,7 +235,7 @@ impl Hub {
                 .or_insert_with(|| match self.history_options(channel) {
                     Some(o) => {
                         let id = self.streams_made.fetch_add(1, Ordering::Relaxed);
-                        Channel::History(Mutex::new(Stream::new(id, o.clone())))
+                        Channel::History(Box::new(Mutex::new(Stream::new(id, o.clone()))))
                     }
                     None => Channel::Plain(HashMap::new()),
                 });
@@ -516,6 +517,9 @@ impl Hub {
                 "delivering traced message"
             );
         }
+        if let Some(kind) = env.event {
+            return announce(c, channel, kind, env.data, &self.metrics);
+        }
         match c {
             Channel::Plain(subs) => {
                 let mut encoded = Encoded::new(Event::Message {
@@ -647,6 +651,36 @@ impl Drop for Unsettled<'_> {
     fn drop(&mut self) {
         lock(&self.1.settling).remove(self.2);
         self.0.remove_all(self.2);
+    }
+}
+
+/// A presence announcement (`join`, `leave`; see `cluster::presence`) to every live local
+/// subscriber of the channel, encoded once per protocol. Anything else is dropped.
+fn announce(c: &Channel, channel: &str, kind: &str, member: &str, metrics: &Metrics) {
+    let Some(e) = crate::cluster::presence::Entry::parse(member) else {
+        metrics.broker_dropped.inc([]);
+        return;
+    };
+    let (conn_id, user_id, info) = (&*e.conn_id, e.user_id.as_deref(), e.info.map(|i| i.get()));
+    let event = match kind {
+        "join" => Event::Join {
+            channel,
+            conn_id,
+            user_id,
+            info,
+        },
+        "leave" => Event::Leave {
+            channel,
+            conn_id,
+            user_id,
+            info,
+        },
+        _ => return,
+    };
+    let mut encoded = Encoded::new(event);
+    match c {
+        Channel::Plain(subs) => fan_out(subs.values(), &mut encoded, metrics, Instant::now()),
+        Channel::History(s) => fan_out(lock(s).live(), &mut encoded, metrics, Instant::now()),
     }
 }
 

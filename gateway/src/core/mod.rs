@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::auth::Authenticator;
 use crate::cluster::directory::Directory;
 use crate::cluster::inbound::Inbound;
+use crate::cluster::presence::Presence;
 use crate::config::Config;
 use crate::conn::limiter::KeyedLimiter;
 use crate::metrics::Metrics;
@@ -32,6 +33,8 @@ pub struct Core {
     /// [`KeyedLimiter`]); between evictions it holds at most one key per sender active since
     /// the last one, and senders are users with an open connection (or client IPs).
     pub send_limiter: KeyedLimiter<Sender>,
+    /// Who is subscribed to each presence channel, cluster-wide.
+    pub presence: Arc<Presence>,
     pub metrics: Arc<Metrics>,
 }
 

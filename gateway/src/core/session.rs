@@ -26,6 +26,7 @@ use super::{Core, Sender};
 use crate::auth::Identity;
 use crate::broker::{History, Position, Since};
 use crate::cluster::inbound::Event as Inbound;
+use crate::cluster::presence::{Listing, Member, Stats};
 use crate::conn::clock::TokenClock;
 use crate::conn::event::Event;
 use crate::conn::limiter::{ConnLimiter, Verdict};
@@ -60,6 +61,12 @@ pub enum Command<'a> {
     },
     /// Replace the connection's token before it expires.
     Refresh { token: &'a str },
+    /// Who is subscribed to a presence channel: at most `presence_max_members` members.
+    /// Only for a subscriber of the channel.
+    Presence { channel: &'a str },
+    /// How many connections and users are subscribed to a presence channel, in O(1). Only
+    /// for a subscriber of the channel.
+    PresenceStats { channel: &'a str },
 }
 
 /// What a command did, for the adapter's reply.
@@ -70,6 +77,10 @@ pub enum Done {
     /// A subscribe; see [`Subscription`].
     Subscribed(Subscription),
     History(History),
+    /// The answer to [`Command::Presence`].
+    Presence(Listing),
+    /// The answer to [`Command::PresenceStats`].
+    PresenceStats(Stats),
 }
 
 /// A subscribe that went through. On a history channel, the subscriber starts receiving
@@ -305,13 +316,25 @@ impl Session {
             } => self.history(channel, limit, since).await,
             Command::Unsubscribe { channel } => {
                 if self.subs().remove(channel) {
-                    self.core
-                        .hub
-                        .unsubscribe(channel, self.id)
-                        .await
-                        .map_err(unavailable)?;
+                    let r = self.core.hub.unsubscribe(channel, self.id).await;
+                    let presence = &self.core.presence;
+                    if presence.enabled(channel) {
+                        presence.leave(channel, &self.conn_id).await;
+                    }
+                    r.map_err(unavailable)?;
                 }
                 Ok(Done::Ok)
+            }
+            Command::Presence { channel } => {
+                self.may_see_presence(channel)?;
+                let max = self.core.config.presence_max_members;
+                let listing = self.core.presence.list(channel, max).await;
+                listing.map(Done::Presence).map_err(unavailable)
+            }
+            Command::PresenceStats { channel } => {
+                self.may_see_presence(channel)?;
+                let stats = self.core.presence.stats(channel).await;
+                stats.map(Done::PresenceStats).map_err(unavailable)
             }
             Command::Publish { channel, data } => {
                 let by_claim = self
@@ -356,6 +379,25 @@ impl Session {
                 format!("your token does not allow subscribing to `{channel}`"),
             ))
         }
+    }
+
+    /// Presence reads: `not_enabled` on a channel without presence, `forbidden` unless
+    /// this connection is subscribed to it.
+    fn may_see_presence(&self, channel: &str) -> Result<(), Failure> {
+        if !self.core.presence.enabled(channel) {
+            return Err(Failure::new(
+                ErrorCode::NotEnabled,
+                format!("`{channel}` has no presence"),
+            ));
+        }
+        let subscribed = self.subs().contains(channel) && self.core.hub.contains(channel, self.id);
+        if !subscribed {
+            return Err(Failure::new(
+                ErrorCode::Forbidden,
+                format!("subscribe to `{channel}` to see its presence"),
+            ));
+        }
+        Ok(())
     }
 
     /// A history read, allowed to whoever may subscribe to the channel. Publications after
@@ -493,6 +535,16 @@ impl Session {
             subs.insert(channel.to_owned());
         }
         let asked = recover.is_some();
+        // Into presence before the hub: the subscriber is not told of its own join.
+        let presence = self.core.presence.enabled(channel);
+        if presence {
+            let member = Member {
+                conn_id: self.conn_id.clone(),
+                user_id: self.user_id().map(str::to_owned),
+                info: self.identity.as_ref().and_then(|i| i.info.clone()),
+            };
+            self.core.presence.join(channel, member).await;
+        }
         match hub.subscribe(channel, self.id, &self.out, recover).await {
             Ok(s) => {
                 if let (true, Some(j)) = (asked, &s.joined) {
@@ -512,6 +564,9 @@ impl Session {
             }
             Err(e) => {
                 self.subs().remove(channel);
+                if presence {
+                    self.core.presence.leave(channel, &self.conn_id).await;
+                }
                 Err(unavailable(e))
             }
         }
@@ -531,8 +586,8 @@ fn unavailable(e: crate::error::BrokerError) -> Failure {
 }
 
 impl Ending {
-    /// After the socket closed: unsubscribe, leave the directory, append `disconnect`, and
-    /// count and log the close.
+    /// After the socket closed: unsubscribe (and leave presence), leave the directory,
+    /// append `disconnect`, and count and log the close.
     pub async fn close(self, core: &Core, reason: &CloseReason) {
         let channels: Vec<String> = self
             .subs
@@ -542,6 +597,9 @@ impl Ending {
             .collect();
         for channel in channels {
             let _ = core.hub.unsubscribe(&channel, self.id).await;
+            if core.presence.enabled(&channel) {
+                core.presence.leave(&channel, &self.conn_id).await;
+            }
         }
         core.directory.remove(&self.conn_id).await;
         let close =

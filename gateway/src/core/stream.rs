@@ -129,6 +129,11 @@ impl Stream {
         self.live.len() + self.joiners.len()
     }
 
+    /// The live subscribers (not the joining ones), for presence announcements.
+    pub fn live(&self) -> impl Iterator<Item = &Arc<Outbound>> {
+        self.live.values()
+    }
+
     /// True while `conn` is subscribed: live, or joining and not ended.
     pub fn contains(&self, conn: ConnId) -> bool {
         self.live.contains_key(&conn)

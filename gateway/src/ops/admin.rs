@@ -13,6 +13,9 @@
 //!   `{"data": <json>}`: unicast, answered with `{"delivered": n}`.
 //! - `DELETE /v1/connections/{conn}`: closes that connection (4003) on whichever node.
 //! - `GET /v1/users/{user}/connections`: the user's live connections.
+//! - `GET /v1/channels/{channel}/presence[?cursor=…&limit=N]`: a page of a presence
+//!   channel's members and the cursor of the next page (`null` after the last);
+//!   `GET /v1/channels/{channel}/presence_stats`: its counts.
 //! - `POST /v1/drain`: drain this node as on SIGTERM, but keep the process up.
 //! - `DELETE /v1/drain`: end that drain (started here or by the pod annotation): readiness
 //!   and new handshakes come back. A shutdown drain (SIGTERM) cannot be ended.
@@ -252,13 +255,23 @@ async fn call(
     let Some((kind, rest)) = path.trim_start_matches("/v1/").split_once('/') else {
         return not_found();
     };
-    let (id, action) = ["publish", "send", "connections", "history"]
-        .iter()
-        .find_map(|a| Some((rest.strip_suffix(a)?.strip_suffix('/')?, *a)))
-        .unwrap_or((rest, ""));
+    let (id, action) = [
+        "publish",
+        "send",
+        "connections",
+        "history",
+        "presence",
+        "presence_stats",
+    ]
+    .iter()
+    .find_map(|a| Some((rest.strip_suffix(a)?.strip_suffix('/')?, *a)))
+    .unwrap_or((rest, ""));
     let allowed = match (kind, action) {
         ("channels", "publish") | ("users", "send") | ("connections", "send") => Method::POST,
-        ("users", "connections") | ("channels", "history") => Method::GET,
+        ("users", "connections")
+        | ("channels", "history")
+        | ("channels", "presence")
+        | ("channels", "presence_stats") => Method::GET,
         ("connections", "") => Method::DELETE,
         _ => return not_found(),
     };
@@ -279,6 +292,8 @@ async fn call(
     let dir = &node.directory;
     match (kind, action) {
         ("channels", "history") => history(node, id, req.uri().query().unwrap_or("")).await,
+        ("channels", "presence") => presence(node, id, req.uri().query().unwrap_or("")).await,
+        ("channels", "presence_stats") => presence_stats(node, id).await,
         ("users", "connections") => match dir.user_connections(id).await {
             Ok(conns) => json(StatusCode::OK, &serde_json::json!({ "connections": conns })),
             Err(e) => unavailable(e),
@@ -406,6 +421,67 @@ async fn history(node: &Node, channel: &str, query: &str) -> HttpResponse {
             StatusCode::NOT_FOUND,
             "not_enabled",
             "this channel keeps no history",
+        ),
+        Err(e) => unavailable(e),
+    }
+}
+
+fn no_presence() -> HttpResponse {
+    json_error(
+        StatusCode::NOT_FOUND,
+        "not_enabled",
+        "this channel has no presence",
+    )
+}
+
+/// `GET /v1/channels/{ch}/presence[?cursor=C&limit=N]`: a page of about `limit` members
+/// (default `presence_max_members`), and the next page's cursor, `null` after the last.
+async fn presence(node: &Node, channel: &str, query: &str) -> HttpResponse {
+    if !node.presence.enabled(channel) {
+        return no_presence();
+    }
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    };
+    let cursor = param("cursor").filter(|c| !c.is_empty() && c.len() <= 256);
+    let limit = param("limit")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(node.config.presence_max_members)
+        .clamp(1, 10_000);
+    match node.presence.page(channel, cursor, limit).await {
+        Ok(page) => {
+            let mut members = serde_json::Map::new();
+            for m in page.members {
+                let info = m
+                    .info
+                    .as_deref()
+                    .and_then(|i| serde_json::from_str(i).ok())
+                    .unwrap_or(serde_json::Value::Null);
+                members.insert(
+                    m.conn_id,
+                    serde_json::json!({ "user_id": m.user_id, "info": info }),
+                );
+            }
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "presence": members, "cursor": page.cursor }),
+            )
+        }
+        Err(e) => unavailable(e),
+    }
+}
+
+/// `GET /v1/channels/{ch}/presence_stats`: `{"num_clients": N, "num_users": M}`.
+async fn presence_stats(node: &Node, channel: &str) -> HttpResponse {
+    if !node.presence.enabled(channel) {
+        return no_presence();
+    }
+    match node.presence.stats(channel).await {
+        Ok(s) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "num_clients": s.num_clients, "num_users": s.num_users }),
         ),
         Err(e) => unavailable(e),
     }

@@ -5,7 +5,9 @@
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use shared::protocol::{parse_request, Publication, Request, RequestId, ServerFrame};
+use shared::protocol::{
+    parse_request, PresenceMember, Publication, Request, RequestId, ServerFrame,
+};
 
 use crate::broker::Position;
 
@@ -38,9 +40,38 @@ impl Codec for V1 {
             }
             Event::Direct { data } => shared::protocol::encode_direct(data),
             Event::TokenExpiring { grace_ms } => ServerFrame::TokenExpired { grace_ms }.to_json(),
+            Event::Join {
+                channel,
+                conn_id,
+                user_id,
+                info,
+            } => ServerFrame::Join {
+                channel,
+                conn_id,
+                user_id,
+                info: info.and_then(raw),
+            }
+            .to_json(),
+            Event::Leave {
+                channel,
+                conn_id,
+                user_id,
+                info,
+            } => ServerFrame::Leave {
+                channel,
+                conn_id,
+                user_id,
+                info: info.and_then(raw),
+            }
+            .to_json(),
         };
         frame::text(&json)
     }
+}
+
+/// JSON text the gateway checked (a token's `info` claim) as a raw value.
+fn raw(json: &str) -> Option<&RawValue> {
+    serde_json::from_str(json).ok()
 }
 
 /// A v1 connection: its session, driven by the frames its reader hands over.
@@ -104,6 +135,29 @@ impl Connection {
                     publications,
                 });
             }
+            Done::Presence(listing) => {
+                let presence = listing
+                    .members
+                    .iter()
+                    .map(|m| {
+                        let member = PresenceMember {
+                            user_id: m.user_id.as_deref(),
+                            info: m.info.as_deref().and_then(raw),
+                        };
+                        (m.conn_id.as_str(), member)
+                    })
+                    .collect();
+                self.send(&ServerFrame::Presence {
+                    id,
+                    presence,
+                    truncated: listing.truncated,
+                });
+            }
+            Done::PresenceStats(s) => self.send(&ServerFrame::PresenceStats {
+                id,
+                num_clients: s.num_clients,
+                num_users: s.num_users,
+            }),
         }
         drop(done);
     }
@@ -150,6 +204,8 @@ fn command<'a>(req: &'a Request<'_>) -> Command<'a> {
             data: data.get(),
             destination: None,
         },
+        Request::Presence { channel } => Command::Presence { channel },
+        Request::PresenceStats { channel } => Command::PresenceStats { channel },
     }
 }
 

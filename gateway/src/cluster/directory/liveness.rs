@@ -15,7 +15,7 @@
 //! ([`super::backend::BATCH`] connections per round trip) and off the heartbeat's path.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -33,6 +33,18 @@ use crate::metrics::Metrics;
 pub trait Elector: Send + Sync {
     /// Takes or renews leadership; true while this node leads.
     fn acquire(&self) -> BoxFuture<'_, bool>;
+}
+
+/// More of a node's state in Redis beside its connections (presence): written under the
+/// node's name, written again by the resync after an outage, and purged with the node when
+/// it dies, before its liveness entry goes (so that a failed purge is tried again).
+pub trait NodeData: Send + Sync {
+    /// True once after a write failed: the next heartbeat schedules a resync.
+    fn take_dirty(&self) -> bool;
+    /// Writes this node's state again; returns how many entries.
+    fn resync(&self) -> BoxFuture<'_, Result<usize, BrokerError>>;
+    /// Removes what `node` wrote; returns how many entries.
+    fn purge<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<usize, BrokerError>>;
 }
 
 /// Directory writes that could not reach Redis, for the next resync.
@@ -79,6 +91,8 @@ pub struct Liveness {
     beaten: Notify,
     /// The node left the cluster: no more beats or writes, which would put it back.
     left: AtomicBool,
+    /// State beside the connections, purged and resynced with them.
+    attached: RwLock<Vec<Arc<dyn NodeData>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -102,8 +116,32 @@ impl Liveness {
             resync_due: AtomicBool::new(false),
             beaten: Notify::new(),
             left: AtomicBool::new(false),
+            attached: RwLock::new(Vec::new()),
             metrics,
         }
+    }
+
+    /// Purges and resyncs `data` with the node's connections. Attach before `start`.
+    pub fn attach(&self, data: Arc<dyn NodeData>) {
+        self.attached
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(data);
+    }
+
+    fn attached(&self) -> Vec<Arc<dyn NodeData>> {
+        self.attached
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Purges what `node` left beside its connections, then its routes and liveness entry.
+    async fn purge(&self, node: &str) -> Result<usize, BrokerError> {
+        for data in self.attached() {
+            data.purge(node).await?;
+        }
+        self.records.purge_node(node).await
     }
 
     /// Loads the function library, clears what a previous run of this node left behind,
@@ -111,7 +149,7 @@ impl Liveness {
     pub async fn start(&self) -> Result<(), StartError> {
         let fail = |e: BrokerError| StartError::Redis("registering the node", e);
         self.records.load_functions().await.map_err(fail)?;
-        self.records.purge_node(&self.node_id).await.map_err(fail)?;
+        self.purge(&self.node_id).await.map_err(fail)?;
         self.records.subscribe().await.map_err(fail)?;
         self.beat().await.map_err(fail)
     }
@@ -139,7 +177,13 @@ impl Liveness {
             if self.has_left() {
                 break;
             }
-            let lost = redis.take_resync() | self.pending.dirty.swap(false, Ordering::AcqRel);
+            let attached_dirty = self
+                .attached()
+                .iter()
+                .fold(false, |any, d| d.take_dirty() | any);
+            let lost = redis.take_resync()
+                | self.pending.dirty.swap(false, Ordering::AcqRel)
+                | attached_dirty;
             let ok = self.beat().await.is_ok();
             redis.set_healthy(ok);
             if lost || !ok {
@@ -242,6 +286,12 @@ impl Liveness {
             self.pending.orphans().extend(closed);
             return Err(e);
         }
+        for data in self.attached() {
+            if self.has_left() {
+                return Ok(0);
+            }
+            data.resync().await?;
+        }
         self.metrics.directory_ops.inc(["resync"]);
         Ok(conns.len())
     }
@@ -261,7 +311,7 @@ impl Liveness {
             .arg(now_ms());
         let dead: Vec<String> = self.records.redis().call("janitor", dead).await?;
         for node in dead.iter().filter(|n| **n != self.node_id) {
-            let n = self.records.purge_node(node).await?;
+            let n = self.purge(node).await?;
             tracing::info!(node, routes = n, "purged the routes of a dead node");
         }
         Ok(())
@@ -301,6 +351,6 @@ impl Liveness {
     /// heartbeat and any resync first, so that neither writes the node back.
     pub async fn leave(&self) {
         self.left.store(true, Ordering::Release);
-        let _ = self.records.purge_node(&self.node_id).await;
+        let _ = self.purge(&self.node_id).await;
     }
 }

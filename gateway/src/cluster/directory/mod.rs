@@ -48,7 +48,7 @@ use crate::error::{BrokerError, CloseReason, StartError};
 use crate::metrics::Metrics;
 
 pub use backend::{LocalRecords, Records, RedisRecords};
-pub use liveness::Elector;
+pub use liveness::{Elector, NodeData};
 pub use local::LocalConns;
 pub use rebalance::jittered_ms;
 
@@ -235,6 +235,14 @@ impl Directory {
         match &self.liveness {
             Some(l) => l.resync().await,
             None => Ok(0),
+        }
+    }
+
+    /// Purges `data` with this node's routes when the node dies, and writes it again in the
+    /// resync after an outage (with Redis only). Attach before [`Directory::start`].
+    pub fn attach(&self, data: Arc<dyn NodeData>) {
+        if let Some(l) = &self.liveness {
+            l.attach(data);
         }
     }
 

@@ -85,6 +85,8 @@ impl Codec for Stomp {
             // period ends. Nothing to say before. An ended subscription is framed per
             // connection (an ERROR naming it).
             Event::TokenExpiring { .. } | Event::Unsubscribed { .. } => Bytes::new(),
+            // STOMP has no presence frames: join and leave are not sent.
+            Event::Join { .. } | Event::Leave { .. } => Bytes::new(),
         }
     }
 }
@@ -195,7 +197,7 @@ impl Framer for Routes {
                 None => return,
             },
             Event::Direct { .. } => user.as_slice(),
-            Event::TokenExpiring { .. } => return,
+            Event::TokenExpiring { .. } | Event::Join { .. } | Event::Leave { .. } => return,
             Event::Unsubscribed { channel, code } => {
                 // STOMP has no frame that ends one subscription: the client hears it as an
                 // ERROR, as it would any other end of its stream, and subscribes again.
