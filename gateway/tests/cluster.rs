@@ -701,6 +701,76 @@ async fn sharded_pubsub_and_unicast_on_a_three_master_cluster() {
     assert_eq!(on_a.recv_json(T).await.unwrap()["data"], 8);
 }
 
+/// History channels on Redis Cluster with sharded pub/sub: a backend's `FCALL gw_publish`
+/// (routed by the channel's slot) appends and publishes on one shard, since the channel's
+/// keys and its pub/sub channel `gw:ch:{<channel>}` share that slot; subscribers on both
+/// nodes get the offsets, and a client recovers on the other node.
+#[tokio::test]
+async fn history_on_a_three_master_cluster_with_sharded_pubsub() {
+    let cluster = RedisCluster::start().await;
+    let on_cluster = |id: &str| gateway::Config {
+        node_id: id.into(),
+        redis_url: Some(cluster.seeds().into()),
+        redis_cluster: true,
+        redis_sharded_pubsub: true,
+        channels: vec!["hist:*?history_size=10&history_ttl_secs=60"
+            .parse()
+            .unwrap()],
+        rebalance: false,
+        ..config()
+    };
+    let a = start(on_cluster("a")).await;
+    let b = start(on_cluster("b")).await;
+    let backend = redis::cluster::ClusterClient::new(
+        cluster.servers.iter().map(|s| s.url()).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let mut backend = backend.get_async_connection().await.unwrap();
+    // channels whose slots land on different masters
+    for i in 0..4 {
+        let ch = format!("hist:c{i}");
+        let (mut s, _) = b.client().await;
+        s.send_json(&json!({"type":"subscribe","channel":ch,"id":1}))
+            .await
+            .unwrap();
+        let ack = s.recv_json(T).await.unwrap();
+        assert_eq!(
+            (ack["type"].as_str(), ack["offset"].as_u64()),
+            (Some("ack"), Some(0))
+        );
+        let epoch = ack["epoch"].as_str().unwrap().to_owned();
+        for n in 1..=3 {
+            let (offset, e): (u64, String) = redis::cmd("FCALL")
+                .arg("gw_publish")
+                .arg(1)
+                .arg(&ch)
+                .arg(format!(r#"{{"n":{n}}}"#))
+                .query_async(&mut backend)
+                .await
+                .unwrap();
+            assert_eq!((offset, e.as_str()), (n, epoch.as_str()));
+        }
+        for n in 1..=3u64 {
+            let m = s.recv_json(T).await.unwrap();
+            assert_eq!(
+                (m["offset"].as_u64(), m["data"]["n"].as_u64()),
+                (Some(n), Some(n))
+            );
+        }
+        // a client that saw offset 1 recovers 2 and 3 on the other node
+        let (mut r, _) = a.client().await;
+        r.send_json(&json!({"type":"subscribe","channel":ch,"id":2,
+            "recover":{"epoch":epoch,"offset":1}}))
+            .await
+            .unwrap();
+        let ack = r.recv_json(T).await.unwrap();
+        assert_eq!(ack["recovered"], true, "{ack}");
+        for n in 2..=3u64 {
+            assert_eq!(r.recv_json(T).await.unwrap()["offset"].as_u64(), Some(n));
+        }
+    }
+}
+
 /// The directory's batched writes (resync after Redis lost everything, and the purge of a
 /// node's routes) on Redis Cluster, where a batch's keys span every master.
 #[tokio::test]

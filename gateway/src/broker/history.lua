@@ -11,10 +11,14 @@
 --                                nodes check it (every heartbeat, while it has subscribers)
 --                                keeps its epoch: nothing was lost, only old entries expired
 --   <P>idem:{<channel>}:<key>    string "<offset> <epoch>", the first result of a key
--- Publications go to <P>ch:<channel> behind the header line "\30pos=<offset>:<epoch>\n".
+-- Publications go to <P>ch:<channel> (<P>ch:{<channel>} with sharded pub/sub) behind the
+-- header line "\30pos=<offset>:<epoch>\n".
 local P = '__PREFIX__'
 local PUBLISH = '__PUBLISH__'
 local OPTIONS = { __OPTIONS__ }
+-- With sharded pub/sub (Redis Cluster), a history channel travels on <P>ch:{<channel>}, in
+-- the slot of its keys, so that this function appends and publishes on one shard.
+local SHARDED = __SHARDED__
 
 local function options(channel)
   for _, o in ipairs(OPTIONS) do
@@ -66,7 +70,9 @@ redis.register_function('gw_publish', function(keys, args)
   redis.call('EXPIRE', stream, o[3])
   redis.call('EXPIRE', meta, o[3])
   if idem then redis.call('SET', idem, offset .. ' ' .. e, 'EX', o[3]) end
-  redis.call(PUBLISH, P .. 'ch:' .. channel, '\30pos=' .. offset .. ':' .. e .. '\n' .. data)
+  local target = P .. 'ch:' .. channel
+  if SHARDED then target = P .. 'ch:' .. tag end
+  redis.call(PUBLISH, target, '\30pos=' .. offset .. ':' .. e .. '\n' .. data)
   return {offset, e}
 end)
 

@@ -27,6 +27,9 @@ pub struct RedisBroker {
     redis: Arc<Redis>,
     names: Keys,
     library: String,
+    /// The `[[channels]]` entries that keep history: with sharded pub/sub their channels
+    /// travel on `<prefix>ch:{<channel>}` (see [`RedisBroker::pubsub`]).
+    history: Vec<ChannelOptions>,
 }
 
 impl RedisBroker {
@@ -87,11 +90,38 @@ impl RedisBroker {
                     "PUBLISH"
                 },
             )
+            .replace(
+                "__SHARDED__",
+                if redis.sharded_pubsub() {
+                    "true"
+                } else {
+                    "false"
+                },
+            )
             .replace("__OPTIONS__", &options.join(", "));
         RedisBroker {
             redis,
             names,
             library,
+            history: channels
+                .iter()
+                .filter(|o| o.has_history())
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// The pub/sub channel of `channel`. With sharded pub/sub on Redis Cluster a history
+    /// channel's is `<prefix>ch:{<channel>}`: its hash tag puts it in the slot of the
+    /// channel's history keys (`<prefix>hist:{<channel>}`, `<prefix>meta:{<channel>}`), so that
+    /// `gw_publish` can append and publish in one step on one shard.
+    fn pubsub(&self, channel: &str) -> String {
+        let tagged = self.redis.sharded_pubsub()
+            && crate::config::channels::lookup(&self.history, channel).is_some();
+        if tagged {
+            self.names.channel(&format!("{{{channel}}}"))
+        } else {
+            self.names.channel(channel)
         }
     }
 }
@@ -162,6 +192,11 @@ struct Receive {
 
 impl Receive {
     fn push(&self, name: &[u8], payload: &[u8]) {
+        // A history channel's sharded pub/sub name carries a hash tag: `{<channel>}`.
+        let name = name
+            .strip_prefix(b"{")
+            .and_then(|n| n.strip_suffix(b"}"))
+            .unwrap_or(name);
         let (Ok(name), Ok(payload)) = (std::str::from_utf8(name), std::str::from_utf8(payload))
         else {
             return self.drop_message("not UTF-8");
@@ -193,19 +228,11 @@ impl Receive {
 
 impl Broker for RedisBroker {
     fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), BrokerError>> {
-        Box::pin(async move {
-            self.redis
-                .subscribe(&self.names.channel(channel), true)
-                .await
-        })
+        Box::pin(async move { self.redis.subscribe(&self.pubsub(channel), true).await })
     }
 
     fn unsubscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), BrokerError>> {
-        Box::pin(async move {
-            self.redis
-                .unsubscribe(&self.names.channel(channel), true)
-                .await
-        })
+        Box::pin(async move { self.redis.unsubscribe(&self.pubsub(channel), true).await })
     }
 
     fn publish<'a>(
@@ -213,11 +240,7 @@ impl Broker for RedisBroker {
         channel: &'a str,
         data: &'a str,
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
-        Box::pin(async move {
-            self.redis
-                .publish(&self.names.channel(channel), data, true)
-                .await
-        })
+        Box::pin(async move { self.redis.publish(&self.pubsub(channel), data, true).await })
     }
 
     fn publish_history<'a>(
