@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use loadtest::client::{Client, Received};
 use loadtest::scenarios::{
-    self, ChurnArgs, FanoutArgs, IdleArgs, RecoveryStormArgs, StormArgs, UnicastArgs,
+    self, ChurnArgs, FanoutArgs, IdleArgs, PresenceArgs, RecoveryStormArgs, StormArgs, UnicastArgs,
 };
 use serde_json::json;
 
@@ -44,6 +44,8 @@ enum Cmd {
     Churn(ChurnArgs),
     /// Clients of a history channel come back at once and recover what they missed.
     RecoveryStorm(RecoveryStormArgs),
+    /// Members of a presence channel: presence_stats cost, and join/leave fan-out.
+    Presence(PresenceArgs),
     /// Print a token for `sub`.
     Token {
         #[arg(long)]
@@ -68,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::ConnectStorm(a) => scenarios::connect_storm(a).await,
         Cmd::Churn(a) => scenarios::churn(a).await,
         Cmd::RecoveryStorm(a) => scenarios::recovery_storm(a).await,
+        Cmd::Presence(a) => scenarios::presence(a).await,
         Cmd::Token {
             hs256_secret,
             rs256_key,

@@ -26,10 +26,14 @@ use hyper::{Method, Request, StatusCode};
 use super::http::{json_error, HttpResponse};
 use super::origin::OriginError;
 use crate::auth::{AuthError, Identity};
+use crate::broker::BoxFuture;
 use crate::cluster::directory::AddError;
+use crate::conn::clock::TokenClock;
 use crate::conn::outbound::Outbound;
 use crate::conn::socket;
+use crate::conn::socket::Handler;
 use crate::core::session::{Conn, Session};
+use crate::error::CloseReason;
 use crate::node::{Node, Slot};
 use crate::protocol::{stomp, v1};
 
@@ -351,24 +355,30 @@ async fn open_connection(node: Arc<Node>, conn: Conn, slot: Slot, wire: Wire, up
         let clock = stomp::idle_clock(node.config.token_grace());
         let (connection, cleanup) =
             stomp::Connection::new(node.core.clone(), conn, routes, clock.clone());
-        let served = socket::serve_upgraded(
-            upgraded,
-            node.limits(),
-            connection,
-            out,
-            node.close_all.child_token(),
-            Some(clock),
-        );
-        tokio::spawn(async move {
-            let reason = served.await;
-            Box::pin(cleanup.close(&node.core, &reason)).await;
-            drop(slot);
-        });
-        return;
+        let close = move |node: Arc<Node>, reason: CloseReason| -> BoxFuture<'static, ()> {
+            Box::pin(async move { cleanup.close(&node.core, &reason).await })
+        };
+        return spawn_served(node, upgraded, connection, out, Some(clock), slot, close);
     }
     let (session, ending) = Session::open(node.core.clone(), conn).await;
     let clock = session.clock();
     let connection = v1::Connection::open(session);
+    let close = move |node: Arc<Node>, reason: CloseReason| -> BoxFuture<'static, ()> {
+        Box::pin(async move { ending.close(&node.core, &reason).await })
+    };
+    spawn_served(node, upgraded, connection, out, clock, slot, close);
+}
+
+/// Serves a connection in a task of its own, then runs its protocol's cleanup.
+fn spawn_served<H: Handler>(
+    node: Arc<Node>,
+    upgraded: Upgraded,
+    connection: H,
+    out: Arc<Outbound>,
+    clock: Option<Arc<TokenClock>>,
+    slot: Slot,
+    cleanup: impl FnOnce(Arc<Node>, CloseReason) -> BoxFuture<'static, ()> + Send + 'static,
+) {
     // Boxed so that the task holds it once: awaiting a captured future moves it, and both
     // places would stay reserved for the connection's whole life.
     let served = socket::serve_upgraded(
@@ -383,8 +393,9 @@ async fn open_connection(node: Arc<Node>, conn: Conn, slot: Slot, wire: Wire, up
     );
     tokio::spawn(async move {
         let reason = served.await;
-        // Boxed: inline, cleanup's Redis calls would be reserved in every idle connection.
-        Box::pin(ending.close(&node.core, &reason)).await;
+        // Boxed (by `cleanup`): inline, its Redis calls would be reserved in every idle
+        // connection.
+        cleanup(node, reason).await;
         drop(slot);
     });
 }

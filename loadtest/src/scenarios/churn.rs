@@ -126,6 +126,7 @@ pub async fn churn(a: ChurnArgs) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let keys_before = dbsize(&mut redis).await?;
     let rss_before = c.rss()?;
+    let cpu0 = c.cpu()?;
     let start = Instant::now();
     let (cycles, failed, first_err) = churn_cycles(
         c,
@@ -136,6 +137,7 @@ pub async fn churn(a: ChurnArgs) -> anyhow::Result<()> {
     )
     .await?;
     let secs = start.elapsed().as_secs_f64();
+    let cpu = c.cpu()? - cpu0;
     if let Some(e) = &first_err {
         eprintln!("churn: {failed} failed cycles; first: {e}");
     }
@@ -161,6 +163,8 @@ pub async fn churn(a: ChurnArgs) -> anyhow::Result<()> {
         "failed": failed,
         "secs": secs,
         "cycles_per_sec": cycles as f64 / secs.max(1e-9),
+        "server_cpu_secs": cpu,
+        "server_cpu_us_per_cycle": cpu * 1e6 / cycles.max(1) as f64,
         "keys_before": keys_before,
         "keys_after": keys_after,
         "keys_back_to_baseline": keys_back,

@@ -13,6 +13,7 @@ mod connect_storm;
 mod delivery;
 mod fanout;
 mod idle;
+mod presence;
 mod recovery_storm;
 mod unicast;
 
@@ -20,6 +21,7 @@ pub use churn::{churn, ChurnArgs};
 pub use connect_storm::{connect_storm, StormArgs};
 pub use fanout::{fanout, FanoutArgs};
 pub use idle::{idle, idle_worker, IdleArgs};
+pub use presence::{presence, PresenceArgs};
 pub use recovery_storm::{recovery_storm, RecoveryStormArgs};
 pub use unicast::{unicast, UnicastArgs};
 
@@ -305,4 +307,13 @@ fn targets(urls: &[String]) -> anyhow::Result<Arc<Vec<Target>>> {
 async fn redis_conn(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
     let client = redis::Client::open(url)?;
     Ok(client.get_multiplexed_async_connection().await?)
+}
+
+/// `total_commands_processed` from `INFO stats`: what a scenario cost Redis.
+async fn redis_commands(r: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO").arg("stats").query_async(r).await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("INFO stats has no total_commands_processed")
 }

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use serde_json::json;
 use tokio::task::JoinSet;
 
-use super::{emit, fixed_token, open_many, redis_conn, targets, Common};
+use super::{emit, fixed_token, open_many, redis_commands, redis_conn, targets, Common};
 use crate::client::Client;
 
 #[derive(clap::Args, Debug)]
@@ -171,15 +171,6 @@ async fn history_reads(admins: &[String]) -> anyhow::Result<u64> {
             .unwrap_or(0.0) as u64;
     }
     Ok(sum)
-}
-
-/// `total_commands_processed` from `INFO stats`.
-async fn redis_commands(r: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
-    let info: String = redis::cmd("INFO").arg("stats").query_async(r).await?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_commands_processed:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("INFO stats has no total_commands_processed")
 }
 
 /// A plain `GET` over HTTP/1.0 (`base` is `http://host:port`); returns the body.
