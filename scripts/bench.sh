@@ -28,6 +28,7 @@ case "$MODE" in
     UNI_USERS=20; UNI_RATE=100; UNI_SECS=2
     CHURN_SECS=3; CHURN_CYCLES=0
     HIST_RATES="50"; RECOVER_N=50
+    PRES_N=20; PRES_CALLS=50; PRES_FAN_N=10; PRES_CYCLES=5; PRES_CHURN_CYCLES=200
     OUT=$(mktemp -d)/results ;;
   full)
     PROFILE=release; BUILD_FLAGS=(--release)
@@ -38,6 +39,8 @@ case "$MODE" in
     UNI_USERS=${UNI_USERS:-2000}; UNI_RATE=${UNI_RATE:-5000}; UNI_SECS=${UNI_SECS:-5}
     CHURN_SECS=${CHURN_SECS:-120}; CHURN_CYCLES=${CHURN_CYCLES:-100000}
     HIST_RATES=${HIST_RATES:-"100 400"}; RECOVER_N=${RECOVER_N:-5000}
+    PRES_N=${PRES_N:-10000}; PRES_CALLS=${PRES_CALLS:-2000}; PRES_FAN_N=${PRES_FAN_N:-1000}
+    PRES_CYCLES=${PRES_CYCLES:-200}; PRES_CHURN_CYCLES=${PRES_CHURN_CYCLES:-20000}
     OUT=$ROOT/docs/bench-results ;;
   *) echo "usage: $0 smoke|full" >&2; exit 2 ;;
 esac
@@ -200,6 +203,30 @@ done
   -n "$RECOVER_N" --missed 100 --channel hist:storm --redis-url "$REDIS" --concurrency 200 \
   --pid "$GW_PID" --sources "$SRC" --label gateway --json "$OUT/recovery-storm.json"
 stop "$GW_PID"
+
+log "presence"
+# presence_stats on a big channel over two nodes (latency, Redis commands per call), join/leave
+# fan-out in a smaller one, and the CPU of subscribe/unsubscribe churn with presence on and off.
+PRES=(--channels 'pres:*?presence&join_leave churn:*?presence')
+start_gateway gw-pres-a "${PRES[@]}"; PA=$GW_PID; PA_PORT=$GW_PORT
+start_gateway gw-pres-b "${PRES[@]}"; PB=$GW_PID; PB_PORT=$GW_PORT
+"$LT" presence --url "ws://127.0.0.1:$PA_PORT/ws" --url "ws://127.0.0.1:$PB_PORT/ws" \
+  -n "$PRES_N" --calls "$PRES_CALLS" --cycles 0 --channel pres:big --redis-url "$REDIS" \
+  --concurrency 200 --pid "$PA" --pid "$PB" --sources "$SRC" --label stats \
+  --json "$OUT/presence-stats.json"
+"$LT" presence --url "ws://127.0.0.1:$PA_PORT/ws" --url "ws://127.0.0.1:$PB_PORT/ws" \
+  -n "$PRES_FAN_N" --calls 10 --cycles "$PRES_CYCLES" --channel pres:fan --redis-url "$REDIS" \
+  --concurrency 200 --pid "$PA" --pid "$PB" --sources "$SRC" --label fanout \
+  --json "$OUT/presence-fanout.json"
+"$LT" churn "ws://127.0.0.1:$PA_PORT/ws" --duration-secs 600 --cycles "$PRES_CHURN_CYCLES" \
+  --concurrency 50 --redis-url "$REDIS" --jwt-secret "$SECRET" --pid "$PA" --sources "$SRC" \
+  --label presence-on --json "$OUT/presence-churn-on.json"
+stop "$PA" "$PB"
+start_gateway gw-pres-off; POFF=$GW_PID
+"$LT" churn "ws://127.0.0.1:$GW_PORT/ws" --duration-secs 600 --cycles "$PRES_CHURN_CYCLES" \
+  --concurrency 50 --redis-url "$REDIS" --jwt-secret "$SECRET" --pid "$POFF" --sources "$SRC" \
+  --label presence-off --json "$OUT/presence-churn-off.json"
+stop "$POFF"
 
 log "unicast"
 "$LT" unicast --url "ws://127.0.0.1:$A_PORT/ws" --url "ws://127.0.0.1:$B_PORT/ws" \

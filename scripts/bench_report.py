@@ -17,7 +17,8 @@ import sys
 REQUIRED = [
     "idle-gateway", "idle-floor", "idle-gateway-tls", "idle-gateway-2procs",
     "fanout-2nodes-half", "unicast", "storm-plain", "storm-tls", "storm-tls-hs256",
-    "storm-tls-rs256", "storm-floor", "churn", "recovery-storm",
+    "storm-tls-rs256", "storm-floor", "churn", "recovery-storm", "presence-stats",
+    "presence-fanout", "presence-churn-on", "presence-churn-off",
 ]
 # Prefixes of which at least one result must exist (one per rate in the run).
 REQUIRED_PREFIXES = ["fanout-gateway-r", "fanout-floor-r", "fanout-2nodes-r", "burst-gateway-r",
@@ -74,6 +75,11 @@ def check(d):
             expect(name, r["clients"] > 0 and r["complete"] == r["clients"],
                    "not every client recovered every publication")
             expect(name, r["history_reads"] > 0, "no history read counted")
+        elif sc == "presence":
+            expect(name, r["num_clients_seen"] >= r["members"] - 1, "presence_stats counted too few")
+            expect(name, r["stats_p99_ms"] > 0, "no latency")
+            expect(name, r["join_leave_delivered"] == r["join_leave_expected"],
+                   f"join/leave frames: {r['join_leave_delivered']} of {r['join_leave_expected']}")
         elif sc == "churn":
             expect(name, r["cycles"] > 0, "no cycle")
             expect(name, r["keys_back_to_baseline"], "Redis keys did not come back")
@@ -238,6 +244,31 @@ def history_section(res):
     return L
 
 
+def presence_section(res):
+    """presence_stats cost, join/leave fan-out, and churn CPU with presence on and off."""
+    st, fan = res.get("presence-stats"), res.get("presence-fanout")
+    on, off = res.get("presence-churn-on"), res.get("presence-churn-off")
+    if not (st and fan and on and off):
+        return []
+    L = ["", "## Presence", "",
+         f"`presence_stats` on one channel with {f0(st['members'])} members over "
+         f"{st['nodes']} nodes, {f0(st['calls'])} calls from one member: p50 "
+         f"{f2(st['stats_p50_ms'])} ms, p99 {f2(st['stats_p99_ms'])} ms, "
+         f"{st['redis_commands_per_call']:.2f} Redis commands per call (O(1): two `HLEN`s in one "
+         "function call, whatever the member count).", "",
+         f"Join/leave fan-out in a {f0(fan['members'])}-member channel (a churner subscribes and "
+         f"leaves {fan['cycles']} times): {f0(fan['join_leave_delivered'])} of "
+         f"{f0(fan['join_leave_expected'])} frames delivered, "
+         f"{f0(fan['join_leave_deliveries_per_sec'])} deliveries/s.", "",
+         "| subscribe/unsubscribe churn | cycles | cycles/s | server CPU µs/cycle | vs off |",
+         "|---|---:|---:|---:|---:|"]
+    for r in (off, on):
+        L.append(f"| {r['label']} | {f0(r['cycles'])} | {f0(r['cycles_per_sec'])} | "
+                 f"{f2(r['server_cpu_us_per_cycle'])} | "
+                 f"{ratio(r['server_cpu_us_per_cycle'], off['server_cpu_us_per_cycle'])} |")
+    return L
+
+
 def report(d, out):
     res = load(d)
     cmd = os.environ.get("BENCH_COMMAND", "make bench")
@@ -383,6 +414,7 @@ def report(d, out):
               f"({f0(r['cycles'])} cycles, {r.get('rss_growth_pct', 0):+.1f} %)."]
 
     L += history_section(res)
+    L += presence_section(res)
 
     L += ["", "## Caveats (read before quoting a figure)", "",
           "- Two CPUs are shared by the servers, Redis and one `loadtest` process that receives "

@@ -89,10 +89,16 @@ pub async fn presence(a: PresenceArgs) -> anyhow::Result<()> {
     }
     let cmds = redis_commands(&mut redis).await? - cmds0;
 
-    // join/leave fan-out: every member counts what it gets while a churner comes and goes.
+    // join/leave fan-out: every member counts what it gets while a churner comes and goes,
+    // after it read the joins of the members that subscribed after it.
     let mut counters = JoinSet::new();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(members.len().max(1));
+    let waiting = members.len();
     for mut m in members {
+        let ready = ready_tx.clone();
         counters.spawn(async move {
+            drain(&mut m).await;
+            let _ = ready.send(()).await;
             let mut got = 0u64;
             while let Ok(Ok(v)) =
                 tokio::time::timeout(Duration::from_secs(2), m.recv_json(Duration::from_secs(3)))
@@ -104,6 +110,10 @@ pub async fn presence(a: PresenceArgs) -> anyhow::Result<()> {
             }
             got
         });
+    }
+    drop(ready_tx);
+    for _ in 0..waiting {
+        ready_rx.recv().await.context("a member ended early")?;
     }
     let cpu0 = c.cpu()?;
     let start = Instant::now();
