@@ -24,6 +24,11 @@ pub struct Claims {
     /// Glob patterns this connection may publish to, on top of `--publish-allow`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<String>,
+    /// A subscription token's channel: the token grants subscribing to this one channel
+    /// (the Centrifugo endpoint's `subscribe` with a `token`, see `docs/sdk.md`). A
+    /// connection token has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
 }
 
 /// The `aud` claim: a single audience or a list (RFC 7519 §4.1.3).
