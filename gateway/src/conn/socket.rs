@@ -276,7 +276,7 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
                     if silence.longer_than(limits.ping_timeout) {
                         break CloseReason::HeartbeatTimeout;
                     }
-                    outbound.push(frame::ping());
+                    outbound.push(outbound.codec().ping());
                 }
                 _ = &mut cancelled => break CloseReason::Shutdown,
                 _ = token_due => {
@@ -296,7 +296,7 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
 
         if reason != CloseReason::Abnormal {
             // Best effort: the peer may be gone or not reading (slow consumer); bounded by timeout.
-            let mut last = VecDeque::from([frame::close(reason.code(), &reason.to_string())]);
+            let mut last = VecDeque::from([outbound.codec().close(&reason)]);
             let _ = write_batch(&mut write_half, &mut last, limits).await;
             let _ = tokio::time::timeout(limits.write_timeout, write_half.shutdown()).await;
             // Give the peer a moment to answer our close so the reader ends cleanly.
