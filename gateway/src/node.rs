@@ -39,7 +39,8 @@ pub struct Node {
     pub close_all: CancellationToken,
     open: AtomicUsize,
     next_conn: AtomicU64,
-    boot_ms: u64,
+    /// When the node started, Unix milliseconds.
+    pub boot_ms: u64,
 }
 
 impl Node {
@@ -87,6 +88,7 @@ impl Node {
                 .map_err(|e| StartError::Redis("loading the history functions", e))?;
         }
         let directory = Directory::new(&config, redis.clone(), metrics.clone());
+        directory.set_unsubscriber(crate::core::unsubscriber(hub.clone()));
         directory.start().await?;
         let inbound = Inbound::new(
             redis.clone(),

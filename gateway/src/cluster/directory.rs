@@ -9,6 +9,9 @@
 //!   connection;
 //! - `<P>nodeconns:{node}` hash `conn → user`: what to purge when that node dies;
 //! - `<P>nodes` sorted set `node → expiry_ms`: liveness, refreshed every heartbeat.
+//! - `<P>load` hash `node → connections`, and `<P>chans:{node}` hash `channel →
+//!   subscribers`: each node's share, written every heartbeat (the server API's `info` and
+//!   `channels`, rebalancing).
 //!
 //! Delivery goes through the node's own channel `<P>node:<node>` (see `directory.lua`), so a
 //! unicast costs one `FCALL` and one `PUBLISH` per node that holds the user's connections.
@@ -37,6 +40,8 @@ const LIBRARY: &str = include_str!("directory.lua");
 
 /// A connection held by this node.
 struct Local {
+    /// The node-local id (the hub's `ConnId`).
+    id: u64,
     out: Arc<Outbound>,
     user: Option<String>,
     connected_ms: u64,
@@ -82,6 +87,20 @@ pub fn jittered_ms(min: u64, max: u64) -> u64 {
 
 pub use crate::broker::BoxFuture;
 
+/// Takes one of this node's connections off a channel: `(local id, channel, its queue)`.
+/// The directory routes a cluster-wide unsubscribe to the right node; what a subscription
+/// is belongs to the layer above, which sets this (`Directory::set_unsubscriber`).
+pub type Unsubscriber = Arc<dyn Fn(u64, &str, &Arc<Outbound>) + Send + Sync>;
+
+/// One live node of the cluster, as the heartbeats describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeLoad {
+    pub node_id: String,
+    pub connections: u64,
+    /// Channels with subscribers on that node.
+    pub channels: u64,
+}
+
 /// Picks the one node that runs the janitor. Without one, a Redis lock does.
 pub trait Elector: Send + Sync {
     /// Takes or renews leadership; true while this node leads.
@@ -103,6 +122,9 @@ pub struct Directory {
     orphans: Mutex<Vec<(String, Option<String>)>>,
     rebalance: Option<Rebalance>,
     elector: std::sync::OnceLock<Arc<dyn Elector>>,
+    unsubscriber: std::sync::OnceLock<Unsubscriber>,
+    /// This node's channel counts as last written to `<P>chans:{node}`.
+    channels_written: Mutex<HashMap<String, u64>>,
     metrics: Arc<Metrics>,
 }
 
@@ -128,6 +150,8 @@ impl Directory {
             dirty: AtomicBool::new(false),
             orphans: Mutex::new(Vec::new()),
             elector: std::sync::OnceLock::new(),
+            unsubscriber: std::sync::OnceLock::new(),
+            channels_written: Mutex::new(HashMap::new()),
             rebalance: c.rebalance.then_some(Rebalance {
                 slack: c.rebalance_slack,
                 per_beat: ((c.rebalance_rate as u64 * c.node_heartbeat_ms) / 1000).max(1) as usize,
@@ -192,12 +216,13 @@ impl Directory {
         redis.load_libraries().await
     }
 
-    /// Registers a new connection of this node. Fails only on the per-user cap, or when the
-    /// cap cannot be checked because Redis is away. Without a cap, a connection opened
-    /// during an outage is registered when Redis comes back.
+    /// Registers a new connection of this node (`id`: its node-local id). Fails only on the
+    /// per-user cap, or when the cap cannot be checked because Redis is away. Without a cap,
+    /// a connection opened during an outage is registered when Redis comes back.
     pub async fn add(
         &self,
         conn: &str,
+        id: u64,
         user: Option<&str>,
         out: Arc<Outbound>,
     ) -> Result<(), AddError> {
@@ -227,6 +252,7 @@ impl Directory {
         self.local().insert(
             conn.to_owned(),
             Local {
+                id,
                 out,
                 user: user.map(str::to_owned),
                 connected_ms,
@@ -375,6 +401,165 @@ impl Directory {
         Ok(true)
     }
 
+    /// Sets what [`Directory::unsubscribe`] does to a local connection. Set once.
+    pub fn set_unsubscriber(&self, unsubscriber: Unsubscriber) {
+        let _ = self.unsubscriber.set(unsubscriber);
+    }
+
+    /// Unsubscribes `user`'s connections (only `conn`, when given and the user's) from
+    /// `channel`, on whichever nodes hold them. Returns how many connections were asked.
+    pub async fn unsubscribe(
+        &self,
+        user: &str,
+        conn: Option<&str>,
+        channel: &str,
+    ) -> Result<u64, BrokerError> {
+        self.count("unsubscribe");
+        let Some(redis) = &self.redis else {
+            let ids: Vec<String> = self
+                .local()
+                .iter()
+                .filter(|(c, l)| {
+                    l.user.as_deref() == Some(user) && conn.is_none_or(|want| want == c.as_str())
+                })
+                .map(|(c, _)| c.clone())
+                .collect();
+            self.unsubscribe_local(ids.iter().map(String::as_str), channel);
+            return Ok(ids.len() as u64);
+        };
+        let mut by_node: HashMap<String, Vec<String>> = HashMap::new();
+        for c in self.user_connections(user).await? {
+            if conn.is_none_or(|want| want == c.conn_id) {
+                by_node.entry(c.node_id).or_default().push(c.conn_id);
+            }
+        }
+        let mut n = 0;
+        for (node, conns) in by_node {
+            let channel_name = crate::cluster::redis::node_channel(&redis.prefix, &node);
+            let message = format!("U {}\n{channel}", conns.join(" "));
+            redis.publish(&channel_name, &message, false).await?;
+            n += conns.len() as u64;
+        }
+        Ok(n)
+    }
+
+    fn unsubscribe_local<'a>(&self, conns: impl Iterator<Item = &'a str>, channel: &str) {
+        let Some(unsubscribe) = self.unsubscriber.get() else {
+            return;
+        };
+        let local = self.local();
+        for conn in conns {
+            if let Some(l) = local.get(conn) {
+                unsubscribe(l.id, channel, &l.out);
+            }
+        }
+    }
+
+    /// Writes this node's channel counts to `<P>chans:{node}`: only what changed since the
+    /// last write, so a quiet node costs nothing. Called every heartbeat.
+    pub async fn record_channels(
+        &self,
+        counts: impl FnOnce() -> Vec<(String, usize)>,
+    ) -> Result<(), BrokerError> {
+        let Some(redis) = &self.redis else {
+            return Ok(());
+        };
+        let now: HashMap<String, u64> = counts().into_iter().map(|(c, n)| (c, n as u64)).collect();
+        let (changed, gone) = {
+            let written = self
+                .channels_written
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let changed: Vec<(&String, &u64)> = now
+                .iter()
+                .filter(|(c, n)| written.get(*c) != Some(n))
+                .collect();
+            let gone: Vec<String> = written
+                .keys()
+                .filter(|c| !now.contains_key(*c))
+                .cloned()
+                .collect();
+            (
+                changed
+                    .into_iter()
+                    .map(|(c, n)| (c.clone(), *n))
+                    .collect::<Vec<_>>(),
+                gone,
+            )
+        };
+        let key = self.key("chans", &self.node_id);
+        for chunk in changed.chunks(256) {
+            let mut hset = redis::cmd("HSET");
+            hset.arg(&key);
+            for (c, n) in chunk {
+                hset.arg(c).arg(n);
+            }
+            redis.call::<()>("heartbeat", hset).await?;
+        }
+        for chunk in gone.chunks(256) {
+            let mut hdel = redis::cmd("HDEL");
+            hdel.arg(&key).arg(chunk);
+            redis.call::<()>("heartbeat", hdel).await?;
+        }
+        *self
+            .channels_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = now;
+        Ok(())
+    }
+
+    /// The cluster's channels with subscribers, and how many on all nodes together, from
+    /// what each live node wrote at its last heartbeat. `None` without Redis: then the
+    /// caller asks its own hub.
+    pub async fn channels(&self) -> Result<Option<HashMap<String, u64>>, BrokerError> {
+        let Some(redis) = &self.redis else {
+            return Ok(None);
+        };
+        let mut all: HashMap<String, u64> = HashMap::new();
+        for (node, _) in self.cluster_load(redis).await? {
+            let mut get = redis::cmd("HGETALL");
+            get.arg(self.key("chans", &node));
+            let counts: HashMap<String, u64> = redis.call("list", get).await?;
+            for (c, n) in counts {
+                *all.entry(c).or_default() += n;
+            }
+        }
+        Ok(Some(all))
+    }
+
+    /// The cluster's live nodes with their connection and channel counts (at their last
+    /// heartbeat). Without Redis, this node alone, counted now.
+    pub async fn nodes(&self, local_channels: u64) -> Result<Vec<NodeLoad>, BrokerError> {
+        let Some(redis) = &self.redis else {
+            return Ok(vec![NodeLoad {
+                node_id: self.node_id.clone(),
+                connections: self.local_count() as u64,
+                channels: local_channels,
+            }]);
+        };
+        let mut out = Vec::new();
+        for (node_id, connections) in self.cluster_load(redis).await? {
+            let mut len = redis::cmd("HLEN");
+            len.arg(self.key("chans", &node_id));
+            let channels: u64 = redis.call("list", len).await?;
+            out.push(NodeLoad {
+                node_id,
+                connections,
+                channels,
+            });
+        }
+        out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        Ok(out)
+    }
+
+    /// The distinct users among this node's connections.
+    pub fn local_users(&self) -> usize {
+        let local = self.local();
+        let users: std::collections::HashSet<&str> =
+            local.values().filter_map(|l| l.user.as_deref()).collect();
+        users.len()
+    }
+
     /// Lists a user's live connections, from any node.
     pub async fn user_connections(&self, user: &str) -> Result<Vec<ConnInfo>, BrokerError> {
         self.count("list");
@@ -447,7 +632,8 @@ impl Directory {
         }
     }
 
-    /// A message on this node's channel: `D conns\njson` or `K conn\n`.
+    /// A message on this node's channel: `D conns\njson`, `K conn\n` or
+    /// `U conns\nchannel` (unsubscribe those connections from the channel).
     fn on_node_message(&self, payload: &[u8]) {
         let Ok(text) = std::str::from_utf8(payload) else {
             return;
@@ -465,6 +651,9 @@ impl Directory {
             },
             Some(("K", conn)) => {
                 self.kick(conn);
+            }
+            Some(("U", conns)) if shared::channel::is_valid(body) => {
+                self.unsubscribe_local(conns.split(' '), body);
             }
             _ => tracing::debug!(head, "unknown node message"),
         }
@@ -614,6 +803,11 @@ impl Directory {
     /// outage, and re-registers every local connection.
     async fn resync(&self, redis: &Redis) -> Result<usize, BrokerError> {
         self.load_functions(redis).await?;
+        // Redis may have lost the channel counts: the next heartbeat writes them all.
+        self.channels_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let orphans = std::mem::take(&mut *self.orphans.lock().unwrap_or_else(|p| p.into_inner()));
         for (i, (conn, user)) in orphans.iter().enumerate() {
             if let Err(e) = self.unregister(redis, conn, user.as_deref()).await {
@@ -719,6 +913,15 @@ impl Directory {
         let mut hdel = redis::cmd("HDEL");
         hdel.arg(format!("{}load", redis.prefix)).arg(node);
         redis.call::<()>("purge", hdel).await?;
+        let mut del = redis::cmd("DEL");
+        del.arg(self.key("chans", node));
+        redis.call::<()>("purge", del).await?;
+        if node == self.node_id {
+            self.channels_written
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
         self.metrics
             .directory_ops
             .add(["purge"], conns.len() as u64);

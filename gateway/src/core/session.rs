@@ -133,6 +133,10 @@ pub struct Session {
     identity: Option<Identity>,
     clock: Option<Arc<TokenClock>>,
     limiter: ConnLimiter,
+    /// Channels a subscription token granted beyond the connection token's `channels`.
+    granted: HashSet<String>,
+    /// The protocol puts a subscription's replay in its subscribe reply.
+    replay_in_reply: bool,
 }
 
 /// What outlives the session for the cleanup after the socket closed.
@@ -187,6 +191,8 @@ impl Session {
             identity,
             clock,
             limiter,
+            granted: HashSet::new(),
+            replay_in_reply: false,
         };
         (session, ending)
     }
@@ -204,6 +210,30 @@ impl Session {
     /// The node's id, for welcome frames.
     pub fn node_id(&self) -> &str {
         &self.core.config.node_id
+    }
+
+    /// When the connection's token expires (Unix seconds); `None` without a token.
+    pub fn expires(&self) -> Option<u64> {
+        self.identity.as_ref().map(|i| i.exp)
+    }
+
+    /// Lets this connection subscribe to `channel` (and read its history) whatever its
+    /// token's `channels` claim says: a protocol adapter verified a subscription token for
+    /// it. Granted until [`Session::revoke`].
+    pub fn grant(&mut self, channel: &str) {
+        self.granted.insert(channel.to_owned());
+    }
+
+    /// From now on, a subscribe that recovers hands its missed publications back in
+    /// [`Subscription::joined`] (`replay`) for the reply, rather than queueing them behind
+    /// it: for a protocol whose subscribe reply carries them (Centrifugo).
+    pub fn replay_in_reply(&mut self) {
+        self.replay_in_reply = true;
+    }
+
+    /// Takes back a [`Session::grant`].
+    pub fn revoke(&mut self, channel: &str) {
+        self.granted.remove(channel);
     }
 
     /// The token clock, which the writer watches; `None` without a token.
@@ -315,11 +345,12 @@ impl Session {
 
     /// True when the token's `channels` claim (if any) allows `channel`.
     fn may_subscribe(&self, channel: &str) -> Result<(), Failure> {
-        let allowed = self
-            .identity
-            .as_ref()
-            .and_then(|i| i.channels.as_ref())
-            .is_none_or(|patterns| shared::channel::any_match(patterns, channel));
+        let allowed = self.granted.contains(channel)
+            || self
+                .identity
+                .as_ref()
+                .and_then(|i| i.channels.as_ref())
+                .is_none_or(|patterns| shared::channel::any_match(patterns, channel));
         if allowed {
             Ok(())
         } else {
@@ -409,7 +440,10 @@ impl Session {
             subs.insert(channel.to_owned());
         }
         let asked = recover.is_some();
-        match hub.subscribe(channel, self.id, &self.out, recover).await {
+        match hub
+            .subscribe_with(channel, self.id, &self.out, recover, self.replay_in_reply)
+            .await
+        {
             Ok(s) => {
                 if let (true, Some(j)) = (asked, &s.joined) {
                     let label = if j.recovered == Some(true) {
@@ -466,8 +500,9 @@ impl Ending {
     }
 }
 
-/// Counts and logs a closed connection.
-fn closed(core: &Core, peer: IpAddr, conn_id: &str, reason: &CloseReason) {
+/// Counts and logs a closed connection. [`Ending::close`] calls it; a protocol adapter
+/// whose connection closed before it opened a session calls it itself.
+pub fn closed(core: &Core, peer: IpAddr, conn_id: &str, reason: &CloseReason) {
     let (label, blame) = (reason.label(), reason.blame());
     if let CloseReason::Protocol(kind) = reason {
         core.metrics.protocol_violations.inc([kind]);

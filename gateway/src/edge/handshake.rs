@@ -229,7 +229,7 @@ async fn admit(
             .with_latency(node.metrics.fanout_latency.clone()),
     );
     let user = identity.as_ref().map(|i| i.user_id.as_str());
-    match node.directory.add(&conn_id, user, out.clone()).await {
+    match node.directory.add(&conn_id, id, user, out.clone()).await {
         Ok(()) => {}
         Err(AddError::UserLimit) => return Err(Refusal::UserLimit),
         Err(AddError::Unavailable(_)) => return Err(Refusal::DirectoryUnavailable),
