@@ -24,7 +24,16 @@ use crate::conn::outbound::Outbound;
 use crate::conn::socket;
 use crate::core::session::{Conn, Session};
 use crate::node::{Node, Slot};
-use crate::protocol::v1;
+use crate::protocol::{centrifugo, v1};
+
+/// The wire protocol an upgraded connection speaks, picked by its path (`edge::http`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// `GET /ws`: protocol v1 (`docs/protocol.md`).
+    V1,
+    /// `GET /connection/websocket`: Centrifugo's client protocol (`docs/sdk.md`).
+    Centrifugo,
+}
 
 /// Why a handshake was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -149,13 +158,14 @@ pub async fn upgrade(
     node: Arc<Node>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
+    protocol: Protocol,
 ) -> HttpResponse {
     let forwarded = req
         .headers()
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok());
     let ip = node.proxies.client_ip(peer.ip(), forwarded);
-    let admitted = match admit(&node, &req, ip).await {
+    let admitted = match admit(&node, &req, ip, protocol).await {
         Ok(a) => a,
         Err(refusal) => return refusal.respond(&node, ip),
     };
@@ -176,7 +186,13 @@ pub async fn upgrade(
     tracing::debug!(%ip, user = conn.identity.as_ref().map(|i| i.user_id.as_str()), "handshake ok");
     tokio::spawn(async move {
         match fut.await {
-            Ok(ws) => open_connection(node, conn, slot, ws.into_inner().into_inner()).await,
+            Ok(ws) => {
+                let upgraded = ws.into_inner().into_inner();
+                match protocol {
+                    Protocol::V1 => open_connection(node, conn, slot, upgraded).await,
+                    Protocol::Centrifugo => open_centrifugo(node, conn, slot, upgraded),
+                }
+            }
             Err(e) => {
                 tracing::debug!(%ip, error = %e, "upgrade did not complete");
                 node.directory.remove(&conn.conn_id).await;
@@ -186,11 +202,14 @@ pub async fn upgrade(
     response.map(|_| Full::new(Bytes::new()))
 }
 
-/// The checks, in order. On success the connection holds a slot and is in the directory.
+/// The checks, in order. On success the connection holds a slot and, for v1, is in the
+/// directory. A Centrifugo connection names its user in its `connect` command, so its
+/// token is optional here, and its directory entry (with the per-user cap) comes then.
 async fn admit(
     node: &Arc<Node>,
     req: &Request<Incoming>,
     ip: IpAddr,
+    protocol: Protocol,
 ) -> Result<(Conn, Slot), Refusal> {
     if let Err(wait) = node.handshake_limiter.check(ip) {
         node.metrics.rate_limit_hits.inc(["handshake"]);
@@ -220,19 +239,26 @@ async fn admit(
         return Err(Refusal::Draining);
     }
     let slot = node.try_admit().ok_or(Refusal::OverCapacity)?;
-    let identity = authenticate(node, req)
-        .await
-        .map_err(Refusal::Unauthorized)?;
+    let identity = match authenticate(node, req).await {
+        Err(AuthError::Missing) if protocol == Protocol::Centrifugo => None,
+        other => other.map_err(Refusal::Unauthorized)?,
+    };
     let (id, conn_id) = node.next_conn_id();
+    let codec: &'static dyn crate::conn::event::Codec = match protocol {
+        Protocol::V1 => &v1::CODEC,
+        Protocol::Centrifugo => &centrifugo::CODEC,
+    };
     let out = Arc::new(
-        Outbound::new(node.config.outbound_queue_bytes, &v1::CODEC)
+        Outbound::new(node.config.outbound_queue_bytes, codec)
             .with_latency(node.metrics.fanout_latency.clone()),
     );
-    let user = identity.as_ref().map(|i| i.user_id.as_str());
-    match node.directory.add(&conn_id, id, user, out.clone()).await {
-        Ok(()) => {}
-        Err(AddError::UserLimit) => return Err(Refusal::UserLimit),
-        Err(AddError::Unavailable(_)) => return Err(Refusal::DirectoryUnavailable),
+    if protocol == Protocol::V1 {
+        let user = identity.as_ref().map(|i| i.user_id.as_str());
+        match node.directory.add(&conn_id, id, user, out.clone()).await {
+            Ok(()) => {}
+            Err(AddError::UserLimit) => return Err(Refusal::UserLimit),
+            Err(AddError::Unavailable(_)) => return Err(Refusal::DirectoryUnavailable),
+        }
     }
     let conn = Conn {
         id,
@@ -294,6 +320,27 @@ async fn open_connection(node: Arc<Node>, conn: Conn, slot: Slot, upgraded: Upgr
         let reason = served.await;
         // Boxed: inline, cleanup's Redis calls would be reserved in every idle connection.
         Box::pin(ending.close(&node.core, &reason)).await;
+        drop(slot);
+    });
+}
+
+/// Opens an upgraded Centrifugo connection: it waits for its `connect` command, which
+/// opens the session (see `protocol::centrifugo`).
+fn open_centrifugo(node: Arc<Node>, conn: Conn, slot: Slot, upgraded: Upgraded) {
+    let out = conn.out.clone();
+    tracing::debug!(peer = %conn.ip, conn = %conn.conn_id, "centrifugo connection open");
+    let (connection, cleanup, clock) = centrifugo::Connection::open(node.core.clone(), conn);
+    let served = socket::serve_upgraded(
+        upgraded,
+        node.limits(),
+        connection,
+        out,
+        node.close_all.child_token(),
+        Some(clock),
+    );
+    tokio::spawn(async move {
+        let reason = served.await;
+        Box::pin(cleanup.close(&reason)).await;
         drop(slot);
     });
 }

@@ -10,5 +10,8 @@
 //! hand events to each queue's codec.
 //!
 //! - [`v1`]: our JSON protocol (`docs/protocol.md`), codec id 0.
+//! - [`centrifugo`]: Centrifugo's client protocol v2 in JSON, for the stock Centrifugo SDKs
+//!   (`docs/sdk.md`), codec id 2. (Id 1 is kept for STOMP.)
 
+pub mod centrifugo;
 pub mod v1;
