@@ -139,6 +139,8 @@ families! {
         insufficient_state: "gateway_insufficient_state_total" [],
         /// Subscribes that asked to recover a position, by whether it was recovered.
         recoveries: "gateway_recoveries_total" ["recovered"],
+        /// Centrifugo server API calls (`POST /api/<method>`), by method and outcome.
+        api_calls: "gateway_api_calls_total" ["method", "outcome"],
     }
     gauges {
         /// Connections on all live nodes, from the last heartbeat.
