@@ -13,8 +13,8 @@ run:
 	$(CARGO) run -p gateway -- --allow-anonymous --publish-allow 'chat:*' \
 		--listen 127.0.0.1:8080 --admin-listen 127.0.0.1:9090
 
-## Everything CI runs: install what is missing, lint, Rust tests, browser test.
-test: deps lint unit e2e bench-smoke k8s-check
+## Everything CI runs: install what is missing, lint, Rust tests, browser and SDK tests.
+test: deps lint unit e2e sdk-test bench-smoke k8s-check
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -23,7 +23,8 @@ lint:
 unit:
 	$(CARGO) test --workspace $(FEATURES)
 
-## Headless Chromium drives the demo page (needs the debug gateway binary).
+## Headless Chromium drives the demo page; the Centrifugo JavaScript SDK runs against two
+## nodes behind nginx (both need the debug gateway binary).
 e2e: deps-node
 	$(CARGO) build -p gateway $(FEATURES)
 	cd e2e && node --test
@@ -65,3 +66,6 @@ include mk/k8s.mk
 
 # Load generator scenarios and benchmarks: bench-smoke (in make test), bench.
 include mk/bench.mk
+
+# The Centrifugo SDKs in Python: sdk-tools, sdk-test (in make test).
+include mk/sdk.mk
