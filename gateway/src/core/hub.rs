@@ -768,7 +768,11 @@ mod tests {
         assert_eq!((j.position.offset, j.recovered), (4, Some(true)));
         assert_eq!(
             j.replay,
-            vec![(2, "2".to_owned()), (3, "3".to_owned()), (4, "4".to_owned())],
+            vec![
+                (2, "2".to_owned()),
+                (3, "3".to_owned()),
+                (4, "4".to_owned())
+            ],
             "what it missed, for the reply"
         );
         hub.activate("h:in", 2);
