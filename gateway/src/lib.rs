@@ -6,7 +6,8 @@
 //!   shutdown order.
 //! - [`tls`]: rustls acceptor and certificate hot reload.
 //! - [`client_ip`]: the real client address (trusted proxies, X-Forwarded-For, PROXY v2).
-//! - [`http`]: the public listener: handshake checks, `GET /ws` upgrade, demo page, 404s.
+//! - [`http`]: the public listener: handshake checks, `GET /ws` and
+//!   `GET /connection/websocket` upgrades, demo page, 404s.
 //! - [`origin`], [`auth`], [`ratelimit`]: the handshake's Origin, JWT and rate checks (auth
 //!   also holds the JWKS cache and the per-connection token clock).
 //! - [`websocket`]: the connection layer: reader task, writer loop, heartbeat, close
@@ -14,7 +15,10 @@
 //! - [`frame`]: WebSocket frames on the wire: server frames encoded once, client frames
 //!   decoded without a standing read buffer.
 //! - [`outbound`]: a connection's byte-bounded outbound queue and slow-consumer policy.
-//! - [`session`]: protocol v1 for one connection (subscribe, unsubscribe, publish).
+//! - [`session`]: one connection's commands (subscribe, unsubscribe, publish), whatever
+//!   its protocol.
+//! - [`protocol`]: the wire protocols' adapters onto sessions: `v1` (`docs/protocol.md`)
+//!   and `centrifugo` (Centrifugo's client protocol for the stock SDKs, `docs/sdk.md`).
 //! - [`hub`]: channel → local subscribers, sharded; drives broker subscriptions.
 //! - [`broker`]: the `Broker` trait, the in-memory and Redis brokers, the conformance suite.
 //! - [`redis`]: the node's one Redis connection and the router of its pub/sub pushes.
@@ -22,7 +26,7 @@
 //!   disconnect, per-user caps, node liveness and the janitor.
 //! - [`inbound`]: client `send` messages and lifecycle events to the backends' stream.
 //! - `kube` (feature `kube`): drain on a pod annotation, and the janitor's Lease election.
-//! - [`admin`]: probes, metrics and the admin HTTP API.
+//! - [`admin`]: probes, metrics and the admin HTTP API; `api`: Centrifugo's server API.
 //! - [`node`]: state shared by a node's tasks.
 //! - [`config`]: the settings struct, its layering and validation.
 //! - [`metrics`]: counters and gauges in Prometheus text.
