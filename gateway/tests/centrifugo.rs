@@ -364,11 +364,9 @@ async fn connect_errors_and_token_refresh() {
     })
     .await;
     let now = gateway::test_util::now_secs();
-    // A missing token, a bad one, an expired one (109: the SDK calls getToken).
+    // A missing token, an expired one (109: the SDK calls getToken).
     let (mut c, reply) = connect(&node, "").await;
     assert_eq!(reply["error"]["code"], 101);
-    send(&mut c, &[json!({"id":2,"connect":{"token":"not.a.jwt"}})]).await;
-    assert_eq!(one(&mut c).await["error"]["code"], 101);
     let expired = token(json!({"sub":"alice","exp":now - 120}));
     send(&mut c, &[json!({"id":3,"connect":{"token":expired}})]).await;
     assert_eq!(
@@ -378,6 +376,18 @@ async fn connect_errors_and_token_refresh() {
     // The connection waited for a good one.
     send(&mut c, &[json!({"id":4,"connect":{"token":user("alice")}})]).await;
     assert!(one(&mut c).await["connect"]["client"].is_string());
+    // Not without end: the third refusal on one socket closes it.
+    let (mut c, _) = connect(&node, "not.a.jwt").await;
+    send(&mut c, &[json!({"id":2,"connect":{"token":"x"}})]).await;
+    assert_eq!(one(&mut c).await["error"]["code"], 101);
+    send(&mut c, &[json!({"id":3,"connect":{"token":"y"}})]).await;
+    closed_with(
+        &node,
+        &mut c,
+        3501,
+        r#"gateway_protocol_violations_total{kind="centrifugo_connect_refused"} 1"#,
+    )
+    .await;
 
     // A token that runs out in a second: refreshed, the connection stays; not refreshed,
     // it closes with 3005 after the grace period.
@@ -449,6 +459,7 @@ async fn an_oversized_batch_closes_with_3501_and_an_oversized_frame_with_1009() 
         ..cf_config()
     })
     .await;
+    let mut by = bystander(&node).await;
     let (mut c, _) = connected(&node, "alice").await;
     let batch: Vec<Value> = (0..300)
         .map(|i| json!({"id":i + 2,"history":{"channel":"h:x"}}))
@@ -473,11 +484,13 @@ async fn an_oversized_batch_closes_with_3501_and_an_oversized_frame_with_1009() 
         r#"gateway_connection_closes_total{blame="client",reason="message_too_big"} 1"#,
     )
     .await;
+    still_served(&node, &mut by).await;
 }
 
 #[tokio::test]
 async fn malformed_lines_close_with_3501() {
     let node = start(cf_config()).await;
+    let mut bystander = bystander(&node).await;
     for (i, bad) in [
         "{not json",
         "[1,2]",
@@ -516,6 +529,31 @@ async fn malformed_lines_close_with_3501() {
     let (mut c, _) = connected(&node, "alice").await;
     send(&mut c, &[json!({"id":2,"sub_map":{"channel":"x"}})]).await;
     assert_eq!(one(&mut c).await["error"]["code"], 104);
+    still_served(&node, &mut bystander).await;
+}
+
+/// A connected SDK client on `chat:by`, to show that hostile clients cost only themselves.
+async fn bystander(node: &TestNode) -> Client {
+    let (mut c, _) = connected(node, "bystander").await;
+    send(&mut c, &[json!({"id":2,"subscribe":{"channel":"chat:by"}})]).await;
+    assert_eq!(one(&mut c).await, json!({"id":2,"subscribe":{}}));
+    c
+}
+
+async fn still_served(node: &TestNode, c: &mut Client) {
+    let (status, _) = node
+        .admin(
+            "POST",
+            "/api/publish",
+            r#"{"channel":"chat:by","data":"ok"}"#,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        one(c).await,
+        json!({"push":{"channel":"chat:by","pub":{"data":"ok"}}})
+    );
 }
 
 #[tokio::test]

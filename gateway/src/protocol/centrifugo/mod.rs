@@ -63,6 +63,8 @@ pub mod kind {
     pub const MALFORMED_COMMAND: &str = "centrifugo_malformed_command";
     /// No `connect` within `handshake_timeout_ms` of the upgrade.
     pub const CONNECT_TIMEOUT: &str = "centrifugo_connect_timeout";
+    /// `connect` refused [`super::MAX_CONNECT_REFUSALS`] times on one connection.
+    pub const CONNECT_REFUSED: &str = "centrifugo_connect_refused";
     /// Every kind above.
     pub const ALL: &[&str] = &[
         COMMAND_BEFORE_CONNECT,
@@ -70,11 +72,17 @@ pub mod kind {
         BATCH_TOO_LARGE,
         MALFORMED_COMMAND,
         CONNECT_TIMEOUT,
+        CONNECT_REFUSED,
     ];
 }
 
 /// The server version in connect and refresh replies.
 const VERSION: &str = concat!("gateway ", env!("CARGO_PKG_VERSION"));
+
+/// Refused `connect`s after which a connection is closed. An SDK closes its socket after
+/// one (and reconnects with a new token when it can get one); the bound keeps a client
+/// from making the node verify tokens without end on one socket, past the handshake rate.
+pub const MAX_CONNECT_REFUSALS: u32 = 3;
 
 /// How long the token clock of a connection without a token waits: never, in practice.
 const NO_EXPIRY_SECS: u64 = 10 * 365 * 24 * 3600;
@@ -120,6 +128,7 @@ pub struct Connection {
     ending: Arc<Mutex<Option<Ending>>>,
     connected: Arc<AtomicBool>,
     max_batch: usize,
+    refusals: u32,
 }
 
 /// The replies of one frame, and the subscriptions whose replay follows them.
@@ -186,6 +195,7 @@ impl Connection {
             ending,
             connected,
             max_batch,
+            refusals: 0,
         };
         (connection, cleanup, clock)
     }
@@ -221,8 +231,7 @@ impl Connection {
                 return match parsed {
                     Parsed::Pong => Ok(()),
                     Parsed::Call(id, Method::Connect(req)) if id > 0 => {
-                        self.connect(id, req, batch).await;
-                        Ok(())
+                        self.connect(id, req, batch).await
                     }
                     Parsed::Call(_, Method::Connect(_)) => {
                         Err(CloseReason::Protocol(kind::MALFORMED_COMMAND))
@@ -282,10 +291,16 @@ impl Connection {
     }
 
     /// `connect`: checks the token, registers the connection and opens its session. A
-    /// refused connect leaves the connection waiting (and its connect timeout running).
-    async fn connect(&mut self, id: u32, req: commands::Connect<'_>, batch: &mut Batch) {
+    /// refused connect leaves the connection waiting (and its connect timeout running), up
+    /// to [`MAX_CONNECT_REFUSALS`].
+    async fn connect(
+        &mut self,
+        id: u32,
+        req: commands::Connect<'_>,
+        batch: &mut Batch,
+    ) -> Result<(), CloseReason> {
         let State::Pending(conn) = std::mem::replace(&mut self.state, State::Opening) else {
-            return;
+            return Ok(());
         };
         match open_session(&self.core, conn, &req.token).await {
             Ok((mut session, ending)) => {
@@ -310,8 +325,13 @@ impl Connection {
             Err((conn, e)) => {
                 self.state = State::Pending(conn);
                 batch.error(&self.core, id, e);
+                self.refusals += 1;
+                if self.refusals >= MAX_CONNECT_REFUSALS {
+                    return Err(CloseReason::Protocol(kind::CONNECT_REFUSED));
+                }
             }
         }
+        Ok(())
     }
 }
 
