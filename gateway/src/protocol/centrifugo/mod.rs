@@ -339,7 +339,9 @@ impl Connection {
 /// SDK's refresh (due after `ttl`) comes before the token expires, not up to a second late.
 fn expiry(reply: &mut Value, exp: Option<u64>) {
     if let Some(exp) = exp {
-        let left_ms = exp.saturating_mul(1000).saturating_sub(crate::time::now_ms());
+        let left_ms = exp
+            .saturating_mul(1000)
+            .saturating_sub(crate::time::now_ms());
         reply["expires"] = true.into();
         reply["ttl"] = (left_ms / 1000).into();
     }
