@@ -8,9 +8,10 @@ APT_GET := $(if $(filter 0,$(shell id -u)),apt-get,sudo apt-get)
 
 .PHONY: run cluster test lint unit e2e deps deps-system deps-node conformance check-config clean-tools
 
-## One node with the embedded broker; chat demo at http://127.0.0.1:8080/
+## One node with the embedded broker; chat demo at http://127.0.0.1:8080/ (chat:* keeps history)
 run:
 	$(CARGO) run -p gateway -- --allow-anonymous --publish-allow 'chat:*' \
+		--channels 'chat:*?history_size=100&history_ttl_secs=600&presence&join_leave' \
 		--listen 127.0.0.1:8080 --admin-listen 127.0.0.1:9090
 
 ## Everything CI runs: install what is missing, lint, Rust tests, browser and SDK tests.
@@ -23,8 +24,9 @@ lint:
 unit:
 	$(CARGO) test --workspace $(FEATURES)
 
-## Headless Chromium drives the demo page; the Centrifugo JavaScript SDK runs against two
-## nodes behind nginx (both need the debug gateway binary).
+## Headless Chromium drives the demo page; stompjs and ws clients test STOMP; the Centrifugo
+## JavaScript SDK runs against two nodes behind nginx (needs the debug gateway binary,
+## redis-server and nginx).
 e2e: deps-node
 	$(CARGO) build -p gateway $(FEATURES)
 	cd e2e && node --test

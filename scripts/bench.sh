@@ -27,6 +27,7 @@ case "$MODE" in
     STORM_N=200; STORM_TLS_N=60
     UNI_USERS=20; UNI_RATE=100; UNI_SECS=2
     CHURN_SECS=3; CHURN_CYCLES=0
+    HIST_RATES="50"; RECOVER_N=50
     OUT=$(mktemp -d)/results ;;
   full)
     PROFILE=release; BUILD_FLAGS=(--release)
@@ -36,6 +37,7 @@ case "$MODE" in
     STORM_N=${STORM_N:-5000}; STORM_TLS_N=${STORM_TLS_N:-2000}
     UNI_USERS=${UNI_USERS:-2000}; UNI_RATE=${UNI_RATE:-5000}; UNI_SECS=${UNI_SECS:-5}
     CHURN_SECS=${CHURN_SECS:-120}; CHURN_CYCLES=${CHURN_CYCLES:-100000}
+    HIST_RATES=${HIST_RATES:-"100 400"}; RECOVER_N=${RECOVER_N:-5000}
     OUT=$ROOT/docs/bench-results ;;
   *) echo "usage: $0 smoke|full" >&2; exit 2 ;;
 esac
@@ -86,14 +88,15 @@ pids+=($!)
 wait_port "$REDIS_PORT"
 REDIS=redis://127.0.0.1:$REDIS_PORT
 
-# start_gateway NAME [extra flags...]: sets GW_PID and GW_PORT.
+# start_gateway NAME [extra flags...]: sets GW_PID, GW_PORT and GW_ADMIN.
 start_gateway() {
   local name=$1; shift
-  GW_PORT=$(free_port); local admin; admin=$(free_port)
+  GW_PORT=$(free_port); GW_ADMIN=$(free_port); local admin=$GW_ADMIN
   "$GW" --node-id "$name" --listen "127.0.0.1:$GW_PORT" --admin-listen "127.0.0.1:$admin" \
     --redis-url "$REDIS" --allow-anonymous --jwt-secret "$SECRET" \
-    --jwt-public-key "$WORK/jwt.pub" --handshake-rate-per-ip 0 --message-rate 0 \
-    --max-connections 200000 --rebalance false --pre-stop-delay-ms 0 "$@" >>"$WORK/$name.log" 2>&1 &
+    --jwt-public-key "$WORK/jwt.pub" --jwt-allow-any-audience --handshake-rate-per-ip 0 \
+    --message-rate 0 --max-connections 200000 --max-connections-per-ip 0 --rebalance false \
+    --pre-stop-delay-ms 0 "$@" >>"$WORK/$name.log" 2>&1 &
   GW_PID=$!
   pids+=("$GW_PID")
   wait_port "$GW_PORT"
@@ -179,6 +182,24 @@ HALF=$("$PY" scripts/bench_report.py half-peak "$OUT" "$FAN_S")
   -s "$FAN_S" --rate "$HALF" --duration-secs "$FAN_SECS" --redis-url "$REDIS" \
   --pid "$A_PID" --pid "$B_PID" --sources "$SRC" --channel bench-half \
   --label gateway-2nodes-half-peak --json "$OUT/fanout-2nodes-half.json"
+
+log "history"
+# The same fan-out with history off (PUBLISH on a plain channel) and on (FCALL gw_publish on a
+# history channel): node CPU per delivery, and publish-to-receipt latency of each. Then a
+# recovery storm: RECOVER_N clients of one history channel come back at once and recover 100.
+start_gateway gw-hist --channels 'hist:*?history_size=100&history_ttl_secs=600'
+for r in $HIST_RATES; do
+  "$LT" fanout --url "ws://127.0.0.1:$GW_PORT/ws" -s "$FAN_S" --rate "$r" \
+    --duration-secs "$FAN_SECS" --redis-url "$REDIS" --pid "$GW_PID" --sources "$SRC" \
+    --channel "plain-h$r" --label history-off --json "$OUT/history-off-r$r.json"
+  "$LT" fanout --url "ws://127.0.0.1:$GW_PORT/ws" -s "$FAN_S" --rate "$r" --fcall \
+    --duration-secs "$FAN_SECS" --redis-url "$REDIS" --pid "$GW_PID" --sources "$SRC" \
+    --channel "hist:h$r" --label history-on --json "$OUT/history-on-r$r.json"
+done
+"$LT" recovery-storm --url "ws://127.0.0.1:$GW_PORT/ws" --admin "http://127.0.0.1:$GW_ADMIN" \
+  -n "$RECOVER_N" --missed 100 --channel hist:storm --redis-url "$REDIS" --concurrency 200 \
+  --pid "$GW_PID" --sources "$SRC" --label gateway --json "$OUT/recovery-storm.json"
+stop "$GW_PID"
 
 log "unicast"
 "$LT" unicast --url "ws://127.0.0.1:$A_PORT/ws" --url "ws://127.0.0.1:$B_PORT/ws" \

@@ -17,11 +17,11 @@ import sys
 REQUIRED = [
     "idle-gateway", "idle-floor", "idle-gateway-tls", "idle-gateway-2procs",
     "fanout-2nodes-half", "unicast", "storm-plain", "storm-tls", "storm-tls-hs256",
-    "storm-tls-rs256", "storm-floor", "churn",
+    "storm-tls-rs256", "storm-floor", "churn", "recovery-storm",
 ]
 # Prefixes of which at least one result must exist (one per rate in the run).
 REQUIRED_PREFIXES = ["fanout-gateway-r", "fanout-floor-r", "fanout-2nodes-r", "burst-gateway-r",
-                     "burst-floor-r"]
+                     "burst-floor-r", "history-off-r", "history-on-r"]
 
 
 def load(d):
@@ -70,6 +70,10 @@ def check(d):
         elif sc == "connect-storm":
             expect(name, r["handshakes"] > 0 and r["failed"] == 0, "handshakes failed")
             expect(name, r["handshakes_per_sec"] > 0, "no rate")
+        elif sc == "recovery-storm":
+            expect(name, r["clients"] > 0 and r["complete"] == r["clients"],
+                   "not every client recovered every publication")
+            expect(name, r["history_reads"] > 0, "no history read counted")
         elif sc == "churn":
             expect(name, r["cycles"] > 0, "no cycle")
             expect(name, r["keys_back_to_baseline"], "Redis keys did not come back")
@@ -186,6 +190,51 @@ def burst_section(res, d):
               "| server | deliveries | write-type calls | calls/delivery |", "|---|---:|---|---:|"] + rows
     else:
         L += ["", "Syscall count not run (strace absent; `make bench` installs it)."]
+    return L
+
+
+def history_section(res):
+    """History on (FCALL gw_publish, offsets checked per subscriber) against off (PUBLISH)."""
+    L = ["", "## History", "",
+         "One node, the same subscribers and rate, a plain channel published with `PUBLISH` "
+         "against a history channel (`history_size=100`) published with `FCALL gw_publish`. "
+         "Latency is publish → client receipt, so the history row includes the function's "
+         "append.", "",
+         "| rate (msg/s) | history | delivered/s | lost | CPU µs/delivery | on vs off | p50 ms | p99 ms | p99.9 ms |",
+         "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rates = sorted({int(m.group(1)) for k in res for m in [re.match(r"history-on-r(\d+)$", k)] if m})
+    ratios = []
+    for rate in rates:
+        off, on = res.get(f"history-off-r{rate}"), res.get(f"history-on-r{rate}")
+        for r in (off, on):
+            if not r:
+                continue
+            lat = r["latency"]
+            rt = ratio(r["cpu_per_delivery_us"], off["cpu_per_delivery_us"]) if (off and r is on) else ""
+            L.append(f"| {rate} | {'on' if r is on else 'off'} | {f0(r['deliveries_per_sec'])} | "
+                     f"{f0(r['lost'])} | {f2(r['cpu_per_delivery_us'])} | {rt} | {f2(lat['p50_ms'])} | "
+                     f"{f2(lat['p99_ms'])} | {f2(lat['p999_ms'])} |")
+        if off and on and off["cpu_per_delivery_us"] > 0:
+            ratios.append((rate, on["cpu_per_delivery_us"] / off["cpu_per_delivery_us"]))
+    if ratios:
+        worst = max(x for _, x in ratios)
+        L += ["", f"Target CPU per delivery with history ≤ 1.1× without: "
+              f"**{'met' if worst <= 1.1 else 'MISSED'}** "
+              f"({', '.join(f'{r} msg/s: {x:.2f}×' for r, x in ratios)})."]
+    st = res.get("recovery-storm")
+    if st:
+        L += ["", "### Recovery storm", "",
+              f"{f0(st['clients'])} clients of one history channel reconnect at once and each "
+              f"recovers {st['missed']} publications.", "",
+              "| clients | recovered (all in order) | time until all recovered (s) | history reads | reads/client | Redis commands/client (all) | server CPU ms/client |",
+              "|---:|---:|---:|---:|---:|---:|---:|",
+              f"| {f0(st['clients'])} | {f0(st['complete'])} | {f2(st['secs_until_all_recovered'])} | "
+              f"{f0(st['history_reads'])} | {st['history_reads_per_client']:.4f} | "
+              f"{f2(st['redis_commands_per_client'])} | {f2(st['server_cpu_ms_per_client'])} |", "",
+              f"Target below 0.1 history reads per recovering client: "
+              f"**{'met' if st['history_reads_per_client'] < 0.1 else 'MISSED'}**. "
+              "\"Redis commands/client (all)\" also counts each reconnect's directory "
+              "registration and unregistration, which are not history reads."]
     return L
 
 
@@ -332,6 +381,8 @@ def report(d, out):
               "", f"Target RSS within 5 % of the start after 100k cycles: "
               f"**{'met' if r['rss_back_to_baseline'] and r['cycles'] >= 100000 else 'MISSED'}** "
               f"({f0(r['cycles'])} cycles, {r.get('rss_growth_pct', 0):+.1f} %)."]
+
+    L += history_section(res)
 
     L += ["", "## Caveats (read before quoting a figure)", "",
           "- Two CPUs are shared by the servers, Redis and one `loadtest` process that receives "

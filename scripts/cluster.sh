@@ -28,6 +28,7 @@ rebalance=true
 for i in 1 2 3; do
   "$BIN" --node-id "node-$i" --listen "127.0.0.1:808$i" --admin-listen "127.0.0.1:909$i" \
     --redis-url "redis://127.0.0.1:$REDIS_PORT" --allow-anonymous --publish-allow 'chat:*' \
+    --channels 'chat:*?history_size=100&history_ttl_secs=600&presence&join_leave' \
     --trusted-proxies 127.0.0.1/32 --rebalance "$rebalance" &
   pids+=($!)
 done

@@ -43,6 +43,7 @@ async fn main() -> std::io::Result<()> {
     eprintln!("echo server on ws://{addr}");
     let limits = Limits {
         max_message_bytes: 64 << 20,
+        fragment_timeout: Duration::from_secs(60),
         ping_interval: Duration::from_secs(30),
         ping_timeout: Duration::from_secs(120),
         write_timeout: Duration::from_secs(10),

@@ -43,6 +43,9 @@ pub enum CloseReason {
     HeartbeatTimeout,
     #[error("policy violation: {0}")]
     Policy(&'static str),
+    /// A fragmented message was not completed within `fragment_timeout_ms`.
+    #[error("policy violation: fragmented message not completed in time")]
+    FragmentTimeout,
     #[error("token expired and was not refreshed")]
     TokenExpired,
     #[error("node shutting down")]
@@ -71,7 +74,7 @@ impl CloseReason {
             CloseReason::TooBig(_) => close::MESSAGE_TOO_BIG,
             CloseReason::SlowConsumer(_) => close::SLOW_CONSUMER,
             CloseReason::HeartbeatTimeout => close::HEARTBEAT_TIMEOUT,
-            CloseReason::Policy(_) => close::POLICY_VIOLATION,
+            CloseReason::Policy(_) | CloseReason::FragmentTimeout => close::POLICY_VIOLATION,
             CloseReason::TokenExpired => close::TOKEN_EXPIRED,
             CloseReason::Shutdown => close::GOING_AWAY,
             CloseReason::Restart(_) => close::SERVICE_RESTART,
@@ -92,6 +95,7 @@ impl CloseReason {
             CloseReason::SlowConsumer(_) => "slow_consumer",
             CloseReason::HeartbeatTimeout => "heartbeat_timeout",
             CloseReason::Policy(_) => "rate_limited",
+            CloseReason::FragmentTimeout => "fragment_timeout",
             CloseReason::TokenExpired => "token_expired",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Restart(_) => "drain",

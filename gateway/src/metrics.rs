@@ -121,8 +121,12 @@ families! {
         tls_reloads: "gateway_tls_reloads_total" ["outcome"],
         /// TLS handshakes that failed or timed out.
         tls_handshake_failures: "gateway_tls_handshake_failures_total" [],
+        /// Connections closed at accept because `max_pending_handshakes` were under way.
+        pending_handshakes_dropped: "gateway_pending_handshakes_dropped_total" [],
         /// JWKS fetches by result.
         jwks_fetches: "gateway_jwks_fetches_total" ["outcome"],
+        /// Cached JWKS key sets dropped after `jwks_max_stale_secs` without a successful fetch.
+        jwks_keys_expired: "gateway_jwks_keys_expired_total" [],
         /// Connection directory operations, by op.
         directory_ops: "gateway_directory_ops_total" ["op"],
         /// Failed Redis calls and lost connections, by op.
@@ -137,10 +141,15 @@ families! {
         inbound_appends: "gateway_inbound_appends_total" ["event"],
         /// History-channel subscriptions ended because they could not stay gap-free.
         insufficient_state: "gateway_insufficient_state_total" [],
+        /// History reads sent to the broker (batched per channel: joiners, gaps, checks).
+        history_reads: "gateway_history_reads_total" [],
         /// Subscribes that asked to recover a position, by whether it was recovered.
         recoveries: "gateway_recoveries_total" ["recovered"],
         /// Centrifugo server API calls (`POST /api/<method>`), by method and outcome.
         api_calls: "gateway_api_calls_total" ["method", "outcome"],
+        /// Presence operations by op (join, leave, list, page, stats, resync; purge counts
+        /// the entries of dead nodes removed).
+        presence_ops: "gateway_presence_ops_total" ["op"],
     }
     gauges {
         /// Connections on all live nodes, from the last heartbeat.

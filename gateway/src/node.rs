@@ -1,6 +1,7 @@
 //! State shared by every task of one node: the core's services ([`Core`], which a `Node`
 //! derefs to) and what the edge and the shutdown sequence add to them.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,13 +14,17 @@ use crate::broker::redis::RedisBroker;
 use crate::broker::Broker;
 use crate::cluster::directory::Directory;
 use crate::cluster::inbound::Inbound;
+use crate::cluster::presence::Presence;
 use crate::cluster::redis::Redis;
 use crate::config::Config;
+use crate::conn::limiter::KeyedLimiter;
 use crate::conn::socket::Limits;
 use crate::core::hub::{ConnId, Hub, Settings};
 use crate::core::Core;
 use crate::edge::client_ip::TrustedProxies;
+use crate::edge::handshake::Refusal;
 use crate::edge::handshake_limit::HandshakeLimiter;
+use crate::edge::per_ip::{ConnectionsPerIp, IpSlot};
 use crate::error::StartError;
 use crate::metrics::Metrics;
 
@@ -28,6 +33,8 @@ pub struct Node {
     /// The sessions' services: config, auth, hub, directory, inbound stream, metrics.
     pub core: Arc<Core>,
     pub handshake_limiter: HandshakeLimiter,
+    /// Open connections per client IP (`max_connections_per_ip`).
+    pub per_ip: Arc<ConnectionsPerIp>,
     pub proxies: TrustedProxies,
     /// Cancelled when shutdown starts: readiness turns false at once.
     pub draining: CancellationToken,
@@ -55,6 +62,7 @@ impl Node {
         let auth = Authenticator::from_config(&config, metrics.clone())?;
         let handshake_limiter =
             HandshakeLimiter::new(config.handshake_rate_per_ip, config.handshake_burst_per_ip);
+        let per_ip = ConnectionsPerIp::new(config.max_connections_per_ip);
         let proxies = TrustedProxies::new(&config.trusted_proxies);
         let redis = match &config.redis_url {
             Some(_) => Some(Redis::connect(&config, metrics.clone()).await?),
@@ -88,7 +96,21 @@ impl Node {
                 .map_err(|e| StartError::Redis("loading the history functions", e))?;
         }
         let directory = Directory::new(&config, redis.clone(), metrics.clone());
-        directory.set_unsubscriber(crate::core::unsubscriber(hub.clone()));
+        let weak = Arc::downgrade(&hub);
+        let deliver: crate::broker::Sink = Arc::new(move |channel: &str, payload: &str| {
+            if let Some(hub) = weak.upgrade() {
+                hub.deliver(channel, payload);
+            }
+        });
+        let presence = Presence::new(&config, redis.clone(), deliver, metrics.clone());
+        if redis.is_some() {
+            presence
+                .start()
+                .await
+                .map_err(|e| StartError::Redis("loading the presence functions", e))?;
+            directory.attach(presence.clone());
+        }
+        directory.set_unsubscriber(crate::core::unsubscriber(hub.clone(), presence.clone()));
         directory.start().await?;
         let inbound = Inbound::new(
             redis.clone(),
@@ -96,6 +118,7 @@ impl Node {
             config.inbound_maxlen,
             metrics.clone(),
         );
+        let send_limiter = KeyedLimiter::new(config.send_rate_per_user, config.send_rate_per_user);
         let boot_ms = crate::time::now_ms();
         Ok(Arc::new(Node {
             core: Arc::new(Core {
@@ -104,9 +127,12 @@ impl Node {
                 hub,
                 directory,
                 inbound,
+                send_limiter,
+                presence,
                 metrics,
             }),
             handshake_limiter,
+            per_ip,
             proxies,
             draining,
             maintenance: crate::ops::admin::Maintenance::default(),
@@ -117,17 +143,21 @@ impl Node {
         }))
     }
 
-    /// Reserves a connection slot, or `None` when the node is at `max_connections`.
-    pub fn try_admit(self: &Arc<Self>) -> Option<Slot> {
+    /// Reserves a connection slot for a client at `ip`: refused when the node is at
+    /// `max_connections`, or that IP at `max_connections_per_ip`.
+    pub fn try_admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refusal> {
         if self.open.fetch_add(1, Ordering::AcqRel) >= self.config.max_connections {
             self.open.fetch_sub(1, Ordering::AcqRel);
-            return None;
+            return Err(Refusal::OverCapacity);
         }
         self.metrics
             .hot
             .connections_open
             .fetch_add(1, Ordering::Relaxed);
-        Some(Slot(self.clone()))
+        // Built before the per-IP check, so that a refusal there gives the node slot back.
+        let mut slot = Slot(self.clone(), None);
+        slot.1 = Some(self.per_ip.try_add(ip).ok_or(Refusal::IpLimit)?);
+        Ok(slot)
     }
 
     /// Connections currently holding a slot.
@@ -146,6 +176,7 @@ impl Node {
     pub fn limits(&self) -> Limits {
         Limits {
             max_message_bytes: self.config.max_message_bytes,
+            fragment_timeout: self.config.fragment_timeout(),
             ping_interval: self.config.ping_interval(),
             ping_timeout: self.config.ping_timeout(),
             write_timeout: Duration::from_secs(2).min(self.config.ping_timeout()),
@@ -161,8 +192,8 @@ impl std::ops::Deref for Node {
     }
 }
 
-/// A reserved connection slot; released on drop.
-pub struct Slot(Arc<Node>);
+/// A reserved connection slot, on the node and in its IP's count; released on drop.
+pub struct Slot(Arc<Node>, Option<IpSlot>);
 
 impl Drop for Slot {
     fn drop(&mut self) {

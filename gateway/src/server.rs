@@ -1,6 +1,7 @@
 //! The node's top level: accept loop, background tasks and the shutdown sequence.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,12 +64,26 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(node.config.pre_stop_delay_ms)).await;
     };
     tokio::pin!(stop_accepting);
+    let pending = Arc::new(AtomicUsize::new(0));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    tokio::spawn(accept(node.clone(), acceptor.clone(), stream, peer));
+                    match Pending::try_new(&pending, node.config.max_pending_handshakes) {
+                        Some(p) => {
+                            let _ = stream.set_nodelay(true);
+                            tokio::spawn(accept(node.clone(), acceptor.clone(), stream, peer, p));
+                        }
+                        None => {
+                            drop(stream);
+                            node.metrics.pending_handshakes_dropped.inc([]);
+                            tracing::info!(
+                                %peer,
+                                max = node.config.max_pending_handshakes,
+                                "too many handshakes under way; connection closed"
+                            );
+                        }
+                    }
                 }
                 Err(e) => {
                     // Usually EMFILE: back off instead of spinning on the error.
@@ -89,13 +104,40 @@ pub async fn run(
     Ok(())
 }
 
+/// A connection accepted and not yet upgraded, counted against `max_pending_handshakes`.
+///
+/// Every such connection holds a task, buffers and, with TLS, a handshake's state, and the
+/// handshake timeout alone does not bound how many there are at once: without a cap, a
+/// flood of connections that send nothing holds memory for the whole timeout. Upgraded
+/// connections are bounded by `max_connections` instead.
+struct Pending(Arc<AtomicUsize>);
+
+impl Pending {
+    fn try_new(count: &Arc<AtomicUsize>, max: usize) -> Option<Pending> {
+        if count.fetch_add(1, Ordering::AcqRel) >= max {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Pending(count.clone()))
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// PROXY header (from trusted proxies), TLS handshake (when configured), then HTTP. Both
-/// steps are bounded by the handshake timeout.
+/// steps are bounded by the handshake timeout. `_pending` is given back when this returns:
+/// when the connection closes, or once it is upgraded (hyper's connection future ends at
+/// the hand-over, and the WebSocket lives on in its own task).
 async fn accept(
     node: Arc<Node>,
     tls: Option<TlsAcceptor>,
     mut stream: TcpStream,
     mut peer: SocketAddr,
+    _pending: Pending,
 ) {
     let timeout = node.config.handshake_timeout();
     if node.config.proxy_protocol && node.proxies.trusts(peer.ip()) {
@@ -183,7 +225,10 @@ fn spawn_background(
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(60)) => n.handshake_limiter.evict(),
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {
+                    n.handshake_limiter.evict();
+                    n.send_limiter.evict();
+                }
                 _ = s.cancelled() => return,
             }
         }
@@ -197,7 +242,8 @@ fn spawn_background(
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(node.config.node_heartbeat_ms)) => {
                     // History channels: is the epoch still ours, did we miss anything?
-                    node.hub.check_streams();
+                    node.hub
+                        .check_streams(Duration::from_millis(node.config.node_heartbeat_ms));
                     // This node's channel counts, for the server API's `channels` and `info`.
                     if let Err(e) = node.directory.record_channels(|| node.hub.channel_counts()).await {
                         tracing::debug!(error = %e, "channel counts not written");

@@ -6,7 +6,13 @@
 pub use crate::broker::memory::{Bus, MemoryBroker};
 pub use crate::broker::redis::RedisBroker;
 pub use crate::broker::{conformance, Broker, Sink};
+pub use crate::cluster::directory::{conformance as directory_conformance, Directory};
+pub use crate::cluster::presence::{
+    conformance as presence_conformance, Member, MemoryStore as MemoryPresence,
+    RedisStore as RedisPresence, Store as PresenceStore,
+};
 pub use crate::cluster::redis::Redis;
+pub use crate::config::ChannelOptions;
 pub use crate::conn::frame;
 pub use crate::conn::outbound::Outbound;
 pub use crate::conn::socket::{serve, serve_upgraded, Handler, Limits};
@@ -17,4 +23,4 @@ pub use crate::ops::admin::Maintenance;
 pub use crate::ops::kube::{watch_drain, LeaseElector, DRAIN_ANNOTATION};
 /// The v1 codec, for queues in tools that never send events.
 pub use crate::protocol::v1::CODEC as V1;
-pub use crate::time::now_secs;
+pub use crate::time::{now_ms, now_secs};

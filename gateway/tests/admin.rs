@@ -76,6 +76,54 @@ async fn bad_admin_requests() {
     assert_eq!(node.admin("GET", "/nope", "", None).await.0, 404);
 }
 
+/// A caller that sends the head of a publish and then trickles the body gets 408 once the
+/// read timeout (`handshake_timeout_ms`) has passed, and is counted.
+#[tokio::test]
+async fn a_trickled_admin_body_gets_408() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = config();
+    cfg.handshake_timeout_ms = 300;
+    let node = start(cfg).await;
+    let (mut r, mut w) = tokio::net::TcpStream::connect(node.admin)
+        .await
+        .unwrap()
+        .into_split();
+    w.write_all(
+        b"POST /v1/channels/chat:a/publish HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if w.write_all(b" ").await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    tokio::time::timeout(T, async {
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = r.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("an answer while the body still trickles in");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    trickle.abort();
+    node.wait_metric("gateway_http_requests_total{listener=\"admin\",status=\"408\"} 1")
+        .await;
+}
+
 #[tokio::test]
 async fn admin_token_guards_the_api() {
     let mut cfg = config();

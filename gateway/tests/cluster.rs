@@ -434,6 +434,131 @@ async fn inbound_stream_gets_connect_message_disconnect_in_order() {
     assert_eq!(read.keys[0].ids.len(), 3);
 }
 
+/// Pub/sub has a connection of its own: Redis dropping it (as it does a subscriber over its
+/// `client-output-buffer-limit pubsub`) leaves the directory's commands unharmed, and the
+/// node resubscribes.
+#[tokio::test]
+async fn pubsub_has_its_own_connection_and_losing_it_spares_the_commands() {
+    let redis = RedisServer::start().await;
+    let node = start(cluster_config(&redis, "n1")).await;
+    let mut sub = node.subscriber("chat:k").await;
+    let (_alice, conn) = user_client(&node, "alice").await;
+    let mut backend = redis.client().await;
+    let me: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut backend)
+        .await
+        .unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut backend)
+        .await
+        .unwrap();
+    let node_clients: Vec<&str> = list
+        .lines()
+        .filter(|l| !l.starts_with(&format!("id={me} ")))
+        .collect();
+    assert_eq!(node_clients.len(), 2, "{node_clients:#?}");
+    let subscribers = node_clients
+        .iter()
+        .filter(|l| l.contains(" flags=P "))
+        .count();
+    assert_eq!(subscribers, 1, "one pub/sub connection: {node_clients:#?}");
+
+    // directory commands keep flowing while the pub/sub connection is killed under them
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let askers: Vec<_> = (0..8)
+        .map(|_| {
+            let (admin, stop, conn) = (node.admin, stop.clone(), conn.clone());
+            tokio::spawn(async move {
+                let mut asked = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (status, body) =
+                        http(admin, "GET", "/v1/users/alice/connections", "", "").await;
+                    assert_eq!(status, 200, "{body}");
+                    assert!(body.contains(&conn), "{body}");
+                    asked += 1;
+                }
+                asked
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut backend)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for asker in askers {
+        assert!(asker.await.expect("every directory command succeeded") > 0);
+    }
+    let reached: i64 = fcall(&mut backend, shared::backend::send_user("alice", "1"))
+        .await
+        .unwrap();
+    assert_eq!(reached, 1);
+    // the pub/sub connection comes back with its subscriptions
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let receivers: i64 = backend.publish("gw:ch:chat:k", "7").await.unwrap();
+        if receivers == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never resubscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sub.recv_json(T).await.unwrap()["data"], 7);
+    node.wait_metric("gateway_redis_errors_total{op=\"disconnected\"} 1")
+        .await;
+}
+
+#[tokio::test]
+async fn send_needs_a_user_fits_its_cap_and_shares_the_users_rate() {
+    let redis = RedisServer::start().await;
+    let node = start(gateway::Config {
+        max_send_bytes: 64,
+        send_rate_per_user: 3,
+        ..cluster_config(&redis, "n1")
+    })
+    .await;
+    // anonymous: refused before anything reaches the stream
+    let (mut anon, _) = node.client().await;
+    let reply = ask(&mut anon, r#"{"type":"send","data":1,"id":1}"#).await;
+    assert_eq!(
+        (reply["code"].as_str(), reply["id"].as_u64()),
+        (Some("forbidden"), Some(1))
+    );
+    // too big: refused, and the connection stays open
+    let (mut a, _) = user_client(&node, "hank").await;
+    let big = json!({"type":"send","data":"x".repeat(63),"id":2}).to_string();
+    let reply = ask(&mut a, &big).await;
+    assert_eq!(reply["code"], "message_too_big", "{reply}");
+    request(&mut a, json!({"type":"send","data":"x".repeat(62),"id":3})).await;
+    // the rate is the user's, whichever connection sends
+    let (mut b, _) = user_client(&node, "hank").await;
+    request(&mut b, json!({"type":"send","data":1,"id":4})).await;
+    request(&mut a, json!({"type":"send","data":2,"id":5})).await;
+    let reply = ask(&mut b, r#"{"type":"send","data":3,"id":6}"#).await;
+    assert_eq!(reply["code"], "rate_limited", "{reply}");
+    // another user has a rate of its own
+    let (mut other, _) = user_client(&node, "ivy").await;
+    request(&mut other, json!({"type":"send","data":4,"id":7})).await;
+    node.wait_metric("gateway_rate_limit_hits_total{kind=\"send\"} 1")
+        .await;
+    let mut backend = redis.client().await;
+    let r: redis::streams::StreamRangeReply = backend.xrange_all("gw:inbound").await.unwrap();
+    let messages = r
+        .ids
+        .iter()
+        .filter(|e| e.get::<String>("event").as_deref() == Some("message"))
+        .count();
+    assert_eq!(messages, 4, "only the accepted sends reach the stream");
+}
+
 /// A 3-master Redis Cluster on free ports, made with `redis-cli --cluster create`.
 struct RedisCluster {
     servers: Vec<RedisServer>,
@@ -442,7 +567,10 @@ struct RedisCluster {
 
 impl RedisCluster {
     async fn start() -> RedisCluster {
-        let dir = std::env::temp_dir().join(format!("gw-cluster-{}", std::process::id()));
+        // one folder per cluster: tests in this process may run two at once
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("gw-cluster-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut servers = Vec::new();
@@ -571,4 +699,77 @@ async fn sharded_pubsub_and_unicast_on_a_three_master_cluster() {
         .await;
     assert_eq!((status, body.as_str()), (200, r#"{"delivered":2}"#));
     assert_eq!(on_a.recv_json(T).await.unwrap()["data"], 8);
+}
+
+/// The directory's batched writes (resync after Redis lost everything, and the purge of a
+/// node's routes) on Redis Cluster, where a batch's keys span every master.
+#[tokio::test]
+async fn batched_resync_and_purge_on_a_three_master_cluster() {
+    use gateway::test_util::Directory;
+    use std::sync::Arc;
+    const CONNS: usize = 1_200;
+    let cluster = RedisCluster::start().await;
+    let config = gateway::Config {
+        node_id: "big".into(),
+        redis_url: Some(cluster.seeds().into()),
+        redis_cluster: true,
+        rebalance: false,
+        ..config()
+    };
+    let redis = gateway::test_util::Redis::connect(&config, Arc::default())
+        .await
+        .unwrap();
+    let dir = Directory::new(&config, Some(redis), Arc::default());
+    dir.start().await.unwrap();
+    for i in 0..CONNS {
+        let user = (i % 4 != 3).then(|| format!("u{}", i / 4));
+        let out = Arc::new(gateway::test_util::Outbound::new(
+            1 << 16,
+            &gateway::test_util::V1,
+        ));
+        dir.add(&format!("big.c.{i}"), i as u64, user.as_deref(), out)
+            .await
+            .unwrap();
+    }
+    for s in &cluster.servers {
+        let _: () = redis::cmd("FLUSHALL")
+            .query_async(&mut s.client().await)
+            .await
+            .unwrap();
+    }
+    let backend = redis::cluster::ClusterClient::new(
+        cluster.servers.iter().map(|s| s.url()).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let mut backend = backend.get_async_connection().await.unwrap();
+    let recorded: usize = backend.hlen("gw:nodeconns:{big}").await.unwrap();
+    assert_eq!(recorded, 0, "FLUSHALL left records");
+
+    assert_eq!(dir.resync().await.unwrap(), CONNS);
+    let recorded: usize = backend.hlen("gw:nodeconns:{big}").await.unwrap();
+    assert_eq!(recorded, CONNS);
+    let entry: Option<String> = backend.get("gw:conn:{big.c.1198}").await.unwrap();
+    assert!(entry.unwrap().starts_with("big "));
+    // every user's hash is back, on whichever master owns it (the heartbeat is not running:
+    // write the liveness entry that listing checks)
+    let _: () = backend
+        .zadd("gw:nodes", "big", gateway::test_util::now_ms() + 60_000)
+        .await
+        .unwrap();
+    for u in [0, 150, 299] {
+        let listed = dir.user_connections(&format!("u{u}")).await.unwrap();
+        assert_eq!(listed.len(), 3, "u{u}: {listed:?}");
+    }
+
+    dir.leave().await;
+    let recorded: usize = backend.hlen("gw:nodeconns:{big}").await.unwrap();
+    assert_eq!(recorded, 0);
+    for u in [0, 150, 299] {
+        let left: usize = backend.hlen(format!("gw:user:{{u{u}}}")).await.unwrap();
+        assert_eq!(left, 0, "u{u} kept routes");
+    }
+    let entry: Option<String> = backend.get("gw:conn:{big.c.1198}").await.unwrap();
+    assert_eq!(entry, None);
+    let live: Option<f64> = backend.zscore("gw:nodes", "big").await.unwrap();
+    assert_eq!(live, None);
 }

@@ -114,6 +114,40 @@ async fn slow_handshake_is_cut_off() {
     node.client().await;
 }
 
+/// Connections that are accepted but never finish their handshake are capped per node
+/// (`max_pending_handshakes`): the excess is closed at once, not after the handshake
+/// timeout. Upgraded connections do not count.
+#[tokio::test]
+async fn pending_handshakes_are_capped_and_the_excess_closed_at_once() {
+    use tokio::io::AsyncReadExt;
+    let mut cfg = config();
+    cfg.max_pending_handshakes = 2;
+    let node = start(cfg).await;
+    let (mut open1, _) = node.client().await;
+    let (_open2, _) = node.client().await;
+    let (_open3, _) = node.client().await;
+    let idle1 = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let idle2 = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let mut excess = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    tokio::time::timeout(T, excess.read_to_end(&mut buf))
+        .await
+        .expect("closed by the node")
+        .ok();
+    assert!(buf.is_empty(), "{}", String::from_utf8_lossy(&buf));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "closed at once, not after the 10 s handshake timeout"
+    );
+    node.wait_metric("gateway_pending_handshakes_dropped_total 1")
+        .await;
+    // open connections are untouched, and once the idle sockets go there is room again
+    request(&mut open1, json!({"type":"subscribe","channel":"a","id":1})).await;
+    drop((idle1, idle2));
+    connect_eventually(&node.url(), &[]).await;
+}
+
 #[tokio::test]
 async fn client_close_is_echoed_and_bad_close_frames_get_1002() {
     let node = start(config()).await;
@@ -297,6 +331,84 @@ async fn ping_is_answered_and_message_at_the_cap_passes() {
         (op, String::from_utf8(reply).unwrap()),
         (1, r#"{"type":"ack","id":1}"#.to_string())
     );
+}
+
+/// A fragmented message must be complete within `fragment_timeout_ms`, whether the client
+/// goes silent after its first fragment or keeps the connection busy with pings and more
+/// fragments that never finish it.
+#[tokio::test]
+async fn fragmented_message_must_complete_in_time() {
+    let mut cfg = config();
+    cfg.fragment_timeout_ms = 300;
+    let node = start(cfg).await;
+    for busy in [false, true] {
+        let mut raw = Raw::connect(&node).await;
+        let started = std::time::Instant::now();
+        raw.send(0x01, br#"{"type":"subscribe","#).await;
+        let code = loop {
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "busy={busy}: still open after 2 s"
+            );
+            if busy {
+                raw.send(0x89, b"still here").await;
+                raw.send(0x00, b" ").await;
+            }
+            // (a read cut off by the timeout loses nothing: Raw buffers what it has read)
+            match tokio::time::timeout(Duration::from_millis(100), raw.frame()).await {
+                Err(_) => {}
+                Ok(Some((0xA, _))) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Ok(Some((8, p))) => break u16::from_be_bytes([p[0], p[1]]),
+                Ok(other) => panic!("busy={busy}: {other:?}"),
+            }
+        };
+        assert_eq!(code, 1008, "busy={busy}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+    }
+    node.wait_metric(
+        "gateway_connection_closes_total{blame=\"client\",reason=\"fragment_timeout\"} 2",
+    )
+    .await;
+    // a message in fragments that completes in time passes
+    let mut raw = Raw::connect(&node).await;
+    raw.send(0x01, br#"{"type":"subscribe","#).await;
+    raw.send(0x80, br#""channel":"a","id":1}"#).await;
+    assert_eq!(
+        raw.frame().await,
+        Some((1, br#"{"type":"ack","id":1}"#.to_vec()))
+    );
+}
+
+/// Every ping costs the node a pong, so pings count against the message rate: a ping flood
+/// gets what a message flood gets, pongs for the burst, then 1008. The pongs of a run of
+/// pings the writer has not caught up with are coalesced, so there may be fewer.
+#[tokio::test]
+async fn ping_flood_is_rate_limited_like_messages() {
+    let mut cfg = config();
+    cfg.message_rate = 2;
+    cfg.message_burst = 5;
+    cfg.rate_limit_strikes = 3;
+    let node = start(cfg).await;
+    let mut raw = Raw::connect(&node).await;
+    let flood: Vec<u8> = (0..50u8).flat_map(|i| masked(0x89, &[i])).collect();
+    use tokio::io::AsyncWriteExt;
+    raw.s.write_all(&flood).await.expect("flood");
+    let mut pongs = Vec::new();
+    let code = loop {
+        match raw.frame().await {
+            Some((0xA, p)) => pongs.push(p[0]),
+            Some((8, p)) => break u16::from_be_bytes([p[0], p[1]]),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(code, 1008);
+    assert!(!pongs.is_empty() && pongs.len() <= 5, "pongs {pongs:?}");
+    assert!(
+        pongs.iter().all(|&p| p < 5),
+        "only the burst is answered: {pongs:?}"
+    );
+    node.wait_metric("gateway_rate_limit_hits_total{kind=\"messages\"} 4")
+        .await;
 }
 
 #[tokio::test]

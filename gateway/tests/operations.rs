@@ -178,6 +178,7 @@ async fn metrics_show_every_required_family_after_real_traffic() {
     let node = start(gateway::Config {
         handshake_rate_per_ip: 1,
         handshake_burst_per_ip: 2,
+        anonymous_send: true,
         ..on(&redis, "m")
     })
     .await;

@@ -68,8 +68,18 @@ async fn bad_requests_get_error_replies_and_the_connection_stays_open() {
         ),
         (
             r#"{"type":"subscribe","channel":"x\u0000y","id":5}"#,
-            json!(null),
-            "malformed_json",
+            json!(5),
+            "invalid_channel",
+        ),
+        (
+            r#"{"type":"subscribe","channel":"bad\u0001","id":6}"#,
+            json!(6),
+            "invalid_channel",
+        ),
+        (
+            r#"{"type":"subscribe","channel":["chat:a"],"id":7}"#,
+            json!(7),
+            "bad_request",
         ),
         (
             r#"{"type":"publish","channel":"news","data":1,"id":6}"#,
@@ -140,6 +150,40 @@ async fn bad_requests_get_error_replies_and_the_connection_stays_open() {
             "{code} missing in\n{m}"
         );
     }
+}
+
+/// RFC 8259 lets any string character be escaped; PHP's `json_encode` writes `/` as `\/`.
+#[tokio::test]
+async fn requests_with_escaped_strings_are_served() {
+    let node = start(config()).await;
+    let (mut php, _) = node.client().await;
+    let reply = ask(
+        &mut php,
+        r#"{"type":"subscribe","channel":"chat:a\/b","id":1}"#,
+    )
+    .await;
+    assert_eq!(reply, json!({"type":"ack","id":1}));
+    let reply = ask(
+        &mut php,
+        r#"{"type":"publis\u0068","channel":"chat:a\/b","data":"x\/y","id":2}"#,
+    )
+    .await;
+    // the message (we are subscribed) and the ack, in either order
+    let other = php.recv_json(T).await.expect("second frame");
+    let mut got = [reply, other];
+    got.sort_by_key(|v| v["type"].to_string());
+    assert_eq!(got[0], json!({"type":"ack","id":2}));
+    assert_eq!(
+        got[1],
+        json!({"type":"message","channel":"chat:a/b","data":"x/y"})
+    );
+    let (mut plain, _) = node.client().await;
+    request(
+        &mut plain,
+        json!({"type":"publish","channel":"chat:a/b","data":1,"id":3}),
+    )
+    .await;
+    assert_eq!(php.recv_json(T).await.expect("message")["data"], 1);
 }
 
 #[tokio::test]

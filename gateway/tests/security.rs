@@ -78,8 +78,12 @@ fn hs(secret: &str, claims: &Value) -> String {
     )
 }
 
+/// The audience of the test nodes that verify public keys or a JWKS: without one, a token
+/// the issuer minted for another application would be let in (`jwt_audience` is required).
+const AUD: &str = "gateway";
+
 fn user(sub: &str) -> Value {
-    json!({"sub": sub, "exp": now() + 3600})
+    json!({"sub": sub, "exp": now() + 3600, "aud": AUD})
 }
 
 /// The handshake's status and JSON body, with `headers` added. Reads only the response head
@@ -133,6 +137,12 @@ async fn with_token(node: &TestNode, token: &str) -> Result<(Client, Value), Con
 
 async fn refused(node: &TestNode, token: &str) -> (u16, Value) {
     handshake(node, "/ws", &format!("Authorization: Bearer {token}\r\n")).await
+}
+
+/// Sends `refresh` with `token`; returns the reply.
+async fn refresh(c: &mut Client, token: &str, id: u64) -> Value {
+    let req = json!({"type":"refresh","token":token,"id":id});
+    ask(c, &req.to_string()).await
 }
 
 fn hs_config(secret: &str) -> gateway::Config {
@@ -258,6 +268,43 @@ async fn hs256_tokens_are_verified_and_rejections_name_the_reason() {
     .await;
 }
 
+/// `sub` becomes the user id in Redis keys (hash tags in braces), logs and frames: only
+/// 1-200 bytes without control characters or braces get in, at the handshake and on refresh.
+#[tokio::test]
+async fn subjects_that_cannot_be_user_ids_get_invalid_subject() {
+    let secret = "subject-secret-0123456789-0123456789-abc";
+    let node = start(hs_config(secret)).await;
+    for sub in ["alice", "ümlaut@example.com", "a b", &"x".repeat(200)] {
+        let (_c, welcome) = with_token(&node, &hs(secret, &user(sub)))
+            .await
+            .unwrap_or_else(|e| panic!("{sub}: {e}"));
+        assert_eq!(welcome["user_id"], sub);
+    }
+    let bad = [
+        String::new(),
+        "x".repeat(201),
+        "a\nb".into(),
+        "a\u{7f}b".into(),
+        "a\u{85}b".into(),
+        "{alice}".into(),
+        "al}ice".into(),
+    ];
+    for sub in &bad {
+        let (status, body) = refused(&node, &hs(secret, &user(sub))).await;
+        assert_eq!(status, 401, "{sub:?}: {body}");
+        assert_eq!(body["error"], "invalid_subject", "{sub:?}: {body}");
+    }
+    node.wait_metric(&format!(
+        "gateway_handshakes_total{{outcome=\"unauthorized\"}} {}",
+        bad.len()
+    ))
+    .await;
+    // a refresh is verified the same way
+    let (mut c, _) = with_token(&node, &hs(secret, &user("bob"))).await.unwrap();
+    let reply = refresh(&mut c, &hs(secret, &user("{bob}")), 1).await;
+    assert_eq!(reply["code"], "unauthorized", "{reply}");
+}
+
 #[tokio::test]
 async fn rsa_ecdsa_and_eddsa_keys_verify_and_two_live_keys_allow_rotation() {
     let dir = scratch("asym");
@@ -274,6 +321,7 @@ async fn rsa_ecdsa_and_eddsa_keys_verify_and_two_live_keys_allow_rotation() {
     let node = start(gateway::Config {
         allow_anonymous: false,
         jwt_public_key: vec![old_rsa_pub, new_rsa_pub, ec_pub, ed_pub],
+        jwt_audience: Some(AUD.into()),
         ..config()
     })
     .await;
@@ -329,12 +377,10 @@ fn jsonwebtoken_has_a_crypto_backend() {
         &user("u"),
     );
     let key = jsonwebtoken::DecodingKey::from_ec_pem(&std::fs::read(ec_pub).unwrap()).unwrap();
-    let data = jsonwebtoken::decode::<shared::claims::Claims>(
-        &token,
-        &key,
-        &jsonwebtoken::Validation::new(Algorithm::ES384),
-    )
-    .expect("verifies");
+    let mut validation = jsonwebtoken::Validation::new(Algorithm::ES384);
+    validation.set_audience(&[AUD]);
+    let data = jsonwebtoken::decode::<shared::claims::Claims>(&token, &key, &validation)
+        .expect("verifies");
     assert_eq!(data.claims.sub, "u");
 }
 
@@ -370,6 +416,24 @@ impl JwksServer {
             body,
             fetches,
         }
+    }
+}
+
+/// A node that takes its keys from the JWKS at `url` (plain HTTP, as the test servers are).
+fn jwks_config(url: String) -> gateway::Config {
+    gateway::Config {
+        allow_anonymous: false,
+        jwks_url: Some(url),
+        jwks_allow_http: true,
+        jwt_audience: Some(AUD.into()),
+        jwks_min_refresh_secs: 1,
+        ..config()
+    }
+}
+
+impl JwksServer {
+    fn url(&self) -> String {
+        format!("http://{}/jwks.json", self.addr)
     }
 }
 
@@ -420,13 +484,7 @@ async fn jwks_keys_are_cached_refetched_on_unknown_kid_and_refetches_are_rate_li
     let (k1, jwk1) = ed_jwk(&dir, "k1");
     let (k2, jwk2) = ed_jwk(&dir, "k2");
     let server = JwksServer::start(json!({"keys":[jwk1]}).to_string()).await;
-    let node = start(gateway::Config {
-        allow_anonymous: false,
-        jwks_url: Some(format!("http://{}/jwks.json", server.addr)),
-        jwks_min_refresh_secs: 1,
-        ..config()
-    })
-    .await;
+    let node = start(jwks_config(server.url())).await;
 
     let token1 = sign(Algorithm::EdDSA, &k1, Some("k1"), &user("u1"));
     for _ in 0..3 {
@@ -472,18 +530,100 @@ async fn jwks_outage_at_start_answers_503() {
     let closed = tokio::net::TcpSocket::new_v4().unwrap();
     closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let url = format!("http://{}/jwks.json", closed.local_addr().unwrap());
-    let node = start(gateway::Config {
-        allow_anonymous: false,
-        jwks_url: Some(url),
-        ..config()
-    })
-    .await;
+    let node = start(jwks_config(url)).await;
     let dir = scratch("jwks503");
     let (k, _) = ed_jwk(&dir, "k");
     let (status, body) = refused(&node, &sign(Algorithm::EdDSA, &k, Some("k"), &user("u"))).await;
     assert_eq!(
         (status, body["error"].clone()),
         (503, json!("keys_unavailable"))
+    );
+}
+
+/// A JWK that names its use or algorithm verifies only that: the same Ed25519 key published
+/// for encryption, or for ES256, does not verify an EdDSA token.
+#[tokio::test]
+async fn jwks_keys_are_used_only_for_their_use_and_alg() {
+    let dir = scratch("jwks-use");
+    let (k, jwk) = ed_jwk(&dir, "k");
+    let variant = |kid: &str, field: &str, value: Value| {
+        let mut j = jwk.clone();
+        j["kid"] = json!(kid);
+        match value {
+            Value::Null => j.as_object_mut().unwrap().remove(field),
+            v => j.as_object_mut().unwrap().insert(field.into(), v),
+        };
+        j
+    };
+    let keys = json!({"keys": [
+        jwk.clone(),
+        variant("bare", "use", Value::Null),
+        variant("enc", "use", json!("enc")),
+        variant("other-use", "use", json!("wrap")),
+        variant("es256", "alg", json!("ES256")),
+        variant("no-alg", "alg", Value::Null),
+    ]});
+    let server = JwksServer::start(keys.to_string()).await;
+    let node = start(jwks_config(server.url())).await;
+    let token = |kid: &str| sign(Algorithm::EdDSA, &k, Some(kid), &user(kid));
+    for kid in ["k", "bare", "no-alg"] {
+        let (_c, welcome) = with_token(&node, &token(kid))
+            .await
+            .unwrap_or_else(|e| panic!("{kid}: {e}"));
+        assert_eq!(welcome["user_id"], kid);
+    }
+    for kid in ["enc", "other-use", "es256"] {
+        let (status, body) = refused(&node, &token(kid)).await;
+        assert_eq!(
+            (status, body["error"].clone()),
+            (401, json!("unknown_key")),
+            "{kid}"
+        );
+    }
+}
+
+/// The cached set outlives failed fetches for `jwks_max_stale_secs`, then is dropped: 503
+/// `keys_unavailable` until a fetch succeeds again.
+#[tokio::test]
+async fn jwks_keys_are_dropped_after_max_stale_without_a_successful_fetch() {
+    let dir = scratch("jwks-stale");
+    let (k, jwk) = ed_jwk(&dir, "k");
+    let good = json!({"keys":[jwk]}).to_string();
+    let server = JwksServer::start(good.clone()).await;
+    let node = start(gateway::Config {
+        jwks_refresh_secs: 1,
+        jwks_max_stale_secs: 2,
+        ..jwks_config(server.url())
+    })
+    .await;
+    let token = sign(Algorithm::EdDSA, &k, Some("k"), &user("u"));
+    with_token(&node, &token).await.expect("fresh keys");
+    // the endpoint breaks: the cached keys still serve within the staleness bound
+    *server.body.lock().unwrap() = "not a key set".into();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    with_token(&node, &token)
+        .await
+        .expect("cached keys after a failed fetch");
+    node.wait_metric("gateway_jwks_keys_expired_total 1").await;
+    let (status, body) = refused(&node, &token).await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (503, json!("keys_unavailable"))
+    );
+    // the endpoint comes back: so do the keys, at the next refresh
+    *server.body.lock().unwrap() = good;
+    let deadline = tokio::time::Instant::now() + T;
+    while with_token(&node, &token).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "keys did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = node.metrics().await;
+    assert!(
+        m.contains("gateway_jwks_fetches_total{outcome=\"error\"}"),
+        "{m}"
     );
 }
 
@@ -526,16 +666,11 @@ async fn expiring_tokens_get_a_warning_a_grace_period_and_4002() {
         thief.recv_json(Duration::from_secs(4)).await.unwrap()["type"],
         "token_expired"
     );
-    let other = hs(secret, &user("mallory"));
-    let reply = ask(
-        &mut thief,
-        &json!({"type":"refresh","token":other,"id":9}).to_string(),
-    )
-    .await;
+    let reply = refresh(&mut thief, &hs(secret, &user("mallory")), 9).await;
     assert_eq!(reply["code"], "unauthorized", "{reply}");
     assert_eq!(thief.recv_close(T).await.unwrap().0, 4002);
     // a malformed refresh token is refused too
-    let reply = ask(&mut good, r#"{"type":"refresh","token":"nope","id":10}"#).await;
+    let reply = refresh(&mut good, "nope", 10).await;
     assert_eq!(reply["code"], "unauthorized", "{reply}");
     node.wait_metric(
         "gateway_connection_closes_total{blame=\"client\",reason=\"token_expired\"} 2",
@@ -587,6 +722,54 @@ async fn channels_claim_limits_subscriptions_and_publish_claim_extends_publishin
     )
     .await;
     assert_eq!(reply["code"], "forbidden");
+}
+
+#[tokio::test]
+async fn refresh_with_a_narrower_channels_claim_ends_the_subscriptions_it_no_longer_allows() {
+    let secret = "narrow-secret-0123456789-0123456789-abc";
+    let node = start(hs_config(secret)).await;
+    let token = |channels: Value| {
+        hs(
+            secret,
+            &json!({"sub":"dora","exp":now()+600,"channels":channels}),
+        )
+    };
+    let (mut c, _) = with_token(&node, &token(json!(["chat:*"]))).await.unwrap();
+    for (i, ch) in ["chat:keep", "chat:drop1", "chat:drop2"].iter().enumerate() {
+        request(&mut c, json!({"type":"subscribe","channel":ch,"id":i})).await;
+    }
+    let narrower = token(json!(["chat:keep"]));
+    c.send_json(&json!({"type":"refresh","token":narrower,"id":7}))
+        .await
+        .unwrap();
+    let mut dropped = Vec::new();
+    for _ in 0..2 {
+        let f = c.recv_json(T).await.unwrap();
+        assert_eq!(f["type"], "unsubscribed", "{f}");
+        assert_eq!(f["code"], "forbidden", "{f}");
+        dropped.push(f["channel"].as_str().unwrap().to_owned());
+    }
+    dropped.sort();
+    assert_eq!(dropped, ["chat:drop1", "chat:drop2"]);
+    assert_eq!(c.recv_json(T).await.unwrap(), json!({"type":"ack","id":7}));
+    // messages stop on the dropped channels and keep coming on the kept one
+    let (mut p, _) = with_token(&node, &hs(secret, &user("pub"))).await.unwrap();
+    for ch in ["chat:drop1", "chat:keep"] {
+        request(
+            &mut p,
+            json!({"type":"publish","channel":ch,"data":ch,"id":1}),
+        )
+        .await;
+    }
+    assert_eq!(c.recv_json(T).await.unwrap()["data"], "chat:keep");
+    // a refresh without a channels claim allows everything again, and ends nothing
+    let open = hs(secret, &user("dora"));
+    request(&mut c, json!({"type":"refresh","token":open,"id":8})).await;
+    request(
+        &mut c,
+        json!({"type":"subscribe","channel":"chat:drop1","id":9}),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -790,6 +973,87 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     );
 }
 
+/// Several `X-Forwarded-For` lines are one list in order (RFC 7230 §3.2.2): the client is
+/// the right-most untrusted entry of them all, not of the first line (which the client may
+/// have written itself).
+#[tokio::test]
+async fn forwarded_for_lines_are_combined_in_order() {
+    let node = start(gateway::Config {
+        handshake_rate_per_ip: 1,
+        handshake_burst_per_ip: 1,
+        trusted_proxies: vec!["127.0.0.0/8".into()],
+        ..config()
+    })
+    .await;
+    let two_lines = "X-Forwarded-For: 198.51.100.7\r\nX-Forwarded-For: 203.0.113.1, 127.0.0.2\r\n";
+    assert_eq!(handshake(&node, "/ws", two_lines).await.0, 101);
+    let xff = |ip: &str| format!("X-Forwarded-For: {ip}\r\n");
+    assert_eq!(
+        handshake(&node, "/ws", &xff("203.0.113.1")).await.0,
+        429,
+        "the client was the last line's untrusted hop"
+    );
+    assert_eq!(
+        handshake(&node, "/ws", &xff("198.51.100.7")).await.0,
+        101,
+        "not the first line's"
+    );
+}
+
+/// `max_connections_per_ip` counts open connections by client IP (forwarded, with trusted
+/// proxies; IPv6 by its /64); the excess gets 429 before the upgrade, and a closed
+/// connection gives its place back.
+#[tokio::test]
+async fn open_connections_per_ip_are_capped_and_ipv6_counts_by_its_64() {
+    let node = start(gateway::Config {
+        max_connections_per_ip: 2,
+        trusted_proxies: vec!["127.0.0.0/8".into()],
+        ..config()
+    })
+    .await;
+    let url = node.url();
+    let from = |ip: &'static str| {
+        let url = url.clone();
+        async move {
+            match Client::connect_with(&url, &[("X-Forwarded-For", ip)]).await {
+                Ok(mut c) => {
+                    assert_eq!(c.recv_json(T).await.unwrap()["type"], "welcome");
+                    Ok(c)
+                }
+                Err(ConnectError::Status(s)) => Err(s),
+                Err(e) => panic!("{ip}: {e}"),
+            }
+        }
+    };
+    let mut first = from("203.0.113.1").await.expect("first");
+    let _second = from("203.0.113.1").await.expect("second");
+    let (status, body) = handshake(&node, "/ws", "X-Forwarded-For: 203.0.113.1\r\n").await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (429, json!("ip_connection_limit")),
+        "{body}"
+    );
+    let _other = from("203.0.113.2")
+        .await
+        .expect("another IP has its own count");
+    let _v6a = from("2001:db8:1:1::1").await.expect("v6 first");
+    let _v6b = from("2001:db8:1:1:ffff::2")
+        .await
+        .expect("v6 second, same /64");
+    assert_eq!(from("2001:db8:1:1::3").await.err(), Some(429), "same /64");
+    let _v6c = from("2001:db8:1:2::1").await.expect("another /64");
+    let m = node.metrics().await;
+    assert!(
+        m.contains("gateway_handshakes_total{outcome=\"ip_limit\"} 2"),
+        "{m}"
+    );
+    // connections already open are untouched, and a closed one gives its place back
+    request(&mut first, json!({"type":"subscribe","channel":"a","id":1})).await;
+    first.close(1000, "bye").await.unwrap();
+    first.recv_close(T).await.unwrap();
+    connect_eventually(&url, &[("X-Forwarded-For", "203.0.113.1")]).await;
+}
+
 #[tokio::test]
 async fn proxy_protocol_v2_names_the_client() {
     let node = start(gateway::Config {
@@ -976,20 +1240,39 @@ async fn wss(node: &TestNode, connector: &tokio_rustls::TlsConnector) -> (Client
     (c, cert)
 }
 
-#[tokio::test]
-async fn tls_serves_wss_and_reloads_rotated_certificates() {
-    let dir = scratch("tls");
-    make_ca(&dir);
-    make_leaf(&dir, "one");
-    std::fs::copy(dir.join("one.crt"), dir.join("tls.crt")).unwrap();
-    std::fs::copy(dir.join("one.key"), dir.join("tls.key")).unwrap();
-    let node = start(gateway::Config {
+/// Installs `<name>.crt` and `<name>.key` as `tls.crt` and `tls.key`, and starts a node that
+/// serves them and checks them for changes every 100 ms.
+async fn tls_node(dir: &Path, name: &str) -> TestNode {
+    for ext in ["crt", "key"] {
+        std::fs::copy(
+            dir.join(format!("{name}.{ext}")),
+            dir.join(format!("tls.{ext}")),
+        )
+        .unwrap();
+    }
+    start(gateway::Config {
         tls_cert: Some(dir.join("tls.crt")),
         tls_key: Some(dir.join("tls.key")),
         tls_reload_interval_ms: 100,
         ..config()
     })
-    .await;
+    .await
+}
+
+/// Replaces `tls.<ext>` with `<name>.<ext>` as a Secret volume update does: written aside,
+/// then renamed into place.
+fn rotate(dir: &Path, name: &str, ext: &str) {
+    let aside = dir.join(format!("tls.{ext}.tmp"));
+    std::fs::copy(dir.join(format!("{name}.{ext}")), &aside).unwrap();
+    std::fs::rename(aside, dir.join(format!("tls.{ext}"))).unwrap();
+}
+
+#[tokio::test]
+async fn tls_serves_wss_and_reloads_rotated_certificates() {
+    let dir = scratch("tls");
+    make_ca(&dir);
+    make_leaf(&dir, "one");
+    let node = tls_node(&dir, "one").await;
     let tls13 = tls_client(&dir, &rustls::version::TLS13);
     let tls12 = tls_client(&dir, &rustls::version::TLS12);
 
@@ -1013,10 +1296,8 @@ async fn tls_serves_wss_and_reloads_rotated_certificates() {
 
     // cert-manager style rotation: new files appear; new handshakes get the new certificate
     make_leaf(&dir, "two");
-    std::fs::copy(dir.join("two.key"), dir.join("tls.key.tmp")).unwrap();
-    std::fs::copy(dir.join("two.crt"), dir.join("tls.crt.tmp")).unwrap();
-    std::fs::rename(dir.join("tls.key.tmp"), dir.join("tls.key")).unwrap();
-    std::fs::rename(dir.join("tls.crt.tmp"), dir.join("tls.crt")).unwrap();
+    rotate(&dir, "two", "key");
+    rotate(&dir, "two", "crt");
     let deadline = tokio::time::Instant::now() + T;
     loop {
         let (_c, cert) = wss(&node, &tls13).await;
@@ -1049,4 +1330,52 @@ async fn tls_serves_wss_and_reloads_rotated_certificates() {
         has_series(&m, "gateway_tls_reloads_total{outcome=\"ok\"}"),
         "{m}"
     );
+}
+
+/// A certificate and key that do not belong together are refused at start, and on reload,
+/// where the old pair stays served (a pair that does not match would fail every handshake).
+#[tokio::test]
+async fn tls_reload_refuses_a_certificate_that_does_not_match_its_key() {
+    let dir = scratch("tls-mismatch");
+    make_ca(&dir);
+    make_leaf(&dir, "one");
+    make_leaf(&dir, "two");
+    let bad = start(gateway::Config {
+        tls_cert: Some(dir.join("one.crt")),
+        tls_key: Some(dir.join("two.key")),
+        ..config()
+    })
+    .await;
+    let err = tokio::time::timeout(T, bad.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    let cause = std::error::Error::source(&err).map(|c| c.to_string());
+    assert!(
+        cause
+            .as_deref()
+            .is_some_and(|c| c.contains("does not match")),
+        "{err}: {cause:?}"
+    );
+
+    let node = tls_node(&dir, "one").await;
+    let tls = tls_client(&dir, &rustls::version::TLS13);
+    let (_c, first) = wss(&node, &tls).await;
+    // a half-done rotation: the new certificate, the old key
+    rotate(&dir, "two", "crt");
+    node.wait_metric("gateway_tls_reloads_total{outcome=\"mismatch\"} 1")
+        .await;
+    let (_c, served) = wss(&node, &tls).await;
+    assert_eq!(served, first, "the old pair is still served");
+    // refused once per change, not once per tick
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    node.wait_metric("gateway_tls_reloads_total{outcome=\"mismatch\"} 1")
+        .await;
+    // the key arrives: the rotation completes
+    rotate(&dir, "two", "key");
+    node.wait_metric("gateway_tls_reloads_total{outcome=\"ok\"} 1")
+        .await;
+    let (_c, served) = wss(&node, &tls).await;
+    assert_ne!(served, first, "the new pair once it matches");
 }

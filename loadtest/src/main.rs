@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use loadtest::client::{Client, Received};
-use loadtest::scenarios::{self, ChurnArgs, FanoutArgs, IdleArgs, StormArgs, UnicastArgs};
+use loadtest::scenarios::{
+    self, ChurnArgs, FanoutArgs, IdleArgs, RecoveryStormArgs, StormArgs, UnicastArgs,
+};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -40,6 +42,8 @@ enum Cmd {
     ConnectStorm(StormArgs),
     /// Connect/subscribe/disconnect cycles; RSS and Redis keys must come back to baseline.
     Churn(ChurnArgs),
+    /// Clients of a history channel come back at once and recover what they missed.
+    RecoveryStorm(RecoveryStormArgs),
     /// Print a token for `sub`.
     Token {
         #[arg(long)]
@@ -63,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Unicast(a) => scenarios::unicast(a).await,
         Cmd::ConnectStorm(a) => scenarios::connect_storm(a).await,
         Cmd::Churn(a) => scenarios::churn(a).await,
+        Cmd::RecoveryStorm(a) => scenarios::recovery_storm(a).await,
         Cmd::Token {
             hs256_secret,
             rs256_key,

@@ -9,10 +9,14 @@
 //! assert_eq!(names.channel("chat:1"), "gw:ch:chat:1");
 //! // FCALL gw_send_user 1 alice {"n":1}
 //! assert_eq!(shared::backend::send_user("alice", "{\"n\":1}"), ["FCALL", "gw_send_user", "1", "alice", "{\"n\":1}"]);
+//! // FCALL gw_publish 1 chat:1 {"text":"hi"} order-17   (a history channel: replies [offset, epoch])
+//! assert_eq!(shared::backend::publish("chat:1", "{\"text\":\"hi\"}", Some("order-17")),
+//!     ["FCALL", "gw_publish", "1", "chat:1", "{\"text\":\"hi\"}", "order-17"]);
 //! // an entry read with XREADGROUP from names.inbound()
 //! let e = Inbound::from_fields([("event", "message"), ("conn_id", "n1.1.1"), ("user_id", "alice"),
 //!     ("node_id", "n1"), ("ts", "1700000000000"), ("data", "{\"order\":1}")]).unwrap();
 //! assert_eq!(e.event, shared::backend::Event::Message);
+//! assert_eq!(e.destination, None); // set on a STOMP client's SEND /app/<x>
 //! ```
 
 /// The Redis key and channel names under one prefix (`--redis-prefix`, default `gw:`).
@@ -48,6 +52,27 @@ pub fn send_user<'a>(user_id: &'a str, json: &'a str) -> [&'a str; 5] {
 /// `FCALL gw_send_conn 1 <conn_id> <json>`: returns 1 or 0.
 pub fn send_conn<'a>(conn_id: &'a str, json: &'a str) -> [&'a str; 5] {
     ["FCALL", "gw_send_conn", "1", conn_id, json]
+}
+
+/// `FCALL gw_publish 1 <channel> <json> <idempotency_key>`: publishes to every subscriber
+/// of `channel` and, on a channel whose `[[channels]]` entry keeps history, appends to its
+/// history first, in one step. Returns `[offset, epoch]` (`[0, ""]` on a channel without
+/// history). A repeated `idempotency_key` on the same history channel, within its
+/// `history_ttl_secs`, publishes nothing and returns the first call's `[offset, epoch]`;
+/// `None` (sent as an empty key) means no key.
+pub fn publish<'a>(
+    channel: &'a str,
+    json: &'a str,
+    idempotency_key: Option<&'a str>,
+) -> [&'a str; 6] {
+    [
+        "FCALL",
+        "gw_publish",
+        "1",
+        channel,
+        json,
+        idempotency_key.unwrap_or(""),
+    ]
 }
 
 /// The `event` field of an inbound entry.
@@ -90,6 +115,9 @@ pub struct Inbound {
     /// `message`: the client's `data` (JSON text). `disconnect`: `{"code":..,"reason":..}`.
     /// `connect`: empty.
     pub data: String,
+    /// `message` from a STOMP `SEND /app/<x>`: that destination (`/app/orders`). `None` for
+    /// v1 `send`s and lifecycle events (the field is absent).
+    pub destination: Option<String>,
 }
 
 impl Inbound {
@@ -99,6 +127,7 @@ impl Inbound {
     ) -> Option<Inbound> {
         let (mut event, mut conn, mut user, mut node, mut ts, mut data) =
             (None, None, None, None, None, None);
+        let mut destination = None;
         for (k, v) in fields {
             let v = v.as_ref();
             match k.as_ref() {
@@ -108,6 +137,7 @@ impl Inbound {
                 "node_id" => node = Some(v.to_owned()),
                 "ts" => ts = v.parse().ok(),
                 "data" => data = Some(v.to_owned()),
+                "destination" => destination = Some(v.to_owned()),
                 _ => {}
             }
         }
@@ -118,6 +148,7 @@ impl Inbound {
             node_id: node?,
             ts: ts?,
             data: data?,
+            destination,
         })
     }
 }

@@ -29,7 +29,14 @@ pub struct Claims {
     /// connection token has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
+    /// What the connection shows in presence and join/leave frames: a JSON object of at most
+    /// [`MAX_INFO_BYTES`] (compact). Anything else is refused with 401 `invalid_info`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<serde_json::Value>,
 }
+
+/// The largest `info` claim, in bytes of compact JSON.
+pub const MAX_INFO_BYTES: usize = 1024;
 
 /// The `aud` claim: a single audience or a list (RFC 7519 §4.1.3).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,6 +3,13 @@
 //! Client requests are parsed in two steps: first into a lenient [`Envelope`] that keeps the
 //! request `id` even when the rest is wrong, then into a typed [`Request`]. That way every
 //! error reply can name the request it answers.
+//!
+//! Requests are JSON as RFC 8259 defines it: string fields may be written with escapes
+//! (PHP's `json_encode` writes `/` as `\/`). They are borrowed from the frame when written
+//! plainly, the usual case, and unescaped into their own allocation only when they hold an
+//! escape.
+
+use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -16,26 +23,30 @@ pub enum Request<'a> {
     /// Start receiving a channel's messages; on a history channel, optionally from a
     /// position (`recover`), getting what was missed first.
     Subscribe {
-        channel: &'a str,
+        channel: Cow<'a, str>,
         recover: Option<Position>,
     },
     /// Read a history channel's publications: the last `limit`, or those after `since`.
     History {
-        channel: &'a str,
+        channel: Cow<'a, str>,
         limit: Option<usize>,
         since: Option<Position>,
     },
     /// Stop receiving a channel's messages.
-    Unsubscribe { channel: &'a str },
+    Unsubscribe { channel: Cow<'a, str> },
     /// Publish `data` (any JSON value, kept as raw text) to a channel.
     Publish {
-        channel: &'a str,
+        channel: Cow<'a, str>,
         data: &'a RawValue,
     },
     /// Replace the connection's token before it expires.
-    Refresh { token: &'a str },
+    Refresh { token: Cow<'a, str> },
     /// Send `data` to the backends (the inbound stream).
     Send { data: &'a RawValue },
+    /// Who is subscribed to a presence channel.
+    Presence { channel: Cow<'a, str> },
+    /// How many connections and users are subscribed to a presence channel.
+    PresenceStats { channel: Cow<'a, str> },
 }
 
 /// A place in a history channel: the epoch and the offset of a publication in it.
@@ -48,17 +59,17 @@ pub struct Position {
 /// The lenient first parse of a client frame.
 #[derive(Debug, Deserialize)]
 pub struct Envelope<'a> {
-    #[serde(rename = "type", borrow)]
-    pub kind: Option<&'a str>,
+    #[serde(rename = "type", default, borrow, deserialize_with = "text")]
+    pub kind: Option<Cow<'a, str>>,
     #[serde(default)]
     pub id: Option<RequestId>,
-    #[serde(default, borrow)]
-    pub channel: Option<&'a str>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub channel: Option<Cow<'a, str>>,
     /// `Some` whenever the field is present, even when it is `null`.
     #[serde(default, borrow, deserialize_with = "present")]
     pub data: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    pub token: Option<&'a str>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub token: Option<Cow<'a, str>>,
     #[serde(default)]
     pub recover: Option<Position>,
     #[serde(default)]
@@ -69,6 +80,72 @@ pub struct Envelope<'a> {
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&RawValue>::deserialize(d).map(Some)
+}
+
+/// An optional string, borrowed from the input unless it holds escapes. serde's own
+/// `Option<Cow<str>>` always allocates (its `borrow` attribute only borrows a bare `Cow`),
+/// hence this visitor.
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    struct Text;
+    impl<'de> serde::de::Visitor<'de> for Text {
+        type Value = Option<Cow<'de, str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(v)))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v.to_owned())))
+        }
+        fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v)))
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    d.deserialize_option(Text)
+}
+
+/// Reads only the `id` of a JSON object whose other fields the [`Envelope`] refused (a field
+/// of the wrong type), so that the error reply can still name the request. `Err` when the
+/// text is not a JSON object; `Ok(None)` when it has no `id`, or one that is not a
+/// [`RequestId`].
+struct IdProbe(Option<RequestId>);
+
+impl<'de> Deserialize<'de> for IdProbe {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Probe;
+        impl<'de> serde::de::Visitor<'de> for Probe {
+            type Value = IdProbe;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<IdProbe, A::Error> {
+                let mut id = None;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "id" {
+                        let raw: &'de RawValue = map.next_value()?;
+                        id = serde_json::from_str(raw.get()).ok();
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(IdProbe(id))
+            }
+        }
+        d.deserialize_map(Probe)
+    }
 }
 
 /// Why a client frame was refused. The `code` is the `error.code` on the wire.
@@ -82,18 +159,41 @@ pub struct ParseError {
 /// Parses one client text frame. Channel names are validated here, so every later stage can
 /// trust them.
 pub fn parse_request(text: &str) -> Result<(Option<RequestId>, Request<'_>), ParseError> {
-    let env: Envelope<'_> = serde_json::from_str(text).map_err(|e| ParseError {
-        id: None,
-        code: ErrorCode::MalformedJson,
-        message: format!("frame is not a valid request object: {e}"),
-    })?;
-    let id = env.id;
+    let env: Envelope<'_> = match serde_json::from_str(text) {
+        Ok(env) => env,
+        // A JSON object with a field of the wrong type: answer it with its `id`.
+        Err(e) => match serde_json::from_str::<IdProbe>(text) {
+            Ok(IdProbe(id)) => {
+                return Err(ParseError {
+                    id,
+                    code: ErrorCode::BadRequest,
+                    message: format!("a field has the wrong type: {e}"),
+                })
+            }
+            Err(_) => {
+                return Err(ParseError {
+                    id: None,
+                    code: ErrorCode::MalformedJson,
+                    message: format!("frame is not a valid request object: {e}"),
+                })
+            }
+        },
+    };
+    let Envelope {
+        kind,
+        id,
+        channel,
+        data,
+        token,
+        recover,
+        since,
+        limit,
+    } = env;
     let fail = |code: ErrorCode, message: String| ParseError { id, code, message };
-    let channel = || -> Result<&str, ParseError> {
-        let c = env
-            .channel
-            .ok_or_else(|| fail(ErrorCode::BadRequest, "missing field `channel`".into()))?;
-        if crate::channel::is_valid(c) {
+    let channel = move || -> Result<Cow<'_, str>, ParseError> {
+        let c =
+            channel.ok_or_else(|| fail(ErrorCode::BadRequest, "missing field `channel`".into()))?;
+        if crate::channel::is_valid(&c) {
             Ok(c)
         } else {
             Err(fail(
@@ -103,21 +203,20 @@ pub fn parse_request(text: &str) -> Result<(Option<RequestId>, Request<'_>), Par
         }
     };
     let data = || -> Result<&RawValue, ParseError> {
-        let data = env
-            .data
-            .ok_or_else(|| fail(ErrorCode::BadRequest, "missing field `data`".into()))?;
+        let data =
+            data.ok_or_else(|| fail(ErrorCode::BadRequest, "missing field `data`".into()))?;
         check_data(data.get()).map_err(|m| fail(ErrorCode::MalformedJson, m.into()))?;
         Ok(data)
     };
-    let req = match env.kind {
+    let req = match kind.as_deref() {
         Some("subscribe") => Request::Subscribe {
             channel: channel()?,
-            recover: env.recover.clone(),
+            recover,
         },
         Some("history") => Request::History {
             channel: channel()?,
-            limit: env.limit,
-            since: env.since.clone(),
+            limit,
+            since,
         },
         Some("unsubscribe") => Request::Unsubscribe {
             channel: channel()?,
@@ -127,9 +226,14 @@ pub fn parse_request(text: &str) -> Result<(Option<RequestId>, Request<'_>), Par
             data: data()?,
         },
         Some("send") => Request::Send { data: data()? },
+        Some("presence") => Request::Presence {
+            channel: channel()?,
+        },
+        Some("presence_stats") => Request::PresenceStats {
+            channel: channel()?,
+        },
         Some("refresh") => Request::Refresh {
-            token: env
-                .token
+            token: token
                 .ok_or_else(|| fail(ErrorCode::BadRequest, "missing field `token`".into()))?,
         },
         Some(other) => {
@@ -225,6 +329,9 @@ pub enum ErrorCode {
     Unauthorized,
     /// The channel does not have this feature (history, presence) in its options.
     NotEnabled,
+    /// A part of the request is over its size cap (the `data` of a `send`); the connection
+    /// stays open.
+    MessageTooBig,
 }
 
 impl ErrorCode {
@@ -240,6 +347,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::NotEnabled => "not_enabled",
+            ErrorCode::MessageTooBig => "message_too_big",
         }
     }
 }
@@ -274,9 +382,39 @@ pub enum ServerFrame<'a> {
         offset: u64,
         publications: Vec<Publication<'a>>,
     },
-    /// The node ended a subscription (`insufficient_state`: it could not keep it gap-free;
-    /// `forbidden`: a refreshed token no longer allows it).
+    /// The node ended a subscription; `code` says why (`insufficient_state`: on a history
+    /// channel, it could not keep the subscription gap-free).
     Unsubscribed { channel: &'a str, code: &'a str },
+    /// The answer to `presence`: the members by conn_id, at most `presence_max_members`
+    /// of them, `truncated` when there are more.
+    #[serde(rename = "ack")]
+    Presence {
+        id: Option<RequestId>,
+        presence: std::collections::BTreeMap<&'a str, PresenceMember<'a>>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
+    },
+    /// The answer to `presence_stats`.
+    #[serde(rename = "ack")]
+    PresenceStats {
+        id: Option<RequestId>,
+        num_clients: u64,
+        num_users: u64,
+    },
+    /// A connection subscribed to a channel with join/leave.
+    Join {
+        channel: &'a str,
+        conn_id: &'a str,
+        user_id: Option<&'a str>,
+        info: Option<&'a RawValue>,
+    },
+    /// A connection unsubscribed from a channel with join/leave, closed, or its node died.
+    Leave {
+        channel: &'a str,
+        conn_id: &'a str,
+        user_id: Option<&'a str>,
+        info: Option<&'a RawValue>,
+    },
     /// A request failed; the connection stays open.
     Error {
         id: Option<RequestId>,
@@ -292,6 +430,14 @@ pub enum ServerFrame<'a> {
         offset: Option<u64>,
         data: &'a RawValue,
     },
+}
+
+/// One member of a `presence` reply: its user (`null` when anonymous) and the token's
+/// `info` claim (`null` when it has none).
+#[derive(Debug, Serialize)]
+pub struct PresenceMember<'a> {
+    pub user_id: Option<&'a str>,
+    pub info: Option<&'a RawValue>,
 }
 
 /// One publication of a history reply.
@@ -356,7 +502,7 @@ mod tests {
         assert!(matches!(
             r,
             Request::Subscribe {
-                channel: "a:b",
+                channel: Cow::Borrowed("a:b"),
                 recover: None
             }
         ));
@@ -380,6 +526,47 @@ mod tests {
         assert_eq!((e.id, e.code), (None, ErrorCode::MalformedJson));
         let e = parse_request("[1,2]").unwrap_err();
         assert_eq!(e.code, ErrorCode::MalformedJson);
+        // An escaped control character is read, then refused as a channel, with its id.
+        let e = parse_request(r#"{"type":"subscribe","channel":"bad\u0001","id":6}"#).unwrap_err();
+        assert_eq!((e.id, e.code), (Some(6), ErrorCode::InvalidChannel));
+        // A field of the wrong type still lets the id be read.
+        let e = parse_request(r#"{"type":"subscribe","channel":7,"id":8}"#).unwrap_err();
+        assert_eq!((e.id, e.code), (Some(8), ErrorCode::BadRequest));
+        let e = parse_request(r#"{"type":5,"id":"nine"}"#).unwrap_err();
+        assert_eq!((e.id, e.code), (None, ErrorCode::BadRequest));
+        let e = parse_request(r#"{"id":10,"type":"subscribe""#).unwrap_err();
+        assert_eq!((e.id, e.code), (None, ErrorCode::MalformedJson));
+    }
+
+    /// RFC 8259 allows any character of a string to be escaped; PHP writes `/` as `\/`.
+    #[test]
+    fn escaped_strings_are_accepted() {
+        let (id, r) =
+            parse_request(r#"{"type":"subscrib\u0065","channel":"chat\/room","id":1}"#).unwrap();
+        assert_eq!(id, Some(1));
+        match r {
+            Request::Subscribe { channel, .. } => assert_eq!(channel, "chat/room"),
+            other => panic!("wrong request {other:?}"),
+        }
+        let (_, r) = parse_request(r#"{"type":"refresh","token":"a.b\/c","id":2}"#).unwrap();
+        assert!(matches!(r, Request::Refresh { token } if token == "a.b/c"));
+        let (_, r) =
+            parse_request(r#"{"type":"publish","channel":"a\/b","data":"x\/y","id":3}"#).unwrap();
+        match r {
+            // `data` is forwarded as written, escapes included.
+            Request::Publish { channel, data } => {
+                assert_eq!((&*channel, data.get()), ("a/b", r#""x\/y""#))
+            }
+            other => panic!("wrong request {other:?}"),
+        }
+        // Plain strings are borrowed, not copied.
+        let (_, r) = parse_request(r#"{"type":"unsubscribe","channel":"c"}"#).unwrap();
+        assert!(matches!(
+            r,
+            Request::Unsubscribe {
+                channel: Cow::Borrowed("c")
+            }
+        ));
     }
 
     #[test]
@@ -397,6 +584,54 @@ mod tests {
         let inner = format!("{}{}{}", "[".repeat(64), r#""[[\"{""#, "]".repeat(64));
         let ok = format!(r#"{{"type":"publish","channel":"c","id":1,"data":{inner}}}"#);
         assert!(parse_request(&ok).is_ok(), "{ok}");
+    }
+
+    #[test]
+    fn presence_requests_and_frames() {
+        let (id, r) = parse_request(r#"{"type":"presence","channel":"c:1","id":3}"#).unwrap();
+        assert_eq!(id, Some(3));
+        assert!(matches!(r, Request::Presence { channel } if channel == "c:1"));
+        let (_, r) = parse_request(r#"{"type":"presence_stats","channel":"c:1"}"#).unwrap();
+        assert!(matches!(r, Request::PresenceStats { channel } if channel == "c:1"));
+        let e = parse_request(r#"{"type":"presence","id":1}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        let info = RawValue::from_string(r#"{"name":"Ann"}"#.into()).unwrap();
+        let j = ServerFrame::Join {
+            channel: "c",
+            conn_id: "n.1.2",
+            user_id: Some("ann"),
+            info: Some(&info),
+        };
+        assert_eq!(
+            j.to_json(),
+            r#"{"type":"join","channel":"c","conn_id":"n.1.2","user_id":"ann","info":{"name":"Ann"}}"#
+        );
+        let mut members = std::collections::BTreeMap::new();
+        members.insert(
+            "n.1.3",
+            PresenceMember {
+                user_id: None,
+                info: None,
+            },
+        );
+        let p = ServerFrame::Presence {
+            id: Some(3),
+            presence: members,
+            truncated: false,
+        };
+        assert_eq!(
+            p.to_json(),
+            r#"{"type":"ack","id":3,"presence":{"n.1.3":{"user_id":null,"info":null}}}"#
+        );
+        let s = ServerFrame::PresenceStats {
+            id: Some(4),
+            num_clients: 3,
+            num_users: 2,
+        };
+        assert_eq!(
+            s.to_json(),
+            r#"{"type":"ack","id":4,"num_clients":3,"num_users":2}"#
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! publish the new key next to the old one, switch the signer, drop the old key later.
 //! JWKS keys are chosen by `kid`; an unknown `kid` triggers a refetch, at most once per
 //! `jwks_min_refresh_secs`, so a flood of forged `kid`s cannot turn the node into a JWKS
-//! hammer.
+//! hammer. A JWK that says what it is for (`use`, `alg`) verifies only that, and a cached
+//! set that could not be refreshed for `jwks_max_stale_secs` is dropped.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
@@ -15,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use shared::claims::Claims;
 
@@ -52,6 +53,10 @@ pub enum AuthError {
         "wrong kind of token: a subscription token has a `channel` claim, a connection token none"
     )]
     WrongKind,
+    #[error("token sub must be 1-200 bytes without control characters, `{{` or `}}`")]
+    InvalidSubject,
+    #[error("the token's info claim must be a JSON object of at most 1024 bytes")]
+    InvalidInfo,
 }
 
 impl AuthError {
@@ -68,6 +73,8 @@ impl AuthError {
             AuthError::UnknownKey => "unknown_key",
             AuthError::KeysUnavailable => "keys_unavailable",
             AuthError::WrongKind => "wrong_token_kind",
+            AuthError::InvalidSubject => "invalid_subject",
+            AuthError::InvalidInfo => "invalid_info",
         }
     }
 }
@@ -84,6 +91,9 @@ pub struct Identity {
     pub exp: u64,
     /// A subscription token's `channel` claim: the one channel it grants.
     pub channel: Option<String>,
+    /// The `info` claim as compact JSON text (an object of at most
+    /// `shared::claims::MAX_INFO_BYTES`); shown in presence and join/leave frames.
+    pub info: Option<String>,
 }
 
 /// See the module docs.
@@ -180,7 +190,11 @@ impl Authenticator {
             match jsonwebtoken::decode::<Claims>(token, key, &validation) {
                 Ok(data) => {
                     let c = data.claims;
+                    if !valid_subject(&c.sub) {
+                        return Err(AuthError::InvalidSubject);
+                    }
                     return Ok(Identity {
+                        info: info_text(c.info)?,
                         user_id: c.sub,
                         channels: c.channels,
                         publish: c.publish,
@@ -226,6 +240,30 @@ impl Authenticator {
     }
 }
 
+/// A `sub` the gateway can carry: it becomes the user id in Redis keys (where `{` and `}`
+/// would make a Redis Cluster hash tag and move a user's keys to another slot), in log
+/// lines (where control characters could forge lines) and in the welcome frame. 200 bytes
+/// is the id limit of the rest of the node (channel names, node ids, admin API paths).
+fn valid_subject(sub: &str) -> bool {
+    (1..=200).contains(&sub.len()) && !sub.chars().any(|c| c.is_control() || c == '{' || c == '}')
+}
+
+/// The `info` claim as compact JSON text, when it is an object small enough.
+fn info_text(info: Option<serde_json::Value>) -> Result<Option<String>, AuthError> {
+    match info {
+        None => Ok(None),
+        Some(v @ serde_json::Value::Object(_)) => {
+            let text = v.to_string();
+            if text.len() > shared::claims::MAX_INFO_BYTES {
+                Err(AuthError::InvalidInfo)
+            } else {
+                Ok(Some(text))
+            }
+        }
+        Some(_) => Err(AuthError::InvalidInfo),
+    }
+}
+
 fn map_error(kind: &ErrorKind) -> AuthError {
     match kind {
         ErrorKind::InvalidSignature => AuthError::BadSignature,
@@ -254,12 +292,34 @@ fn load_public_key(path: &Path) -> Result<DecodingKey, StartError> {
 pub struct Jwks {
     url: hyper::Uri,
     tls: Option<tokio_rustls::TlsConnector>,
-    set: RwLock<Option<JwkSet>>,
+    set: RwLock<Option<Cached>>,
     last_fetch: Mutex<Option<Instant>>,
     fetching: tokio::sync::Mutex<()>,
     min_refresh: Duration,
     pub refresh: Duration,
+    max_stale: Duration,
     metrics: Arc<Metrics>,
+}
+
+/// The key set of the last successful fetch, and when that was.
+struct Cached {
+    set: JwkSet,
+    fetched: Instant,
+}
+
+/// Whether a JWK may verify a token signed with `alg`. A key that says what it is for is
+/// used for that only: `use` must be `sig` (RFC 7517 §4.2) and `alg` the token's (§4.4), so
+/// that a key published for encryption, or for another algorithm, never verifies a token.
+fn usable(k: &Jwk, alg: Algorithm) -> bool {
+    let for_signing = matches!(
+        k.common.public_key_use,
+        None | Some(PublicKeyUse::Signature)
+    );
+    let for_alg = k
+        .common
+        .key_algorithm
+        .is_none_or(|a| a == KeyAlgorithm::from(alg));
+    for_signing && for_alg
 }
 
 impl Jwks {
@@ -296,42 +356,46 @@ impl Jwks {
             fetching: tokio::sync::Mutex::new(()),
             min_refresh: Duration::from_secs(c.jwks_min_refresh_secs),
             refresh: Duration::from_secs(c.jwks_refresh_secs.max(1)),
+            max_stale: Duration::from_secs(c.jwks_max_stale_secs),
             metrics,
         })
     }
 
+    /// The keys that may verify a token with this `kid` (any, when it has none) and `alg`,
+    /// possibly none; `None` when no set is cached (never fetched, or dropped as stale).
     fn lookup(&self, kid: Option<&str>, alg: Algorithm) -> Option<Vec<DecodingKey>> {
+        self.expire();
         let set = self.set.read().unwrap_or_else(|p| p.into_inner());
-        let set = set.as_ref()?;
         let keys = set
+            .as_ref()?
+            .set
             .keys
             .iter()
-            .filter(|k| match kid {
-                Some(kid) => k.common.key_id.as_deref() == Some(kid),
-                None => true,
-            })
+            .filter(|k| kid.is_none() || k.common.key_id.as_deref() == kid)
+            .filter(|k| usable(k, alg))
             .filter_map(|k| DecodingKey::from_jwk(k).ok())
             .filter(|k| k.family() == alg.family())
-            .collect::<Vec<_>>();
-        (!keys.is_empty()).then_some(keys)
+            .collect();
+        Some(keys)
     }
 
     /// Keys matching `kid` (all keys when the token has none), refetching once on a miss.
+    /// `Err(KeysUnavailable)` when no set is cached even after that.
     async fn keys_for(
         &self,
         kid: Option<&str>,
         alg: Algorithm,
     ) -> Result<Vec<DecodingKey>, AuthError> {
-        if let Some(keys) = self.lookup(kid, alg) {
+        let found = |keys: Option<Vec<DecodingKey>>| keys.filter(|k| !k.is_empty());
+        if let Some(keys) = found(self.lookup(kid, alg)) {
             return Ok(keys);
         }
         // A fetch may be in flight (the first one at startup, or a refetch another handshake
         // started): wait for it rather than refuse. Fetches time out, so this wait is bounded.
         drop(self.fetching.lock().await);
-        if let Some(keys) = self.lookup(kid, alg) {
+        if let Some(keys) = found(self.lookup(kid, alg)) {
             return Ok(keys);
         }
-        let had_keys = self.set.read().unwrap_or_else(|p| p.into_inner()).is_some();
         let recently = self
             .last_fetch
             .lock()
@@ -340,12 +404,30 @@ impl Jwks {
         if !recently {
             self.fetch().await;
         }
-        match self.lookup(kid, alg) {
-            Some(keys) => Ok(keys),
-            None if !had_keys && self.set.read().unwrap_or_else(|p| p.into_inner()).is_none() => {
-                Err(AuthError::KeysUnavailable)
-            }
-            None => Ok(Vec::new()),
+        self.lookup(kid, alg).ok_or(AuthError::KeysUnavailable)
+    }
+
+    /// Drops the cached set once `max_stale` has passed since the last successful fetch. The
+    /// set is kept through failed fetches so that a JWKS outage does not lock everyone out,
+    /// but not forever: a key the issuer has removed (say, a compromised one) must not stay
+    /// live for as long as the endpoint stays unreachable.
+    fn expire(&self) {
+        let stale = |c: &Option<Cached>| {
+            c.as_ref()
+                .is_some_and(|c| c.fetched.elapsed() > self.max_stale)
+        };
+        if !stale(&self.set.read().unwrap_or_else(|p| p.into_inner())) {
+            return;
+        }
+        let mut set = self.set.write().unwrap_or_else(|p| p.into_inner());
+        if stale(&set) {
+            *set = None;
+            self.metrics.jwks_keys_expired.inc([]);
+            tracing::warn!(
+                url = %self.url,
+                max_stale_secs = self.max_stale.as_secs(),
+                "JWKS keys dropped: no successful fetch for too long; handshakes get 503 until one succeeds"
+            );
         }
     }
 
@@ -357,7 +439,10 @@ impl Jwks {
             Ok(Ok(set)) => {
                 tracing::info!(url = %self.url, keys = set.keys.len(), "JWKS refreshed");
                 self.metrics.jwks_fetches.inc(["ok"]);
-                *self.set.write().unwrap_or_else(|p| p.into_inner()) = Some(set);
+                *self.set.write().unwrap_or_else(|p| p.into_inner()) = Some(Cached {
+                    set,
+                    fetched: Instant::now(),
+                });
             }
             Ok(Err(e)) => {
                 self.metrics.jwks_fetches.inc(["error"]);
@@ -368,6 +453,7 @@ impl Jwks {
                 tracing::warn!(url = %self.url, "JWKS fetch timed out; keeping cached keys");
             }
         }
+        self.expire();
     }
 
     async fn get(&self) -> Result<JwkSet, String> {

@@ -67,6 +67,8 @@ where
     history_is_shared_by_nodes(&make).await;
     history_expiry_changes_the_epoch(&make).await;
     history_remove_keeps_the_position(&make).await;
+    idempotency_keys_expire_on_a_busy_channel(&make).await;
+    reads_keep_a_quiet_channel_s_epoch(&make).await;
 }
 
 /// The `[[channels]]` entries the history cases use; a broker that takes its options from
@@ -203,6 +205,78 @@ where
     assert_eq!(other.offset, first.offset + 1);
     rec.wait_for(2).await;
     assert_eq!(rec.settle().await.len(), 2, "the retry published nothing");
+}
+
+/// A key is remembered for the TTL, not for as long as the channel stays busy: Redis
+/// expires each key on its own, and the memory broker must not keep them all.
+async fn idempotency_keys_expire_on_a_busy_channel<F, Fut>(make: &F)
+where
+    F: Fn(Sink) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let b = make(Recorder::default().sink()).await;
+    let first = b
+        .publish_history("conf:t:keys", "1", BRIEF, Some("k"))
+        .await
+        .expect("publish");
+    // publications without the key keep the channel (and its epoch) alive past the TTL
+    let until = tokio::time::Instant::now() + BRIEF.ttl + Duration::from_millis(200);
+    let mut last = first.clone();
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(200)).await; // the point of the case: time
+        last = b
+            .publish_history("conf:t:keys", "2", BRIEF, None)
+            .await
+            .expect("publish");
+    }
+    assert_eq!(last.epoch, first.epoch, "the channel never went idle");
+    let retry = b
+        .publish_history("conf:t:keys", "1", BRIEF, Some("k"))
+        .await
+        .expect("publish");
+    assert_eq!(
+        (retry.offset, &retry.epoch),
+        (last.offset + 1, &first.epoch),
+        "a key older than the TTL is forgotten"
+    );
+}
+
+/// A channel read (as nodes read the channels they have subscribers of, every heartbeat)
+/// keeps its epoch and offsets past the TTL without publications; only the publications
+/// expire. Nothing was lost, so the position stays valid.
+async fn reads_keep_a_quiet_channel_s_epoch<F, Fut>(make: &F)
+where
+    F: Fn(Sink) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let b = make(Recorder::default().sink()).await;
+    let first = b
+        .publish_history("conf:t:quiet", "1", BRIEF, None)
+        .await
+        .expect("publish");
+    let until = tokio::time::Instant::now() + BRIEF.ttl + Duration::from_millis(500);
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(200)).await; // the point of the case: time
+        let h = b
+            .history("conf:t:quiet", BRIEF, Since::After(1, 5))
+            .await
+            .expect("read");
+        assert_eq!((&h.epoch, h.top), (&first.epoch, 1), "the epoch holds");
+    }
+    let h = b
+        .history("conf:t:quiet", BRIEF, Since::Last(5))
+        .await
+        .expect("read");
+    assert!(h.publications.is_empty(), "the publication expired");
+    let next = b
+        .publish_history("conf:t:quiet", "2", BRIEF, None)
+        .await
+        .expect("publish");
+    assert_eq!(
+        (next.offset, &next.epoch),
+        (2, &first.epoch),
+        "offsets go on"
+    );
 }
 
 async fn history_is_shared_by_nodes<F, Fut>(make: &F)

@@ -4,8 +4,12 @@
 -- __PUBLISH__ (PUBLISH, or SPUBLISH with sharded pub/sub) and __OPTIONS__ (its [[channels]]
 -- entries with history, in order, as {lua_pattern, size, ttl_secs}), so a backend's
 -- FCALL applies the same options as the nodes. Keys, all in the slot of {<channel>}:
---   <P>hist:{<channel>}          stream, entry ids <offset>-0, field d = the data
---   <P>meta:{<channel>}          hash e = epoch, s = the last offset
+--   <P>hist:{<channel>}          stream, entry ids <offset>-0, field d = the data; expires
+--                                ttl after the last publication
+--   <P>meta:{<channel>}          hash e = epoch, s = the last offset; expires ttl after the
+--                                last publication or read, so that a quiet channel whose
+--                                nodes check it (every heartbeat, while it has subscribers)
+--                                keeps its epoch: nothing was lost, only old entries expired
 --   <P>idem:{<channel>}:<key>    string "<offset> <epoch>", the first result of a key
 -- Publications go to <P>ch:<channel> behind the header line "\30pos=<offset>:<epoch>\n".
 local P = '__PREFIX__'
@@ -68,6 +72,7 @@ end)
 
 -- FCALL gw_history 1 <channel> <mode> <n> [<after>] -> {epoch, top, offset, data, ...}
 -- mode: 'none' (only epoch and top), 'last' (the last n), 'after' (at most n after <after>).
+-- Refreshes the meta's TTL (see the keys above).
 redis.register_function{function_name = 'gw_history', flags = {}, callback = function(keys, args)
   local channel, mode, n = keys[1], args[1], tonumber(args[2])
   local o = options(channel)
@@ -75,6 +80,7 @@ redis.register_function{function_name = 'gw_history', flags = {}, callback = fun
   local tag = '{' .. channel .. '}'
   local meta, stream = P .. 'meta:' .. tag, P .. 'hist:' .. tag
   local e = epoch_of(meta, stream, o[3])
+  redis.call('EXPIRE', meta, o[3])
   local top = tonumber(redis.call('HGET', meta, 's') or '0')
   local out = {e, top}
   local entries = {}

@@ -17,8 +17,13 @@ use crate::error::BrokerError;
 pub struct Bus(Arc<RwLock<Vec<Arc<Member>>>>, Arc<Mutex<Streams>>);
 
 /// Every history channel's stream. Bounded like Redis: each stream holds at most its
-/// retention's size, and a stream (with its idempotency keys) is dropped once its TTL has
-/// passed since its last write, when it is next touched or by the sweep on every write.
+/// retention's size; its publications are dropped once the TTL has passed since the last
+/// one, and the stream itself (its epoch and offset, with its idempotency keys) once the
+/// TTL has passed since its last publication or read, when it is next touched or by the
+/// sweep on every write. Reads keep the epoch of a quiet channel alive, as `gw_history`
+/// does in Redis: the nodes read the channels they have subscribers of every heartbeat.
+/// Each idempotency key is forgotten once the TTL has passed since it was first used,
+/// as Redis expires it, even while the channel stays busy.
 #[derive(Default)]
 struct Streams {
     by_channel: HashMap<String, Stream>,
@@ -33,7 +38,27 @@ struct Stream {
     entries: VecDeque<(u64, String)>,
     /// The first result of each idempotency key.
     keys: HashMap<String, Position>,
+    /// When each key of `keys` expires, oldest first (the TTL is the channel's, so the
+    /// order of first use is the order of expiry).
+    key_expiry: VecDeque<(Instant, String)>,
+    /// When the publications expire: the TTL after the last one.
+    entries_expire: Instant,
+    /// When the stream expires (a new epoch next time): the TTL after the last
+    /// publication or read.
     expires: Instant,
+}
+
+impl Stream {
+    /// Forgets the idempotency keys whose TTL has passed.
+    fn expire_keys(&mut self, now: Instant) {
+        while let Some((at, key)) = self.key_expiry.front() {
+            if *at > now {
+                break;
+            }
+            self.keys.remove(key);
+            self.key_expiry.pop_front();
+        }
+    }
 }
 
 impl Streams {
@@ -54,13 +79,20 @@ impl Streams {
                     top: 0,
                     entries: VecDeque::new(),
                     keys: HashMap::new(),
+                    key_expiry: VecDeque::new(),
+                    entries_expire: now + retention.ttl,
                     expires: now + retention.ttl,
                 },
             );
         }
-        self.by_channel
+        let s = self
+            .by_channel
             .get_mut(channel)
-            .unwrap_or_else(|| unreachable!("inserted above"))
+            .unwrap_or_else(|| unreachable!("inserted above"));
+        if s.entries_expire <= now {
+            s.entries.clear();
+        }
+        s
     }
 
     /// Drops expired streams every so many writes, so that channels nobody touches again
@@ -164,12 +196,15 @@ impl Broker for MemoryBroker {
         let mut streams = self.bus.1.lock().unwrap_or_else(|p| p.into_inner());
         streams.sweep();
         let stream = streams.stream(channel, retention);
+        let now = Instant::now();
+        stream.expire_keys(now);
         if let Some(first) = idempotency_key.and_then(|k| stream.keys.get(k)) {
             let first = first.clone();
             return Box::pin(async { Ok(first) });
         }
         stream.top += 1;
-        stream.expires = Instant::now() + retention.ttl;
+        stream.expires = now + retention.ttl;
+        stream.entries_expire = stream.expires;
         stream.entries.push_back((stream.top, data.to_owned()));
         while stream.entries.len() > retention.size {
             stream.entries.pop_front();
@@ -180,6 +215,9 @@ impl Broker for MemoryBroker {
         };
         if let Some(k) = idempotency_key {
             stream.keys.insert(k.to_owned(), position.clone());
+            stream
+                .key_expiry
+                .push_back((now + retention.ttl, k.to_owned()));
         }
         self.fan_out(
             channel,
@@ -197,6 +235,7 @@ impl Broker for MemoryBroker {
     ) -> BoxFuture<'a, Result<History, BrokerError>> {
         let mut streams = self.bus.1.lock().unwrap_or_else(|p| p.into_inner());
         let s = streams.stream(channel, retention);
+        s.expires = Instant::now() + retention.ttl;
         let publications = match since {
             Since::Last(n) => {
                 let skip = s.entries.len().saturating_sub(n);

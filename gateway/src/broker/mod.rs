@@ -31,8 +31,10 @@ pub type Sink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 /// Marks a header line in front of a payload: `\x1e<key>=<value>\n`. JSON text cannot start
 /// with U+001E, so a backend's plain JSON is never mistaken for one. Keys: `traceparent` (W3C
-/// trace context, so every node's delivery log line can carry it) and `pos`
-/// (`<offset>:<epoch>`, a history channel's position, written by `gw_publish`).
+/// trace context, so every node's delivery log line can carry it), `pos`
+/// (`<offset>:<epoch>`, a history channel's position, written by `gw_publish`) and `event`
+/// (`join` or `leave`: the data is a presence member, written by the presence functions;
+/// the hub sends it as a join or leave frame, not as a message).
 const MARK: char = '\u{1e}';
 
 /// A payload that carries a W3C `traceparent` in front of the data.
@@ -45,12 +47,19 @@ pub fn positioned(data: &str, offset: u64, epoch: &str) -> String {
     format!("{MARK}pos={offset}:{epoch}\n{data}")
 }
 
+/// A payload that announces a presence event (`join`, `leave`) with the member's JSON.
+pub fn announced(event: &str, member: &str) -> String {
+    format!("{MARK}event={event}\n{member}")
+}
+
 /// A broker payload taken apart: its header lines and the JSON data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Envelope<'a> {
     pub traceparent: Option<&'a str>,
     /// `(offset, epoch)` on a history channel.
     pub position: Option<(u64, &'a str)>,
+    /// A presence event (`join`, `leave`): `data` is the member, not a message.
+    pub event: Option<&'a str>,
     pub data: &'a str,
 }
 
@@ -66,6 +75,7 @@ impl<'a> Envelope<'a> {
             rest = tail;
             match header.split_once('=') {
                 Some(("traceparent", v)) => e.traceparent = Some(v),
+                Some(("event", v)) => e.event = Some(v),
                 Some(("pos", v)) => {
                     e.position = v
                         .split_once(':')
@@ -81,7 +91,8 @@ impl<'a> Envelope<'a> {
 
 /// A channel's place in its history: the offset of a publication within an epoch. Offsets
 /// start at 1 and grow by one per publication; the epoch changes whenever the history may
-/// have been lost (Redis restarted empty, the history expired).
+/// have been lost (Redis restarted empty, or nobody published or read the channel for its
+/// TTL).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Position {
     pub epoch: String,
@@ -140,7 +151,10 @@ pub trait Broker: Send + Sync + 'static {
         idempotency_key: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Position, BrokerError>>;
     /// Reads a channel's history. A channel without an epoch gets a new one here, so that a
-    /// reader always learns the epoch it must later compare.
+    /// reader always learns the epoch it must later compare. A read keeps the epoch (and
+    /// the last offset) for another TTL, though not the publications: the nodes read the
+    /// channels they have subscribers of every heartbeat, so a quiet channel keeps its
+    /// epoch while anyone listens.
     fn history<'a>(
         &'a self,
         channel: &'a str,

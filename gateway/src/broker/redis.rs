@@ -13,6 +13,7 @@ use std::sync::Arc;
 use redis::Value;
 
 use super::{BoxFuture, Broker, History, Position, Retention, Since, Sink};
+use crate::cluster::keys::Keys;
 use crate::cluster::redis::Redis;
 use crate::config::channels::{lua_pattern, ChannelOptions};
 use crate::error::BrokerError;
@@ -25,7 +26,7 @@ const LIBRARY: &str = include_str!("history.lua");
 /// See the module docs.
 pub struct RedisBroker {
     redis: Arc<Redis>,
-    names: shared::backend::Names,
+    names: Keys,
     library: String,
 }
 
@@ -55,7 +56,7 @@ impl RedisBroker {
         metrics: Arc<Metrics>,
         channels: &[ChannelOptions],
     ) -> Self {
-        let names = shared::backend::Names::new(&redis.prefix);
+        let names = Keys::new(&redis.prefix);
         let receive = Receive {
             sink,
             metrics,

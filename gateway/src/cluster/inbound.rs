@@ -39,19 +39,21 @@ impl Inbound {
         }
     }
 
-    /// Appends one entry. `data` is JSON text (`""` for connect).
+    /// Appends one entry. `data` is JSON text (`""` for connect). `destination`, when given,
+    /// becomes the entry's `destination` field (STOMP's `SEND /app/<x>`).
     pub async fn append(
         &self,
         event: Event,
         conn_id: &str,
         user_id: Option<&str>,
         data: &str,
+        destination: Option<&str>,
     ) -> Result<(), BrokerError> {
         let Some(redis) = &self.redis else {
             return Err(BrokerError::NotConfigured("no Redis is configured"));
         };
         let mut xadd = redis::cmd("XADD");
-        xadd.arg(shared::backend::Names::new(&redis.prefix).inbound())
+        xadd.arg(crate::cluster::keys::Keys::new(&redis.prefix).inbound())
             .arg("MAXLEN")
             .arg("~")
             .arg(self.maxlen)
@@ -68,6 +70,9 @@ impl Inbound {
             .arg(now_ms())
             .arg("data")
             .arg(data);
+        if let Some(destination) = destination {
+            xadd.arg("destination").arg(destination);
+        }
         let r = redis.call::<String>("xadd", xadd).await.map(|_| ());
         if r.is_ok() {
             self.metrics.inbound_appends.inc([event.as_str()]);
@@ -80,7 +85,7 @@ impl Inbound {
         if self.redis.is_none() {
             return;
         }
-        if let Err(e) = self.append(event, conn_id, user_id, data).await {
+        if let Err(e) = self.append(event, conn_id, user_id, data, None).await {
             tracing::warn!(conn = conn_id, event = event.as_str(), error = %e, "inbound event lost");
         }
     }

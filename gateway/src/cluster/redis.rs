@@ -1,15 +1,23 @@
 //! The node's Redis transport, shared by the broker, the directory and the inbound stream.
 //!
-//! It is a single multiplexed RESP3 connection (or a Redis Cluster connection): commands and
-//! pub/sub travel together, and subscription messages arrive as RESP3 pushes. The transport
-//! knows nothing of what travels on it: whoever subscribes registers a [`PushHandler`] for a
-//! channel-name prefix ([`Redis::route`]) and gets that channel's pushes, called straight
-//! from the redis crate's push callback with no queue in between. The broker registers
-//! `<prefix>ch:` at construction, the directory its own node channel.
+//! It is two multiplexed RESP3 connections (or two Redis Cluster connections), one for
+//! pub/sub and one for commands. Subscription messages arrive on the first as RESP3 pushes,
+//! and fan-out runs inside its push callback; on one shared connection, a large fan-out
+//! delayed every command queued behind it (the directory's calls, the heartbeat that keeps
+//! the node alive in the cluster), and Redis closing the connection for its pub/sub output
+//! buffer limit (`client-output-buffer-limit pubsub`) took the commands down with it. Apart,
+//! a busy or killed subscriber connection costs the commands nothing. [`Redis::subscribe`]
+//! and [`Redis::unsubscribe`] use the pub/sub connection, everything else the command one.
 //!
-//! The redis crate reconnects with backoff and re-subscribes every channel by itself; what
-//! Redis itself may have lost in a restart (the function library, this node's directory
-//! entries) is restored by the directory's heartbeat once [`Redis::take_resync`] says so.
+//! The transport knows nothing of what travels on it: whoever subscribes registers a
+//! [`PushHandler`] for a channel-name prefix ([`Redis::route`]) and gets that channel's
+//! pushes, called straight from the redis crate's push callback with no queue in between.
+//! The broker registers `<prefix>ch:` at construction, the directory its own node channel.
+//!
+//! The redis crate reconnects each connection with backoff, and re-subscribes every channel
+//! of the pub/sub one by itself; what Redis itself may have lost in a restart (the function
+//! library, this node's directory entries) is restored by the directory's heartbeat once
+//! [`Redis::take_resync`] says so, which it does after either connection dropped.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -83,7 +91,10 @@ enum Conn {
 
 /// See the module docs.
 pub struct Redis {
-    conn: Conn,
+    /// SUBSCRIBE and UNSUBSCRIBE, and the pushes they bring.
+    pubsub: Conn,
+    /// Every other command.
+    commands: Conn,
     pub prefix: String,
     sharded: bool,
     timeout: Duration,
@@ -107,35 +118,15 @@ impl Redis {
         let timeout = Duration::from_millis(c.redis_timeout_ms);
         let bad = |e: redis::RedisError| StartError::Redis("connecting", e.into());
         let deadline = tokio::time::Instant::now() + timeout * 10;
-        let conn = loop {
+        let (pubsub, commands) = loop {
             let attempt = async {
-                if c.redis_cluster {
-                    let mut seeds = Vec::new();
-                    for u in url.split(',') {
-                        seeds.push(with_auth(u, c)?);
-                    }
-                    let client = redis::cluster::ClusterClient::builder(seeds)
-                        .use_protocol(ProtocolVersion::RESP3)
-                        .push_sender(Router(router.clone()))
-                        .connection_timeout(timeout)
-                        .response_timeout(timeout)
-                        .build()?;
-                    Ok(Conn::Cluster(client.get_async_connection().await?))
-                } else {
-                    let client = redis::Client::open(with_auth(url, c)?)?;
-                    let config = ConnectionManagerConfig::new()
-                        .set_push_sender(Router(router.clone()))
-                        .set_automatic_resubscription()
-                        .set_connection_timeout(Some(timeout))
-                        .set_response_timeout(Some(timeout))
-                        .set_max_delay(Duration::from_secs(2));
-                    Ok(Conn::Single(
-                        ConnectionManager::new_with_config(client, config).await?,
-                    ))
-                }
+                Ok::<_, redis::RedisError>((
+                    open(c, url, &router, timeout).await?,
+                    open(c, url, &router, timeout).await?,
+                ))
             };
             match attempt.await {
-                Ok(conn) => break conn,
+                Ok(conns) => break conns,
                 Err(e) if tokio::time::Instant::now() >= deadline => return Err(bad(e)),
                 Err(e) => {
                     tracing::warn!(error = %e, "Redis not reachable yet; retrying");
@@ -144,7 +135,8 @@ impl Redis {
             }
         };
         Ok(Arc::new(Redis {
-            conn,
+            pubsub,
+            commands,
             prefix: c.redis_prefix.clone(),
             sharded: c.redis_sharded_pubsub,
             timeout,
@@ -161,7 +153,7 @@ impl Redis {
     }
 
     pub fn is_cluster(&self) -> bool {
-        matches!(self.conn, Conn::Cluster(_))
+        matches!(self.commands, Conn::Cluster(_))
     }
 
     /// Sends the pushes of every channel whose name starts with `prefix` to `handler`.
@@ -202,9 +194,47 @@ impl Redis {
         cmd: Cmd,
     ) -> Result<T, BrokerError> {
         let run = async {
-            match self.conn.clone() {
+            match self.commands.clone() {
                 Conn::Single(mut c) => cmd.query_async(&mut c).await,
                 Conn::Cluster(mut c) => cmd.query_async(&mut c).await,
+            }
+        };
+        self.finish(op, tokio::time::timeout(self.timeout, run).await)
+    }
+
+    /// Runs many commands, their replies ignored, under one node Redis timeout for the whole
+    /// batch; the first failure fails the batch (some commands may have run). `op` labels the
+    /// error metric, as for [`Redis::call`].
+    ///
+    /// A standalone Redis gets them as one pipeline: one round trip, and other commands on
+    /// the command connection (heartbeats) wait for one batch at most, not for all of them.
+    /// Redis Cluster refuses a pipeline whose keys are in different slots, so there each
+    /// command is sent on its own, all at once; the cluster client routes each to its
+    /// primary and pipelines them per connection itself.
+    pub async fn batch(&self, op: &'static str, cmds: Vec<Cmd>) -> Result<(), BrokerError> {
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        let run = async {
+            match self.commands.clone() {
+                Conn::Single(mut c) => {
+                    let mut pipe = redis::pipe();
+                    for cmd in cmds {
+                        pipe.add_command(cmd).ignore();
+                    }
+                    pipe.query_async::<()>(&mut c).await
+                }
+                Conn::Cluster(c) => {
+                    let mut each = tokio::task::JoinSet::new();
+                    for cmd in cmds {
+                        let mut c = c.clone();
+                        each.spawn(async move { cmd.query_async::<Value>(&mut c).await });
+                    }
+                    while let Some(done) = each.join_next().await {
+                        done.map_err(std::io::Error::other)??;
+                    }
+                    Ok(())
+                }
             }
         };
         self.finish(op, tokio::time::timeout(self.timeout, run).await)
@@ -229,7 +259,7 @@ impl Redis {
     /// the subscription after a reconnect.
     pub async fn subscribe(&self, channel: &str, sharded: bool) -> Result<(), BrokerError> {
         let run = async {
-            match self.conn.clone() {
+            match self.pubsub.clone() {
                 Conn::Single(mut c) => c.subscribe(channel).await,
                 Conn::Cluster(mut c) if sharded && self.sharded => c.ssubscribe(channel).await,
                 Conn::Cluster(mut c) => c.subscribe(channel).await,
@@ -240,7 +270,7 @@ impl Redis {
 
     pub async fn unsubscribe(&self, channel: &str, sharded: bool) -> Result<(), BrokerError> {
         let run = async {
-            match self.conn.clone() {
+            match self.pubsub.clone() {
                 Conn::Single(mut c) => c.unsubscribe(channel).await,
                 Conn::Cluster(mut c) if sharded && self.sharded => c.sunsubscribe(channel).await,
                 Conn::Cluster(mut c) => c.unsubscribe(channel).await,
@@ -303,7 +333,7 @@ impl Redis {
         let mut cmd = redis::cmd("FUNCTION");
         cmd.arg("LOAD").arg("REPLACE").arg(code);
         let run = async {
-            match self.conn.clone() {
+            match self.commands.clone() {
                 Conn::Single(mut c) => cmd.query_async::<Value>(&mut c).await.map(|_| ()),
                 Conn::Cluster(mut c) => {
                     use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
@@ -323,9 +353,39 @@ impl Redis {
     }
 }
 
-/// `<prefix>node:<node_id>`: the channel that carries unicasts and disconnects to one node.
-pub fn node_channel(prefix: &str, node_id: &str) -> String {
-    format!("{prefix}node:{node_id}")
+/// One connection to the node's Redis, or to its Redis Cluster, that reconnects by itself.
+/// Both of the node's connections report to `router`: the pub/sub one its pushes, and both
+/// their drops, which set the resync flag.
+async fn open(
+    c: &Config,
+    url: &str,
+    router: &Arc<Routes>,
+    timeout: Duration,
+) -> redis::RedisResult<Conn> {
+    if c.redis_cluster {
+        let mut seeds = Vec::new();
+        for u in url.split(',') {
+            seeds.push(with_auth(u, c)?);
+        }
+        let client = redis::cluster::ClusterClient::builder(seeds)
+            .use_protocol(ProtocolVersion::RESP3)
+            .push_sender(Router(router.clone()))
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .build()?;
+        Ok(Conn::Cluster(client.get_async_connection().await?))
+    } else {
+        let client = redis::Client::open(with_auth(url, c)?)?;
+        let config = ConnectionManagerConfig::new()
+            .set_push_sender(Router(router.clone()))
+            .set_automatic_resubscription()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_max_delay(Duration::from_secs(2));
+        Ok(Conn::Single(
+            ConnectionManager::new_with_config(client, config).await?,
+        ))
+    }
 }
 
 fn with_auth(url: &str, c: &Config) -> redis::RedisResult<redis::ConnectionInfo> {

@@ -33,8 +33,9 @@ pub struct ChannelOptions {
     /// Publications kept per channel; 0 means no history.
     #[serde(default)]
     pub history_size: usize,
-    /// History is dropped this long after the channel's last publication (required with
-    /// history).
+    /// Publications are dropped this long after the channel's last one (required with
+    /// history). The channel's epoch lasts as long after its last publication or read;
+    /// nodes read the channels they have subscribers of every `node_heartbeat_ms`.
     #[serde(default)]
     pub history_ttl_secs: u64,
     /// Most publications one subscribe may recover; default `history_size`.
@@ -43,15 +44,42 @@ pub struct ChannelOptions {
     /// Track who is subscribed (presence).
     #[serde(default)]
     pub presence: bool,
-    /// Tell subscribers when others join and leave.
+    /// Tell subscribers when others join and leave (needs `presence`).
     #[serde(default)]
     pub join_leave: bool,
+    /// Like `join_leave`, per user: join on a user's first connection in the channel, leave
+    /// on their last (anonymous connections count one each). Needs `presence`.
+    #[serde(default)]
+    pub user_join_leave: bool,
+}
+
+/// Which join and leave frames a presence channel sends its subscribers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announce {
+    /// None.
+    Quiet,
+    /// One per connection (`join_leave`).
+    Each,
+    /// One per user: the first connection's join, the last one's leave (`user_join_leave`).
+    PerUser,
 }
 
 impl ChannelOptions {
     /// True when the channel keeps history.
     pub fn has_history(&self) -> bool {
         self.history_size > 0
+    }
+
+    /// Which join and leave frames the channel sends; `user_join_leave` wins over
+    /// `join_leave`.
+    pub fn announce(&self) -> Announce {
+        if self.user_join_leave {
+            Announce::PerUser
+        } else if self.join_leave {
+            Announce::Each
+        } else {
+            Announce::Quiet
+        }
     }
 
     /// The most publications a subscribe may recover.
@@ -83,6 +111,11 @@ impl ChannelOptions {
         if self.max_recover.is_some() && !self.has_history() {
             return Err(format!("`{p}`: max_recover needs history"));
         }
+        if (self.join_leave || self.user_join_leave) && !self.presence {
+            return Err(format!(
+                "`{p}`: join_leave and user_join_leave need presence"
+            ));
+        }
         Ok(())
     }
 }
@@ -90,7 +123,8 @@ impl ChannelOptions {
 impl FromStr for ChannelOptions {
     type Err = String;
 
-    /// `pattern?key=value&key=value`; `presence` and `join_leave` may stand alone for true.
+    /// `pattern?key=value&key=value`; `presence`, `join_leave` and `user_join_leave` may
+    /// stand alone for true.
     fn from_str(s: &str) -> Result<Self, String> {
         let (pattern, query) = s.split_once('?').unwrap_or((s, ""));
         let mut o = ChannelOptions {
@@ -100,6 +134,7 @@ impl FromStr for ChannelOptions {
             max_recover: None,
             presence: false,
             join_leave: false,
+            user_join_leave: false,
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
@@ -119,6 +154,7 @@ impl FromStr for ChannelOptions {
                 "max_recover" => o.max_recover = Some(number()? as usize),
                 "presence" => o.presence = flag()?,
                 "join_leave" => o.join_leave = flag()?,
+                "user_join_leave" => o.user_join_leave = flag()?,
                 other => return Err(format!("unknown channel option `{other}`")),
             }
         }
@@ -176,6 +212,16 @@ mod tests {
             .is_err());
         assert!("chat *".parse::<ChannelOptions>().is_err(), "bad pattern");
         assert!("chat:*?colour=red".parse::<ChannelOptions>().is_err());
+        assert!(
+            "chat:*?join_leave".parse::<ChannelOptions>().is_err(),
+            "join_leave without presence"
+        );
+        let o: ChannelOptions = "lobby:*?presence&join_leave&user_join_leave"
+            .parse()
+            .expect("valid");
+        assert_eq!(o.announce(), Announce::PerUser);
+        let o: ChannelOptions = "room:*?presence&join_leave".parse().expect("valid");
+        assert_eq!(o.announce(), Announce::Each);
     }
 
     #[test]

@@ -188,6 +188,15 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(err.to_string().contains("ping_timeout_ms"), "{err}");
+        // what `--check-config` says of public keys without an audience
+        let err = Config::from_cli(cli(&["--jwt-public-key", "k.pem"])).unwrap_err();
+        assert!(err.to_string().contains("jwt_audience"), "{err}");
+        Config::from_cli(cli(&[
+            "--jwt-public-key",
+            "k.pem",
+            "--jwt-allow-any-audience",
+        ]))
+        .expect("an explicit waiver");
     }
 
     /// Every setting has `--kebab-case` and `GATEWAY_UPPER_CASE`, and every flag other than

@@ -54,17 +54,26 @@ macro_rules! settings {
             publish_allow: Vec<String> = Vec::new();
             /// Open WebSocket connections per node; more get HTTP 503 before the upgrade.
             max_connections: usize = 100_000;
+            /// Open WebSocket connections from one client IP (an IPv6 client's /64), counted
+            /// per node; more get HTTP 429 before the upgrade (0 = unlimited).
+            max_connections_per_ip: usize = 1000;
+            /// TCP connections accepted but not yet upgraded (PROXY header, TLS and HTTP
+            /// still under way), per node; more are closed at once.
+            max_pending_handshakes: usize = 10_000;
             /// Largest client message (after reassembling fragments); larger closes with 1009.
             max_message_bytes: usize = 64 * 1024;
+            /// Time a fragmented message has from its first fragment to its last; later closes
+            /// with 1008, so that a client cannot hold a reassembly buffer open forever.
+            fragment_timeout_ms: u64 = 10_000;
             /// Subscriptions per connection; more get error `too_many_subscriptions`.
             max_subscriptions: usize = 128;
             /// Bytes queued for one client before it is disconnected as a slow consumer
             /// (close 4000).
             outbound_queue_bytes: usize = 1024 * 1024;
-            /// Time allowed to receive the HTTP upgrade request headers (and, on the Centrifugo
-            /// endpoint, the `connect` command after the upgrade).
+            /// Time allowed to receive the HTTP upgrade request headers (and a STOMP CONNECT,
+            /// and, on the Centrifugo endpoint, the `connect` command after the upgrade).
             handshake_timeout_ms: u64 = 10_000;
-            /// Interval between server pings.
+            /// Interval between server pings (and the heart-beat offered to STOMP clients).
             ping_interval_ms: u64 = 25_000;
             /// A peer silent (no frame of any kind) for this long is closed with 4001.
             ping_timeout_ms: u64 = 60_000;
@@ -93,18 +102,29 @@ macro_rules! settings {
             /// (comma-separated in a flag). Several keys may be live at once during a rotation.
             #[arg(value_delimiter = ',')]
             jwt_public_key: Vec<PathBuf> = Vec::new();
-            /// JWKS URL (http or https); keys are chosen by `kid`.
+            /// JWKS URL (`https://`, or `http://` with `jwks_allow_http`); keys are chosen by
+            /// `kid`.
             jwks_url: Option<String>;
+            /// Accept an `http://` JWKS URL (tests, or a sidecar on localhost): anyone on the
+            /// path could swap the keys.
+            jwks_allow_http: switch;
             /// Periodic JWKS refresh interval.
             jwks_refresh_secs: u64 = 300;
-            /// Minimum time between two JWKS fetches caused by unknown `kid`s.
+            /// Minimum time between two JWKS fetches caused by unknown `kid`s; at least 1.
             jwks_min_refresh_secs: u64 = 10;
+            /// Cached JWKS keys are dropped after this long without a successful fetch;
+            /// handshakes then get 503 `keys_unavailable`.
+            jwks_max_stale_secs: u64 = 86_400;
             /// CA bundle used to verify an https JWKS URL.
             jwks_ca_file: PathBuf = PathBuf::from("/etc/ssl/certs/ca-certificates.crt");
             /// Required `iss` claim.
             jwt_issuer: Option<String>;
-            /// Required `aud` claim.
+            /// Required `aud` claim. Required itself with `jwt_public_key` or `jwks_url`, unless
+            /// `jwt_allow_any_audience`.
             jwt_audience: Option<String>;
+            /// With public keys or a JWKS and no `jwt_audience`: accept tokens whatever their
+            /// `aud`, including tokens the same issuer minted for other applications.
+            jwt_allow_any_audience: switch;
             /// Clock skew allowed on `exp` and `nbf`.
             jwt_leeway_secs: u64 = 30;
             /// After a connection's token expires, time it has to send `refresh` before close 4002.
@@ -151,7 +171,7 @@ macro_rules! settings {
             /// Password, when it is not in the URL (so it can come from a Secret via env).
             #[arg(hide_env_values = true)]
             redis_password: Option<Secret>;
-            /// Prefix of every Redis key and channel this gateway uses.
+            /// Prefix of every Redis key and channel this gateway uses; `[A-Za-z0-9_.:-]` only.
             redis_prefix: String = "gw:".into();
             /// `redis_url` names Redis Cluster seed nodes.
             redis_cluster: switch;
@@ -166,8 +186,19 @@ macro_rules! settings {
             /// Cluster-wide cap on one user's connections (0: no cap). Anonymous clients are
             /// exempt.
             max_connections_per_user: usize = 0;
-            /// Approximate length cap of the inbound stream (`XADD ... MAXLEN ~`).
+            /// Approximate length cap of the inbound stream (`XADD ... MAXLEN ~`). With
+            /// `max_send_bytes`, it bounds the stream's memory in Redis.
             inbound_maxlen: usize = 100_000;
+            /// Let anonymous connections `send` to the inbound stream; without it they get
+            /// error `forbidden`, so that every entry names a user.
+            anonymous_send: switch;
+            /// Largest `data` of a `send`, in bytes; larger gets error `message_too_big`. The
+            /// stream holds at most about `inbound_maxlen` × this.
+            max_send_bytes: usize = 16 * 1024;
+            /// `send`s per second per user, over all of the user's connections on this node
+            /// (anonymous ones: per client IP), burst the same; more get `rate_limited`
+            /// (0 = unlimited).
+            send_rate_per_user: u32 = 20;
 
             // ---- Channels ----
             /// Per-channel options: history, presence, join/leave (`[[channels]]` in TOML;
@@ -178,6 +209,9 @@ macro_rules! settings {
             /// How long a node waits to batch history reads of one channel, so that a
             /// reconnect storm costs one Redis read per channel per batch, not one per client.
             recover_batch_ms: u64 = 5;
+            /// Most members one `presence` request returns; more set `truncated` (the admin API
+            /// pages through all of them).
+            presence_max_members: usize = 1000;
 
             // ---- Drain and rebalancing ----
             /// After SIGTERM, keep serving (and accepting) this long with `/readyz` failing, so
@@ -295,10 +329,13 @@ impl Config {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
     }
+    pub fn fragment_timeout(&self) -> Duration {
+        Duration::from_millis(self.fragment_timeout_ms)
+    }
     pub fn token_grace(&self) -> Duration {
         Duration::from_millis(self.token_grace_ms)
     }
-    /// The options of `channel` (see [`channels`]); `None` for a plain channel.
+    /// The options of `channel` (see `config::channels`); `None` for a plain channel.
     pub fn channel(&self, channel: &str) -> Option<&ChannelOptions> {
         channels::lookup(&self.channels, channel)
     }

@@ -7,6 +7,12 @@
 //! every later subscriber of that protocol. A channel message fanned out to ten thousand
 //! connections of two protocols is encoded twice.
 //!
+//! A protocol whose frames also carry something of the connection's own (STOMP's
+//! `subscription` and `message-id` headers) adds a [`Framer`] to each of its connections'
+//! queues: the codec still encodes the shared part once, and the framer puts a small prefix
+//! of the connection's own in front of it, which the writer sends with the shared bytes in
+//! one vectored write, so the shared part is never copied.
+//!
 //! [`Outbound`]: super::outbound::Outbound
 
 use bytes::Bytes;
@@ -25,12 +31,29 @@ pub enum Event<'a> {
         position: Option<(u64, &'a str)>,
     },
     /// The node ended the connection's subscription to `channel`; `code` says why
-    /// (`insufficient_state`: it could not keep the stream gap-free).
+    /// (`insufficient_state`: it could not keep the stream gap-free; `forbidden`: a refreshed
+    /// token no longer allows it).
     Unsubscribed { channel: &'a str, code: &'a str },
     /// A unicast to the connection's user or to the connection itself; `data` is JSON text.
     Direct { data: &'a str },
     /// The connection's token has expired; it has `grace_ms` to refresh it.
     TokenExpiring { grace_ms: u64 },
+    /// A connection subscribed to a presence channel with join/leave. `user_id` is `None`
+    /// for an anonymous connection; `info` is the token's `info` claim (JSON text).
+    Join {
+        channel: &'a str,
+        conn_id: &'a str,
+        user_id: Option<&'a str>,
+        info: Option<&'a str>,
+    },
+    /// A connection left a presence channel with join/leave: it unsubscribed, closed, or
+    /// its node died. The same fields as its join.
+    Leave {
+        channel: &'a str,
+        conn_id: &'a str,
+        user_id: Option<&'a str>,
+        info: Option<&'a str>,
+    },
 }
 
 /// How many wire protocols can exist at once: the size of [`Encoded`]'s cache.
@@ -56,6 +79,23 @@ pub trait Codec: Send + Sync + 'static {
     }
 }
 
+/// The per-connection half of a protocol whose frames differ per connection, held by each
+/// of its connections' [`Outbound`](super::outbound::Outbound) queues. See the module docs.
+pub trait Framer: Send + Sync + 'static {
+    /// Hands `part`, in order, the buffers that make up this connection's frame(s) for
+    /// `event`, `shared` (what the codec encoded, shared by every connection of the protocol)
+    /// among them. Called with the queue locked, so the parts are queued together. Handing
+    /// over nothing drops the event for this connection (a STOMP connection holding no
+    /// subscription for it).
+    fn frame(&self, event: &Event<'_>, shared: &Bytes, part: &mut dyn FnMut(Bytes));
+
+    /// A last frame to write before the close frame (STOMP's ERROR naming the reason).
+    fn farewell(&self, reason: &CloseReason) -> Option<Bytes> {
+        let _ = reason;
+        None
+    }
+}
+
 /// An event being delivered to many connections: encoded at most once per protocol.
 pub struct Encoded<'a> {
     event: Event<'a>,
@@ -70,10 +110,30 @@ impl<'a> Encoded<'a> {
         }
     }
 
+    /// The event itself.
+    pub fn event(&self) -> &Event<'a> {
+        &self.event
+    }
+
     /// The event's bytes for `codec`, encoded on first use.
     pub fn bytes(&mut self, codec: &dyn Codec) -> Bytes {
         self.cache[codec.id()]
             .get_or_insert_with(|| codec.encode(&self.event))
             .clone()
+    }
+}
+
+/// A codec for tests of the queues, the hub and the directory that need no wire protocol:
+/// each event is its `Debug` text. Its id is the last slot, which no protocol takes.
+#[cfg(any(test, feature = "test-util"))]
+pub struct DebugCodec;
+
+#[cfg(any(test, feature = "test-util"))]
+impl Codec for DebugCodec {
+    fn id(&self) -> usize {
+        MAX_CODECS - 1
+    }
+    fn encode(&self, event: &Event<'_>) -> Bytes {
+        Bytes::from(format!("{event:?}"))
     }
 }

@@ -38,8 +38,16 @@ const STACK_READ: usize = 8192;
 
 /// Encodes one unfragmented server frame.
 pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
-    let len = payload.len();
-    let mut buf = BytesMut::with_capacity(len + 10);
+    let mut buf = BytesMut::with_capacity(payload.len() + 10);
+    put_header(&mut buf, opcode, payload.len());
+    buf.put_slice(payload);
+    buf.freeze()
+}
+
+/// Writes the header of an unfragmented server frame whose payload of `len` bytes follows,
+/// possibly in other buffers: a protocol that sends one frame as a per-connection part
+/// followed by a shared part (STOMP's MESSAGE) writes the header in front of the first.
+pub fn put_header(buf: &mut BytesMut, opcode: u8, len: usize) {
     buf.put_u8(FIN | opcode);
     if len < 126 {
         buf.put_u8(len as u8);
@@ -50,8 +58,6 @@ pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
         buf.put_u8(127);
         buf.put_u64(len as u64);
     }
-    buf.put_slice(payload);
-    buf.freeze()
 }
 
 /// A text frame.

@@ -1,8 +1,13 @@
-//! The per-connection rate limits (governor): messages and bytes per second, with strikes
-//! before the connection is closed.
+//! Rate limits (governor): per connection, messages and bytes per second with strikes before
+//! the connection is closed ([`ConnLimiter`]); per key, a rate shared by everything with that
+//! key, such as a client IP's handshakes or a user's `send`s ([`KeyedLimiter`]).
 
+use std::hash::Hash;
 use std::num::NonZeroU32;
+use std::time::Duration;
 
+use governor::clock::{Clock, DefaultClock};
+use governor::state::keyed::HashMapStateStore;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 /// What the per-connection limiter says about one message.
@@ -74,9 +79,66 @@ impl ConnLimiter {
     }
 }
 
+/// A rate per key. Each key's state lives in a map whose entries are dropped by
+/// [`KeyedLimiter::evict`] once their bucket is full again, which is when forgetting them
+/// changes nothing; called every minute, it keeps the map to the keys active in the last
+/// minute or so, not every key ever seen.
+pub struct KeyedLimiter<K: Hash + Eq + Clone> {
+    limiter: Option<RateLimiter<K, HashMapStateStore<K>, DefaultClock>>,
+}
+
+impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
+    /// `rate` per second per key with `burst` (the rate when 0); `rate == 0` disables it.
+    pub fn new(rate: u32, burst: u32) -> Self {
+        let limiter = NonZeroU32::new(rate).map(|r| {
+            let burst = NonZeroU32::new(burst).unwrap_or(r);
+            RateLimiter::hashmap(Quota::per_second(r).allow_burst(burst))
+        });
+        KeyedLimiter { limiter }
+    }
+
+    /// `Err(retry_after)` when `key` is over its rate.
+    pub fn check(&self, key: &K) -> Result<(), Duration> {
+        let Some(l) = &self.limiter else {
+            return Ok(());
+        };
+        l.check_key(key)
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
+    /// Drops the state of keys whose bucket has refilled; called periodically.
+    pub fn evict(&self) {
+        if let Some(l) = &self.limiter {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+    }
+
+    /// Keys currently tracked.
+    #[cfg(test)]
+    pub fn tracked(&self) -> usize {
+        self.limiter.as_ref().map_or(0, |l| l.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyed_limit_is_per_key_and_evicts() {
+        let l = KeyedLimiter::new(10, 2);
+        let (a, b) = ("alice".to_owned(), "bob".to_owned());
+        assert!(l.check(&a).is_ok());
+        assert!(l.check(&a).is_ok());
+        assert!(l.check(&a).is_err());
+        assert!(l.check(&b).is_ok());
+        assert_eq!(l.tracked(), 2);
+        std::thread::sleep(Duration::from_millis(600));
+        l.evict();
+        assert_eq!(l.tracked(), 0, "refilled buckets are dropped");
+        assert!(KeyedLimiter::new(0, 0).check(&a).is_ok(), "0 is no limit");
+    }
 
     #[test]
     fn conn_limit_refuses_then_closes() {

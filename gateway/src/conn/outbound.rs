@@ -10,17 +10,37 @@
 //! The writer takes the whole queue at once ([`Outbound::take`]) and writes it with one
 //! vectored write, so a burst costs one syscall rather than one per frame. Memory per
 //! connection is therefore bounded by twice the cap: one queue being filled, one batch being
-//! written.
+//! written. For that bound to hold for small frames too, the cap counts what a frame costs,
+//! not only its bytes:
+//!
+//! - each frame is charged [`FRAME_COST`] on top of its length: its slot in the queue, the
+//!   slack of a queue that doubled to make room, and the allocator's header of its buffer.
+//!   A flood of empty frames (2 bytes each) would otherwise hold some 30 times the cap;
+//! - a run of pongs not yet written is one pong: RFC 6455 §5.5.3 lets an endpoint answer
+//!   only the most recent ping ([`Outbound::push_pong`]), so a client that pings without
+//!   reading holds one queued pong, not one per ping (and its pings count against its
+//!   message rate, see `core::session`);
+//! - the queues give memory back: [`Outbound::take`] hands the queue's buffer to the batch
+//!   instead of copying into it, and [`release`] frees a drained batch that a burst made far
+//!   larger than a connection usually needs.
+
+//!
+//! A queue may also hold its connection's [`Framer`] (protocols whose frames carry
+//! per-connection headers, see [`super::event`]) and carries the keep-alive that such a
+//! protocol negotiates after the connection opened ([`Heartbeat`]) to the writer.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::mem::size_of;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use std::time::Instant;
 
 use tokio::sync::Notify;
 
-use super::event::{Codec, Event};
+use super::event::{Codec, Encoded, Event, Framer};
 use crate::error::CloseReason;
 
 /// See the module docs.
@@ -32,17 +52,78 @@ pub struct Outbound {
     codec: &'static dyn Codec,
     /// Where [`Outbound::written`] records the fan-out latency; `None` in tools and tests.
     latency: Option<opentelemetry::metrics::Histogram<f64>>,
+    /// The connection's own part of its frames; `None` for protocols without one (v1).
+    framer: Option<Arc<dyn Framer>>,
+    /// A [`Heartbeat`] is waiting in `State` for the writer: checked without the lock.
+    heartbeat_set: AtomicBool,
+}
+
+/// A keep-alive that the connection's protocol negotiated after it opened (STOMP's
+/// `heart-beat`), run by the writer loop on top of the WebSocket pings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Queue this frame at this interval; `None`: the server sends none.
+    pub send: Option<(Duration, Bytes)>,
+    /// Close with 4001 once no data message (text or binary: pongs do not count) arrived for
+    /// this long; `None`: only the WebSocket ping timeout applies.
+    pub expect: Option<Duration>,
+}
+
+/// The bytes of one event for one connection, queued together.
+pub enum Parts {
+    /// One buffer (a connection without a framer).
+    One(Bytes),
+    /// The framer's buffers, in order (none: the connection does not want the event).
+    Many(Vec<Bytes>),
+}
+
+impl Parts {
+    pub fn len(&self) -> usize {
+        match self {
+            Parts::One(b) => b.len(),
+            Parts::Many(p) => p.iter().map(Bytes::len).sum(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct State {
     frames: VecDeque<Bytes>,
+    /// What `frames` costs: their lengths plus [`FRAME_COST`] each (a pong counts as the
+    /// longest, [`MAX_PONG`]).
     bytes: usize,
+    /// Where in `frames` the pong not yet taken is, if there is one.
+    pong: Option<usize>,
     close: Option<CloseReason>,
     /// Broker receipt time of the oldest channel message queued.
     oldest: Option<Instant>,
     /// Writes that carried a channel message, for sampling the latency histogram.
     writes: u32,
+    /// A keep-alive for the writer (see [`Outbound::set_heartbeat`]).
+    heartbeat: Option<Heartbeat>,
+}
+
+/// What a queued frame costs on top of its length: its `Bytes` in the queue, as much again
+/// for a queue that has just doubled, and 32 bytes for the allocator's header and rounding of
+/// the frame's own buffer (counted for shared fan-out frames too, which overstates them).
+pub const FRAME_COST: usize = 2 * size_of::<Bytes>() + 32;
+
+/// The longest pong: a control frame's 125 bytes of payload and its 2-byte header. A queued
+/// pong is charged this much, so that replacing it with the next one never moves the count
+/// past the cap.
+const MAX_PONG: usize = 127;
+
+/// A drained batch keeps its buffer up to this many frames; a larger one is freed (see
+/// [`release`]). Bursts past it are rare, and reallocating once per burst is cheap next to
+/// holding the buffer on every connection that once had one.
+pub const RETAIN_FRAMES: usize = 64;
+
+/// Frees a drained batch's buffer when it holds room for more than [`RETAIN_FRAMES`]: the
+/// writer calls it after each write, so a burst's memory goes back once it is written.
+pub fn release(batch: &mut VecDeque<Bytes>) {
+    if batch.is_empty() && batch.capacity() > RETAIN_FRAMES {
+        *batch = VecDeque::new();
+    }
 }
 
 /// One write in this many (per connection) that carried a channel message records its
@@ -58,6 +139,9 @@ pub enum Pushed {
     Overflowed,
     /// The connection is already closing; the frame was dropped.
     Closing,
+    /// The connection's framer had no frame for the event (a STOMP connection without a
+    /// subscription that wants it); nothing was queued.
+    Unwanted,
 }
 
 impl Outbound {
@@ -69,6 +153,16 @@ impl Outbound {
             cap,
             codec,
             latency: None,
+            framer: None,
+            heartbeat_set: AtomicBool::new(false),
+        }
+    }
+
+    /// Frames every event for this connection with `framer` (see [`super::event`]).
+    pub fn with_framer(self, framer: Arc<dyn Framer>) -> Self {
+        Outbound {
+            framer: Some(framer),
+            ..self
         }
     }
 
@@ -85,14 +179,129 @@ impl Outbound {
         self.cap
     }
 
-    /// The connection's wire protocol.
-    pub fn codec(&self) -> &'static dyn Codec {
-        self.codec
-    }
-
     /// Encodes `event` for this connection and queues it.
     pub fn push_event(&self, event: &Event<'_>) -> Pushed {
-        self.push(self.codec.encode(event))
+        self.push_encoded(&mut Encoded::new(*event), None).0
+    }
+
+    /// Queues an event being delivered to many connections: its bytes for this connection's
+    /// codec (encoded once per protocol), framed by the connection's [`Framer`] when it has
+    /// one. `received` is when the broker handed over a channel message. Returns what
+    /// happened and how many bytes were queued.
+    pub fn push_encoded(
+        &self,
+        encoded: &mut Encoded<'_>,
+        received: Option<Instant>,
+    ) -> (Pushed, usize) {
+        let shared = encoded.bytes(self.codec);
+        let Some(framer) = &self.framer else {
+            let len = shared.len();
+            return (self.push_at(shared, received), len);
+        };
+        let mut parts = Vec::new();
+        framer.frame(encoded.event(), &shared, &mut |part: Bytes| {
+            parts.push(part)
+        });
+        let len = parts.iter().map(Bytes::len).sum();
+        (self.queue_parts(self.lock(), parts, received), len)
+    }
+
+    /// The bytes `push_encoded` would queue for this event, without queueing them: for a
+    /// subscriber that buffers until it goes live (a history channel's joiner).
+    pub fn frame_encoded(&self, encoded: &mut Encoded<'_>) -> Parts {
+        let shared = encoded.bytes(self.codec);
+        let Some(framer) = &self.framer else {
+            return Parts::One(shared);
+        };
+        let mut parts = Vec::new();
+        framer.frame(encoded.event(), &shared, &mut |part: Bytes| {
+            parts.push(part)
+        });
+        Parts::Many(parts)
+    }
+
+    /// Queues what [`Outbound::frame_encoded`] made: all of its parts, or none.
+    pub fn push_parts(&self, parts: Parts) -> Pushed {
+        match parts {
+            Parts::One(b) => self.push(b),
+            Parts::Many(p) => self.queue_parts(self.lock(), p, None),
+        }
+    }
+
+    /// Queues a framer's parts together (each charged as a frame), or none of them.
+    fn queue_parts(
+        &self,
+        mut s: std::sync::MutexGuard<'_, State>,
+        parts: Vec<Bytes>,
+        received: Option<Instant>,
+    ) -> Pushed {
+        if parts.is_empty() {
+            return Pushed::Unwanted;
+        }
+        if s.close.is_some() {
+            return Pushed::Closing;
+        }
+        if s.oldest.is_none() {
+            s.oldest = received;
+        }
+        let cost: usize = parts.iter().map(|p| p.len() + FRAME_COST).sum();
+        if s.bytes + cost > self.cap {
+            return self.overflow(s);
+        }
+        s.bytes += cost;
+        let first = s.frames.is_empty();
+        s.frames.extend(parts);
+        drop(s);
+        if first {
+            self.notify.notify_one();
+        }
+        Pushed::Queued
+    }
+
+    /// Drops everything queued and closes the connection as a slow consumer. Freed at once:
+    /// the connection is closing and will never write them.
+    fn overflow(&self, mut s: std::sync::MutexGuard<'_, State>) -> Pushed {
+        s.frames = VecDeque::new();
+        s.bytes = 0;
+        s.pong = None;
+        s.close = Some(CloseReason::SlowConsumer(self.cap));
+        drop(s);
+        self.notify.notify_one();
+        Pushed::Overflowed
+    }
+
+    /// The heartbeat frame the writer sends every ping interval, in the connection's
+    /// protocol ([`Codec::ping`]).
+    pub fn ping_frame(&self) -> Bytes {
+        self.codec.ping()
+    }
+
+    /// The close frame for `reason`, in the connection's protocol ([`Codec::close`]).
+    pub fn close_frame(&self, reason: &CloseReason) -> Bytes {
+        self.codec.close(reason)
+    }
+
+    /// The last frame before the close frame, from the connection's framer.
+    pub fn farewell(&self, reason: &CloseReason) -> Option<Bytes> {
+        self.framer.as_ref()?.farewell(reason)
+    }
+
+    /// Hands the writer a keep-alive to run from now on (replacing any earlier one).
+    pub fn set_heartbeat(&self, heartbeat: Heartbeat) {
+        self.lock().heartbeat = Some(heartbeat);
+        self.heartbeat_set.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// The keep-alive set since the last call, if any. For the writer: cheap when none was.
+    pub fn take_heartbeat(&self) -> Option<Heartbeat> {
+        // A plain load first: this runs on every turn of every writer.
+        if !self.heartbeat_set.load(Ordering::Acquire)
+            || !self.heartbeat_set.swap(false, Ordering::AcqRel)
+        {
+            return None;
+        }
+        self.lock().heartbeat.take()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -106,28 +315,44 @@ impl Outbound {
         self.push_at(frame, None)
     }
 
-    /// Queues a channel message that the broker handed over at `received`.
-    pub fn push_received(&self, frame: Bytes, received: Instant) -> Pushed {
-        self.push_at(frame, Some(received))
+    /// Queues a pong, or replaces the pong already queued and not yet taken by the writer:
+    /// a run of pings gets one pong, echoing the last of them (RFC 6455 §5.5.3).
+    pub fn push_pong(&self, frame: Bytes) -> Pushed {
+        let mut s = self.lock();
+        if let Some(at) = s.pong.filter(|_| s.close.is_none()) {
+            s.frames[at] = frame;
+            return Pushed::Queued;
+        }
+        self.queue(s, frame, None, true)
     }
 
     fn push_at(&self, frame: Bytes, received: Option<Instant>) -> Pushed {
-        let mut s = self.lock();
+        self.queue(self.lock(), frame, received, false)
+    }
+
+    /// Queues `frame` under the lock `s`; `pong` marks it as the pong [`Outbound::push_pong`]
+    /// may replace.
+    fn queue(
+        &self,
+        mut s: std::sync::MutexGuard<'_, State>,
+        frame: Bytes,
+        received: Option<Instant>,
+        pong: bool,
+    ) -> Pushed {
         if s.oldest.is_none() {
             s.oldest = received;
         }
         if s.close.is_some() {
             return Pushed::Closing;
         }
-        if s.bytes + frame.len() > self.cap {
-            s.frames.clear();
-            s.bytes = 0;
-            s.close = Some(CloseReason::SlowConsumer(self.cap));
-            drop(s);
-            self.notify.notify_one();
-            return Pushed::Overflowed;
+        let cost = if pong { MAX_PONG } else { frame.len() } + FRAME_COST;
+        if s.bytes + cost > self.cap {
+            return self.overflow(s);
         }
-        s.bytes += frame.len();
+        s.bytes += cost;
+        if pong {
+            s.pong = Some(s.frames.len());
+        }
         s.frames.push_back(frame);
         let first = s.frames.len() == 1;
         drop(s);
@@ -150,6 +375,12 @@ impl Outbound {
         self.notify.notify_one();
     }
 
+    /// What the queued frames cost against the cap (see `State::bytes`).
+    #[cfg(test)]
+    pub fn queued(&self) -> usize {
+        self.lock().bytes
+    }
+
     /// True once a close was requested.
     pub fn is_closing(&self) -> bool {
         self.lock().close.is_some()
@@ -163,10 +394,18 @@ impl Outbound {
     /// Moves every queued frame into `batch`. Returns the close reason, if one is set, and
     /// for one write in [`LATENCY_SAMPLE`] the broker receipt time of the batch's oldest
     /// channel message, which the writer hands to [`Outbound::written`].
+    ///
+    /// An empty `batch` (the writer's, after a write) trades buffers with the queue rather
+    /// than taking a copy, so the frames' slots are held once, not once in each.
     pub fn take(&self, batch: &mut VecDeque<Bytes>) -> (Option<CloseReason>, Option<Instant>) {
         let mut s = self.lock();
-        batch.append(&mut s.frames);
+        if batch.is_empty() {
+            std::mem::swap(batch, &mut s.frames);
+        } else {
+            batch.append(&mut s.frames);
+        }
         s.bytes = 0;
+        s.pong = None;
         let oldest = s.oldest.take();
         // The first such write is sampled, then every LATENCY_SAMPLE-th.
         let sampled = oldest.is_some() && {
@@ -194,33 +433,90 @@ impl Outbound {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::event::DebugCodec as NoCodec;
+    use crate::conn::frame;
 
-    /// Tests of the queue alone need no protocol.
-    struct NoCodec;
-    impl Codec for NoCodec {
+    /// A framer that sends every event as a head of its own plus the shared part, or
+    /// nothing for direct messages.
+    struct TwoParts;
+    impl Framer for TwoParts {
+        fn frame(&self, event: &Event<'_>, shared: &Bytes, part: &mut dyn FnMut(Bytes)) {
+            if let Event::Message { .. } = event {
+                part(Bytes::from_static(b"head"));
+                part(shared.clone());
+            }
+        }
+        fn farewell(&self, _: &CloseReason) -> Option<Bytes> {
+            Some(Bytes::from_static(b"bye"))
+        }
+    }
+
+    struct Body;
+    impl Codec for Body {
         fn id(&self) -> usize {
             0
         }
         fn encode(&self, _: &Event<'_>) -> Bytes {
-            Bytes::new()
+            Bytes::from_static(b"body")
         }
     }
 
     #[test]
-    fn overflow_drops_queue_and_closes() {
+    fn a_framer_queues_its_parts_together_or_not_at_all() {
+        let cap = 8 + 2 * FRAME_COST + 4;
+        let q = Outbound::new(cap, &Body).with_framer(Arc::new(TwoParts));
+        let message = Event::Message {
+            position: None,
+            channel: "c",
+            data: "1",
+        };
+        let mut e = Encoded::new(message);
+        assert_eq!(q.push_encoded(&mut e, None), (Pushed::Queued, 8));
+        let mut direct = Encoded::new(Event::Direct { data: "1" });
+        assert_eq!(q.push_encoded(&mut direct, None), (Pushed::Unwanted, 0));
+        // a second message does not fit: both of its parts go, with everything else
+        assert_eq!(q.push_encoded(&mut e, None).0, Pushed::Overflowed);
+        let mut batch = VecDeque::new();
+        assert_eq!(q.take(&mut batch).0, Some(CloseReason::SlowConsumer(cap)));
+        assert!(batch.is_empty());
+        assert_eq!(
+            q.farewell(&CloseReason::Shutdown).as_deref(),
+            Some(&b"bye"[..])
+        );
+        assert!(Outbound::new(1, &Body)
+            .farewell(&CloseReason::Shutdown)
+            .is_none());
+    }
+
+    #[test]
+    fn a_heartbeat_is_taken_once() {
         let q = Outbound::new(10, &NoCodec);
+        assert_eq!(q.take_heartbeat(), None);
+        let hb = Heartbeat {
+            send: Some((Duration::from_secs(1), Bytes::from_static(b"\n"))),
+            expect: None,
+        };
+        q.set_heartbeat(hb.clone());
+        assert_eq!(q.take_heartbeat(), Some(hb));
+        assert_eq!(q.take_heartbeat(), None);
+    }
+
+    #[test]
+    fn overflow_drops_queue_and_closes() {
+        let cap = 2 * (5 + FRAME_COST);
+        let q = Outbound::new(cap, &NoCodec);
         assert_eq!(q.push(Bytes::from_static(b"12345")), Pushed::Queued);
         assert_eq!(q.push(Bytes::from_static(b"12345")), Pushed::Queued);
         assert_eq!(q.push(Bytes::from_static(b"1")), Pushed::Overflowed);
         assert_eq!(q.push(Bytes::from_static(b"1")), Pushed::Closing);
         let mut batch = VecDeque::new();
-        assert_eq!(q.take(&mut batch).0, Some(CloseReason::SlowConsumer(10)));
+        assert_eq!(q.take(&mut batch).0, Some(CloseReason::SlowConsumer(cap)));
         assert!(batch.is_empty());
     }
 
     #[test]
     fn take_frees_room_and_first_close_wins() {
-        let q = Outbound::new(10, &NoCodec);
+        let q = Outbound::new(10 + FRAME_COST, &NoCodec);
         q.push(Bytes::from_static(b"1234567890"));
         let mut batch = VecDeque::new();
         assert_eq!(q.take(&mut batch).0, None);
@@ -230,5 +526,95 @@ mod tests {
         q.close(CloseReason::Disconnected);
         assert_eq!(q.take(&mut batch).0, Some(CloseReason::Shutdown));
         assert_eq!(batch.len(), 2);
+    }
+
+    /// The heap that `frames` holds, as far as it can be seen from here: the slot array at
+    /// its capacity, and each frame's buffer as glibc's malloc sizes it (the request plus an
+    /// 8-byte header, rounded up to 16, at least 32).
+    fn held(frames: &VecDeque<Bytes>) -> usize {
+        let buffers: usize = frames
+            .iter()
+            .map(|f| (f.len() + 8).next_multiple_of(16).max(32))
+            .sum();
+        frames.capacity() * size_of::<Bytes>() + buffers
+    }
+
+    /// The documented bound, against the worst client for it: the writer holds a full batch
+    /// of the smallest frames it can be given (empty text frames, 2 bytes each) that it
+    /// cannot write because the client does not read, and the client floods pings.
+    #[test]
+    fn a_client_that_floods_pings_and_never_reads_holds_at_most_twice_the_cap() {
+        const CAP: usize = 64 * 1024;
+        let accepted = {
+            let probe = Outbound::new(CAP, &NoCodec);
+            let mut n = 0;
+            while probe.push(frame::text("")) == Pushed::Queued {
+                n += 1;
+            }
+            n
+        };
+        let q = Outbound::new(CAP, &NoCodec);
+        for _ in 0..accepted {
+            assert_eq!(q.push(frame::text("")), Pushed::Queued);
+        }
+        let mut batch = VecDeque::new();
+        q.take(&mut batch);
+        assert_eq!(batch.len(), accepted);
+        for i in 0..100_000u32 {
+            q.push_pong(frame::pong(&i.to_be_bytes()));
+        }
+        assert!(
+            !q.is_closing(),
+            "a ping flood alone does not overflow the queue"
+        );
+        let total = held(&batch) + held(&q.lock().frames);
+        assert!(total <= 2 * CAP, "{total} bytes held for a cap of {CAP}");
+        let mut pongs = VecDeque::new();
+        q.take(&mut pongs);
+        assert_eq!(Vec::from(pongs), [frame::pong(&99_999u32.to_be_bytes())]);
+    }
+
+    #[test]
+    fn a_run_of_pongs_is_one_pong_in_place_until_taken() {
+        let q = Outbound::new(1 << 20, &NoCodec);
+        q.push(frame::text("a"));
+        q.push_pong(frame::pong(b"1"));
+        q.push_pong(frame::pong(b"2"));
+        q.push(frame::text("b"));
+        q.push_pong(frame::pong(b"3"));
+        assert_eq!(q.queued(), 3 + 3 + MAX_PONG + 3 * FRAME_COST);
+        let mut batch = VecDeque::new();
+        q.take(&mut batch);
+        let want = [frame::text("a"), frame::pong(b"3"), frame::text("b")];
+        assert_eq!(Vec::from(std::mem::take(&mut batch)), want);
+        // once taken (being written), the next ping gets a pong of its own
+        q.push_pong(frame::pong(b"4"));
+        q.take(&mut batch);
+        assert_eq!(Vec::from(batch), [frame::pong(b"4")]);
+    }
+
+    #[test]
+    fn queues_give_memory_back_after_a_burst() {
+        let q = Outbound::new(1 << 30, &NoCodec);
+        let mut batch = VecDeque::new();
+        for _ in 0..10_000 {
+            q.push(frame::text("x"));
+        }
+        q.take(&mut batch);
+        assert_eq!(batch.len(), 10_000);
+        assert!(
+            q.lock().frames.capacity() <= RETAIN_FRAMES,
+            "the queue's buffer went to the batch, not a copy"
+        );
+        batch.clear(); // written
+        release(&mut batch);
+        assert!(batch.capacity() <= RETAIN_FRAMES, "{}", batch.capacity());
+        // a connection's usual few frames keep their buffers from write to write
+        q.push(frame::text("x"));
+        q.take(&mut batch);
+        let kept = batch.capacity();
+        batch.clear();
+        release(&mut batch);
+        assert!(kept > 0 && batch.capacity() == kept);
     }
 }

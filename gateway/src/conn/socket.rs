@@ -4,14 +4,23 @@
 //!   [`Handler`]. It is a task of its own so that a slow handler (a Redis round trip) never
 //!   delays writes, and so that the writer's `select!` never has to cancel a read. It
 //!   reassembles fragments itself and closes with 1009 the moment the running total passes
-//!   `max_message_bytes`, before buffering any more.
+//!   `max_message_bytes`, before buffering any more, and with 1008 when a fragmented
+//!   message is not complete `fragment_timeout` after its first fragment.
 //! - The writer is the connection's main loop: one `select!` over the outbound queue, the
 //!   heartbeat tick and the shutdown token. It writes pre-encoded frames ([`crate::conn::frame`])
 //!   straight to the socket with vectored writes, so a frame fanned out to many connections
 //!   is encoded once and shared as [`Bytes`]. Every write is flushed, which TLS streams need.
 //!
 //! Control frames the reader sees (ping → pong, close → our close) are answered through the
-//! same outbound queue, keeping a single writer per socket.
+//! same outbound queue, keeping a single writer per socket. A ping is first offered to the
+//! handler ([`Handler::on_ping`]), which counts it against the connection's rate limits, and
+//! pongs not yet written are coalesced into one ([`Outbound::push_pong`]).
+//!
+//! A protocol with a keep-alive of its own (STOMP's heart-beats) hands the writer a
+//! [`Heartbeat`] through the outbound queue once negotiated; the writer then also sends that
+//! protocol's beat and closes with 4001 when no data message arrived in time (pongs answer
+//! our pings whatever the application does, so they do not count there). Before closing,
+//! the writer writes the queue's farewell frame, if its protocol has one (STOMP's ERROR).
 //!
 //! A plain-TCP connection is unwrapped from hyper's `Upgraded` back to its socket
 //! ([`serve_upgraded`]): the halves are owned (no split lock, no boxed I/O on every call) and
@@ -39,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use crate::conn::clock::{ClockEvent, TokenClock};
 use crate::conn::event::Event;
 use crate::conn::frame::{self, FrameReader, OpCode};
-use crate::conn::outbound::Outbound;
+use crate::conn::outbound::{self, Heartbeat, Outbound};
 use crate::error::CloseReason;
 
 /// What the application does with complete messages.
@@ -52,6 +61,14 @@ pub trait Handler: Send + 'static {
         let _ = data;
         async { Err(CloseReason::Binary) }
     }
+
+    /// A ping with `len` bytes of payload: `Ok(true)` answers it with a pong, `Ok(false)`
+    /// drops it (over a rate limit), `Err` closes. Pings cost the node a pong each, so a
+    /// handler with rate limits counts them; the default answers every ping.
+    fn on_ping(&mut self, len: usize) -> Result<bool, CloseReason> {
+        let _ = len;
+        Ok(true)
+    }
 }
 
 /// Per-connection limits and timers.
@@ -59,6 +76,8 @@ pub trait Handler: Send + 'static {
 pub struct Limits {
     /// Largest message after reassembly.
     pub max_message_bytes: usize,
+    /// Time from a fragmented message's first fragment to its last.
+    pub fragment_timeout: Duration,
     /// Interval between server pings.
     pub ping_interval: Duration,
     /// Silence (no frame at all) after which the peer is closed with 4001.
@@ -94,7 +113,7 @@ where
     H: Handler,
 {
     let silence = Silence {
-        last_seen: Arc::new(AtomicU64::new(0)),
+        last_seen: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
         started: Instant::now(),
     };
     let reader = tokio::spawn(read_loop(
@@ -198,24 +217,100 @@ impl AsyncWrite for TcpWriter {
     }
 }
 
-/// When the reader last saw a frame, in milliseconds since `started`.
+/// When the reader last saw a frame (`[0]`) and a data frame (`[1]`: text, binary or
+/// continuation), in milliseconds since `started`.
 #[derive(Clone)]
 struct Silence {
-    last_seen: Arc<AtomicU64>,
+    last_seen: Arc<[AtomicU64; 2]>,
     started: Instant,
 }
 
 impl Silence {
-    fn heard(&self) {
+    fn heard(&self, data: bool) {
         let ms = self.started.elapsed().as_millis() as u64;
-        self.last_seen.store(ms, Ordering::Relaxed);
+        self.last_seen[0].store(ms, Ordering::Relaxed);
+        if data {
+            self.last_seen[1].store(ms, Ordering::Relaxed);
+        }
     }
 
+    /// No frame at all for longer than `limit`.
     fn longer_than(&self, limit: Duration) -> bool {
-        let silent_ms = (self.started.elapsed().as_millis() as u64)
-            .saturating_sub(self.last_seen.load(Ordering::Relaxed));
-        silent_ms > limit.as_millis() as u64
+        self.silent_ms(0) > limit.as_millis() as u64
     }
+
+    /// No data frame for longer than `limit`.
+    fn no_data_for(&self, limit: Duration) -> bool {
+        self.silent_ms(1) > limit.as_millis() as u64
+    }
+
+    fn silent_ms(&self, which: usize) -> u64 {
+        (self.started.elapsed().as_millis() as u64)
+            .saturating_sub(self.last_seen[which].load(Ordering::Relaxed))
+    }
+}
+
+/// The timers of a protocol's [`Heartbeat`]. Boxed in the writer, so that connections
+/// without one do not reserve room for it.
+struct Beat {
+    heartbeat: Heartbeat,
+    next_send: Option<tokio::time::Instant>,
+    next_check: Option<tokio::time::Instant>,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Beat {
+    fn new(heartbeat: Heartbeat) -> Box<Beat> {
+        let now = tokio::time::Instant::now();
+        let mut b = Box::new(Beat {
+            next_send: heartbeat.send.as_ref().map(|(every, _)| now + *every),
+            next_check: heartbeat.expect.map(|limit| now + check_every(limit)),
+            heartbeat,
+            timer: Box::pin(tokio::time::sleep_until(now)),
+        });
+        b.aim();
+        b
+    }
+
+    fn aim(&mut self) {
+        let next = match (self.next_send, self.next_check) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or_else(far_future),
+        };
+        self.timer.as_mut().reset(next);
+    }
+
+    /// The timer fired: queues the beat when due, and returns false when the peer has been
+    /// silent for longer than the protocol allows.
+    fn fire(&mut self, outbound: &Outbound, silence: &Silence) -> bool {
+        let now = tokio::time::Instant::now();
+        if let (Some(at), Some((every, frame))) = (self.next_send, &self.heartbeat.send) {
+            if now >= at {
+                outbound.push(frame.clone());
+                self.next_send = Some(now + *every);
+            }
+        }
+        if let (Some(at), Some(limit)) = (self.next_check, self.heartbeat.expect) {
+            if now >= at {
+                if silence.no_data_for(limit) {
+                    return false;
+                }
+                self.next_check = Some(now + check_every(limit));
+            }
+        }
+        self.aim();
+        true
+    }
+}
+
+/// How often a heartbeat's silence limit is checked: a peer is closed between `limit` and
+/// 1.25 × `limit` after its last data message.
+fn check_every(limit: Duration) -> Duration {
+    (limit / 4).max(Duration::from_millis(10))
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
 /// The writer: the connection's main loop. See the module docs.
@@ -242,7 +337,11 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
         let mut token_timer = token
             .as_ref()
             .map(|t| (t.due_ms(), Box::pin(tokio::time::sleep_until(t.deadline()))));
+        let mut beat: Option<Box<Beat>> = None;
         let reason = loop {
+            if let Some(heartbeat) = outbound.take_heartbeat() {
+                beat = Some(Beat::new(heartbeat));
+            }
             let (closing, oldest) = outbound.take(&mut batch);
             if !batch.is_empty() {
                 if write_batch(&mut write_half, &mut batch, limits)
@@ -253,6 +352,7 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
                     // overflowed, is a slow consumer, not a lost connection.
                     break outbound.close_reason().unwrap_or(CloseReason::Abnormal);
                 }
+                outbound::release(&mut batch);
                 outbound.written(oldest);
             }
             if let Some(reason) = closing {
@@ -270,13 +370,24 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
                     None => std::future::pending().await,
                 }
             };
+            let beat_due = async {
+                match beat.as_mut() {
+                    Some(b) => b.timer.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = outbound.changed() => {}
                 _ = ping.tick() => {
                     if silence.longer_than(limits.ping_timeout) {
                         break CloseReason::HeartbeatTimeout;
                     }
-                    outbound.push(outbound.codec().ping());
+                    outbound.push(outbound.ping_frame());
+                }
+                _ = beat_due => {
+                    if beat.as_mut().is_some_and(|b| !b.fire(&outbound, &silence)) {
+                        break CloseReason::HeartbeatTimeout;
+                    }
                 }
                 _ = &mut cancelled => break CloseReason::Shutdown,
                 _ = token_due => {
@@ -295,8 +406,16 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
         outbound.close(reason.clone());
 
         if reason != CloseReason::Abnormal {
-            // Best effort: the peer may be gone or not reading (slow consumer); bounded by timeout.
-            let mut last = VecDeque::from([outbound.codec().close(&reason)]);
+            // Best effort: the peer may be gone or not reading (slow consumer); bounded by
+            // timeout. Before the close frame go what is left of a batch whose write failed (so
+            // that the peer never sees half a frame and then a close), and the frames queued
+            // since the last write: a drain's close comes through `take` and has none left,
+            // but shutdown and the timers end the loop from the `select!`, which can win over
+            // frames queued a moment before. The queue is closed now, so nothing joins later.
+            let mut last = std::mem::take(&mut batch);
+            outbound.take(&mut last);
+            last.extend(outbound.farewell(&reason));
+            last.push_back(outbound.close_frame(&reason));
             let _ = write_batch(&mut write_half, &mut last, limits).await;
             let _ = tokio::time::timeout(limits.write_timeout, write_half.shutdown()).await;
             // Give the peer a moment to answer our close so the reader ends cleanly.
@@ -382,12 +501,33 @@ where
         // fast instead of after the whole message arrived).
         let mut partial: Option<(OpCode, Vec<u8>)> = None;
         let mut utf8_checked = 0;
+        // When the message in `partial` must be complete. Checked on two paths, so that
+        // neither a silent client nor one that keeps sending (pings, more fragments) can hold
+        // the buffer past it: the read is timed out at the deadline (it is cancel-safe, so
+        // nothing is lost), and every frame that arrives is checked against it, since a read
+        // that finds bytes already buffered completes before its timer is looked at.
+        let mut fragment_due: Option<tokio::time::Instant> = None;
         let reason = loop {
-            let frame = match frames.next().await {
+            let next = match fragment_due {
+                // Boxed: only a connection in the middle of a fragmented message pays for the
+                // timer; inline, it would be reserved in every idle connection's reader task.
+                Some(due) => match Box::pin(tokio::time::timeout_at(due, frames.next())).await {
+                    Ok(next) => next,
+                    Err(_) => break CloseReason::FragmentTimeout,
+                },
+                None => frames.next().await,
+            };
+            let frame = match next {
                 Ok(f) => f,
                 Err(reason) => break reason,
             };
-            silence.heard();
+            silence.heard(matches!(
+                frame.opcode,
+                OpCode::Text | OpCode::Binary | OpCode::Continuation
+            ));
+            if fragment_due.is_some_and(|due| tokio::time::Instant::now() >= due) {
+                break CloseReason::FragmentTimeout;
+            }
             let complete = match frame.opcode {
                 OpCode::Text | OpCode::Binary => {
                     if partial.is_some() {
@@ -405,6 +545,7 @@ where
                             break CloseReason::InvalidUtf8;
                         }
                         partial = Some((frame.opcode, buf));
+                        fragment_due = Some(tokio::time::Instant::now() + limits.fragment_timeout);
                         None
                     }
                 }
@@ -420,13 +561,20 @@ where
                         break CloseReason::InvalidUtf8;
                     }
                     if frame.fin {
+                        fragment_due = None;
                         partial.take()
                     } else {
                         None
                     }
                 }
                 OpCode::Ping => {
-                    outbound.push(frame::pong(&frame.payload));
+                    match handler.on_ping(frame.payload.len()) {
+                        Ok(true) => {
+                            outbound.push_pong(frame::pong(&frame.payload));
+                        }
+                        Ok(false) => {}
+                        Err(reason) => break reason,
+                    }
                     None
                 }
                 OpCode::Pong => None,
@@ -494,6 +642,80 @@ fn close_reason(payload: &[u8]) -> CloseReason {
             } else {
                 CloseReason::ClientClosed(code)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::event::DebugCodec as NoCodec;
+    use tokio::io::AsyncReadExt;
+
+    struct Quiet;
+    impl Handler for Quiet {
+        async fn on_text(&mut self, _: String) -> Result<(), CloseReason> {
+            Ok(())
+        }
+    }
+
+    /// Server frames (unmasked, short) as (opcode, payload).
+    fn frames(mut wire: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while let [b0, len, rest @ ..] = wire {
+            let len = usize::from(*len);
+            out.push((b0 & 0x0f, rest[..len].to_vec()));
+            wire = &rest[len..];
+        }
+        out
+    }
+
+    /// Frames queued when shutdown comes are written before the close frame. The writer's
+    /// `select!` picks among ready branches at random, so the case where shutdown wins over
+    /// the queued frames comes up in about half the rounds.
+    #[tokio::test]
+    async fn shutdown_writes_what_was_queued_before_the_close_frame() {
+        let limits = Limits {
+            max_message_bytes: 1024,
+            fragment_timeout: Duration::from_secs(60),
+            ping_interval: Duration::from_secs(60),
+            ping_timeout: Duration::from_secs(120),
+            write_timeout: Duration::from_millis(20),
+        };
+        for round in 0..32 {
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            let (read_half, write_half) = tokio::io::split(server);
+            let out = Arc::new(Outbound::new(1 << 20, &NoCodec));
+            let stop = CancellationToken::new();
+            let serving = tokio::spawn(serve(
+                read_half,
+                write_half,
+                &[],
+                limits,
+                Quiet,
+                out.clone(),
+                stop.clone(),
+                None,
+            ));
+            // The writer waits in its `select!`; then frames and shutdown come together.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            for n in ["1", "2", "3"] {
+                out.push(frame::text(n));
+            }
+            stop.cancel();
+            assert_eq!(serving.await.expect("served"), CloseReason::Shutdown);
+            let mut wire = Vec::new();
+            client.read_to_end(&mut wire).await.expect("read");
+            let text = |s: &str| (1, s.as_bytes().to_vec());
+            let close = (
+                8,
+                [&1001u16.to_be_bytes()[..], b"node shutting down"].concat(),
+            );
+            assert_eq!(
+                frames(&wire),
+                [text("1"), text("2"), text("3"), close],
+                "round {round}"
+            );
         }
     }
 }

@@ -20,7 +20,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -40,7 +40,8 @@ pub type ConnId = u64;
 /// A channel's local subscribers.
 enum Channel {
     Plain(HashMap<ConnId, Arc<Outbound>>),
-    History(Mutex<Stream>),
+    /// Boxed: a stream is far larger than a plain channel's map, and most channels are plain.
+    History(Box<Mutex<Stream>>),
 }
 
 impl Channel {
@@ -55,6 +56,9 @@ impl Channel {
 struct Shard {
     control: tokio::sync::Mutex<()>,
     channels: RwLock<HashMap<String, Channel>>,
+    /// Channels whose first broker subscribe is in flight: a subscriber that finds its
+    /// channel here waits for `control` (the broker's answer) instead of joining at once.
+    settling: Mutex<HashSet<String>>,
 }
 
 /// How the hub is set up.
@@ -77,6 +81,10 @@ pub struct Hub {
     /// unsubscribe failed, or a subscribe timed out (the broker may have subscribed anyway).
     /// [`Hub::reconcile`] unsubscribes them. Bounded by the channels this node ever had.
     stale: Mutex<HashSet<String>>,
+    /// Numbers the history streams this hub makes, so that a read started for a stream
+    /// that has since been dropped (its last subscriber left) is never applied to the one
+    /// that replaced it under the same channel name.
+    streams_made: AtomicU64,
     me: Weak<Hub>,
 }
 
@@ -107,12 +115,14 @@ impl Hub {
                     .map(|_| Shard {
                         control: tokio::sync::Mutex::new(()),
                         channels: RwLock::new(HashMap::new()),
+                        settling: Mutex::new(HashSet::new()),
                     })
                     .collect(),
                 broker: make_broker(sink),
                 metrics,
                 settings,
                 stale: Default::default(),
+                streams_made: AtomicU64::new(0),
                 me: weak.clone(),
             }
         })
@@ -169,42 +179,43 @@ impl Hub {
         inline: bool,
     ) -> Result<Subscribed, BrokerError> {
         let shard = self.shard(channel);
-        let _order = shard.control.lock().await;
-        let mut joined = None;
-        let first = {
+        if out.is_closing() {
+            // Its cleanup may already have run: added now, it would never be removed.
+            return Ok(Subscribed::default());
+        }
+        // A channel the broker already delivers is joined under the map lock alone: such a
+        // subscriber must not wait behind the shard's broker calls (a slow Redis makes each
+        // as long as its timeout).
+        let settled = {
             let mut map = write(&shard.channels);
-            let entry = map.entry(channel.to_owned()).or_insert_with(|| {
-                match self.history_options(channel) {
-                    Some(o) => Channel::History(Mutex::new(Stream::new(o.clone()))),
-                    None => Channel::Plain(HashMap::new()),
-                }
-            });
-            match entry {
-                Channel::Plain(subs) => {
-                    subs.insert(conn, out.clone());
-                }
-                Channel::History(stream) => {
-                    let mut s = lock(stream);
-                    if !s.contains(conn) {
-                        let (tx, rx) = oneshot::channel();
-                        if s.join(conn, out.clone(), recover, inline, tx) {
-                            self.schedule_read(channel);
-                        }
-                        joined = Some(rx);
+            let ready = map.contains_key(channel) && !lock(&shard.settling).contains(channel);
+            ready.then(|| self.register(&mut map, channel, conn, out, recover.clone(), inline))
+        };
+        let (joined, _order) = match settled {
+            Some((_, joined)) => (joined, None),
+            None => {
+                let order = self.control(shard, "subscribe").await?;
+                let (first, joined) = {
+                    let mut map = write(&shard.channels);
+                    self.register(&mut map, channel, conn, out, recover, inline)
+                };
+                if first {
+                    lock(&shard.settling).insert(channel.to_owned());
+                    // Cut off mid-call (the caller dropped), the channel is left to
+                    // `reconcile`: the broker may have subscribed anyway.
+                    let unsettled = Unsettled(self, shard, channel);
+                    let r = self
+                        .broker_call("subscribe", self.broker.subscribe(channel))
+                        .await;
+                    unsettled.settled();
+                    if let Err(e) = r {
+                        self.remove(channel, conn);
+                        return Err(e);
                     }
                 }
+                (joined, Some(order))
             }
-            entry.len() == 1
         };
-        if first {
-            if let Err(e) = self
-                .broker_call("subscribe", self.broker.subscribe(channel))
-                .await
-            {
-                self.remove(channel, conn);
-                return Err(e);
-            }
-        }
         drop(_order);
         let Some(rx) = joined else {
             return Ok(Subscribed::default());
@@ -220,6 +231,62 @@ impl Hub {
             }
             Err(_) => {
                 self.remove(channel, conn);
+                Err(BrokerError::Timeout)
+            }
+        }
+    }
+
+    /// Adds `conn` to `channel` in `map`. Returns whether it is the channel's first
+    /// subscriber, and, on a history channel, where its join will be answered.
+    fn register(
+        &self,
+        map: &mut HashMap<String, Channel>,
+        channel: &str,
+        conn: ConnId,
+        out: &Arc<Outbound>,
+        recover: Option<Position>,
+        inline: bool,
+    ) -> (bool, Option<oneshot::Receiver<Joined>>) {
+        let entry =
+            map.entry(channel.to_owned())
+                .or_insert_with(|| match self.history_options(channel) {
+                    Some(o) => {
+                        let id = self.streams_made.fetch_add(1, Ordering::Relaxed);
+                        Channel::History(Box::new(Mutex::new(Stream::new(id, o.clone()))))
+                    }
+                    None => Channel::Plain(HashMap::new()),
+                });
+        let mut joined = None;
+        match entry {
+            Channel::Plain(subs) => {
+                subs.insert(conn, out.clone());
+            }
+            Channel::History(stream) => {
+                let mut s = lock(stream);
+                if !s.contains(conn) {
+                    let (tx, rx) = oneshot::channel();
+                    if s.join(conn, out.clone(), recover, inline, tx) {
+                        self.schedule_read(channel, s.id());
+                    }
+                    joined = Some(rx);
+                }
+            }
+        }
+        (entry.len() == 1, joined)
+    }
+
+    /// The shard's `control`, waited for at most the broker timeout: however many broker
+    /// calls queue ahead, a subscribe or unsubscribe answers `unavailable` in bounded time.
+    async fn control<'s>(
+        &self,
+        shard: &'s Shard,
+        op: &'static str,
+    ) -> Result<tokio::sync::MutexGuard<'s, ()>, BrokerError> {
+        match tokio::time::timeout(self.settings.broker_timeout, shard.control.lock()).await {
+            Ok(guard) => Ok(guard),
+            Err(_) => {
+                self.metrics.broker_errors.inc([op]);
+                tracing::warn!(op, "timed out waiting behind the hub shard's broker calls");
                 Err(BrokerError::Timeout)
             }
         }
@@ -248,15 +315,28 @@ impl Hub {
         }
     }
 
+    /// Drops `channel`'s local subscribers and leaves its broker subscription to
+    /// [`Hub::reconcile`] (a first subscribe cut off mid-call).
+    fn remove_all(&self, channel: &str) {
+        write(&self.shard(channel).channels).remove(channel);
+        self.mark_stale(channel);
+    }
+
     /// A joined subscriber of a history channel goes live (see [`Hub::subscribe`]).
     pub fn activate(&self, channel: &str, conn: ConnId) {
+        self.with_stream(channel, |s| s.activate(conn, &self.metrics));
+    }
+
+    /// Runs `f` on the stream of a history channel with local subscribers.
+    fn with_stream<R>(&self, channel: &str, f: impl FnOnce(&mut Stream) -> R) -> Option<R> {
         let map = self
             .shard(channel)
             .channels
             .read()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(Channel::History(s)) = map.get(channel) {
-            lock(s).activate(conn, &self.metrics);
+        match map.get(channel) {
+            Some(Channel::History(s)) => Some(f(&mut lock(s))),
+            _ => None,
         }
     }
 
@@ -279,7 +359,35 @@ impl Hub {
     /// unsubscribe from the broker. Removing an absent subscriber is a no-op.
     pub async fn unsubscribe(&self, channel: &str, conn: ConnId) -> Result<(), BrokerError> {
         let shard = self.shard(channel);
-        let _order = shard.control.lock().await;
+        // Leaving others behind (or an absent subscriber) needs no broker call, and so no
+        // wait behind the shard's.
+        {
+            let mut map = write(&shard.channels);
+            match map.get_mut(channel) {
+                None => return Ok(()),
+                Some(c) if c.len() > 1 => {
+                    match c {
+                        Channel::Plain(subs) => {
+                            subs.remove(&conn);
+                        }
+                        Channel::History(s) => {
+                            lock(s).leave(conn);
+                        }
+                    }
+                    return Ok(());
+                }
+                Some(_) => {}
+            }
+        }
+        let _order = match self.control(shard, "unsubscribe").await {
+            Ok(order) => order,
+            Err(e) => {
+                // The last subscriber leaves anyway (a closing connection must); the broker
+                // unsubscribe is left to `reconcile`.
+                self.remove(channel, conn);
+                return Err(e);
+            }
+        };
         let last = {
             let mut map = write(&shard.channels);
             let emptied = map.get_mut(channel).is_some_and(|c| {
@@ -375,15 +483,18 @@ impl Hub {
 
     /// Publishes with a W3C `traceparent`: it travels in front of the data (see
     /// [`crate::broker::Envelope`]) so that every node's delivery log line carries it.
-    /// Plain channels only: a history publication's payload is written by the broker.
+    /// Plain channels only: a history publication's payload is written by the broker, so
+    /// there the traceparent is left out and the publish is [`Hub::publish`]'s, with its
+    /// idempotency key.
     pub async fn publish_traced(
         &self,
         channel: &str,
         data: &str,
         traceparent: &str,
+        idempotency_key: Option<&str>,
     ) -> Result<Option<Position>, BrokerError> {
         if self.retention(channel).is_some() {
-            return self.publish(channel, data, None).await;
+            return self.publish(channel, data, idempotency_key).await;
         }
         let payload = crate::broker::traced(data, traceparent);
         self.broker_call("publish", self.broker.publish(channel, &payload))
@@ -448,6 +559,9 @@ impl Hub {
                 "delivering traced message"
             );
         }
+        if let Some(kind) = env.event {
+            return announce(c, channel, kind, env.data, &self.metrics);
+        }
         match c {
             Channel::Plain(subs) => {
                 let mut encoded = Encoded::new(Event::Message {
@@ -458,76 +572,64 @@ impl Hub {
                 fan_out(subs.values(), &mut encoded, &self.metrics, Instant::now());
             }
             Channel::History(s) => {
-                if lock(s).publish(channel, &env, &self.metrics) {
-                    self.schedule_read(channel);
+                let mut s = lock(s);
+                if s.publish(channel, &env, &self.metrics) {
+                    self.schedule_read(channel, s.id());
                 }
             }
         }
     }
 
-    /// Asks every history channel with live subscribers whether its epoch still holds and
-    /// whether it missed anything; runs every heartbeat (see `server`).
-    pub fn check_streams(&self) {
+    /// Asks every history channel with live subscribers and no publication for `quiet`
+    /// whether its epoch still holds and whether it missed anything; runs every heartbeat
+    /// (see `server`), so a quiet channel costs one read per heartbeat.
+    pub fn check_streams(&self, quiet: Duration) {
         let mut due = Vec::new();
         for shard in self.shards.iter() {
             let map = shard.channels.read().unwrap_or_else(|p| p.into_inner());
             for (name, c) in map.iter() {
                 if let Channel::History(s) = c {
-                    if lock(s).check() {
-                        due.push(name.clone());
+                    let mut s = lock(s);
+                    if s.check(quiet) {
+                        due.push((name.clone(), s.id()));
                     }
                 }
             }
         }
-        for name in due {
-            self.schedule_read(&name);
+        for (name, id) in due {
+            self.schedule_read(&name, id);
         }
     }
 
-    /// Starts a batched history read of `channel`: after `recover_batch`, one read serves
-    /// every request made meanwhile.
-    fn schedule_read(&self, channel: &str) {
+    /// Starts a batched history read of `channel`'s stream number `stream`: after
+    /// `recover_batch`, one read serves every request made meanwhile. The read is dropped
+    /// if that stream is gone by then (or by the time the read is answered): a stream
+    /// made since under the same name asked for its own read, which must start after its
+    /// joiners joined.
+    fn schedule_read(&self, channel: &str, stream: u64) {
         let Some(hub) = self.me.upgrade() else { return };
         let channel = channel.to_owned();
         tokio::spawn(async move {
             tokio::time::sleep(hub.settings.recover_batch).await;
             loop {
-                let started = {
-                    let map = hub
-                        .shard(&channel)
-                        .channels
-                        .read()
-                        .unwrap_or_else(|p| p.into_inner());
-                    match map.get(&channel) {
-                        Some(Channel::History(s)) => {
-                            let mut s = lock(s);
-                            Some((s.read_started(), s.wanted()))
-                        }
-                        _ => None,
-                    }
+                let started = hub.with_stream(&channel, |s| {
+                    (s.id() == stream).then(|| (s.read_started(), s.wanted()))
+                });
+                let Some(Some((read, since))) = started else {
+                    return;
                 };
-                let Some((read, since)) = started else { return };
                 let result = match hub.retention(&channel) {
                     Some(r) => {
+                        hub.metrics.history_reads.inc([]);
                         let call = hub.broker.history(&channel, r, since);
                         hub.timed("history", call).await
                     }
                     None => return,
                 };
-                let again = {
-                    let map = hub
-                        .shard(&channel)
-                        .channels
-                        .read()
-                        .unwrap_or_else(|p| p.into_inner());
-                    match map.get(&channel) {
-                        Some(Channel::History(s)) => {
-                            lock(s).apply(&channel, read, result, &hub.metrics)
-                        }
-                        _ => false,
-                    }
-                };
-                if !again {
+                let again = hub.with_stream(&channel, |s| {
+                    s.id() == stream && s.apply(&channel, read, result, &hub.metrics)
+                });
+                if again != Some(true) {
                     return;
                 }
             }
@@ -575,6 +677,55 @@ impl Hub {
     }
 }
 
+/// A first subscribe's broker call in flight: the channel is `settling` until
+/// [`Unsettled::settled`]; dropped before (the call was cut off), the channel goes to
+/// `reconcile`, since the broker may have subscribed anyway.
+struct Unsettled<'a>(&'a Hub, &'a Shard, &'a str);
+
+impl Unsettled<'_> {
+    fn settled(self) {
+        lock(&self.1.settling).remove(self.2);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        lock(&self.1.settling).remove(self.2);
+        self.0.remove_all(self.2);
+    }
+}
+
+/// A presence announcement (`join`, `leave`; see `cluster::presence`) to every live local
+/// subscriber of the channel, encoded once per protocol. Anything else is dropped.
+fn announce(c: &Channel, channel: &str, kind: &str, member: &str, metrics: &Metrics) {
+    let Some(e) = crate::cluster::presence::Entry::parse(member) else {
+        metrics.broker_dropped.inc([]);
+        return;
+    };
+    let (conn_id, user_id, info) = (&*e.conn_id, e.user_id.as_deref(), e.info.map(|i| i.get()));
+    let event = match kind {
+        "join" => Event::Join {
+            channel,
+            conn_id,
+            user_id,
+            info,
+        },
+        "leave" => Event::Leave {
+            channel,
+            conn_id,
+            user_id,
+            info,
+        },
+        _ => return,
+    };
+    let mut encoded = Encoded::new(event);
+    match c {
+        Channel::Plain(subs) => fan_out(subs.values(), &mut encoded, metrics, Instant::now()),
+        Channel::History(s) => fan_out(lock(s).live(), &mut encoded, metrics, Instant::now()),
+    }
+}
+
 /// Queues one encoded event to each of `subs` and counts the deliveries.
 pub(super) fn fan_out<'a>(
     subs: impl Iterator<Item = &'a Arc<Outbound>>,
@@ -584,15 +735,14 @@ pub(super) fn fan_out<'a>(
 ) {
     let (mut delivered, mut bytes) = (0u64, 0u64);
     for out in subs {
-        let frame = encoded.bytes(out.codec());
-        let len = frame.len() as u64;
-        match out.push_received(frame, received) {
+        let (pushed, len) = out.push_encoded(encoded, Some(received));
+        match pushed {
             Pushed::Queued => {
                 delivered += 1;
-                bytes += len;
+                bytes += len as u64;
             }
             Pushed::Overflowed => metrics.slow_consumer_disconnects.inc([]),
-            Pushed::Closing => {}
+            Pushed::Closing | Pushed::Unwanted => {}
         }
     }
     let hot = &metrics.hot;
@@ -745,6 +895,162 @@ mod tests {
             offsets(&texts(&c)).is_empty(),
             "nothing replayed when not recovered"
         );
+    }
+
+    /// A memory broker whose history reads wait for the test's permits (one per read, in
+    /// the order the reads arrive) and count how many have arrived.
+    struct Gated {
+        inner: MemoryBroker,
+        gate: tokio::sync::Semaphore,
+        arrived: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Broker for Gated {
+        fn subscribe<'a>(
+            &'a self,
+            channel: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            self.inner.subscribe(channel)
+        }
+        fn unsubscribe<'a>(
+            &'a self,
+            channel: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            self.inner.unsubscribe(channel)
+        }
+        fn publish<'a>(
+            &'a self,
+            channel: &'a str,
+            data: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            self.inner.publish(channel, data)
+        }
+        fn publish_history<'a>(
+            &'a self,
+            channel: &'a str,
+            data: &'a str,
+            retention: Retention,
+            key: Option<&'a str>,
+        ) -> crate::broker::BoxFuture<'a, Result<Position, BrokerError>> {
+            self.inner.publish_history(channel, data, retention, key)
+        }
+        fn history<'a>(
+            &'a self,
+            channel: &'a str,
+            retention: Retention,
+            since: Since,
+        ) -> crate::broker::BoxFuture<'a, Result<History, BrokerError>> {
+            Box::pin(async move {
+                self.arrived.fetch_add(1, Ordering::SeqCst);
+                self.gate.acquire().await.expect("open").forget();
+                self.inner.history(channel, retention, since).await
+            })
+        }
+    }
+
+    fn gated_hub() -> (Arc<Hub>, Arc<Gated>) {
+        let slot: Arc<std::sync::OnceLock<Arc<Gated>>> = Default::default();
+        let s = slot.clone();
+        let hub = Hub::new(settings(), Arc::default(), move |sink| {
+            let b = Arc::new(Gated {
+                inner: MemoryBroker::new(sink),
+                gate: tokio::sync::Semaphore::new(0),
+                arrived: 0.into(),
+            });
+            let _ = s.set(b.clone());
+            b as Arc<dyn Broker>
+        });
+        let broker = slot.get().expect("built").clone();
+        (hub, broker)
+    }
+
+    async fn reads_arrived(broker: &Gated, n: usize) {
+        for _ in 0..500 {
+            if broker.arrived.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("{n} history reads did not arrive");
+    }
+
+    #[tokio::test]
+    async fn a_read_that_outlives_its_stream_does_not_serve_the_next_one() {
+        let (hub, broker) = gated_hub();
+        let a = out();
+        let sub = {
+            let (hub, a) = (hub.clone(), a.clone());
+            tokio::spawn(async move { hub.subscribe("h:s", 1, &a, None).await })
+        };
+        reads_arrived(&broker, 1).await;
+        broker.gate.add_permits(1);
+        let epoch = sub
+            .await
+            .unwrap()
+            .expect("sub a")
+            .joined
+            .unwrap()
+            .position
+            .epoch;
+        hub.activate("h:s", 1);
+        for i in 1..=5 {
+            hub.publish("h:s", &i.to_string(), None)
+                .await
+                .expect("publish");
+        }
+        // a heartbeat check starts a read of what follows offset 5, which Redis is slow
+        // to answer; meanwhile the only subscriber leaves, and the stream with it
+        hub.check_streams(Duration::ZERO);
+        reads_arrived(&broker, 2).await;
+        hub.unsubscribe("h:s", 1).await.expect("unsub");
+        for i in 6..=8 {
+            hub.publish("h:s", &i.to_string(), None)
+                .await
+                .expect("publish");
+        }
+        // a new subscriber recovers from 2: a new stream, with a read of its own
+        let b = out();
+        let sub = {
+            let (hub, b) = (hub.clone(), b.clone());
+            let from = Position {
+                epoch: epoch.clone(),
+                offset: 2,
+            };
+            tokio::spawn(async move { hub.subscribe("h:s", 2, &b, Some(from)).await })
+        };
+        reads_arrived(&broker, 3).await;
+        // the old read is answered first (publications after 5 only), then the new one
+        broker.gate.add_permits(2);
+        let j = sub.await.unwrap().expect("sub b").joined.unwrap();
+        assert_eq!(
+            (j.position.offset, j.recovered),
+            (8, Some(true)),
+            "served by its own read, not by the old stream's"
+        );
+        hub.activate("h:s", 2);
+        assert_eq!(offsets(&texts(&b)), vec![3, 4, 5, 6, 7, 8]);
+    }
+
+    #[tokio::test]
+    async fn a_joiner_ended_before_its_reply_is_told_after_it() {
+        let hub = hub();
+        let a = out();
+        hub.subscribe("h:e", 1, &a, None).await.expect("sub");
+        hub.publish("h:e", "1", None).await.expect("publish");
+        // before the protocol has sent the reply (and activated the subscriber), a
+        // publication of another epoch arrives: the subscription cannot stay gap-free
+        hub.deliver("h:e", &crate::broker::positioned("2", 7, "another"));
+        assert!(texts(&a).is_empty(), "nothing may come before the reply");
+        assert!(!hub.contains("h:e", 1), "the subscription is over");
+        hub.activate("h:e", 1);
+        let t = texts(&a);
+        assert_eq!(offsets(&t), vec![1], "what it had, then the end");
+        assert_eq!(
+            t.last().map(String::as_str),
+            Some(r#"{"type":"unsubscribed","channel":"h:e","code":"insufficient_state"}"#)
+        );
+        hub.publish("h:e", "3", None).await.expect("publish");
+        assert!(texts(&a).is_empty(), "not live");
     }
 
     #[tokio::test]
@@ -917,5 +1223,142 @@ mod tests {
         hub.publish("c", "2", None).await.expect("publish");
         out.take(&mut q);
         assert_eq!(q.len(), 1, "no delivery after the last subscriber left");
+    }
+
+    /// A memory broker whose subscribe to a `slow*` channel never answers, as a Redis that
+    /// hangs; records its unsubscribes.
+    struct Stalling {
+        inner: MemoryBroker,
+        unsubscribed: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl Broker for Stalling {
+        fn subscribe<'a>(
+            &'a self,
+            channel: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            if channel.starts_with("slow") {
+                return Box::pin(std::future::pending());
+            }
+            self.inner.subscribe(channel)
+        }
+        fn unsubscribe<'a>(
+            &'a self,
+            channel: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            self.unsubscribed.lock().unwrap().push(channel.to_owned());
+            self.inner.unsubscribe(channel)
+        }
+        fn publish<'a>(
+            &'a self,
+            channel: &'a str,
+            data: &'a str,
+        ) -> crate::broker::BoxFuture<'a, Result<(), BrokerError>> {
+            self.inner.publish(channel, data)
+        }
+        fn publish_history<'a>(
+            &'a self,
+            channel: &'a str,
+            data: &'a str,
+            retention: Retention,
+            key: Option<&'a str>,
+        ) -> crate::broker::BoxFuture<'a, Result<Position, BrokerError>> {
+            self.inner.publish_history(channel, data, retention, key)
+        }
+        fn history<'a>(
+            &'a self,
+            channel: &'a str,
+            retention: Retention,
+            since: Since,
+        ) -> crate::broker::BoxFuture<'a, Result<History, BrokerError>> {
+            self.inner.history(channel, retention, since)
+        }
+    }
+
+    /// One shard, so that every channel shares its `control`.
+    fn stalling_hub(timeout: Duration) -> (Arc<Hub>, Arc<Stalling>) {
+        let slot: Arc<std::sync::OnceLock<Arc<Stalling>>> = Default::default();
+        let set = slot.clone();
+        let settings = Settings {
+            shards: 1,
+            broker_timeout: timeout,
+            ..settings()
+        };
+        let hub = Hub::new(settings, Arc::default(), move |sink| {
+            let b = Arc::new(Stalling {
+                inner: MemoryBroker::new(sink),
+                unsubscribed: Default::default(),
+            });
+            let _ = set.set(b.clone());
+            b as Arc<dyn Broker>
+        });
+        let broker = slot.get().expect("built").clone();
+        (hub, broker)
+    }
+
+    /// Ready on its first poll: it did not wait for anything.
+    async fn at_once<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::ZERO, f)
+            .await
+            .expect("completes without waiting")
+    }
+
+    #[tokio::test]
+    async fn joining_or_leaving_a_subscribed_channel_does_not_wait_for_the_broker() {
+        let (hub, _) = stalling_hub(Duration::from_secs(5));
+        let out = Arc::new(Outbound::new(1 << 16, &v1::CODEC));
+        hub.subscribe("busy", 1, &out, None).await.expect("sub");
+        // a first subscriber whose broker call hangs holds the shard's transitions
+        let (h, o) = (hub.clone(), out.clone());
+        let stalled = tokio::spawn(async move { h.subscribe("slow", 2, &o, None).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        at_once(hub.subscribe("busy", 3, &out, None))
+            .await
+            .expect("join");
+        assert_eq!(hub.subscribers("busy"), 2);
+        at_once(hub.unsubscribe("busy", 3)).await.expect("leave");
+        at_once(hub.unsubscribe("never", 3)).await.expect("no-op");
+        stalled.abort();
+    }
+
+    #[tokio::test]
+    async fn the_wait_for_a_shards_broker_calls_is_bounded_and_a_cut_off_subscribe_reconciled() {
+        let (hub, broker) = stalling_hub(Duration::from_millis(100));
+        let out = Arc::new(Outbound::new(1 << 16, &v1::CODEC));
+        hub.subscribe("busy", 1, &out, None).await.expect("sub");
+        // as a queue of broker calls that each take their whole timeout would
+        let held = hub.shards[0].control.lock().await;
+        let r = tokio::time::timeout(Duration::from_secs(3), hub.subscribe("new", 2, &out, None))
+            .await
+            .expect("bounded");
+        assert!(matches!(r, Err(BrokerError::Timeout)), "{r:?}");
+        assert_eq!(hub.subscribers("new"), 0);
+        // the last subscriber leaves anyway; the broker unsubscribe is left to reconcile
+        let r = tokio::time::timeout(Duration::from_secs(3), hub.unsubscribe("busy", 1))
+            .await
+            .expect("bounded");
+        assert!(matches!(r, Err(BrokerError::Timeout)), "{r:?}");
+        assert_eq!(hub.subscribers("busy"), 0);
+        drop(held);
+        assert_eq!(hub.reconcile().await, 0);
+        assert_eq!(*broker.unsubscribed.lock().unwrap(), ["busy"]);
+        // a first subscribe cut off mid-call leaves its channel to reconcile
+        let (h, o) = (hub.clone(), out.clone());
+        let cut = tokio::spawn(async move { h.subscribe("slow", 3, &o, None).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cut.abort();
+        let _ = cut.await;
+        assert_eq!(hub.subscribers("slow"), 0);
+        assert_eq!(hub.reconcile().await, 0);
+        assert!(broker
+            .unsubscribed
+            .lock()
+            .unwrap()
+            .contains(&"slow".to_owned()));
+        // a closing connection is not added
+        let closing = Arc::new(Outbound::new(1 << 16, &v1::CODEC));
+        closing.close(crate::error::CloseReason::Abnormal);
+        hub.subscribe("c", 4, &closing, None).await.expect("sub");
+        assert_eq!(hub.subscribers("c"), 0);
     }
 }

@@ -5,7 +5,10 @@
 //! subscription cap, the publish rules, the token's user on refresh) live here once, so every
 //! protocol enforces the same rules.
 //!
-//! `send` succeeds only once the message is in the backends' Redis stream.
+//! `send` succeeds only once the message is in the backends' Redis stream. It needs a user
+//! (unless `anonymous_send`), its `data` is capped at `max_send_bytes`, and a user's sends
+//! share one rate (`send_rate_per_user`) over all the user's connections on the node: the
+//! stream is shared by every node and every backend, so one client must not fill it.
 //!
 //! Command failures are answered, not fatal: a client bug should cost one request, not the
 //! connection and every subscription on it. Only the per-connection rate limit closes.
@@ -19,11 +22,13 @@ use shared::protocol::ErrorCode;
 
 use super::hub::{ConnId, Hub};
 use super::stream::Joined;
-use super::Core;
+use super::{Core, Sender};
 use crate::auth::Identity;
 use crate::broker::{History, Position, Since};
 use crate::cluster::inbound::Event as Inbound;
+use crate::cluster::presence::{Listing, Member, Stats};
 use crate::conn::clock::TokenClock;
+use crate::conn::event::Event;
 use crate::conn::limiter::{ConnLimiter, Verdict};
 use crate::conn::outbound::{Outbound, Pushed};
 use crate::error::{Blame, CloseReason};
@@ -48,10 +53,20 @@ pub enum Command<'a> {
     Unsubscribe { channel: &'a str },
     /// Publish `data` (JSON text) to a channel.
     Publish { channel: &'a str, data: &'a str },
-    /// Send `data` (JSON text) to the backends' inbound stream.
-    Send { data: &'a str },
+    /// Send `data` (JSON text) to the backends' inbound stream. `destination` is recorded
+    /// with it when the protocol names one (STOMP's `SEND /app/<x>`); v1 has none.
+    Send {
+        data: &'a str,
+        destination: Option<&'a str>,
+    },
     /// Replace the connection's token before it expires.
     Refresh { token: &'a str },
+    /// Who is subscribed to a presence channel: at most `presence_max_members` members.
+    /// Only for a subscriber of the channel.
+    Presence { channel: &'a str },
+    /// How many connections and users are subscribed to a presence channel, in O(1). Only
+    /// for a subscriber of the channel.
+    PresenceStats { channel: &'a str },
 }
 
 /// What a command did, for the adapter's reply.
@@ -62,6 +77,10 @@ pub enum Done {
     /// A subscribe; see [`Subscription`].
     Subscribed(Subscription),
     History(History),
+    /// The answer to [`Command::Presence`].
+    Presence(Listing),
+    /// The answer to [`Command::PresenceStats`].
+    PresenceStats(Stats),
 }
 
 /// A subscribe that went through. On a history channel, the subscriber starts receiving
@@ -137,6 +156,8 @@ pub struct Session {
     granted: HashSet<String>,
     /// The protocol puts a subscription's replay in its subscribe reply.
     replay_in_reply: bool,
+    /// The key of this connection's `send`s in the node's send limiter.
+    sender: Sender,
 }
 
 /// What outlives the session for the cleanup after the socket closed.
@@ -175,6 +196,10 @@ impl Session {
             c.rate_limit_strikes,
         );
         let subs = Subscriptions::default();
+        let sender = match &user_id {
+            Some(user) => Sender::User(user.clone()),
+            None => Sender::Anonymous(ip),
+        };
         let ending = Ending {
             id,
             ip,
@@ -193,6 +218,7 @@ impl Session {
             limiter,
             granted: HashSet::new(),
             replay_in_reply: false,
+            sender,
         };
         (session, ending)
     }
@@ -253,6 +279,13 @@ impl Session {
         }
     }
 
+    /// Encodes `event` in the connection's protocol and queues it as a reply.
+    fn notify(&self, event: &Event<'_>) {
+        if self.out.push_event(event) == Pushed::Overflowed {
+            self.core.metrics.slow_consumer_disconnects.inc([]);
+        }
+    }
+
     fn subs(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.subs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -263,6 +296,18 @@ impl Session {
         let m = &self.core.metrics;
         m.hot.messages_in.fetch_add(1, Ordering::Relaxed);
         m.hot.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+        self.limit(len)
+    }
+
+    /// Applies the connection's rate limits to a ping of `len` bytes, as to a message: each
+    /// ping costs a pong, so a ping flood is a message flood. Not counted as a message in
+    /// the traffic metrics.
+    pub fn admit_ping(&mut self, len: usize) -> Result<Admit, CloseReason> {
+        self.limit(len)
+    }
+
+    fn limit(&mut self, len: usize) -> Result<Admit, CloseReason> {
+        let m = &self.core.metrics;
         match self.limiter.check(len) {
             Verdict::Pass => Ok(Admit::Yes),
             Verdict::Refuse(kind) => {
@@ -301,13 +346,25 @@ impl Session {
             } => self.history(channel, limit, since).await,
             Command::Unsubscribe { channel } => {
                 if self.subs().remove(channel) {
-                    self.core
-                        .hub
-                        .unsubscribe(channel, self.id)
-                        .await
-                        .map_err(unavailable)?;
+                    let r = self.core.hub.unsubscribe(channel, self.id).await;
+                    let presence = &self.core.presence;
+                    if presence.enabled(channel) {
+                        presence.leave(channel, &self.conn_id).await;
+                    }
+                    r.map_err(unavailable)?;
                 }
                 Ok(Done::Ok)
+            }
+            Command::Presence { channel } => {
+                self.may_see_presence(channel)?;
+                let max = self.core.config.presence_max_members;
+                let listing = self.core.presence.list(channel, max).await;
+                listing.map(Done::Presence).map_err(unavailable)
+            }
+            Command::PresenceStats { channel } => {
+                self.may_see_presence(channel)?;
+                let stats = self.core.presence.stats(channel).await;
+                stats.map(Done::PresenceStats).map_err(unavailable)
             }
             Command::Publish { channel, data } => {
                 let by_claim = self
@@ -331,14 +388,8 @@ impl Session {
                 Ok(at.map_or(Done::Ok, Done::Published))
             }
             Command::Refresh { token } => self.refresh(token).await.map(|()| Done::Ok),
-            Command::Send { data } => {
-                let user = self.identity.as_ref().map(|i| i.user_id.as_str());
-                self.core
-                    .inbound
-                    .append(Inbound::Message, &self.conn_id, user, data)
-                    .await
-                    .map_err(unavailable)
-                    .map(|()| Done::Ok)
+            Command::Send { data, destination } => {
+                self.send(data, destination).await.map(|()| Done::Ok)
             }
         }
     }
@@ -359,6 +410,25 @@ impl Session {
                 format!("your token does not allow subscribing to `{channel}`"),
             ))
         }
+    }
+
+    /// Presence reads: `not_enabled` on a channel without presence, `forbidden` unless
+    /// this connection is subscribed to it.
+    fn may_see_presence(&self, channel: &str) -> Result<(), Failure> {
+        if !self.core.presence.enabled(channel) {
+            return Err(Failure::new(
+                ErrorCode::NotEnabled,
+                format!("`{channel}` has no presence"),
+            ));
+        }
+        let subscribed = self.subs().contains(channel) && self.core.hub.contains(channel, self.id);
+        if !subscribed {
+            return Err(Failure::new(
+                ErrorCode::Forbidden,
+                format!("subscribe to `{channel}` to see its presence"),
+            ));
+        }
+        Ok(())
     }
 
     /// A history read, allowed to whoever may subscribe to the channel. Publications after
@@ -391,7 +461,46 @@ impl Session {
         }
     }
 
-    /// Replaces the connection's token. The new token must name the same user.
+    /// Appends a `send` to the inbound stream, after its own checks: a user (unless
+    /// `anonymous_send`), `max_send_bytes`, and the user's `send_rate_per_user`.
+    async fn send(&self, data: &str, destination: Option<&str>) -> Result<(), Failure> {
+        let c = &self.core.config;
+        let user = self.identity.as_ref().map(|i| i.user_id.as_str());
+        if user.is_none() && !c.anonymous_send {
+            return Err(Failure::new(
+                ErrorCode::Forbidden,
+                "anonymous connections may not send; connect with a token",
+            ));
+        }
+        if data.len() > c.max_send_bytes {
+            return Err(Failure::new(
+                ErrorCode::MessageTooBig,
+                format!(
+                    "the data of a send may hold at most {} bytes",
+                    c.max_send_bytes
+                ),
+            ));
+        }
+        if self.core.send_limiter.check(&self.sender).is_err() {
+            self.core.metrics.rate_limit_hits.inc(["send"]);
+            return Err(Failure::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "over the send rate of {} per second for this user",
+                    c.send_rate_per_user
+                ),
+            ));
+        }
+        self.core
+            .inbound
+            .append(Inbound::Message, &self.conn_id, user, data, destination)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Replaces the connection's token. The new token must name the same user. Its claims
+    /// replace the old ones at once: a subscription that its `channels` claim no longer allows
+    /// is ended, and the client is told so (`unsubscribed`, `forbidden`) before the ack.
     async fn refresh(&mut self, token: &str) -> Result<(), Failure> {
         let (Some(auth), Some(current)) = (&self.core.auth, &self.identity) else {
             return Err(Failure::new(
@@ -412,7 +521,26 @@ impl Session {
         if let Some(clock) = &self.clock {
             clock.renew(fresh.exp);
         }
+        let mut revoked = Vec::new();
+        let granted = &self.granted;
+        self.subs().retain(|channel| {
+            // A subscription token's grant outlives the connection token's refresh.
+            let keep = granted.contains(channel) || may_subscribe(Some(&fresh), channel);
+            if !keep {
+                revoked.push(channel.clone());
+            }
+            keep
+        });
         self.identity = Some(fresh);
+        for channel in &revoked {
+            // Locally the subscription is gone whatever the broker says; a failed broker
+            // unsubscribe is left to the hub's reconcile.
+            let _ = self.core.hub.unsubscribe(channel, self.id).await;
+            self.notify(&Event::Unsubscribed {
+                channel,
+                code: ErrorCode::Forbidden.as_str(),
+            });
+        }
         Ok(())
     }
 
@@ -440,6 +568,16 @@ impl Session {
             subs.insert(channel.to_owned());
         }
         let asked = recover.is_some();
+        // Into presence before the hub: the subscriber is not told of its own join.
+        let presence = self.core.presence.enabled(channel);
+        if presence {
+            let member = Member {
+                conn_id: self.conn_id.clone(),
+                user_id: self.user_id().map(str::to_owned),
+                info: self.identity.as_ref().and_then(|i| i.info.clone()),
+            };
+            self.core.presence.join(channel, member).await;
+        }
         match hub
             .subscribe_with(channel, self.id, &self.out, recover, self.replay_in_reply)
             .await
@@ -462,10 +600,21 @@ impl Session {
             }
             Err(e) => {
                 self.subs().remove(channel);
+                if presence {
+                    self.core.presence.leave(channel, &self.conn_id).await;
+                }
                 Err(unavailable(e))
             }
         }
     }
+}
+
+/// True when the token (if any) allows subscribing to `channel`: no `channels` claim, or a
+/// pattern in it that matches.
+fn may_subscribe(identity: Option<&Identity>, channel: &str) -> bool {
+    identity
+        .and_then(|i| i.channels.as_ref())
+        .is_none_or(|patterns| shared::channel::any_match(patterns, channel))
 }
 
 fn unavailable(e: crate::error::BrokerError) -> Failure {
@@ -473,8 +622,8 @@ fn unavailable(e: crate::error::BrokerError) -> Failure {
 }
 
 impl Ending {
-    /// After the socket closed: unsubscribe, leave the directory, append `disconnect`, and
-    /// count and log the close.
+    /// After the socket closed: unsubscribe (and leave presence), leave the directory,
+    /// append `disconnect`, and count and log the close.
     pub async fn close(self, core: &Core, reason: &CloseReason) {
         let channels: Vec<String> = self
             .subs
@@ -484,6 +633,9 @@ impl Ending {
             .collect();
         for channel in channels {
             let _ = core.hub.unsubscribe(&channel, self.id).await;
+            if core.presence.enabled(&channel) {
+                core.presence.leave(&channel, &self.conn_id).await;
+            }
         }
         core.directory.remove(&self.conn_id).await;
         let close =
@@ -500,9 +652,14 @@ impl Ending {
     }
 }
 
-/// Counts and logs a closed connection. [`Ending::close`] calls it; a protocol adapter
-/// whose connection closed before it opened a session calls it itself.
-pub fn closed(core: &Core, peer: IpAddr, conn_id: &str, reason: &CloseReason) {
+/// Counts and logs a connection that closed before its protocol opened a session (a STOMP
+/// connection before its CONNECT): it never was in the directory or the inbound stream.
+pub fn closed_unopened(core: &Core, peer: IpAddr, conn_id: &str, reason: &CloseReason) {
+    closed(core, peer, conn_id, reason);
+}
+
+/// Counts and logs a closed connection.
+fn closed(core: &Core, peer: IpAddr, conn_id: &str, reason: &CloseReason) {
     let (label, blame) = (reason.label(), reason.blame());
     if let CloseReason::Protocol(kind) = reason {
         core.metrics.protocol_violations.inc([kind]);

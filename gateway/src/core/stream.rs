@@ -16,9 +16,10 @@
 //!   between them. The read gives its replay (what it missed, when it asked to recover) and
 //!   its start position; the tail, less what the read already had, follows the replay.
 //!   The subscriber goes live when its protocol has sent the subscribe reply
-//!   ([`Stream::activate`]), so the reply always comes before the replay. A protocol that
-//!   carries the replay inside its subscribe reply (Centrifugo) joins with `inline`: the
-//!   replay comes back in [`Joined::replay`] instead, and only the tail follows the reply.
+//!   ([`Stream::activate`]), so the reply always comes before the replay, and before an
+//!   `unsubscribed` that ends the subscription in between. A protocol that carries the
+//!   replay inside its subscribe reply (Centrifugo) joins with `inline`: the replay comes
+//!   back in [`Joined::replay`] instead, and only the tail follows the reply.
 //! - Reads are coalesced: all the joiners and the gap of one channel share one read, which
 //!   the hub batches for `recover_batch_ms` (see `core::hub`).
 //!
@@ -31,14 +32,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::hub::{fan_out, ConnId};
 use crate::broker::{Envelope, History, Position, Since};
 use crate::config::ChannelOptions;
 use crate::conn::event::{Encoded, Event};
-use crate::conn::outbound::{Outbound, Pushed};
+use crate::conn::outbound::{Outbound, Parts, Pushed};
 use crate::error::CloseReason;
 use crate::metrics::Metrics;
 
@@ -75,18 +75,24 @@ enum Join {
     },
     /// Read done; its frames (replay, then tail) go out on activation.
     Ready,
+    /// Ended (`insufficient_state`) after its read but before its activation, so before
+    /// its subscribe reply went out: on activation its frames go out with the
+    /// `unsubscribed` event last, after the reply, and it does not go live.
+    Ended,
 }
 
 struct Joiner {
     out: Arc<Outbound>,
     state: Join,
     /// Frames to send on activation: the replay, then live publications since it joined.
-    frames: Vec<(Option<u64>, Bytes)>,
+    frames: Vec<(Option<u64>, Parts)>,
     bytes: usize,
 }
 
 /// See the module docs.
 pub struct Stream {
+    /// Unique among the hub's streams (see [`Stream::id`]).
+    id: u64,
     options: ChannelOptions,
     position: Option<(Arc<str>, u64)>,
     live: HashMap<ConnId, Arc<Outbound>>,
@@ -98,11 +104,15 @@ pub struct Stream {
     reads: u64,
     /// A read is scheduled or running; more requests ride along.
     reading: bool,
+    /// When the last publication arrived: a channel that keeps publishing reveals a gap or
+    /// a new epoch by itself, so only a quiet one needs the heartbeat's check.
+    last_publish: Option<Instant>,
 }
 
 impl Stream {
-    pub fn new(options: ChannelOptions) -> Self {
+    pub fn new(id: u64, options: ChannelOptions) -> Self {
         Stream {
+            id,
             options,
             position: None,
             live: HashMap::new(),
@@ -111,7 +121,14 @@ impl Stream {
             filling: false,
             reads: 0,
             reading: false,
+            last_publish: None,
         }
+    }
+
+    /// The number the hub gave this stream: a read it scheduled applies only to the stream
+    /// it was scheduled for, not to a later one of the same channel.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Subscribers, joining ones included.
@@ -119,8 +136,18 @@ impl Stream {
         self.live.len() + self.joiners.len()
     }
 
+    /// The live subscribers (not the joining ones), for presence announcements.
+    pub fn live(&self) -> impl Iterator<Item = &Arc<Outbound>> {
+        self.live.values()
+    }
+
+    /// True while `conn` is subscribed: live, or joining and not ended.
     pub fn contains(&self, conn: ConnId) -> bool {
-        self.live.contains_key(&conn) || self.joiners.contains_key(&conn)
+        self.live.contains_key(&conn)
+            || self
+                .joiners
+                .get(&conn)
+                .is_some_and(|j| !matches!(j.state, Join::Ended))
     }
 
     /// What a read must fetch to serve everyone waiting: what follows our position, or,
@@ -188,27 +215,36 @@ impl Stream {
         self.live.remove(&conn).is_some() || self.joiners.remove(&conn).is_some()
     }
 
-    /// A joiner whose reply went out goes live: its replay and tail first.
+    /// A joiner whose reply went out goes live: its replay and tail first. One that ended
+    /// meanwhile gets its frames and the `unsubscribed` event instead, and is gone.
     pub fn activate(&mut self, conn: ConnId, metrics: &Metrics) {
         let Some(j) = self.joiners.remove(&conn) else {
             return;
         };
-        if !matches!(j.state, Join::Ready) {
-            // Not read yet (cannot happen: activation follows the reply). Keep it waiting.
-            self.joiners.insert(conn, j);
-            return;
-        }
+        let ended = match j.state {
+            Join::Ready => false,
+            Join::Ended => true,
+            Join::Waiting { .. } => {
+                // Not read yet (cannot happen: activation follows the reply). Keep it
+                // waiting.
+                self.joiners.insert(conn, j);
+                return;
+            }
+        };
         for (_, frame) in j.frames {
-            if j.out.push(frame) == Pushed::Overflowed {
+            if j.out.push_parts(frame) == Pushed::Overflowed {
                 metrics.slow_consumer_disconnects.inc([]);
             }
         }
-        self.live.insert(conn, j.out);
+        if !ended {
+            self.live.insert(conn, j.out);
+        }
     }
 
     /// A live publication from the broker.
     /// Returns true when the caller must schedule a read (a gap, or a new epoch).
     pub fn publish(&mut self, channel: &str, env: &Envelope<'_>, metrics: &Metrics) -> bool {
+        self.last_publish = Some(Instant::now());
         let held = Held {
             offset: env.position.map(|(o, _)| o),
             epoch: env.position.map(|(_, e)| Arc::from(e)),
@@ -268,7 +304,10 @@ impl Stream {
         fan_out(self.live.values(), &mut encoded, metrics, Instant::now());
         let mut overflowed = Vec::new();
         for (conn, j) in self.joiners.iter_mut() {
-            let frame = encoded.bytes(j.out.codec());
+            if matches!(j.state, Join::Ended) {
+                continue;
+            }
+            let frame = j.out.frame_encoded(&mut encoded);
             j.bytes += frame.len();
             j.frames.push((at.map(|(o, _)| o), frame));
             if j.bytes > j.out.cap() {
@@ -284,30 +323,35 @@ impl Stream {
     }
 
     /// Ends every subscription that has been promised a gap-free stream: the live ones and
-    /// the joiners whose read is done. Waiting joiners will learn the new state from their
-    /// read.
+    /// the joiners whose read is done. A joiner whose reply may not have gone out yet is
+    /// told on activation, after the reply (see [`Join::Ended`]): told now, it would read
+    /// `unsubscribed` before the subscribe's ack and take the ack for a live subscription.
+    /// Waiting joiners will learn the new state from their read.
     fn give_up(&mut self, channel: &str, metrics: &Metrics) {
-        let event = Event::Unsubscribed {
+        let mut event = Encoded::new(Event::Unsubscribed {
             channel,
             code: INSUFFICIENT_STATE,
-        };
+        });
         let mut n = 0;
         for out in self.live.values() {
-            out.push_event(&event);
+            out.push_encoded(&mut event, None);
             n += 1;
         }
         self.live.clear();
-        self.joiners.retain(|_, j| {
-            if matches!(j.state, Join::Ready) {
-                j.out.push_event(&event);
-                n += 1;
-                false
-            } else {
-                j.frames.clear();
-                j.bytes = 0;
-                true
+        for j in self.joiners.values_mut() {
+            match j.state {
+                Join::Ready => {
+                    j.frames.push((None, j.out.frame_encoded(&mut event)));
+                    j.state = Join::Ended;
+                    n += 1;
+                }
+                Join::Waiting { .. } => {
+                    j.frames.clear();
+                    j.bytes = 0;
+                }
+                Join::Ended => {}
             }
-        });
+        }
         if n > 0 {
             metrics.insufficient_state.add([], n);
             tracing::info!(
@@ -339,7 +383,7 @@ impl Stream {
                 let before = self.joiners.len();
                 self.joiners.retain(|_, j| match j.state {
                     Join::Waiting { after_read, .. } => after_read >= read,
-                    Join::Ready => true,
+                    Join::Ready | Join::Ended => true,
                 });
                 let again = self.joiners.len() < before
                     && self
@@ -393,7 +437,7 @@ impl Stream {
         for j in self.joiners.values_mut() {
             let after = match &j.state {
                 Join::Waiting { after_read, .. } => *after_read,
-                Join::Ready => continue,
+                Join::Ready | Join::Ended => continue,
             };
             if after >= read {
                 again = true;
@@ -428,7 +472,7 @@ impl Stream {
                     if inline {
                         replay.push((*o, d.clone()));
                     } else {
-                        frames.push((Some(*o), encodings[i].bytes(j.out.codec())));
+                        frames.push((Some(*o), j.out.frame_encoded(&mut encodings[i])));
                     }
                 }
             }
@@ -462,12 +506,14 @@ impl Stream {
         again
     }
 
-    /// A periodic check: is the epoch still ours, and did we miss anything (a pub/sub
-    /// message lost without a later one to reveal the gap)? Live delivery goes on while the
-    /// read runs: what it finds beyond our position is sent, and the live copies that
-    /// arrive later are dropped as duplicates. True when the caller must schedule a read.
-    pub fn check(&mut self) -> bool {
-        if self.position.is_some() && !self.live.is_empty() {
+    /// A periodic check of a channel quiet for `quiet`: is the epoch still ours (Redis may
+    /// have restarted empty), and did we miss anything (a last publication lost, with no
+    /// later one to reveal the gap)? Live delivery goes on while the read runs: what it
+    /// finds beyond our position is sent, and the live copies that arrive later are dropped
+    /// as duplicates. True when the caller must schedule a read.
+    pub fn check(&mut self, quiet: std::time::Duration) -> bool {
+        let idle = self.last_publish.is_none_or(|t| t.elapsed() >= quiet);
+        if idle && self.position.is_some() && !self.live.is_empty() {
             return self.want_read();
         }
         false

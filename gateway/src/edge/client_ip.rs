@@ -28,23 +28,36 @@ impl TrustedProxies {
 
     /// The client IP for a request from `peer`: the right-most `X-Forwarded-For` entry that is
     /// not itself a trusted proxy, when `peer` is trusted; otherwise `peer`.
-    pub fn client_ip(&self, peer: IpAddr, forwarded_for: Option<&str>) -> IpAddr {
+    ///
+    /// `forwarded_for` holds the header's lines in the order received. Several lines are one
+    /// comma-separated list in that order (RFC 7230 §3.2.2; RFC 7239 §7.1 says the same of
+    /// `Forwarded`), so a proxy that adds its own line instead of appending to the existing
+    /// one is read right: taking only the first line would let the client's own line win.
+    /// Empty elements are skipped (RFC 7230 §7); an unparsable one ends the walk.
+    pub fn client_ip<'a, I>(&self, peer: IpAddr, forwarded_for: I) -> IpAddr
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+        I::IntoIter: DoubleEndedIterator,
+    {
         if !self.trusts(peer) {
             return peer;
         }
-        let Some(xff) = forwarded_for else {
-            return peer;
-        };
+        let hops = forwarded_for
+            .into_iter()
+            .rev()
+            .flat_map(|line| line.rsplit(|b| *b == b','))
+            .map(|hop| std::str::from_utf8(hop).map(str::trim))
+            .filter(|hop| hop.map_or(true, |h| !h.is_empty()));
         let mut client = peer;
-        for hop in xff.rsplit(',') {
-            match hop.trim().parse::<IpAddr>() {
-                Ok(ip) => {
+        for hop in hops {
+            match hop.ok().and_then(|h| h.parse::<IpAddr>().ok()) {
+                Some(ip) => {
                     client = ip;
                     if !self.trusts(ip) {
                         break;
                     }
                 }
-                Err(_) => break,
+                None => break,
             }
         }
         client
@@ -152,14 +165,32 @@ mod tests {
     #[test]
     fn forwarded_for_is_believed_only_from_trusted_peers() {
         let t = TrustedProxies::new(&["10.0.0.0/8".into()]);
-        assert_eq!(t.client_ip(ip("1.2.3.4"), Some("9.9.9.9")), ip("1.2.3.4"));
-        assert_eq!(t.client_ip(ip("10.0.0.1"), Some("9.9.9.9")), ip("9.9.9.9"));
+        let xff =
+            |peer: &str, lines: &[&str]| t.client_ip(ip(peer), lines.iter().map(|l| l.as_bytes()));
+        assert_eq!(xff("1.2.3.4", &["9.9.9.9"]), ip("1.2.3.4"));
+        assert_eq!(xff("10.0.0.1", &["9.9.9.9"]), ip("9.9.9.9"));
         // spoofed left-most entry is ignored: the right-most untrusted hop wins
         assert_eq!(
-            t.client_ip(ip("10.0.0.1"), Some("6.6.6.6, 9.9.9.9, 10.0.0.2")),
+            xff("10.0.0.1", &["6.6.6.6, 9.9.9.9, 10.0.0.2"]),
             ip("9.9.9.9")
         );
-        assert_eq!(t.client_ip(ip("10.0.0.1"), Some("garbage")), ip("10.0.0.1"));
-        assert_eq!(t.client_ip(ip("10.0.0.1"), None), ip("10.0.0.1"));
+        assert_eq!(xff("10.0.0.1", &["garbage"]), ip("10.0.0.1"));
+        assert_eq!(xff("10.0.0.1", &[]), ip("10.0.0.1"));
+        assert_eq!(xff("10.0.0.1", &["9.9.9.9, , 10.0.0.2,"]), ip("9.9.9.9"));
+    }
+
+    /// Several header lines are one list in order: the client's own line comes first, the
+    /// proxies' lines after it.
+    #[test]
+    fn forwarded_for_lines_are_one_list_in_order() {
+        let t = TrustedProxies::new(&["10.0.0.0/8".into()]);
+        let lines: [&[u8]; 3] = [b"6.6.6.6", b"9.9.9.9, 10.0.0.3", b"10.0.0.2"];
+        assert_eq!(t.client_ip(ip("10.0.0.1"), lines), ip("9.9.9.9"));
+        let lines: [&[u8]; 2] = [b"6.6.6.6", b"\xff, 10.0.0.2"];
+        assert_eq!(
+            t.client_ip(ip("10.0.0.1"), lines),
+            ip("10.0.0.2"),
+            "a hop that is not text ends the walk"
+        );
     }
 }

@@ -5,6 +5,15 @@
 //!
 //! Each way to refuse is a [`Refusal`]: it decides the HTTP status, the JSON error code, the
 //! `outcome` label of `gateway_handshakes_total` and the log line, in one place.
+//!
+//! The handshake also picks the wire protocol ([`Wire`]): STOMP when the client offers
+//! `v12.stomp`, `v11.stomp` or `v10.stomp` in `Sec-WebSocket-Protocol` (the best one is
+//! echoed in the 101) or comes to `/stomp`; Centrifugo's client protocol on
+//! `/connection/websocket`; else v1. A STOMP client may authenticate in its CONNECT frame
+//! instead (browsers cannot set handshake headers), and a Centrifugo client in its
+//! `connect` command, so such a handshake without a token is not refused, and its
+//! directory entry (with the per-user cap) waits for CONNECT or `connect`; a token it does
+//! carry is checked here as for v1.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -24,15 +33,43 @@ use crate::conn::outbound::Outbound;
 use crate::conn::socket;
 use crate::core::session::{Conn, Session};
 use crate::node::{Node, Slot};
-use crate::protocol::{centrifugo, v1};
+use crate::protocol::{centrifugo, stomp, v1};
 
-/// The wire protocol an upgraded connection speaks, picked by its path (`edge::http`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    /// `GET /ws`: protocol v1 (`docs/protocol.md`).
+/// The wire protocol a handshake chose.
+enum Wire {
     V1,
     /// `GET /connection/websocket`: Centrifugo's client protocol (`docs/sdk.md`).
     Centrifugo,
+    /// STOMP: the subprotocol to echo (`None` on `/stomp` without one), and the
+    /// connection's subscriptions as its fan-out sees them.
+    Stomp {
+        subprotocol: Option<&'static str>,
+        routes: Arc<stomp::Routes>,
+    },
+}
+
+impl Wire {
+    fn choose(req: &Request<Incoming>) -> Wire {
+        if req.uri().path() == "/connection/websocket" {
+            return Wire::Centrifugo;
+        }
+        let offered = req
+            .headers()
+            .get_all(hyper::header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        match stomp::negotiate(offered) {
+            Some(p) => Wire::Stomp {
+                subprotocol: Some(p),
+                routes: Arc::default(),
+            },
+            None if req.uri().path() == "/stomp" => Wire::Stomp {
+                subprotocol: None,
+                routes: Arc::default(),
+            },
+            None => Wire::V1,
+        }
+    }
 }
 
 /// Why a handshake was refused.
@@ -53,6 +90,8 @@ pub enum Refusal {
     Draining,
     /// The node is at `max_connections`.
     OverCapacity,
+    /// The client IP (its /64 for IPv6) is at `max_connections_per_ip`.
+    IpLimit,
     Unauthorized(AuthError),
     /// The user is at `max_connections_per_user`.
     UserLimit,
@@ -65,7 +104,9 @@ pub enum Refusal {
 impl Refusal {
     fn status(&self) -> StatusCode {
         match self {
-            Refusal::RateLimited { .. } | Refusal::UserLimit => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::RateLimited { .. } | Refusal::IpLimit | Refusal::UserLimit => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Refusal::NotGet => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::NotUpgrade | Refusal::BadVersion => StatusCode::UPGRADE_REQUIRED,
             Refusal::Origin(_) => StatusCode::FORBIDDEN,
@@ -88,6 +129,7 @@ impl Refusal {
             | Refusal::BadUpgrade(_) => "bad_request",
             Refusal::Origin(_) => "forbidden_origin",
             Refusal::Draining | Refusal::OverCapacity => "over_capacity",
+            Refusal::IpLimit => "ip_limit",
             Refusal::Unauthorized(_) => "unauthorized",
             Refusal::UserLimit => "user_limit",
             Refusal::DirectoryUnavailable => "directory_unavailable",
@@ -98,6 +140,7 @@ impl Refusal {
     fn code(&self) -> &'static str {
         match self {
             Refusal::Draining => "draining",
+            Refusal::IpLimit => "ip_connection_limit",
             Refusal::UserLimit => "user_connection_limit",
             Refusal::Unauthorized(e) => e.code(),
             other => other.outcome(),
@@ -116,6 +159,7 @@ impl Refusal {
                 "this node is draining; connect through the load balancer to another node".into()
             }
             Refusal::OverCapacity => "node is at its connection limit; retry another node".into(),
+            Refusal::IpLimit => "too many open connections from this address".into(),
             Refusal::Unauthorized(e) => e.to_string(),
             Refusal::UserLimit => "this user already has the maximum number of connections".into(),
             Refusal::DirectoryUnavailable => {
@@ -158,25 +202,33 @@ pub async fn upgrade(
     node: Arc<Node>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
-    protocol: Protocol,
 ) -> HttpResponse {
-    let forwarded = req
-        .headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok());
-    let ip = node.proxies.client_ip(peer.ip(), forwarded);
-    let admitted = match admit(&node, &req, ip, protocol).await {
+    let forwarded = req.headers().get_all("x-forwarded-for");
+    let ip = node
+        .proxies
+        .client_ip(peer.ip(), forwarded.iter().map(HeaderValue::as_bytes));
+    let admitted = match admit(&node, &req, ip).await {
         Ok(a) => a,
         Err(refusal) => return refusal.respond(&node, ip),
     };
-    let (conn, slot) = admitted;
-    let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
+    let (conn, slot, wire) = admitted;
+    let (mut response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(r) => r,
         Err(e) => {
             node.directory.remove(&conn.conn_id).await;
             return Refusal::BadUpgrade(e.to_string()).respond(&node, ip);
         }
     };
+    if let Wire::Stomp {
+        subprotocol: Some(p),
+        ..
+    } = &wire
+    {
+        response.headers_mut().insert(
+            hyper::header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(p),
+        );
+    }
     node.metrics.handshakes.inc(["ok"]);
     let span = tracing::Span::current();
     span.record("outcome", "ok");
@@ -186,13 +238,7 @@ pub async fn upgrade(
     tracing::debug!(%ip, user = conn.identity.as_ref().map(|i| i.user_id.as_str()), "handshake ok");
     tokio::spawn(async move {
         match fut.await {
-            Ok(ws) => {
-                let upgraded = ws.into_inner().into_inner();
-                match protocol {
-                    Protocol::V1 => open_connection(node, conn, slot, upgraded).await,
-                    Protocol::Centrifugo => open_centrifugo(node, conn, slot, upgraded),
-                }
-            }
+            Ok(ws) => open_connection(node, conn, slot, wire, ws.into_inner().into_inner()).await,
             Err(e) => {
                 tracing::debug!(%ip, error = %e, "upgrade did not complete");
                 node.directory.remove(&conn.conn_id).await;
@@ -202,15 +248,15 @@ pub async fn upgrade(
     response.map(|_| Full::new(Bytes::new()))
 }
 
-/// The checks, in order. On success the connection holds a slot and, for v1, is in the
-/// directory. A Centrifugo connection names its user in its `connect` command, so its
-/// token is optional here, and its directory entry (with the per-user cap) comes then.
+/// The checks, in order. On success the connection holds a slot and (v1) is in the
+/// directory. STOMP and Centrifugo connections name their user in their CONNECT frame or
+/// `connect` command, so their token is optional here, and their directory entry (with
+/// the per-user cap) comes then.
 async fn admit(
     node: &Arc<Node>,
     req: &Request<Incoming>,
     ip: IpAddr,
-    protocol: Protocol,
-) -> Result<(Conn, Slot), Refusal> {
+) -> Result<(Conn, Slot, Wire), Refusal> {
     if let Err(wait) = node.handshake_limiter.check(ip) {
         node.metrics.rate_limit_hits.inc(["handshake"]);
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -238,21 +284,27 @@ async fn admit(
     if node.maintenance.is_on() {
         return Err(Refusal::Draining);
     }
-    let slot = node.try_admit().ok_or(Refusal::OverCapacity)?;
-    let identity = match authenticate(node, req).await {
-        Err(AuthError::Missing) if protocol == Protocol::Centrifugo => None,
-        other => other.map_err(Refusal::Unauthorized)?,
-    };
+    let slot = node.try_admit(ip)?;
+    let wire = Wire::choose(req);
+    // Only v1 connections name their user at the handshake; the others may bring their
+    // token later (STOMP's CONNECT, Centrifugo's `connect`).
+    let later = !matches!(wire, Wire::V1);
+    let identity = authenticate(node, req, later)
+        .await
+        .map_err(Refusal::Unauthorized)?;
     let (id, conn_id) = node.next_conn_id();
-    let codec: &'static dyn crate::conn::event::Codec = match protocol {
-        Protocol::V1 => &v1::CODEC,
-        Protocol::Centrifugo => &centrifugo::CODEC,
+    let cap = node.config.outbound_queue_bytes;
+    let latency = node.metrics.fanout_latency.clone();
+    let out = match &wire {
+        Wire::V1 => Arc::new(Outbound::new(cap, &v1::CODEC).with_latency(latency)),
+        Wire::Centrifugo => Arc::new(Outbound::new(cap, &centrifugo::CODEC).with_latency(latency)),
+        Wire::Stomp { routes, .. } => Arc::new(
+            Outbound::new(cap, &stomp::CODEC)
+                .with_framer(routes.clone())
+                .with_latency(latency),
+        ),
     };
-    let out = Arc::new(
-        Outbound::new(node.config.outbound_queue_bytes, codec)
-            .with_latency(node.metrics.fanout_latency.clone()),
-    );
-    if protocol == Protocol::V1 {
+    if !later {
         let user = identity.as_ref().map(|i| i.user_id.as_str());
         match node.directory.add(&conn_id, id, user, out.clone()).await {
             Ok(()) => {}
@@ -267,12 +319,17 @@ async fn admit(
         ip,
         identity,
     };
-    Ok((conn, slot))
+    Ok((conn, slot, wire))
 }
 
 /// The token from `Authorization: Bearer` or the `access_token` query parameter (browsers
-/// cannot set headers on a WebSocket), verified. `Ok(None)` for an anonymous client.
-async fn authenticate(node: &Node, req: &Request<Incoming>) -> Result<Option<Identity>, AuthError> {
+/// cannot set headers on a WebSocket), verified. `Ok(None)` for an anonymous client, and
+/// for a STOMP client without a token (`later`): it may bring one in its CONNECT frame.
+async fn authenticate(
+    node: &Node,
+    req: &Request<Incoming>,
+    later: bool,
+) -> Result<Option<Identity>, AuthError> {
     let from_header = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -287,7 +344,7 @@ async fn authenticate(node: &Node, req: &Request<Incoming>) -> Result<Option<Ide
         (Some(token), Some(auth)) => auth.verify(token).await.map(Some),
         // A token on a node without keys cannot be checked: refuse rather than ignore it.
         (Some(_), None) => Err(AuthError::UnsupportedAlgorithm),
-        (None, _) if node.config.allow_anonymous => Ok(None),
+        (None, _) if node.config.allow_anonymous || later => Ok(None),
         (None, _) => Err(AuthError::Missing),
     }
 }
@@ -298,9 +355,33 @@ async fn authenticate(node: &Node, req: &Request<Incoming>) -> Result<Option<Ide
 /// This runs in the short-lived task that awaited the upgrade. The long-lived task that it
 /// spawns captures only what the connection needs until cleanup, because whatever a task's
 /// future holds is reserved for every idle connection's whole life.
-async fn open_connection(node: Arc<Node>, conn: Conn, slot: Slot, upgraded: Upgraded) {
+async fn open_connection(node: Arc<Node>, conn: Conn, slot: Slot, wire: Wire, upgraded: Upgraded) {
     let out = conn.out.clone();
     tracing::debug!(peer = %conn.ip, conn = %conn.conn_id, "connection open");
+    if let Wire::Centrifugo = wire {
+        open_centrifugo(node, conn, slot, upgraded);
+        return;
+    }
+    if let Wire::Stomp { routes, .. } = wire {
+        // The session opens at CONNECT; until then the writer's token clock idles.
+        let clock = stomp::idle_clock(node.config.token_grace());
+        let (connection, cleanup) =
+            stomp::Connection::new(node.core.clone(), conn, routes, clock.clone());
+        let served = socket::serve_upgraded(
+            upgraded,
+            node.limits(),
+            connection,
+            out,
+            node.close_all.child_token(),
+            Some(clock),
+        );
+        tokio::spawn(async move {
+            let reason = served.await;
+            Box::pin(cleanup.close(&node.core, &reason)).await;
+            drop(slot);
+        });
+        return;
+    }
     let (session, ending) = Session::open(node.core.clone(), conn).await;
     let clock = session.clock();
     let connection = v1::Connection::open(session);

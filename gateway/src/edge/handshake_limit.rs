@@ -1,55 +1,40 @@
-//! The handshake rate per client IP (governor).
-//!
-//! Per-IP state lives in a keyed limiter whose entries are evicted every minute once their
-//! bucket is full again ([`HandshakeLimiter::evict`]), so memory follows the number of IPs
-//! active in the last few seconds, not every IP ever seen.
+//! The handshake rate per client IP: a [`KeyedLimiter`] keyed like every per-IP limit (IPv6
+//! clients by their /64, [`super::per_ip::key`]), whose entries are evicted every minute
+//! once their bucket is full again ([`HandshakeLimiter::evict`]), so memory follows the
+//! number of IPs active in the last few seconds, not every IP ever seen.
 
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
-use governor::state::keyed::HashMapStateStore;
-use governor::{Quota, RateLimiter};
-
-type Keyed = RateLimiter<IpAddr, HashMapStateStore<IpAddr>, DefaultClock>;
+use crate::conn::limiter::KeyedLimiter;
 
 /// Handshake rate per client IP.
 pub struct HandshakeLimiter {
-    limiter: Option<Keyed>,
+    limiter: KeyedLimiter<IpAddr>,
 }
 
 impl HandshakeLimiter {
     /// `rate` handshakes per second with `burst`; `rate == 0` disables the limit.
     pub fn new(rate: u32, burst: u32) -> Self {
-        let limiter = NonZeroU32::new(rate).map(|r| {
-            let burst = NonZeroU32::new(burst).unwrap_or(r);
-            RateLimiter::hashmap(Quota::per_second(r).allow_burst(burst))
-        });
-        HandshakeLimiter { limiter }
+        HandshakeLimiter {
+            limiter: KeyedLimiter::new(rate, burst),
+        }
     }
 
     /// `Err(retry_after)` when `ip` is over its rate.
     pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
-        let Some(l) = &self.limiter else {
-            return Ok(());
-        };
-        l.check_key(&ip)
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+        self.limiter.check(&super::per_ip::key(ip))
     }
 
     /// Drops state of IPs whose bucket has refilled; called periodically.
     pub fn evict(&self) {
-        if let Some(l) = &self.limiter {
-            l.retain_recent();
-            l.shrink_to_fit();
-        }
+        self.limiter.evict()
     }
 
     /// IPs currently tracked.
     #[cfg(test)]
     pub fn tracked(&self) -> usize {
-        self.limiter.as_ref().map_or(0, |l| l.len())
+        self.limiter.tracked()
     }
 }
 
@@ -70,5 +55,16 @@ mod tests {
         std::thread::sleep(Duration::from_millis(600));
         l.evict();
         assert_eq!(l.tracked(), 0, "refilled buckets are dropped");
+    }
+
+    #[test]
+    fn an_ipv6_64_shares_one_bucket() {
+        let l = HandshakeLimiter::new(1, 2);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(l.check(ip("2001:db8:0:1::1")).is_ok());
+        assert!(l.check(ip("2001:db8:0:1:ffff::2")).is_ok());
+        assert!(l.check(ip("2001:db8:0:1::3")).is_err(), "same /64");
+        assert!(l.check(ip("2001:db8:0:2::1")).is_ok(), "another /64");
+        assert_eq!(l.tracked(), 2);
     }
 }

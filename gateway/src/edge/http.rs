@@ -1,7 +1,7 @@
-//! The public listener: HTTP/1.1 with `GET /ws` upgrading to WebSocket (protocol v1),
-//! `GET /connection/websocket` upgrading to WebSocket (Centrifugo's client protocol, for
-//! the stock Centrifugo SDKs), the demo chat page at `/`, and a plain HTTP answer for
-//! anything else.
+//! The public listener: HTTP/1.1 with `GET /ws` (and `GET /stomp`, for STOMP clients)
+//! upgrading to WebSocket, `GET /connection/websocket` upgrading to WebSocket with
+//! Centrifugo's client protocol (for the stock Centrifugo SDKs), the demo chat page at `/`,
+//! and a plain HTTP answer for anything else.
 //!
 //! The upgrade itself, and every check before it, is in [`super::handshake`].
 
@@ -63,13 +63,8 @@ where
 }
 
 async fn route(node: Arc<Node>, req: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
-    let protocol = match req.uri().path() {
-        "/ws" => Some(super::handshake::Protocol::V1),
-        "/connection/websocket" => Some(super::handshake::Protocol::Centrifugo),
-        _ => None,
-    };
-    let response = match (req.method(), protocol) {
-        (_, Some(protocol)) => {
+    let response = match (req.method(), req.uri().path()) {
+        (_, "/ws" | "/stomp" | "/connection/websocket") => {
             let span = tracing::info_span!(
                 "handshake",
                 node = %node.config.node_id,
@@ -78,11 +73,11 @@ async fn route(node: Arc<Node>, req: Request<Incoming>, peer: SocketAddr) -> Htt
                 outcome = tracing::field::Empty,
             );
             use tracing::Instrument;
-            super::handshake::upgrade(node.clone(), req, peer, protocol)
+            super::handshake::upgrade(node.clone(), req, peer)
                 .instrument(span)
                 .await
         }
-        (&Method::GET, None) if req.uri().path() == "/" => {
+        (&Method::GET, "/") => {
             let mut r = Response::new(Full::new(Bytes::from_static(DEMO_PAGE.as_bytes())));
             r.headers_mut().insert(
                 CONTENT_TYPE,

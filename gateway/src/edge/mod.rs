@@ -6,4 +6,5 @@ pub mod handshake;
 pub mod handshake_limit;
 pub mod http;
 pub mod origin;
+pub mod per_ip;
 pub mod tls;

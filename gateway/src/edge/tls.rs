@@ -5,7 +5,11 @@
 //! task checks the files' modification times every `tls_reload_interval_ms` and swaps in the
 //! new pair when they change (cert-manager rewrites the Secret volume through a symlink
 //! swap, which changes the mtime). New handshakes get the new certificate; established
-//! connections keep their session and are not touched. A failed reload keeps the old pair.
+//! connections keep their session and are not touched. A failed reload keeps the old pair,
+//! and so does a certificate whose public key is not the key file's: serving that pair
+//! would fail every handshake (the client checks the signature against the certificate).
+//! It is also what a half-done rotation looks like (new certificate, old key), so the
+//! watcher waits for the files to change again.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -36,8 +40,35 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Loads a PEM chain and key into a rustls key pair.
-pub fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+/// Why a key pair was not loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A file is missing or does not parse.
+    #[error("{0}")]
+    Read(String),
+    /// Both files parse, but the certificate is not for this key.
+    #[error("{cert} does not match the private key {key}")]
+    Mismatch { cert: String, key: String },
+}
+
+/// Loads a PEM chain and key into a rustls key pair, and checks that the leaf certificate
+/// carries the key's public half.
+pub fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, LoadError> {
+    let pair = parse(cert, key).map_err(LoadError::Read)?;
+    match pair.keys_match() {
+        // A key type that cannot tell its public half is served, as rustls does (none of
+        // the ring provider's RSA, ECDSA and Ed25519 keys is such a key).
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(pair)
+        }
+        Err(_) => Err(LoadError::Mismatch {
+            cert: cert.display().to_string(),
+            key: key.display().to_string(),
+        }),
+    }
+}
+
+fn parse(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| format!("{}: {e}", cert.display()))?
         .collect::<Result<_, _>>()
@@ -105,7 +136,14 @@ pub async fn watch(
                 metrics.tls_reloads.inc(["ok"]);
                 tracing::info!(cert = %cert.display(), "TLS certificate reloaded");
             }
-            Err(e) => {
+            Err(e @ LoadError::Mismatch { .. }) => {
+                // Retried when the files change again (the missing half arrives), not every
+                // tick: the pair on disk will not start to match by itself.
+                seen = now;
+                metrics.tls_reloads.inc(["mismatch"]);
+                tracing::warn!(error = %e, "TLS reload refused; keeping the current certificate");
+            }
+            Err(e @ LoadError::Read(_)) => {
                 // Often a half-written pair (cert updated, key not yet): retry next tick.
                 metrics.tls_reloads.inc(["error"]);
                 tracing::warn!(error = %e, "TLS reload failed; keeping the current certificate");

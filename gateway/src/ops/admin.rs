@@ -5,10 +5,17 @@
 //!   broker is unreachable.
 //! - `GET /metrics`: Prometheus text.
 //! - `POST /v1/channels/{channel}/publish` with `{"data": <json>}`: publishes cluster-wide.
+//!   On a history channel the answer has the publication's `offset` and `epoch`, and a
+//!   retry with the same `Idempotency-Key` header publishes nothing and answers the first.
+//! - `GET /v1/channels/{channel}/history?limit=N[&since_epoch=E&since_offset=K]`: a history
+//!   channel's publications.
 //! - `POST /v1/users/{user}/send`, `POST /v1/connections/{conn}/send` with
 //!   `{"data": <json>}`: unicast, answered with `{"delivered": n}`.
 //! - `DELETE /v1/connections/{conn}`: closes that connection (4003) on whichever node.
 //! - `GET /v1/users/{user}/connections`: the user's live connections.
+//! - `GET /v1/channels/{channel}/presence[?cursor=…&limit=N]`: a page of a presence
+//!   channel's members and the cursor of the next page (`null` after the last);
+//!   `GET /v1/channels/{channel}/presence_stats`: its counts.
 //! - `POST /v1/drain`: drain this node as on SIGTERM, but keep the process up.
 //! - `DELETE /v1/drain`: end that drain (started here or by the pod annotation): readiness
 //!   and new handshakes come back. A shutdown drain (SIGTERM) cannot be ended.
@@ -55,6 +62,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, stop: CancellationTok
         };
         let node = node.clone();
         let stop = stop.clone();
+        let timeout = node.config.handshake_timeout();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let node = node.clone();
@@ -62,7 +70,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, stop: CancellationTok
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
+                .header_read_timeout(timeout)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
@@ -252,13 +260,23 @@ async fn call(
     let Some((kind, rest)) = path.trim_start_matches("/v1/").split_once('/') else {
         return not_found();
     };
-    let (id, action) = ["publish", "send", "connections", "history"]
-        .iter()
-        .find_map(|a| Some((rest.strip_suffix(a)?.strip_suffix('/')?, *a)))
-        .unwrap_or((rest, ""));
+    let (id, action) = [
+        "publish",
+        "send",
+        "connections",
+        "history",
+        "presence",
+        "presence_stats",
+    ]
+    .iter()
+    .find_map(|a| Some((rest.strip_suffix(a)?.strip_suffix('/')?, *a)))
+    .unwrap_or((rest, ""));
     let allowed = match (kind, action) {
         ("channels", "publish") | ("users", "send") | ("connections", "send") => Method::POST,
-        ("users", "connections") | ("channels", "history") => Method::GET,
+        ("users", "connections")
+        | ("channels", "history")
+        | ("channels", "presence")
+        | ("channels", "presence_stats") => Method::GET,
         ("connections", "") => Method::DELETE,
         _ => return not_found(),
     };
@@ -279,6 +297,8 @@ async fn call(
     let dir = &node.directory;
     match (kind, action) {
         ("channels", "history") => history(node, id, req.uri().query().unwrap_or("")).await,
+        ("channels", "presence") => presence(node, id, req.uri().query().unwrap_or("")).await,
+        ("channels", "presence_stats") => presence_stats(node, id).await,
         ("users", "connections") => match dir.user_connections(id).await {
             Ok(conns) => json(StatusCode::OK, &serde_json::json!({ "connections": conns })),
             Err(e) => unavailable(e),
@@ -293,20 +313,31 @@ async fn call(
         },
         _ => {
             // A retried publish with the same key is published once (history channels).
-            let key = req
-                .headers()
-                .get("idempotency-key")
-                .and_then(|v| v.to_str().ok())
-                .filter(|k| shared::channel::is_valid(k))
-                .map(str::to_owned);
+            // A key that cannot be used is refused rather than ignored: ignoring it would
+            // turn the caller's retry into a second publication. Sends take no key.
+            let header = req.headers().get("idempotency-key");
+            let key = match header.filter(|_| kind == "channels") {
+                None => None,
+                Some(v) => match v.to_str().ok().filter(|k| shared::channel::is_valid(k)) {
+                    Some(k) => Some(k.to_owned()),
+                    None => {
+                        return json_error(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_idempotency_key",
+                            "Idempotency-Key must match [A-Za-z0-9_.:@/-]{1,200}",
+                        )
+                    }
+                },
+            };
             let data = match read_data(node, req).await {
                 Ok(d) => d,
                 Err(r) => return r,
             };
             if kind == "channels" {
+                let key = key.as_deref();
                 let published = match &traceparent {
-                    Some(tp) => node.hub.publish_traced(id, data.get(), tp).await,
-                    None => node.hub.publish(id, data.get(), key.as_deref()).await,
+                    Some(tp) => node.hub.publish_traced(id, data.get(), tp, key).await,
+                    None => node.hub.publish(id, data.get(), key).await,
                 };
                 return match published {
                     Ok(at) => {
@@ -400,6 +431,67 @@ async fn history(node: &Node, channel: &str, query: &str) -> HttpResponse {
     }
 }
 
+fn no_presence() -> HttpResponse {
+    json_error(
+        StatusCode::NOT_FOUND,
+        "not_enabled",
+        "this channel has no presence",
+    )
+}
+
+/// `GET /v1/channels/{ch}/presence[?cursor=C&limit=N]`: a page of about `limit` members
+/// (default `presence_max_members`), and the next page's cursor, `null` after the last.
+async fn presence(node: &Node, channel: &str, query: &str) -> HttpResponse {
+    if !node.presence.enabled(channel) {
+        return no_presence();
+    }
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    };
+    let cursor = param("cursor").filter(|c| !c.is_empty() && c.len() <= 256);
+    let limit = param("limit")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(node.config.presence_max_members)
+        .clamp(1, 10_000);
+    match node.presence.page(channel, cursor, limit).await {
+        Ok(page) => {
+            let mut members = serde_json::Map::new();
+            for m in page.members {
+                let info = m
+                    .info
+                    .as_deref()
+                    .and_then(|i| serde_json::from_str(i).ok())
+                    .unwrap_or(serde_json::Value::Null);
+                members.insert(
+                    m.conn_id,
+                    serde_json::json!({ "user_id": m.user_id, "info": info }),
+                );
+            }
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "presence": members, "cursor": page.cursor }),
+            )
+        }
+        Err(e) => unavailable(e),
+    }
+}
+
+/// `GET /v1/channels/{ch}/presence_stats`: `{"num_clients": N, "num_users": M}`.
+async fn presence_stats(node: &Node, channel: &str) -> HttpResponse {
+    if !node.presence.enabled(channel) {
+        return no_presence();
+    }
+    match node.presence.stats(channel).await {
+        Ok(s) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "num_clients": s.num_clients, "num_users": s.num_users }),
+        ),
+        Err(e) => unavailable(e),
+    }
+}
+
 /// `POST` starts a drain on demand, `DELETE` ends it (whoever started it: this API or the
 /// pod annotation). Both are idempotent.
 fn drain(node: &Node, method: &Method) -> HttpResponse {
@@ -442,11 +534,28 @@ fn drain(node: &Node, method: &Method) -> HttpResponse {
 
 /// Reads `{"data": <json>}`, bounded by `max_message_bytes`, with the same checks as a
 /// client's `data`.
+///
+/// The read is bounded in time too (`handshake_timeout_ms`, as the request head is): hyper's
+/// header timeout ends with the head, and a caller that sends the head and then trickles
+/// the body would otherwise hold the connection and its task for as long as it likes.
 async fn read_data(node: &Node, req: Request<Incoming>) -> Result<Box<RawValue>, HttpResponse> {
     let max = node.config.max_message_bytes;
-    let body = match Limited::new(req.into_body(), max).collect().await {
-        Ok(b) => b.to_bytes(),
+    let timeout = node.config.handshake_timeout();
+    let read = Limited::new(req.into_body(), max).collect();
+    let body = match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(b)) => b.to_bytes(),
         Err(_) => {
+            tracing::info!(
+                timeout_ms = node.config.handshake_timeout_ms,
+                "admin request refused: body not received in time"
+            );
+            return Err(json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "request body not received in time",
+            ));
+        }
+        Ok(Err(_)) => {
             return Err(json_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",

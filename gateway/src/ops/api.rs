@@ -8,8 +8,8 @@
 //! `Authorization: apikey <token>` (401 otherwise), compared in constant time as `/v1/*`.
 //!
 //! Methods: `publish`, `broadcast`, `history`, `history_remove`, `presence`,
-//! `presence_stats` (not available yet: 108), `disconnect`, `unsubscribe`, `channels`,
-//! `info`. Any other is answered 404 with `method not found` (104). Each call is served by
+//! `presence_stats` (108 on a channel without presence), `disconnect`, `unsubscribe`,
+//! `channels`, `info`. Any other is answered 404 with `method not found` (104). Each call is served by
 //! the node it reaches, through the directory and the broker, as the `/v1/*` API is.
 
 use std::collections::HashMap;

@@ -10,8 +10,12 @@
 //! hand events to each queue's codec.
 //!
 //! - [`v1`]: our JSON protocol (`docs/protocol.md`), codec id 0.
+//! - [`stomp`]: STOMP 1.0–1.2 (`docs/stomp.md`), codec id 1, chosen by the handshake's
+//!   `Sec-WebSocket-Protocol`. Its MESSAGE frames carry per-connection headers, so its
+//!   connections' queues also hold a `conn::event::Framer`.
 //! - [`centrifugo`]: Centrifugo's client protocol v2 in JSON, for the stock Centrifugo SDKs
-//!   (`docs/sdk.md`), codec id 2. (Id 1 is kept for STOMP.)
+//!   (`docs/sdk.md`), codec id 2.
 
 pub mod centrifugo;
+pub mod stomp;
 pub mod v1;

@@ -5,7 +5,9 @@
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use shared::protocol::{parse_request, Publication, Request, RequestId, ServerFrame};
+use shared::protocol::{
+    parse_request, PresenceMember, Publication, Request, RequestId, ServerFrame,
+};
 
 use crate::broker::Position;
 
@@ -38,9 +40,38 @@ impl Codec for V1 {
             }
             Event::Direct { data } => shared::protocol::encode_direct(data),
             Event::TokenExpiring { grace_ms } => ServerFrame::TokenExpired { grace_ms }.to_json(),
+            Event::Join {
+                channel,
+                conn_id,
+                user_id,
+                info,
+            } => ServerFrame::Join {
+                channel,
+                conn_id,
+                user_id,
+                info: info.and_then(raw),
+            }
+            .to_json(),
+            Event::Leave {
+                channel,
+                conn_id,
+                user_id,
+                info,
+            } => ServerFrame::Leave {
+                channel,
+                conn_id,
+                user_id,
+                info: info.and_then(raw),
+            }
+            .to_json(),
         };
         frame::text(&json)
     }
+}
+
+/// JSON text the gateway checked (a token's `info` claim) as a raw value.
+fn raw(json: &str) -> Option<&RawValue> {
+    serde_json::from_str(json).ok()
 }
 
 /// A v1 connection: its session, driven by the frames its reader hands over.
@@ -104,6 +135,29 @@ impl Connection {
                     publications,
                 });
             }
+            Done::Presence(listing) => {
+                let presence = listing
+                    .members
+                    .iter()
+                    .map(|m| {
+                        let member = PresenceMember {
+                            user_id: m.user_id.as_deref(),
+                            info: m.info.as_deref().and_then(raw),
+                        };
+                        (m.conn_id.as_str(), member)
+                    })
+                    .collect();
+                self.send(&ServerFrame::Presence {
+                    id,
+                    presence,
+                    truncated: listing.truncated,
+                });
+            }
+            Done::PresenceStats(s) => self.send(&ServerFrame::PresenceStats {
+                id,
+                num_clients: s.num_clients,
+                num_users: s.num_users,
+            }),
         }
         drop(done);
     }
@@ -125,11 +179,11 @@ fn position(p: shared::protocol::Position) -> Position {
     }
 }
 
-fn command(req: Request<'_>) -> Command<'_> {
+fn command<'a>(req: &'a Request<'_>) -> Command<'a> {
     match req {
         Request::Subscribe { channel, recover } => Command::Subscribe {
             channel,
-            recover: recover.map(position),
+            recover: recover.clone().map(position),
         },
         Request::History {
             channel,
@@ -137,8 +191,8 @@ fn command(req: Request<'_>) -> Command<'_> {
             since,
         } => Command::History {
             channel,
-            limit,
-            since: since.map(position),
+            limit: *limit,
+            since: since.clone().map(position),
         },
         Request::Unsubscribe { channel } => Command::Unsubscribe { channel },
         Request::Publish { channel, data } => Command::Publish {
@@ -146,7 +200,12 @@ fn command(req: Request<'_>) -> Command<'_> {
             data: data.get(),
         },
         Request::Refresh { token } => Command::Refresh { token },
-        Request::Send { data } => Command::Send { data: data.get() },
+        Request::Send { data } => Command::Send {
+            data: data.get(),
+            destination: None,
+        },
+        Request::Presence { channel } => Command::Presence { channel },
+        Request::PresenceStats { channel } => Command::PresenceStats { channel },
     }
 }
 
@@ -158,11 +217,17 @@ impl Handler for Connection {
         }
         match parse_request(&text) {
             Err(e) => self.reply_error(e.id, Failure::new(e.code, e.message)),
-            Ok((id, req)) => match self.session.execute(command(req)).await {
+            Ok((id, req)) => match self.session.execute(command(&req)).await {
                 Ok(done) => self.reply(id, done),
                 Err(failure) => self.reply_error(id, failure),
             },
         }
         Ok(())
+    }
+
+    /// A ping over the rate gets no pong (and no error frame: a ping has no `id` to answer),
+    /// but counts as a strike like a refused message.
+    fn on_ping(&mut self, len: usize) -> Result<bool, CloseReason> {
+        Ok(self.session.admit_ping(len)? == Admit::Yes)
     }
 }

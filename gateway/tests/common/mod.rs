@@ -1,6 +1,7 @@
 //! Helpers for integration tests: a real node on 127.0.0.1:0, real clients, raw sockets.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod nginx;
 pub mod process;
 pub mod redis_server;
 
@@ -269,16 +270,23 @@ impl Raw {
 
     /// Upgrades `path` and reads nothing after the 101.
     pub async fn upgrade(node: &TestNode, path: &str) -> Raw {
+        let (raw, head) = Raw::handshake(node, path, "").await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        raw
+    }
+
+    /// A handshake to `path` with extra header lines (each ending in CRLF); returns the
+    /// connection and the response head, whatever its status. No frame is read.
+    pub async fn handshake(node: &TestNode, path: &str, extra: &str) -> (Raw, String) {
         let mut s = TcpStream::connect(node.addr).await.expect("connect");
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
         );
         s.write_all(req.as_bytes()).await.expect("write handshake");
         let mut raw = Raw { s, buf: Vec::new() };
         let head = raw.read_until_headers().await;
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        raw
+        (raw, head)
     }
 
     async fn read_until_headers(&mut self) -> String {
@@ -312,6 +320,15 @@ impl Raw {
     }
 
     pub async fn frame_within(&mut self, t: Duration) -> Option<(u8, Vec<u8>)> {
+        self.try_frame_within(t).await.expect("frame in time")
+    }
+
+    /// Like [`Raw::frame_within`], but `Err` when no frame came in time: for polling. A
+    /// frame cut off by the deadline stays buffered for the next call.
+    pub async fn try_frame_within(
+        &mut self,
+        t: Duration,
+    ) -> Result<Option<(u8, Vec<u8>)>, tokio::time::error::Elapsed> {
         let deadline = tokio::time::Instant::now() + t;
         loop {
             if self.buf.len() >= 2 {
@@ -331,18 +348,17 @@ impl Raw {
                     let op = self.buf[0] & 0x0f;
                     let payload = self.buf[hdr..hdr + len].to_vec();
                     self.buf.drain(..hdr + len);
-                    return Some((op, payload));
+                    return Ok(Some((op, payload)));
                 }
             }
-            let mut chunk = [0u8; 65536];
-            let n = tokio::time::timeout_at(deadline, self.s.read(&mut chunk))
-                .await
-                .expect("frame in time")
+            // Straight into the buffer: a 64 KiB array here would sit in every caller's future.
+            self.buf.reserve(65536);
+            let n = tokio::time::timeout_at(deadline, self.s.read_buf(&mut self.buf))
+                .await?
                 .unwrap_or(0);
             if n == 0 {
-                return None;
+                return Ok(None);
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 

@@ -38,6 +38,10 @@ pub struct FanoutArgs {
     /// writes.
     #[arg(long, default_value_t = 1)]
     pub(crate) burst: u64,
+    /// Publish with `FCALL gw_publish 1 <channel> <json>` (a history channel's atomic
+    /// append-and-publish) instead of `PUBLISH`.
+    #[arg(long)]
+    pub(crate) fcall: bool,
     #[command(flatten)]
     pub(crate) common: Common,
 }
@@ -67,7 +71,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         set.spawn(async move {
             subscribe(&mut cl, &ch, proto).await?;
             let _ = ready.send(()).await;
-            receive(cl, "\"message\"", idle).await
+            receive(cl, proto.message_marker(), idle).await
         });
     }
     drop(ready_tx);
@@ -82,6 +86,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
 
     let mut redis = redis_conn(&a.redis_url).await?;
     let key = format!("{}{}", a.prefix, a.channel);
+    let (channel, fcall) = (a.channel.clone(), a.fcall);
     let cpu0 = c.cpu()?;
     let start = Instant::now();
     let published = paced(
@@ -93,7 +98,16 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             let mut r = redis.clone();
             let mut pipe = redis::pipe();
             for p in group {
-                pipe.cmd("PUBLISH").arg(&key).arg(p).ignore();
+                if fcall {
+                    pipe.cmd("FCALL")
+                        .arg("gw_publish")
+                        .arg(1)
+                        .arg(&channel)
+                        .arg(p)
+                        .ignore();
+                } else {
+                    pipe.cmd("PUBLISH").arg(&key).arg(p).ignore();
+                }
             }
             async move {
                 pipe.query_async::<()>(&mut r).await?;
@@ -124,5 +138,6 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     result["offered_deliveries_per_sec"] = json!(a.rate * a.s as u64);
     result["payload_bytes"] = json!(a.payload_bytes);
     result["burst"] = json!(a.burst);
+    result["fcall"] = json!(a.fcall);
     emit(c, "fanout", result, &summary)
 }

@@ -13,12 +13,14 @@ mod connect_storm;
 mod delivery;
 mod fanout;
 mod idle;
+mod recovery_storm;
 mod unicast;
 
 pub use churn::{churn, ChurnArgs};
 pub use connect_storm::{connect_storm, StormArgs};
 pub use fanout::{fanout, FanoutArgs};
 pub use idle::{idle, idle_worker, IdleArgs};
+pub use recovery_storm::{recovery_storm, RecoveryStormArgs};
 pub use unicast::{unicast, UnicastArgs};
 
 use std::path::PathBuf;
@@ -56,8 +58,10 @@ pub(crate) struct Common {
     /// Bearer token sent with every handshake.
     #[arg(long)]
     pub(crate) token: Option<String>,
-    /// Wire protocol: `gateway` (JSON frames) or `eio` (Engine.IO 4 websocket transport with
-    /// Socket.IO packets, to drive the Socket.IO peer: events `subscribe`, `ack`, `message`).
+    /// Wire protocol: `gateway` (JSON frames), `eio` (Engine.IO 4 websocket transport with
+    /// Socket.IO packets, to drive the Socket.IO peer: events `subscribe`, `ack`, `message`)
+    /// or `stomp` (STOMP 1.2: point `--url` at the gateway's `/stomp`, which speaks STOMP
+    /// without a subprotocol header; the token goes in the handshake as usual).
     #[arg(long, value_enum, default_value_t = Proto::Gateway)]
     pub(crate) proto: Proto,
 }
@@ -68,6 +72,17 @@ pub(crate) struct Common {
 pub(crate) enum Proto {
     Gateway,
     Eio,
+    Stomp,
+}
+
+impl Proto {
+    /// What the text of a channel message contains, for `delivery::receive`.
+    pub(crate) fn message_marker(self) -> &'static str {
+        match self {
+            Proto::Gateway | Proto::Eio => "\"message\"",
+            Proto::Stomp => "MESSAGE\n",
+        }
+    }
 }
 
 /// The `--proto` spelling, so that `idle --procs` can pass it on to its workers.
@@ -172,8 +187,25 @@ async fn connect_one(
             c.send_text("40").await?;
             eio_expect(&mut c, "40").await?;
         }
+        Proto::Stomp => {
+            c.send_text("CONNECT\naccept-version:1.2\nheart-beat:0,0\n\n\0")
+                .await?;
+            stomp_expect(&mut c, "CONNECTED\n").await?;
+        }
     }
     Ok(c)
+}
+
+/// Reads STOMP frames until one starts with `command` (an ERROR fails).
+async fn stomp_expect(c: &mut Client, command: &str) -> anyhow::Result<String> {
+    loop {
+        match c.recv(Duration::from_secs(30)).await? {
+            Received::Text(t) if t.starts_with(command) => return Ok(t),
+            Received::Text(t) if t.starts_with("ERROR\n") => bail!("STOMP error: {t}"),
+            Received::Text(_) | Received::Binary(_) => {}
+            Received::Close(code, r) => bail!("closed {code} {r}"),
+        }
+    }
 }
 
 /// Reads Engine.IO packets (answering pings) until one starts with `prefix`.
@@ -207,6 +239,14 @@ async fn subscribe(c: &mut Client, channel: &str, proto: Proto) -> anyhow::Resul
             c.send_text(&format!(r#"42["subscribe",{}]"#, json!(channel)))
                 .await?;
             eio_expect(c, r#"42["ack""#).await?;
+            Ok(())
+        }
+        Proto::Stomp => {
+            c.send_text(&format!(
+                "SUBSCRIBE\nid:0\ndestination:/topic/{channel}\nreceipt:sub\n\n\0"
+            ))
+            .await?;
+            stomp_expect(c, "RECEIPT\n").await?;
             Ok(())
         }
     }

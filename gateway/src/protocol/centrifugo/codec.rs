@@ -8,9 +8,9 @@
 //! - a unicast: `{"push":{"message":{"data":<data>}}}` (the SDK's `message` event);
 //! - the node ending a subscription:
 //!   `{"push":{"channel":"c","unsubscribe":{"code":2500,"reason":"insufficient state"}}}`.
-//!
-//! `join` and `leave` pushes are not sent yet: the core has no presence. When it has, they
-//! are two more [`Event`]s and two more arms here.
+//! - a connection joining or leaving a channel with `join_leave`:
+//!   `{"push":{"channel":"c","join":{"info":{"client":..,"user":..,"conn_info":..}}}}`
+//!   (`leave` likewise).
 
 use std::borrow::Cow;
 
@@ -23,7 +23,7 @@ use crate::error::CloseReason;
 
 use super::kind;
 
-/// The Centrifugo codec, id 2 (v1 is 0; id 1 is kept for STOMP).
+/// The Centrifugo codec, id 2 (v1 is 0, STOMP 1).
 pub static CODEC: Centrifugo = Centrifugo;
 
 /// See [`CODEC`].
@@ -58,6 +58,18 @@ impl Codec for Centrifugo {
                 s.push_str("}}}");
                 s
             }
+            Event::Join {
+                channel,
+                conn_id,
+                user_id,
+                info,
+            } => join_leave("join", channel, conn_id, user_id, info),
+            Event::Leave {
+                channel,
+                conn_id,
+                user_id,
+                info,
+            } => join_leave("leave", channel, conn_id, user_id, info),
             // Centrifugo has no push for it: an SDK refreshes its token on its own when the
             // connect reply's `ttl` runs out. A ping keeps the frame harmless.
             Event::TokenExpiring { .. } => PING.to_owned(),
@@ -92,6 +104,18 @@ fn publication(channel: &str, data: &str, offset: Option<u64>) -> String {
     s
 }
 
+/// `{"push":{"channel":..,"join":{"info":<ClientInfo>}}}` (or `leave`).
+fn join_leave(
+    kind: &str,
+    channel: &str,
+    conn_id: &str,
+    user_id: Option<&str>,
+    info: Option<&str>,
+) -> String {
+    let info = super::presence::client_info(conn_id, user_id, info);
+    serde_json::json!({ "push": { "channel": channel, kind: { "info": info } } }).to_string()
+}
+
 /// The `unsubscribe` push's code and reason for the core's `unsubscribed` codes. Codes
 /// from 2500 make the SDK subscribe again (recovering from its position); below 2500 the
 /// subscription ends.
@@ -115,7 +139,7 @@ pub fn close(reason: &CloseReason) -> (u16, Cow<'static, str>) {
         // RFC 6455 violations stay WebSocket closes: the transport is what broke.
         CloseReason::Protocol(_) => (reason.code(), Cow::Owned(reason.to_string())),
         CloseReason::Binary => (3506, Cow::Borrowed("inappropriate protocol")),
-        CloseReason::InvalidUtf8 | CloseReason::TooBig(_) => {
+        CloseReason::InvalidUtf8 | CloseReason::TooBig(_) | CloseReason::FragmentTimeout => {
             (reason.code(), Cow::Owned(reason.to_string()))
         }
         CloseReason::SlowConsumer(_) => (3008, Cow::Borrowed("slow")),
@@ -139,6 +163,34 @@ mod tests {
 
     fn text(b: Bytes) -> String {
         String::from_utf8(b[2..].to_vec()).expect("utf-8")
+    }
+
+    #[test]
+    fn join_and_leave_are_pushes_with_client_info() {
+        let join = CODEC.encode(&Event::Join {
+            channel: "room:1",
+            conn_id: "n1.a.1",
+            user_id: Some("bob"),
+            info: Some(r#"{"name":"Bob"}"#),
+        });
+        let v: serde_json::Value = serde_json::from_str(&text(join)).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"push":{"channel":"room:1","join":{"info":{
+                "client":"n1.a.1","user":"bob","conn_info":{"name":"Bob"}}}}})
+        );
+        let leave = CODEC.encode(&Event::Leave {
+            channel: "room:1",
+            conn_id: "n1.a.2",
+            user_id: None,
+            info: None,
+        });
+        let v: serde_json::Value = serde_json::from_str(&text(leave)).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"push":{"channel":"room:1","leave":{"info":{
+                "client":"n1.a.2","user":""}}}})
+        );
     }
 
     #[test]

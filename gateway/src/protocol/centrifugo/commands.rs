@@ -295,6 +295,7 @@ impl From<Failure> for Error {
             ErrorCode::Unavailable => (code::INTERNAL, true),
             ErrorCode::Unauthorized => (code::UNAUTHORIZED, false),
             ErrorCode::NotEnabled => (code::NOT_AVAILABLE, false),
+            ErrorCode::MessageTooBig => (code::LIMIT_EXCEEDED, false),
         };
         Error {
             code,

@@ -8,7 +8,7 @@
 //!
 //! - [`commands`]: the wire shapes and Centrifugo's error codes;
 //! - [`codec`]: pushes, the `{}` ping and the close codes the SDKs understand;
-//! - [`presence`]: the one place presence is answered from (the core has none yet);
+//! - [`presence`]: the one place presence is answered from (the core's presence);
 //! - this file: the connection, from the socket opening to its `connect` command and on.
 //!
 //! A frame may carry several commands, one per line; their replies go back in one frame,
@@ -112,7 +112,7 @@ impl Cleanup {
             None => {
                 // A connect may have stopped between its directory entry and its session.
                 self.core.directory.remove(&self.conn_id).await;
-                session::closed(&self.core, self.ip, &self.conn_id, reason);
+                session::closed_unopened(&self.core, self.ip, &self.conn_id, reason);
             }
         }
     }
@@ -264,7 +264,10 @@ impl Connection {
                 // No reply: a failed send is counted and logged only.
                 let result = match commands::data(req.data) {
                     Ok(data) => session
-                        .execute(CoreCommand::Send { data })
+                        .execute(CoreCommand::Send {
+                            data,
+                            destination: None,
+                        })
                         .await
                         .map(drop)
                         .map_err(Error::from),
@@ -466,11 +469,14 @@ async fn call(
         }
         Method::Presence(req) => {
             let channel = commands::channel(&req.channel)?;
-            Ok((presence::presence(core, channel).await?, None))
+            Ok((presence::client_presence(session, channel).await?, None))
         }
         Method::PresenceStats(req) => {
             let channel = commands::channel(&req.channel)?;
-            Ok((presence::presence_stats(core, channel).await?, None))
+            Ok((
+                presence::client_presence_stats(session, channel).await?,
+                None,
+            ))
         }
         Method::Rpc(req) => {
             tracing::debug!(method = %req.method, "centrifugo rpc: no rpc methods here");

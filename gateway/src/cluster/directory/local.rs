@@ -1,0 +1,336 @@
+//! The node's own connections: the only place that holds their outbound queues, and the
+//! local end of every unicast and disconnect, whichever node or backend asked for it.
+//!
+//! Besides the map `conn → Local`, it keeps a by-user index `user → conns`, updated under
+//! the same lock, so that the per-user cap and a unicast to a user cost a lookup instead of
+//! a scan of every connection on the node.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::{ConnInfo, Unsubscriber};
+use crate::conn::event::{Encoded, Event};
+use crate::conn::outbound::{Outbound, Pushed};
+use crate::error::CloseReason;
+use crate::metrics::Metrics;
+
+/// A connection held by this node.
+pub struct Local {
+    /// The node-local id (the hub's `ConnId`).
+    pub id: u64,
+    pub out: Arc<Outbound>,
+    pub user: Option<String>,
+    pub connected_ms: u64,
+}
+
+#[derive(Default)]
+struct Conns {
+    by_conn: HashMap<String, Local>,
+    /// Connections of each user (anonymous ones are not indexed). Never holds an empty set.
+    by_user: HashMap<String, HashSet<String>>,
+}
+
+impl Conns {
+    /// Connections of `user`, for [`LocalConns::deliver`].
+    fn of_user(&self, user: &str) -> Vec<String> {
+        self.by_user
+            .get(user)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn get(&self, conn: &str) -> Option<&Local> {
+        self.by_conn.get(conn)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Local> {
+        self.by_conn.values()
+    }
+
+    fn unindex(&mut self, conn: &str, user: Option<&str>) {
+        let Some(u) = user else { return };
+        if let Some(set) = self.by_user.get_mut(u) {
+            set.remove(conn);
+            if set.is_empty() {
+                self.by_user.remove(u);
+            }
+        }
+    }
+}
+
+/// See the module docs.
+pub struct LocalConns {
+    conns: Mutex<Conns>,
+    /// What a server-side unsubscribe does to a local connection (set by the layer above).
+    unsubscriber: OnceLock<Unsubscriber>,
+    metrics: Arc<Metrics>,
+}
+
+impl LocalConns {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        LocalConns {
+            conns: Mutex::default(),
+            unsubscriber: OnceLock::new(),
+            metrics,
+        }
+    }
+
+    fn local(&self) -> std::sync::MutexGuard<'_, Conns> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a connection (`id`: its node-local id), replacing one with the same id, which
+    /// ids never repeat.
+    pub fn insert(
+        &self,
+        conn: &str,
+        id: u64,
+        user: Option<&str>,
+        out: Arc<Outbound>,
+        connected_ms: u64,
+    ) {
+        let mut local = self.local();
+        let old = local.by_conn.insert(
+            conn.to_owned(),
+            Local {
+                id,
+                out,
+                user: user.map(str::to_owned),
+                connected_ms,
+            },
+        );
+        if let Some(old) = old {
+            local.unindex(conn, old.user.as_deref());
+        }
+        if let Some(u) = user {
+            local
+                .by_user
+                .entry(u.to_owned())
+                .or_default()
+                .insert(conn.to_owned());
+        }
+    }
+
+    /// Forgets a connection; returns what was held.
+    pub fn remove(&self, conn: &str) -> Option<Local> {
+        let mut local = self.local();
+        let gone = local.by_conn.remove(conn)?;
+        local.unindex(conn, gone.user.as_deref());
+        Some(gone)
+    }
+
+    pub fn contains(&self, conn: &str) -> bool {
+        self.local().by_conn.contains_key(conn)
+    }
+
+    /// Connections held by this node.
+    pub fn len(&self) -> usize {
+        self.local().by_conn.len()
+    }
+
+    /// The distinct users among this node's connections.
+    pub fn users(&self) -> usize {
+        self.local().by_user.len()
+    }
+
+    /// Sets what [`LocalConns::unsubscribe`] does to a connection. Set once.
+    pub fn set_unsubscriber(&self, unsubscriber: Unsubscriber) {
+        let _ = self.unsubscriber.set(unsubscriber);
+    }
+
+    /// Takes each of `conns` that this node holds off `channel` (see [`Unsubscriber`]).
+    /// Returns how many it held.
+    pub fn unsubscribe<'a>(&self, conns: impl Iterator<Item = &'a str>, channel: &str) -> u64 {
+        let Some(unsubscribe) = self.unsubscriber.get() else {
+            return 0;
+        };
+        let local = self.local();
+        let mut n = 0;
+        for conn in conns {
+            if let Some(l) = local.get(conn) {
+                unsubscribe(l.id, conn, channel, &l.out);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// How many connections `user` holds on this node.
+    pub fn user_count(&self, user: &str) -> usize {
+        self.local().by_user.get(user).map_or(0, HashSet::len)
+    }
+
+    /// The ids of `user`'s connections on this node, in no particular order.
+    pub fn user_conns(&self, user: &str) -> Vec<String> {
+        self.local().of_user(user)
+    }
+
+    /// `user`'s connections on this node as the admin API lists them, sorted by id.
+    pub fn user_infos(&self, user: &str, node_id: &str) -> Vec<ConnInfo> {
+        let local = self.local();
+        let mut v: Vec<ConnInfo> = local
+            .by_user
+            .get(user)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| {
+                local.get(c).map(|l| ConnInfo {
+                    conn_id: c.clone(),
+                    node_id: node_id.to_owned(),
+                    connected_ms: l.connected_ms,
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| a.conn_id.cmp(&b.conn_id));
+        v
+    }
+
+    /// Every connection as `(conn, user, connected_ms)`, for re-registering them all.
+    pub fn snapshot(&self) -> Vec<(String, Option<String>, u64)> {
+        self.local()
+            .by_conn
+            .iter()
+            .map(|(c, l)| (c.clone(), l.user.clone(), l.connected_ms))
+            .collect()
+    }
+
+    /// Queues a direct message, encoded once per protocol, to local connections. Returns how many got it.
+    pub fn deliver<'a>(&self, conns: impl Iterator<Item = &'a str>, data: &str) -> u64 {
+        let mut encoded = Encoded::new(Event::Direct { data });
+        let local = self.local();
+        let mut n = 0;
+        for conn in conns {
+            if let Some(l) = local.get(conn) {
+                match l.out.push_encoded(&mut encoded, None).0 {
+                    Pushed::Queued => n += 1,
+                    Pushed::Overflowed => self.metrics.slow_consumer_disconnects.inc([]),
+                    Pushed::Closing | Pushed::Unwanted => {}
+                }
+            }
+        }
+        self.metrics.hot.deliveries.fetch_add(n, Ordering::Relaxed);
+        n
+    }
+
+    /// Closes one local connection with 4003. False when this node does not hold it.
+    pub fn kick(&self, conn: &str) -> bool {
+        match self.local().get(conn) {
+            Some(l) => {
+                l.out.close(CloseReason::Disconnected);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes up to `n` of this node's connections, oldest first, with the reason `why`
+    /// gives each. Returns how many it closed. Oldest first because a connection that has
+    /// just arrived (perhaps just shed by another node) should not be bounced again.
+    pub fn close_oldest(&self, n: usize, why: impl Fn() -> CloseReason) -> usize {
+        let local = self.local();
+        let mut open: Vec<(&u64, &Arc<Outbound>)> = local
+            .values()
+            .filter(|l| !l.out.is_closing())
+            .map(|l| (&l.connected_ms, &l.out))
+            .collect();
+        open.sort_by_key(|(at, _)| **at);
+        for (_, out) in open.iter().take(n) {
+            out.close(why());
+        }
+        n.min(open.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conns() -> LocalConns {
+        LocalConns::new(Arc::default())
+    }
+
+    fn out() -> Arc<Outbound> {
+        Arc::new(Outbound::new(1 << 20, &crate::conn::event::DebugCodec))
+    }
+
+    #[test]
+    fn by_user_index_follows_insert_and_remove() {
+        let l = conns();
+        l.insert("a1", 0, Some("alice"), out(), 1);
+        l.insert("a2", 0, Some("alice"), out(), 2);
+        l.insert("b1", 0, Some("bob"), out(), 3);
+        l.insert("x", 0, None, out(), 4);
+        assert_eq!(l.user_count("alice"), 2);
+        let mut a = l.user_conns("alice");
+        a.sort();
+        assert_eq!(a, ["a1", "a2"]);
+        assert_eq!(l.len(), 4);
+
+        assert_eq!(
+            l.remove("a1").and_then(|g| g.user).as_deref(),
+            Some("alice")
+        );
+        assert!(l.remove("a1").is_none());
+        assert_eq!(l.user_conns("alice"), ["a2"]);
+        l.remove("a2");
+        assert_eq!(l.user_count("alice"), 0);
+        assert!(
+            !l.local().by_user.contains_key("alice"),
+            "empty sets are dropped"
+        );
+        assert_eq!(l.user_conns("bob"), ["b1"]);
+        assert_eq!(l.len(), 2);
+    }
+
+    #[test]
+    fn reinserting_an_id_moves_it_to_the_new_user() {
+        let l = conns();
+        l.insert("c", 0, Some("alice"), out(), 1);
+        l.insert("c", 0, Some("bob"), out(), 2);
+        assert_eq!(l.user_count("alice"), 0);
+        assert_eq!(l.user_conns("bob"), ["c"]);
+        assert_eq!(l.len(), 1);
+    }
+
+    #[test]
+    fn user_infos_are_sorted_and_carry_the_node() {
+        let l = conns();
+        l.insert("z", 0, Some("u"), out(), 5);
+        l.insert("m", 0, Some("u"), out(), 6);
+        let infos = l.user_infos("u", "n1");
+        assert_eq!(
+            infos,
+            [
+                ConnInfo {
+                    conn_id: "m".into(),
+                    node_id: "n1".into(),
+                    connected_ms: 6
+                },
+                ConnInfo {
+                    conn_id: "z".into(),
+                    node_id: "n1".into(),
+                    connected_ms: 5
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn deliver_and_kick_reach_only_the_named_connections() {
+        let l = conns();
+        let (a, b) = (out(), out());
+        l.insert("a", 0, Some("u"), a.clone(), 1);
+        l.insert("b", 0, Some("u"), b.clone(), 2);
+        assert_eq!(l.deliver(["a", "nope"].into_iter(), "1"), 1);
+        let mut got = std::collections::VecDeque::new();
+        a.take(&mut got);
+        assert_eq!(got.len(), 1);
+        got.clear();
+        b.take(&mut got);
+        assert!(got.is_empty());
+        assert!(l.kick("b"));
+        assert!(!l.kick("nope"));
+        assert!(b.is_closing() && !a.is_closing());
+    }
+}
