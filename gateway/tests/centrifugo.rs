@@ -826,3 +826,89 @@ async fn server_api_calls_reach_every_node() {
     let (code, _) = c.recv_close(T).await.unwrap();
     assert_eq!(code, 3503);
 }
+
+/// Presence on the Centrifugo endpoint: `presence` and `presence_stats` from the core's
+/// presence, join and leave pushes with the token's `info`, and the server API's answers.
+#[tokio::test]
+async fn presence_join_and_leave_for_the_sdks() {
+    let node = start(gateway::Config {
+        admin_token: Some("api-key-0123456789".into()),
+        channels: vec!["room:*?presence&join_leave".parse().expect("valid")],
+        ..cf_config()
+    })
+    .await;
+    let key = Some("api-key-0123456789");
+    let exp = gateway::test_util::now_secs() + 600;
+    let (mut a, ra) = connect(
+        &node,
+        &token(json!({"sub":"alice","exp":exp,"info":{"name":"Alice"}})),
+    )
+    .await;
+    let a_id = ra["connect"]["client"].as_str().expect("client").to_owned();
+    send(&mut a, &[json!({"id":2,"subscribe":{"channel":"room:1"}})]).await;
+    assert_eq!(one(&mut a).await["subscribe"], json!({}));
+
+    // Not subscribed: 103; a channel without presence: 108.
+    let (mut b, b_id) = connected(&node, "bob").await;
+    send(
+        &mut b,
+        &[
+            json!({"id":2,"presence":{"channel":"room:1"}}),
+            json!({"id":3,"presence_stats":{"channel":"chat:x"}}),
+        ],
+    )
+    .await;
+    let replies = frame(&mut b).await;
+    assert_eq!(replies[0]["error"]["code"], 103, "{replies:?}");
+    assert_eq!(replies[1]["error"]["code"], 108, "{replies:?}");
+
+    // Bob joins: Alice gets a join push with Bob's client info.
+    send(&mut b, &[json!({"id":4,"subscribe":{"channel":"room:1"}})]).await;
+    assert_eq!(one(&mut b).await["subscribe"], json!({}));
+    let join = one(&mut a).await;
+    assert_eq!(
+        join,
+        json!({"push":{"channel":"room:1","join":{"info":{"client":b_id,"user":"bob"}}}})
+    );
+
+    send(
+        &mut b,
+        &[
+            json!({"id":5,"presence":{"channel":"room:1"}}),
+            json!({"id":6,"presence_stats":{"channel":"room:1"}}),
+        ],
+    )
+    .await;
+    let replies = frame(&mut b).await;
+    let members = &replies[0]["presence"]["presence"];
+    assert_eq!(
+        members[&a_id],
+        json!({"client":a_id,"user":"alice","conn_info":{"name":"Alice"}}),
+        "{replies:?}"
+    );
+    assert_eq!(members[&b_id]["user"], "bob");
+    assert_eq!(
+        replies[1]["presence_stats"],
+        json!({"num_clients":2,"num_users":2})
+    );
+
+    // The server API reads the same presence.
+    let (status, v) = api(&node, "presence_stats", r#"{"channel":"room:1"}"#, key).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["result"], json!({"num_clients":2,"num_users":2}));
+    let (_, v) = api(&node, "presence", r#"{"channel":"room:1"}"#, key).await;
+    assert_eq!(v["result"]["presence"][&a_id]["user"], "alice", "{v}");
+
+    // Bob leaves: Alice gets a leave push.
+    send(
+        &mut b,
+        &[json!({"id":7,"unsubscribe":{"channel":"room:1"}})],
+    )
+    .await;
+    assert_eq!(one(&mut b).await["unsubscribe"], json!({}));
+    let leave = one(&mut a).await;
+    assert_eq!(
+        leave,
+        json!({"push":{"channel":"room:1","leave":{"info":{"client":b_id,"user":"bob"}}}})
+    );
+}
