@@ -14,8 +14,8 @@ run:
 		--channels 'chat:*?history_size=100&history_ttl_secs=600&presence&join_leave' \
 		--listen 127.0.0.1:8080 --admin-listen 127.0.0.1:9090
 
-## Everything CI runs: install what is missing, lint, Rust tests, browser test.
-test: deps lint unit e2e bench-smoke k8s-check
+## Everything CI runs: install what is missing, lint, Rust tests, browser and SDK tests.
+test: deps lint unit e2e sdk-test bench-smoke k8s-check
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -24,8 +24,9 @@ lint:
 unit:
 	$(CARGO) test --workspace $(FEATURES)
 
-## Headless Chromium drives the demo page; stompjs and ws clients test STOMP (needs the debug
-## gateway binary and redis-server).
+## Headless Chromium drives the demo page; stompjs and ws clients test STOMP; the Centrifugo
+## JavaScript SDK runs against two nodes behind nginx (needs the debug gateway binary,
+## redis-server and nginx).
 e2e: deps-node
 	$(CARGO) build -p gateway $(FEATURES)
 	cd e2e && node --test
@@ -67,3 +68,6 @@ include mk/k8s.mk
 
 # Load generator scenarios and benchmarks: bench-smoke (in make test), bench.
 include mk/bench.mk
+
+# The Centrifugo SDKs in Python: sdk-tools, sdk-test (in make test).
+include mk/sdk.mk

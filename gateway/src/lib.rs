@@ -6,10 +6,12 @@
 //! 1. `server`: `run(listener, admin_listener, config, shutdown)`, the accept loop, the
 //!    background tasks and the shutdown order.
 //! 2. `edge` (TLS, client IP, Origin, the handshake and its `Refusal`s, the public HTTP
-//!    routes), `ops` (probes, metrics, the admin API, drain; `kube` with its feature) and
-//!    `node` (the state they share; derefs to the core's services).
+//!    routes), `ops` (probes, metrics, the admin API, Centrifugo's server API `ops::api`,
+//!    drain; `kube` with its feature) and `node` (the state they share; derefs to the
+//!    core's services).
 //! 3. `protocol`: one adapter per wire protocol: frames to commands, events to frames.
-//!    `protocol::v1` is our JSON protocol.
+//!    `protocol::v1` is our JSON protocol, `protocol::stomp` STOMP, `protocol::centrifugo`
+//!    Centrifugo's client protocol for the stock SDKs (`docs/sdk.md`).
 //! 4. `core` (the protocol-agnostic session, the hub of local subscribers, the history
 //!    streams) and `auth` (JWT and JWKS).
 //! 5. `broker` (the `Broker` trait, memory and Redis, one conformance suite) and

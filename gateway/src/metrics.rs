@@ -145,6 +145,8 @@ families! {
         history_reads: "gateway_history_reads_total" [],
         /// Subscribes that asked to recover a position, by whether it was recovered.
         recoveries: "gateway_recoveries_total" ["recovered"],
+        /// Centrifugo server API calls (`POST /api/<method>`), by method and outcome.
+        api_calls: "gateway_api_calls_total" ["method", "outcome"],
         /// Presence operations by op (join, leave, list, page, stats, resync; purge counts
         /// the entries of dead nodes removed).
         presence_ops: "gateway_presence_ops_total" ["op"],

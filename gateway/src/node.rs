@@ -46,7 +46,8 @@ pub struct Node {
     pub close_all: CancellationToken,
     open: AtomicUsize,
     next_conn: AtomicU64,
-    boot_ms: u64,
+    /// When the node started, Unix milliseconds.
+    pub boot_ms: u64,
 }
 
 impl Node {
@@ -109,6 +110,7 @@ impl Node {
                 .map_err(|e| StartError::Redis("loading the presence functions", e))?;
             directory.attach(presence.clone());
         }
+        directory.set_unsubscriber(crate::core::unsubscriber(hub.clone(), presence.clone()));
         directory.start().await?;
         let inbound = Inbound::new(
             redis.clone(),

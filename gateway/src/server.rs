@@ -244,6 +244,10 @@ fn spawn_background(
                     // History channels: is the epoch still ours, did we miss anything?
                     node.hub
                         .check_streams(Duration::from_millis(node.config.node_heartbeat_ms));
+                    // This node's channel counts, for the server API's `channels` and `info`.
+                    if let Err(e) = node.directory.record_channels(|| node.hub.channel_counts()).await {
+                        tracing::debug!(error = %e, "channel counts not written");
+                    }
                     let left = node.hub.reconcile().await;
                     if left > 0 {
                         tracing::debug!(left, "broker subscriptions still to reconcile");

@@ -24,6 +24,11 @@ pub struct Claims {
     /// Glob patterns this connection may publish to, on top of `--publish-allow`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<String>,
+    /// A subscription token's channel: the token grants subscribing to this one channel
+    /// (the Centrifugo endpoint's `subscribe` with a `token`, see `docs/sdk.md`). A
+    /// connection token has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
     /// What the connection shows in presence and join/leave frames: a JSON object of at most
     /// [`MAX_INFO_BYTES`] (compact). Anything else is refused with 401 `invalid_info`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

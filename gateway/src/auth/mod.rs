@@ -47,6 +47,12 @@ pub enum AuthError {
     UnknownKey,
     #[error("signing keys are unavailable right now")]
     KeysUnavailable,
+    /// A subscription token (one with a `channel` claim) where a connection token is
+    /// expected, or the other way round.
+    #[error(
+        "wrong kind of token: a subscription token has a `channel` claim, a connection token none"
+    )]
+    WrongKind,
     #[error("token sub must be 1-200 bytes without control characters, `{{` or `}}`")]
     InvalidSubject,
     #[error("the token's info claim must be a JSON object of at most 1024 bytes")]
@@ -66,6 +72,7 @@ impl AuthError {
             AuthError::UnsupportedAlgorithm => "unsupported_algorithm",
             AuthError::UnknownKey => "unknown_key",
             AuthError::KeysUnavailable => "keys_unavailable",
+            AuthError::WrongKind => "wrong_token_kind",
             AuthError::InvalidSubject => "invalid_subject",
             AuthError::InvalidInfo => "invalid_info",
         }
@@ -82,6 +89,8 @@ pub struct Identity {
     pub publish: Vec<String>,
     /// Expiry, Unix seconds.
     pub exp: u64,
+    /// A subscription token's `channel` claim: the one channel it grants.
+    pub channel: Option<String>,
     /// The `info` claim as compact JSON text (an object of at most
     /// `shared::claims::MAX_INFO_BYTES`); shown in presence and join/leave frames.
     pub info: Option<String>,
@@ -129,8 +138,28 @@ impl Authenticator {
         self.jwks.clone()
     }
 
-    /// Verifies a token and returns who it names and what it allows.
+    /// Verifies a connection token and returns who it names and what it allows. A
+    /// subscription token (with a `channel` claim) is refused: it grants one channel, and
+    /// must not open a connection free of the `channels` limit.
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let identity = self.decode(token).await?;
+        if identity.channel.is_some() {
+            return Err(AuthError::WrongKind);
+        }
+        Ok(identity)
+    }
+
+    /// Verifies a subscription token: its `channel` claim is the one channel it grants.
+    pub async fn verify_subscription(&self, token: &str) -> Result<Identity, AuthError> {
+        let identity = self.decode(token).await?;
+        if identity.channel.is_none() {
+            return Err(AuthError::WrongKind);
+        }
+        Ok(identity)
+    }
+
+    /// Checks a token's signature and claims, whatever its kind.
+    async fn decode(&self, token: &str) -> Result<Identity, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         let alg = header.alg;
         let hmac = matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
@@ -170,6 +199,7 @@ impl Authenticator {
                         channels: c.channels,
                         publish: c.publish,
                         exp: c.exp,
+                        channel: c.channel,
                     });
                 }
                 Err(e) => {

@@ -66,6 +66,7 @@ where
     history_is_idempotent(&make).await;
     history_is_shared_by_nodes(&make).await;
     history_expiry_changes_the_epoch(&make).await;
+    history_remove_keeps_the_position(&make).await;
     idempotency_keys_expire_on_a_busy_channel(&make).await;
     reads_keep_a_quiet_channel_s_epoch(&make).await;
 }
@@ -333,6 +334,50 @@ where
         (1, &after.epoch),
         "offsets restart in the new epoch"
     );
+}
+
+async fn history_remove_keeps_the_position<F, Fut>(make: &F)
+where
+    F: Fn(Sink) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let a = make(Recorder::default().sink()).await;
+    let b = make(Recorder::default().sink()).await;
+    let mut last = None;
+    for i in 1..=3 {
+        last = Some(
+            a.publish_history("conf:h:rm", &i.to_string(), KEEP, None)
+                .await
+                .expect("publish"),
+        );
+    }
+    let last = last.expect("published");
+    b.remove_history("conf:h:rm", KEEP)
+        .await
+        .expect("remove on another node");
+    let h = a
+        .history("conf:h:rm", KEEP, Since::Last(5))
+        .await
+        .expect("read");
+    assert_eq!(
+        (&h.epoch, h.top),
+        (&last.epoch, 3),
+        "epoch and top offset survive the removal"
+    );
+    assert!(h.publications.is_empty(), "no publication is left");
+    let next = a
+        .publish_history("conf:h:rm", "4", KEEP, None)
+        .await
+        .expect("publish after the removal");
+    assert_eq!((next.offset, &next.epoch), (4, &last.epoch));
+    let h = b
+        .history("conf:h:rm", KEEP, Since::After(3, 5))
+        .await
+        .expect("read");
+    assert_eq!(h.publications, vec![(4, "4".to_owned())]);
+    b.remove_history("conf:h:never", KEEP)
+        .await
+        .expect("removing a history that never was is fine");
 }
 
 async fn delivers_subscribed_channels_only<F, Fut>(make: &F)

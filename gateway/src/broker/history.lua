@@ -105,3 +105,12 @@ redis.register_function{function_name = 'gw_history', flags = {}, callback = fun
   end
   return out
 end}
+
+-- FCALL gw_history_remove 1 <channel> -> 1
+-- Drops the stored publications and keeps the meta: the epoch and the last offset stay, so
+-- the next publication gets the next offset and positions clients hold stay valid.
+redis.register_function('gw_history_remove', function(keys, args)
+  local tag = '{' .. keys[1] .. '}'
+  redis.call('DEL', P .. 'hist:' .. tag)
+  return 1
+end)

@@ -257,4 +257,15 @@ impl Broker for MemoryBroker {
         drop(streams);
         Box::pin(async { Ok(history) })
     }
+
+    fn remove_history<'a>(
+        &'a self,
+        channel: &'a str,
+        retention: Retention,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        let mut streams = self.bus.1.lock().unwrap_or_else(|p| p.into_inner());
+        streams.stream(channel, retention).entries.clear();
+        drop(streams);
+        Box::pin(async { Ok(()) })
+    }
 }

@@ -161,6 +161,21 @@ pub trait Broker: Send + Sync + 'static {
         retention: Retention,
         since: Since,
     ) -> BoxFuture<'a, Result<History, BrokerError>>;
+    /// Removes a channel's stored publications, keeping its epoch and top offset: positions
+    /// clients hold stay valid, but nothing before the next publication can be recovered
+    /// or read. The next publication gets the next offset.
+    fn remove_history<'a>(
+        &'a self,
+        channel: &'a str,
+        retention: Retention,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        let _ = (channel, retention);
+        Box::pin(async {
+            Err(BrokerError::NotConfigured(
+                "this broker cannot remove history",
+            ))
+        })
+    }
     /// False while the broker cannot reach its backend (drives `/readyz`).
     fn is_healthy(&self) -> bool {
         true

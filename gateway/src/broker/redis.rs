@@ -19,7 +19,8 @@ use crate::config::channels::{lua_pattern, ChannelOptions};
 use crate::error::BrokerError;
 use crate::metrics::Metrics;
 
-/// The history functions (`gw_publish`, `gw_history`); see the file for its keys.
+/// The history functions (`gw_publish`, `gw_history`, `gw_history_remove`); see the file
+/// for its keys.
 const LIBRARY: &str = include_str!("history.lua");
 
 /// See the module docs.
@@ -274,6 +275,18 @@ impl Broker for RedisBroker {
                 Since::After(offset, n) => cmd.arg("after").arg(n).arg(offset),
             };
             history(self.fcall("gw_history", cmd).await?)
+        })
+    }
+
+    fn remove_history<'a>(
+        &'a self,
+        channel: &'a str,
+        _retention: Retention,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let mut cmd = redis::cmd("FCALL");
+            cmd.arg("gw_history_remove").arg(1).arg(channel);
+            self.fcall("gw_history_remove", cmd).await.map(|_| ())
         })
     }
 

@@ -49,6 +49,12 @@ impl Keys {
         self.tagged("nodepres", node)
     }
 
+    /// `<P>chans:{node}` hash `channel → subscribers`: a node's channels with local
+    /// subscribers, written every heartbeat (the server API's `channels` and `info`).
+    pub fn channels_of(&self, node: &str) -> String {
+        self.tagged("chans", node)
+    }
+
     /// `<P>nodes` sorted set `node → expiry_ms`.
     pub fn nodes(&self) -> String {
         format!("{}nodes", self.prefix)
@@ -64,7 +70,8 @@ impl Keys {
         format!("{}janitor", self.prefix)
     }
 
-    /// `<P>node:<node>`: the pub/sub channel of one node's unicasts and disconnects.
+    /// `<P>node:<node>`: the pub/sub channel of one node's unicasts, disconnects and
+    /// server-side unsubscribes.
     pub fn node_channel(&self, node: &str) -> String {
         format!("{}node:{node}", self.prefix)
     }

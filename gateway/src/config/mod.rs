@@ -36,7 +36,8 @@ use serde::Deserialize;
 macro_rules! settings {
     ($emit:ident) => {
         normalize! { $emit []
-            /// Public WebSocket listener (`GET /ws`, demo page at `/`).
+            /// Public WebSocket listener (`GET /ws`, `GET /connection/websocket` for Centrifugo
+            /// SDKs, demo page at `/`).
             listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8080));
             /// Internal listener: probes, metrics and the admin API. Never expose it publicly.
             admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 9090));
@@ -69,7 +70,8 @@ macro_rules! settings {
             /// Bytes queued for one client before it is disconnected as a slow consumer
             /// (close 4000).
             outbound_queue_bytes: usize = 1024 * 1024;
-            /// Time allowed to receive the HTTP upgrade request headers (and a STOMP CONNECT).
+            /// Time allowed to receive the HTTP upgrade request headers (and a STOMP CONNECT,
+            /// and, on the Centrifugo endpoint, the `connect` command after the upgrade).
             handshake_timeout_ms: u64 = 10_000;
             /// Interval between server pings (and the heart-beat offered to STOMP clients).
             ping_interval_ms: u64 = 25_000;
@@ -77,8 +79,8 @@ macro_rules! settings {
             ping_timeout_ms: u64 = 60_000;
             /// On shutdown, time clients get to complete the close handshake after close 1001.
             shutdown_grace_ms: u64 = 5_000;
-            /// Bearer token the admin API (`/v1/*`) requires when set; probes and metrics stay
-            /// open.
+            /// Bearer token the admin API (`/v1/*`) requires when set, and the Centrifugo server
+            /// API (`/api/*`) as its API key; probes and metrics stay open.
             #[arg(hide_env_values = true)]
             admin_token: Option<Secret>;
             /// Log format.

@@ -17,6 +17,7 @@
 
 use bytes::Bytes;
 
+use super::frame;
 use crate::error::CloseReason;
 
 /// An event for one connection, borrowed from whoever produced it.
@@ -64,6 +65,18 @@ pub trait Codec: Send + Sync + 'static {
     fn id(&self) -> usize;
     /// The event as bytes ready for the connection's transport (a WebSocket frame, say).
     fn encode(&self, event: &Event<'_>) -> Bytes;
+
+    /// The heartbeat the writer sends every ping interval: a WebSocket ping, unless the
+    /// protocol has pings of its own. Never empty.
+    fn ping(&self) -> Bytes {
+        frame::ping()
+    }
+
+    /// The close frame for `reason`: its code and reason text in this protocol's terms.
+    /// By default the gateway's own codes (`shared::close`).
+    fn close(&self, reason: &CloseReason) -> Bytes {
+        frame::close(reason.code(), &reason.to_string())
+    }
 }
 
 /// The per-connection half of a protocol whose frames differ per connection, held by each

@@ -270,6 +270,17 @@ impl Outbound {
         Pushed::Overflowed
     }
 
+    /// The heartbeat frame the writer sends every ping interval, in the connection's
+    /// protocol ([`Codec::ping`]).
+    pub fn ping_frame(&self) -> Bytes {
+        self.codec.ping()
+    }
+
+    /// The close frame for `reason`, in the connection's protocol ([`Codec::close`]).
+    pub fn close_frame(&self, reason: &CloseReason) -> Bytes {
+        self.codec.close(reason)
+    }
+
     /// The last frame before the close frame, from the connection's framer.
     pub fn farewell(&self, reason: &CloseReason) -> Option<Bytes> {
         self.framer.as_ref()?.farewell(reason)

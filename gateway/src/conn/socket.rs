@@ -382,7 +382,7 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
                     if silence.longer_than(limits.ping_timeout) {
                         break CloseReason::HeartbeatTimeout;
                     }
-                    outbound.push(frame::ping());
+                    outbound.push(outbound.ping_frame());
                 }
                 _ = beat_due => {
                     if beat.as_mut().is_some_and(|b| !b.fire(&outbound, &silence)) {
@@ -415,7 +415,7 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
             let mut last = std::mem::take(&mut batch);
             outbound.take(&mut last);
             last.extend(outbound.farewell(&reason));
-            last.push_back(frame::close(reason.code(), &reason.to_string()));
+            last.push_back(outbound.close_frame(&reason));
             let _ = write_batch(&mut write_half, &mut last, limits).await;
             let _ = tokio::time::timeout(limits.write_timeout, write_half.shutdown()).await;
             // Give the peer a moment to answer our close so the reader ends cleanly.

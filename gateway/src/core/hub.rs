@@ -148,19 +148,35 @@ impl Hub {
         })
     }
 
-    /// Adds `conn` to `channel`; the first local subscriber makes the node subscribe to the
-    /// broker. Idempotent per connection.
-    ///
-    /// On a history channel the subscriber joins: this returns once its history read is
-    /// done, with the channel's position (and, when `recover` was given, whether it was
-    /// recovered). It gets nothing until [`Hub::activate`], which its protocol calls once
-    /// the subscribe reply is queued; then the missed publications, then live ones.
+    /// [`Hub::subscribe_with`] without inline replays: the tests' shorthand.
+    #[cfg(test)]
     pub async fn subscribe(
         &self,
         channel: &str,
         conn: ConnId,
         out: &Arc<Outbound>,
         recover: Option<Position>,
+    ) -> Result<Subscribed, BrokerError> {
+        self.subscribe_with(channel, conn, out, recover, false)
+            .await
+    }
+
+    /// Adds `conn` to `channel`; the first local subscriber makes the node subscribe to the
+    /// broker. Idempotent per connection.
+    ///
+    /// On a history channel the subscriber joins: this returns once its history read is
+    /// done, with the channel's position (and, when `recover` was given, whether it was
+    /// recovered). It gets nothing until [`Hub::activate`], which its protocol calls once
+    /// the subscribe reply is queued; then the missed publications, then live ones. With
+    /// `inline`, the missed publications come back in [`Joined::replay`] instead, for a
+    /// protocol whose subscribe reply carries them, and only the live ones follow.
+    pub async fn subscribe_with(
+        &self,
+        channel: &str,
+        conn: ConnId,
+        out: &Arc<Outbound>,
+        recover: Option<Position>,
+        inline: bool,
     ) -> Result<Subscribed, BrokerError> {
         let shard = self.shard(channel);
         if out.is_closing() {
@@ -173,7 +189,7 @@ impl Hub {
         let settled = {
             let mut map = write(&shard.channels);
             let ready = map.contains_key(channel) && !lock(&shard.settling).contains(channel);
-            ready.then(|| self.register(&mut map, channel, conn, out, recover.clone()))
+            ready.then(|| self.register(&mut map, channel, conn, out, recover.clone(), inline))
         };
         let (joined, _order) = match settled {
             Some((_, joined)) => (joined, None),
@@ -181,7 +197,7 @@ impl Hub {
                 let order = self.control(shard, "subscribe").await?;
                 let (first, joined) = {
                     let mut map = write(&shard.channels);
-                    self.register(&mut map, channel, conn, out, recover)
+                    self.register(&mut map, channel, conn, out, recover, inline)
                 };
                 if first {
                     lock(&shard.settling).insert(channel.to_owned());
@@ -229,6 +245,7 @@ impl Hub {
         conn: ConnId,
         out: &Arc<Outbound>,
         recover: Option<Position>,
+        inline: bool,
     ) -> (bool, Option<oneshot::Receiver<Joined>>) {
         let entry =
             map.entry(channel.to_owned())
@@ -248,7 +265,7 @@ impl Hub {
                 let mut s = lock(stream);
                 if !s.contains(conn) {
                     let (tx, rx) = oneshot::channel();
-                    if s.join(conn, out.clone(), recover, tx) {
+                    if s.join(conn, out.clone(), recover, inline, tx) {
                         self.schedule_read(channel, s.id());
                     }
                     joined = Some(rx);
@@ -500,6 +517,31 @@ impl Hub {
         };
         let call = self.broker.history(channel, r, since);
         self.timed("history", call).await.map(Some)
+    }
+
+    /// Removes a history channel's stored publications, keeping its position (`false`: the
+    /// channel keeps no history).
+    pub async fn remove_history(&self, channel: &str) -> Result<bool, BrokerError> {
+        let Some(r) = self.retention(channel) else {
+            return Ok(false);
+        };
+        let call = self.broker.remove_history(channel, r);
+        self.timed("history_remove", call).await.map(|()| true)
+    }
+
+    /// Every channel with local subscribers and how many (joining ones included), for the
+    /// server API's `channels` and the node's heartbeat.
+    pub fn channel_counts(&self) -> Vec<(String, usize)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let map = shard.channels.read().unwrap_or_else(|p| p.into_inner());
+            out.extend(
+                map.iter()
+                    .map(|(name, c)| (name.clone(), c.len()))
+                    .filter(|(_, n)| *n > 0),
+            );
+        }
+        out
     }
 
     /// Queues a channel message to every local subscriber. The frame is encoded once per
@@ -1009,6 +1051,39 @@ mod tests {
         );
         hub.publish("h:e", "3", None).await.expect("publish");
         assert!(texts(&a).is_empty(), "not live");
+    }
+
+    #[tokio::test]
+    async fn an_inline_joiner_gets_its_replay_back_and_only_live_ones_queued() {
+        let hub = hub();
+        let mut last = None;
+        for i in 1..=4 {
+            last = hub
+                .publish("h:in", &i.to_string(), None)
+                .await
+                .expect("publish");
+        }
+        let epoch = last.expect("history channel").epoch;
+        let b = out();
+        let want = Position { epoch, offset: 1 };
+        let s = hub
+            .subscribe_with("h:in", 2, &b, Some(want), true)
+            .await
+            .expect("sub");
+        let j = s.joined.expect("history channel");
+        assert_eq!((j.position.offset, j.recovered), (4, Some(true)));
+        assert_eq!(
+            j.replay,
+            vec![
+                (2, "2".to_owned()),
+                (3, "3".to_owned()),
+                (4, "4".to_owned())
+            ],
+            "what it missed, for the reply"
+        );
+        hub.activate("h:in", 2);
+        hub.publish("h:in", "5", None).await.expect("publish");
+        assert_eq!(offsets(&texts(&b)), vec![5], "no replay queued, live after");
     }
 
     #[tokio::test]

@@ -19,6 +19,37 @@ use crate::config::Config;
 use crate::conn::limiter::KeyedLimiter;
 use crate::metrics::Metrics;
 
+/// The `unsubscribed` code when a backend or an operator ended a subscription (the server
+/// API's `unsubscribe`).
+pub const SERVER_UNSUBSCRIBE: &str = "server";
+
+/// What the directory does when a server-side unsubscribe reaches one of this node's
+/// connections: take it off the channel in the hub (and out of the channel's presence),
+/// then tell it (`unsubscribed`, code `server`). A connection no longer on the channel is
+/// left alone.
+pub fn unsubscriber(
+    hub: Arc<hub::Hub>,
+    presence: Arc<Presence>,
+) -> crate::cluster::directory::Unsubscriber {
+    Arc::new(move |id, conn, channel, out| {
+        if !hub.contains(channel, id) {
+            return;
+        }
+        let (hub, presence) = (hub.clone(), presence.clone());
+        let (conn, channel, out) = (conn.to_owned(), channel.to_owned(), out.clone());
+        tokio::spawn(async move {
+            let _ = hub.unsubscribe(&channel, id).await;
+            if presence.enabled(&channel) {
+                presence.leave(&channel, &conn).await;
+            }
+            out.push_event(&crate::conn::event::Event::Unsubscribed {
+                channel: &channel,
+                code: SERVER_UNSUBSCRIBE,
+            });
+        });
+    })
+}
+
 /// The services every session uses, built once per node.
 pub struct Core {
     pub config: Config,

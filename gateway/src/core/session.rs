@@ -152,6 +152,10 @@ pub struct Session {
     identity: Option<Identity>,
     clock: Option<Arc<TokenClock>>,
     limiter: ConnLimiter,
+    /// Channels a subscription token granted beyond the connection token's `channels`.
+    granted: HashSet<String>,
+    /// The protocol puts a subscription's replay in its subscribe reply.
+    replay_in_reply: bool,
     /// The key of this connection's `send`s in the node's send limiter.
     sender: Sender,
 }
@@ -212,6 +216,8 @@ impl Session {
             identity,
             clock,
             limiter,
+            granted: HashSet::new(),
+            replay_in_reply: false,
             sender,
         };
         (session, ending)
@@ -230,6 +236,30 @@ impl Session {
     /// The node's id, for welcome frames.
     pub fn node_id(&self) -> &str {
         &self.core.config.node_id
+    }
+
+    /// When the connection's token expires (Unix seconds); `None` without a token.
+    pub fn expires(&self) -> Option<u64> {
+        self.identity.as_ref().map(|i| i.exp)
+    }
+
+    /// Lets this connection subscribe to `channel` (and read its history) whatever its
+    /// token's `channels` claim says: a protocol adapter verified a subscription token for
+    /// it. Granted until [`Session::revoke`].
+    pub fn grant(&mut self, channel: &str) {
+        self.granted.insert(channel.to_owned());
+    }
+
+    /// From now on, a subscribe that recovers hands its missed publications back in
+    /// [`Subscription::joined`] (`replay`) for the reply, rather than queueing them behind
+    /// it: for a protocol whose subscribe reply carries them (Centrifugo).
+    pub fn replay_in_reply(&mut self) {
+        self.replay_in_reply = true;
+    }
+
+    /// Takes back a [`Session::grant`].
+    pub fn revoke(&mut self, channel: &str) {
+        self.granted.remove(channel);
     }
 
     /// The token clock, which the writer watches; `None` without a token.
@@ -366,11 +396,12 @@ impl Session {
 
     /// True when the token's `channels` claim (if any) allows `channel`.
     fn may_subscribe(&self, channel: &str) -> Result<(), Failure> {
-        let allowed = self
-            .identity
-            .as_ref()
-            .and_then(|i| i.channels.as_ref())
-            .is_none_or(|patterns| shared::channel::any_match(patterns, channel));
+        let allowed = self.granted.contains(channel)
+            || self
+                .identity
+                .as_ref()
+                .and_then(|i| i.channels.as_ref())
+                .is_none_or(|patterns| shared::channel::any_match(patterns, channel));
         if allowed {
             Ok(())
         } else {
@@ -491,8 +522,10 @@ impl Session {
             clock.renew(fresh.exp);
         }
         let mut revoked = Vec::new();
+        let granted = &self.granted;
         self.subs().retain(|channel| {
-            let keep = may_subscribe(Some(&fresh), channel);
+            // A subscription token's grant outlives the connection token's refresh.
+            let keep = granted.contains(channel) || may_subscribe(Some(&fresh), channel);
             if !keep {
                 revoked.push(channel.clone());
             }
@@ -545,7 +578,10 @@ impl Session {
             };
             self.core.presence.join(channel, member).await;
         }
-        match hub.subscribe(channel, self.id, &self.out, recover).await {
+        match hub
+            .subscribe_with(channel, self.id, &self.out, recover, self.replay_in_reply)
+            .await
+        {
             Ok(s) => {
                 if let (true, Some(j)) = (asked, &s.joined) {
                     let label = if j.recovered == Some(true) {

@@ -17,7 +17,9 @@
 //!   its start position; the tail, less what the read already had, follows the replay.
 //!   The subscriber goes live when its protocol has sent the subscribe reply
 //!   ([`Stream::activate`]), so the reply always comes before the replay, and before an
-//!   `unsubscribed` that ends the subscription in between.
+//!   `unsubscribed` that ends the subscription in between. A protocol that carries the
+//!   replay inside its subscribe reply (Centrifugo) joins with `inline`: the replay comes
+//!   back in [`Joined::replay`] instead, and only the tail follows the reply.
 //! - Reads are coalesced: all the joiners and the gap of one channel share one read, which
 //!   the hub batches for `recover_batch_ms` (see `core::hub`).
 //!
@@ -50,6 +52,9 @@ pub struct Joined {
     pub position: Position,
     /// Whether the asked-for position was recovered (`None`: it did not ask).
     pub recovered: Option<bool>,
+    /// For an `inline` joiner that recovered: what it missed, `(offset, data)` in order,
+    /// for its protocol to put in the subscribe reply. Empty otherwise.
+    pub replay: Vec<(u64, String)>,
 }
 
 /// A publication held back: it waits for a gap to be filled, or for the position.
@@ -64,6 +69,8 @@ enum Join {
     Waiting {
         after_read: u64,
         recover: Option<Position>,
+        /// Hand the replay back in [`Joined::replay`] rather than queue it.
+        inline: bool,
         reply: oneshot::Sender<Joined>,
     },
     /// Read done; its frames (replay, then tail) go out on activation.
@@ -165,12 +172,14 @@ impl Stream {
         })
     }
 
-    /// Adds a joining subscriber. Returns true when the caller must schedule a read.
+    /// Adds a joining subscriber (`inline`: see [`Joined::replay`]). Returns true when the
+    /// caller must schedule a read.
     pub fn join(
         &mut self,
         conn: ConnId,
         out: Arc<Outbound>,
         recover: Option<Position>,
+        inline: bool,
         reply: oneshot::Sender<Joined>,
     ) -> bool {
         self.joiners.insert(
@@ -180,6 +189,7 @@ impl Stream {
                 state: Join::Waiting {
                     after_read: self.reads,
                     recover,
+                    inline,
                     reply,
                 },
                 frames: Vec::new(),
@@ -433,7 +443,12 @@ impl Stream {
                 again = true;
                 continue;
             }
-            let Join::Waiting { recover, reply, .. } = std::mem::replace(&mut j.state, Join::Ready)
+            let Join::Waiting {
+                recover,
+                inline,
+                reply,
+                ..
+            } = std::mem::replace(&mut j.state, Join::Ready)
             else {
                 continue;
             };
@@ -448,9 +463,15 @@ impl Stream {
                 (ok, want.offset)
             });
             let mut frames = Vec::new();
+            let mut replay = Vec::new();
             if let Some((true, from)) = recovered {
-                for (i, (o, _)) in h.publications.iter().enumerate() {
-                    if *o > from {
+                for (i, (o, d)) in h.publications.iter().enumerate() {
+                    if *o <= from {
+                        continue;
+                    }
+                    if inline {
+                        replay.push((*o, d.clone()));
+                    } else {
                         frames.push((Some(*o), j.out.frame_encoded(&mut encodings[i])));
                     }
                 }
@@ -469,6 +490,7 @@ impl Stream {
                     offset: h.top,
                 },
                 recovered: recovered.map(|(ok, _)| ok),
+                replay,
             });
         }
         drop(encodings);

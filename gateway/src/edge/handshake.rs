@@ -8,10 +8,12 @@
 //!
 //! The handshake also picks the wire protocol ([`Wire`]): STOMP when the client offers
 //! `v12.stomp`, `v11.stomp` or `v10.stomp` in `Sec-WebSocket-Protocol` (the best one is
-//! echoed in the 101) or comes to `/stomp`, else v1. A STOMP client may authenticate in its
-//! CONNECT frame instead (browsers cannot set handshake headers), so a STOMP handshake
-//! without a token is not refused, and its directory entry (with the per-user cap) waits
-//! for CONNECT; a token it does carry is checked here as for v1.
+//! echoed in the 101) or comes to `/stomp`; Centrifugo's client protocol on
+//! `/connection/websocket`; else v1. A STOMP client may authenticate in its CONNECT frame
+//! instead (browsers cannot set handshake headers), and a Centrifugo client in its
+//! `connect` command, so such a handshake without a token is not refused, and its
+//! directory entry (with the per-user cap) waits for CONNECT or `connect`; a token it does
+//! carry is checked here as for v1.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -35,11 +37,13 @@ use crate::conn::socket::Handler;
 use crate::core::session::{Conn, Session};
 use crate::error::CloseReason;
 use crate::node::{Node, Slot};
-use crate::protocol::{stomp, v1};
+use crate::protocol::{centrifugo, stomp, v1};
 
 /// The wire protocol a handshake chose.
 enum Wire {
     V1,
+    /// `GET /connection/websocket`: Centrifugo's client protocol (`docs/sdk.md`).
+    Centrifugo,
     /// STOMP: the subprotocol to echo (`None` on `/stomp` without one), and the
     /// connection's subscriptions as its fan-out sees them.
     Stomp {
@@ -50,6 +54,9 @@ enum Wire {
 
 impl Wire {
     fn choose(req: &Request<Incoming>) -> Wire {
+        if req.uri().path() == "/connection/websocket" {
+            return Wire::Centrifugo;
+        }
         let offered = req
             .headers()
             .get_all(hyper::header::SEC_WEBSOCKET_PROTOCOL)
@@ -246,7 +253,9 @@ pub async fn upgrade(
 }
 
 /// The checks, in order. On success the connection holds a slot and (v1) is in the
-/// directory.
+/// directory. STOMP and Centrifugo connections name their user in their CONNECT frame or
+/// `connect` command, so their token is optional here, and their directory entry (with
+/// the per-user cap) comes then.
 async fn admit(
     node: &Arc<Node>,
     req: &Request<Incoming>,
@@ -281,8 +290,10 @@ async fn admit(
     }
     let slot = node.try_admit(ip)?;
     let wire = Wire::choose(req);
-    let stomp = matches!(wire, Wire::Stomp { .. });
-    let identity = authenticate(node, req, stomp)
+    // Only v1 connections name their user at the handshake; the others may bring their
+    // token later (STOMP's CONNECT, Centrifugo's `connect`).
+    let later = !matches!(wire, Wire::V1);
+    let identity = authenticate(node, req, later)
         .await
         .map_err(Refusal::Unauthorized)?;
     let (id, conn_id) = node.next_conn_id();
@@ -290,15 +301,16 @@ async fn admit(
     let latency = node.metrics.fanout_latency.clone();
     let out = match &wire {
         Wire::V1 => Arc::new(Outbound::new(cap, &v1::CODEC).with_latency(latency)),
+        Wire::Centrifugo => Arc::new(Outbound::new(cap, &centrifugo::CODEC).with_latency(latency)),
         Wire::Stomp { routes, .. } => Arc::new(
             Outbound::new(cap, &stomp::CODEC)
                 .with_framer(routes.clone())
                 .with_latency(latency),
         ),
     };
-    if !stomp {
+    if !later {
         let user = identity.as_ref().map(|i| i.user_id.as_str());
-        match node.directory.add(&conn_id, user, out.clone()).await {
+        match node.directory.add(&conn_id, id, user, out.clone()).await {
             Ok(()) => {}
             Err(AddError::UserLimit) => return Err(Refusal::UserLimit),
             Err(AddError::Unavailable(_)) => return Err(Refusal::DirectoryUnavailable),
@@ -350,6 +362,10 @@ async fn authenticate(
 async fn open_connection(node: Arc<Node>, conn: Conn, slot: Slot, wire: Wire, upgraded: Upgraded) {
     let out = conn.out.clone();
     tracing::debug!(peer = %conn.ip, conn = %conn.conn_id, "connection open");
+    if let Wire::Centrifugo = wire {
+        open_centrifugo(node, conn, slot, upgraded);
+        return;
+    }
     if let Wire::Stomp { routes, .. } = wire {
         // The session opens at CONNECT; until then the writer's token clock idles.
         let clock = stomp::idle_clock(node.config.token_grace());
@@ -396,6 +412,27 @@ fn spawn_served<H: Handler>(
         // Boxed (by `cleanup`): inline, its Redis calls would be reserved in every idle
         // connection.
         cleanup(node, reason).await;
+        drop(slot);
+    });
+}
+
+/// Opens an upgraded Centrifugo connection: it waits for its `connect` command, which
+/// opens the session (see `protocol::centrifugo`).
+fn open_centrifugo(node: Arc<Node>, conn: Conn, slot: Slot, upgraded: Upgraded) {
+    let out = conn.out.clone();
+    tracing::debug!(peer = %conn.ip, conn = %conn.conn_id, "centrifugo connection open");
+    let (connection, cleanup, clock) = centrifugo::Connection::open(node.core.clone(), conn);
+    let served = socket::serve_upgraded(
+        upgraded,
+        node.limits(),
+        connection,
+        out,
+        node.close_all.child_token(),
+        Some(clock),
+    );
+    tokio::spawn(async move {
+        let reason = served.await;
+        Box::pin(cleanup.close(&reason)).await;
         drop(slot);
     });
 }

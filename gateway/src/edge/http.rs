@@ -1,6 +1,7 @@
 //! The public listener: HTTP/1.1 with `GET /ws` (and `GET /stomp`, for STOMP clients)
-//! upgrading to WebSocket, the demo chat page at `/`, and a plain HTTP answer for anything
-//! else.
+//! upgrading to WebSocket, `GET /connection/websocket` upgrading to WebSocket with
+//! Centrifugo's client protocol (for the stock Centrifugo SDKs), the demo chat page at `/`,
+//! and a plain HTTP answer for anything else.
 //!
 //! The upgrade itself, and every check before it, is in [`super::handshake`].
 
@@ -63,7 +64,7 @@ where
 
 async fn route(node: Arc<Node>, req: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
     let response = match (req.method(), req.uri().path()) {
-        (_, "/ws" | "/stomp") => {
+        (_, "/ws" | "/stomp" | "/connection/websocket") => {
             let span = tracing::info_span!(
                 "handshake",
                 node = %node.config.node_id,

@@ -19,6 +19,7 @@
 //! - `POST /v1/drain`: drain this node as on SIGTERM, but keep the process up.
 //! - `DELETE /v1/drain`: end that drain (started here or by the pod annotation): readiness
 //!   and new handshakes come back. A shutdown drain (SIGTERM) cannot be ended.
+//! - `POST /api/<method>`: Centrifugo's server API (`super::api`), with its own key header.
 //!
 //! Each call is one directory lookup in Redis on whichever node receives it: no call asks
 //! the other nodes.
@@ -93,6 +94,10 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> HttpResponse {
             );
             r
         }
+        (_, p) if p.starts_with("/api/") => {
+            let method = p.trim_start_matches("/api/");
+            super::api::serve(&node, req, method).await
+        }
         (_, p) if p.starts_with("/v1/") => match refuse_unauthorized(&node, &req) {
             Some(refusal) => refusal,
             None => api(&node, req, &path).await,
@@ -147,7 +152,7 @@ fn refuse_unauthorized(node: &Node, req: &Request<Incoming>) -> Option<HttpRespo
 /// ORed together; `black_box` keeps the optimiser from turning the fold back into an early
 /// exit. A length mismatch answers at once: the length is not the secret (the token's
 /// entropy is), and padding cannot hide it anyway. No crate needed for this one loop.
-fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
+pub fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
     if given.len() != expected.len() {
         return false;
     }

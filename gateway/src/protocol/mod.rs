@@ -13,6 +13,9 @@
 //! - [`stomp`]: STOMP 1.0–1.2 (`docs/stomp.md`), codec id 1, chosen by the handshake's
 //!   `Sec-WebSocket-Protocol`. Its MESSAGE frames carry per-connection headers, so its
 //!   connections' queues also hold a `conn::event::Framer`.
+//! - [`centrifugo`]: Centrifugo's client protocol v2 in JSON, for the stock Centrifugo SDKs
+//!   (`docs/sdk.md`), codec id 2.
 
+pub mod centrifugo;
 pub mod stomp;
 pub mod v1;

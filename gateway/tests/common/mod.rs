@@ -261,19 +261,17 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(node: &TestNode) -> Raw {
-        let mut s = TcpStream::connect(node.addr).await.expect("connect");
-        s.write_all(
-            b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await
-        .expect("write handshake");
-        let mut raw = Raw { s, buf: Vec::new() };
-        let head = raw.read_until_headers().await;
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let mut raw = Raw::upgrade(node, "/ws").await;
         let (op, payload) = raw.frame().await.expect("welcome");
         assert_eq!(op, 1);
         assert!(String::from_utf8_lossy(&payload).contains("welcome"));
+        raw
+    }
+
+    /// Upgrades `path` and reads nothing after the 101.
+    pub async fn upgrade(node: &TestNode, path: &str) -> Raw {
+        let (raw, head) = Raw::handshake(node, path, "").await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         raw
     }
 

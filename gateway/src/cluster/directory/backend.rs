@@ -161,7 +161,7 @@ pub struct RedisRecords {
 }
 
 impl RedisRecords {
-    /// Also routes this node's channel (`D`/`K` messages, see [`super::codec`]) to `local`.
+    /// Also routes this node's channel (`D`/`K`/`U` messages, see [`super::codec`]) to `local`.
     /// The channel is subscribed by [`RedisRecords::subscribe`].
     pub fn new(
         redis: Arc<Redis>,
@@ -462,7 +462,7 @@ impl Records for RedisRecords {
 }
 
 /// A message on this node's channel, from `gw_send_user`/`gw_send_conn` or another node's
-/// disconnect.
+/// disconnect or unsubscribe.
 fn on_node_message(local: &LocalConns, metrics: &Metrics, payload: &[u8]) {
     match NodeMessage::decode(payload) {
         Ok(NodeMessage::Deliver { conns, data }) => match shared::protocol::check_data(data) {
@@ -476,6 +476,13 @@ fn on_node_message(local: &LocalConns, metrics: &Metrics, payload: &[u8]) {
         },
         Ok(NodeMessage::Kick { conn }) => {
             local.kick(conn);
+        }
+        Ok(NodeMessage::Unsubscribe { conns, channel }) => {
+            if shared::channel::is_valid(channel) {
+                local.unsubscribe(conns.into_iter(), channel);
+            } else {
+                tracing::debug!("dropped an unsubscribe for an invalid channel");
+            }
         }
         Err(DecodeError::NotUtf8) => {}
         Err(DecodeError::Unknown(head)) => tracing::debug!(head, "unknown node message"),

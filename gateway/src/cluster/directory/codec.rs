@@ -4,7 +4,10 @@
 //! write: `gw_send_user`/`gw_send_conn` in `directory.lua` publish `D <conn> <conn>...\n<json>`
 //! (deliver `{"type":"direct","data":<json>}` to those connections of the node), and a node's
 //! [`Directory::disconnect`](super::Directory::disconnect) publishes `K <conn>\n` (close that
-//! connection with 4003). Backends never write here directly; they call the functions.
+//! connection with 4003), and a node's
+//! [`Directory::unsubscribe`](super::Directory::unsubscribe) publishes
+//! `U <conn> <conn>...\n<channel>` (take those connections off the channel, and tell them).
+//! Backends never write here directly; they call the functions or the server API.
 
 /// One message on a node's channel. Borrows from the payload: decoding copies nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +16,11 @@ pub enum NodeMessage<'a> {
     Deliver { conns: Vec<&'a str>, data: &'a str },
     /// Close `conn` with 4003.
     Kick { conn: &'a str },
+    /// Take each of `conns` off `channel` (not yet checked), and tell them so.
+    Unsubscribe {
+        conns: Vec<&'a str>,
+        channel: &'a str,
+    },
 }
 
 /// Why a payload is not a [`NodeMessage`].
@@ -20,7 +28,7 @@ pub enum NodeMessage<'a> {
 pub enum DecodeError {
     #[error("not UTF-8")]
     NotUtf8,
-    /// The first line is not `D <conns>` or `K <conn>`; carries that line.
+    /// The first line is not `D <conns>`, `K <conn>` or `U <conns>`; carries that line.
     #[error("unknown node message {0:?}")]
     Unknown(String),
 }
@@ -31,6 +39,9 @@ impl<'a> NodeMessage<'a> {
         match self {
             NodeMessage::Deliver { conns, data } => format!("D {}\n{data}", conns.join(" ")),
             NodeMessage::Kick { conn } => format!("K {conn}\n"),
+            NodeMessage::Unsubscribe { conns, channel } => {
+                format!("U {}\n{channel}", conns.join(" "))
+            }
         }
     }
 
@@ -45,6 +56,10 @@ impl<'a> NodeMessage<'a> {
                 data: body,
             }),
             Some(("K", conn)) => Ok(NodeMessage::Kick { conn }),
+            Some(("U", conns)) => Ok(NodeMessage::Unsubscribe {
+                conns: conns.split(' ').collect(),
+                channel: body,
+            }),
             _ => Err(DecodeError::Unknown(head.to_owned())),
         }
     }
@@ -90,6 +105,16 @@ mod tests {
         assert_eq!(NodeMessage::decode(b"K n2.b.7\n").unwrap(), m);
         // without the trailing newline too, as before the codec
         assert_eq!(NodeMessage::decode(b"K n2.b.7").unwrap(), m);
+    }
+
+    #[test]
+    fn unsubscribe_round_trips() {
+        let m = NodeMessage::Unsubscribe {
+            conns: vec!["n1.a.1", "n1.a.2"],
+            channel: "chat:1",
+        };
+        assert_eq!(m.encode(), "U n1.a.1 n1.a.2\nchat:1");
+        assert_eq!(NodeMessage::decode(b"U n1.a.1 n1.a.2\nchat:1").unwrap(), m);
     }
 
     #[test]

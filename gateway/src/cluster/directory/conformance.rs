@@ -52,7 +52,7 @@ impl Fixture {
             return None;
         }
         let out = Arc::new(Outbound::new(1 << 20, &crate::conn::event::DebugCodec));
-        self.local.insert(conn, user, out.clone(), at);
+        self.local.insert(conn, 0, user, out.clone(), at);
         Some(out)
     }
 

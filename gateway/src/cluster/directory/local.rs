@@ -7,9 +7,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use super::ConnInfo;
+use super::{ConnInfo, Unsubscriber};
 use crate::conn::event::{Encoded, Event};
 use crate::conn::outbound::{Outbound, Pushed};
 use crate::error::CloseReason;
@@ -17,6 +17,8 @@ use crate::metrics::Metrics;
 
 /// A connection held by this node.
 pub struct Local {
+    /// The node-local id (the hub's `ConnId`).
+    pub id: u64,
     pub out: Arc<Outbound>,
     pub user: Option<String>,
     pub connected_ms: u64,
@@ -60,6 +62,8 @@ impl Conns {
 /// See the module docs.
 pub struct LocalConns {
     conns: Mutex<Conns>,
+    /// What a server-side unsubscribe does to a local connection (set by the layer above).
+    unsubscriber: OnceLock<Unsubscriber>,
     metrics: Arc<Metrics>,
 }
 
@@ -67,6 +71,7 @@ impl LocalConns {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         LocalConns {
             conns: Mutex::default(),
+            unsubscriber: OnceLock::new(),
             metrics,
         }
     }
@@ -75,12 +80,21 @@ impl LocalConns {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds a connection (replacing one with the same id, which ids never repeat).
-    pub fn insert(&self, conn: &str, user: Option<&str>, out: Arc<Outbound>, connected_ms: u64) {
+    /// Adds a connection (`id`: its node-local id), replacing one with the same id, which
+    /// ids never repeat.
+    pub fn insert(
+        &self,
+        conn: &str,
+        id: u64,
+        user: Option<&str>,
+        out: Arc<Outbound>,
+        connected_ms: u64,
+    ) {
         let mut local = self.local();
         let old = local.by_conn.insert(
             conn.to_owned(),
             Local {
+                id,
                 out,
                 user: user.map(str::to_owned),
                 connected_ms,
@@ -113,6 +127,33 @@ impl LocalConns {
     /// Connections held by this node.
     pub fn len(&self) -> usize {
         self.local().by_conn.len()
+    }
+
+    /// The distinct users among this node's connections.
+    pub fn users(&self) -> usize {
+        self.local().by_user.len()
+    }
+
+    /// Sets what [`LocalConns::unsubscribe`] does to a connection. Set once.
+    pub fn set_unsubscriber(&self, unsubscriber: Unsubscriber) {
+        let _ = self.unsubscriber.set(unsubscriber);
+    }
+
+    /// Takes each of `conns` that this node holds off `channel` (see [`Unsubscriber`]).
+    /// Returns how many it held.
+    pub fn unsubscribe<'a>(&self, conns: impl Iterator<Item = &'a str>, channel: &str) -> u64 {
+        let Some(unsubscribe) = self.unsubscriber.get() else {
+            return 0;
+        };
+        let local = self.local();
+        let mut n = 0;
+        for conn in conns {
+            if let Some(l) = local.get(conn) {
+                unsubscribe(l.id, conn, channel, &l.out);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// How many connections `user` holds on this node.
@@ -216,10 +257,10 @@ mod tests {
     #[test]
     fn by_user_index_follows_insert_and_remove() {
         let l = conns();
-        l.insert("a1", Some("alice"), out(), 1);
-        l.insert("a2", Some("alice"), out(), 2);
-        l.insert("b1", Some("bob"), out(), 3);
-        l.insert("x", None, out(), 4);
+        l.insert("a1", 0, Some("alice"), out(), 1);
+        l.insert("a2", 0, Some("alice"), out(), 2);
+        l.insert("b1", 0, Some("bob"), out(), 3);
+        l.insert("x", 0, None, out(), 4);
         assert_eq!(l.user_count("alice"), 2);
         let mut a = l.user_conns("alice");
         a.sort();
@@ -245,8 +286,8 @@ mod tests {
     #[test]
     fn reinserting_an_id_moves_it_to_the_new_user() {
         let l = conns();
-        l.insert("c", Some("alice"), out(), 1);
-        l.insert("c", Some("bob"), out(), 2);
+        l.insert("c", 0, Some("alice"), out(), 1);
+        l.insert("c", 0, Some("bob"), out(), 2);
         assert_eq!(l.user_count("alice"), 0);
         assert_eq!(l.user_conns("bob"), ["c"]);
         assert_eq!(l.len(), 1);
@@ -255,8 +296,8 @@ mod tests {
     #[test]
     fn user_infos_are_sorted_and_carry_the_node() {
         let l = conns();
-        l.insert("z", Some("u"), out(), 5);
-        l.insert("m", Some("u"), out(), 6);
+        l.insert("z", 0, Some("u"), out(), 5);
+        l.insert("m", 0, Some("u"), out(), 6);
         let infos = l.user_infos("u", "n1");
         assert_eq!(
             infos,
@@ -279,8 +320,8 @@ mod tests {
     fn deliver_and_kick_reach_only_the_named_connections() {
         let l = conns();
         let (a, b) = (out(), out());
-        l.insert("a", Some("u"), a.clone(), 1);
-        l.insert("b", Some("u"), b.clone(), 2);
+        l.insert("a", 0, Some("u"), a.clone(), 1);
+        l.insert("b", 0, Some("u"), b.clone(), 2);
         assert_eq!(l.deliver(["a", "nope"].into_iter(), "1"), 1);
         let mut got = std::collections::VecDeque::new();
         a.take(&mut got);

@@ -9,6 +9,9 @@
 //!   connection;
 //! - `<P>nodeconns:{node}` hash `conn → user`: what to purge when that node dies;
 //! - `<P>nodes` sorted set `node → expiry_ms`: liveness, refreshed every heartbeat.
+//! - `<P>load` hash `node → connections`, and `<P>chans:{node}` hash `channel →
+//!   subscribers`: each node's share, written every heartbeat (the server API's `info` and
+//!   `channels`, rebalancing).
 //!
 //! Delivery goes through the node's own channel `<P>node:<node>` (see `directory.lua`), so a
 //! unicast costs one `FCALL` and one `PUBLISH` per node that holds the user's connections.
@@ -25,11 +28,13 @@
 //! - [`backend`]: the [`Records`] trait, where connections are recorded for unicasts,
 //!   disconnects and the per-user cap: [`LocalRecords`] (one node, no Redis) or
 //!   [`RedisRecords`], chosen once here; held to [`conformance`];
-//! - [`codec`]: the `D`/`K` messages on a node's channel;
+//! - [`codec`]: the `D`/`K`/`U` messages on a node's channel;
+//! - [`channels`]: each node's channel counts (with Redis only);
 //! - [`liveness`]: heartbeat, resync and janitor (with Redis only);
 //! - [`rebalance`]: load shedding after scale-out.
 
 pub mod backend;
+pub mod channels;
 pub mod codec;
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
@@ -37,6 +42,7 @@ pub mod liveness;
 pub mod local;
 pub mod rebalance;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -48,6 +54,7 @@ use crate::error::{BrokerError, CloseReason, StartError};
 use crate::metrics::Metrics;
 
 pub use backend::{LocalRecords, Records, RedisRecords};
+pub use channels::NodeLoad;
 pub use liveness::{Elector, NodeData};
 pub use local::LocalConns;
 pub use rebalance::jittered_ms;
@@ -71,6 +78,12 @@ pub enum AddError {
 
 pub use crate::broker::BoxFuture;
 
+/// Takes one of this node's connections off a channel: `(local id, connection id, channel,
+/// its queue)`.
+/// The directory routes a cluster-wide unsubscribe to the right node; what a subscription
+/// is belongs to the layer above, which sets this (`Directory::set_unsubscriber`).
+pub type Unsubscriber = Arc<dyn Fn(u64, &str, &str, &Arc<Outbound>) + Send + Sync>;
+
 pub use crate::time::now_ms;
 
 /// See the module docs.
@@ -80,6 +93,9 @@ pub struct Directory {
     /// With Redis only.
     liveness: Option<Arc<liveness::Liveness>>,
     pending: Arc<liveness::Pending>,
+    /// With Redis only.
+    channels: Option<Arc<channels::ChannelCounts>>,
+    node_id: String,
     max_per_user: usize,
     metrics: Arc<Metrics>,
 }
@@ -88,8 +104,9 @@ impl Directory {
     pub fn new(c: &Config, redis: Option<Arc<Redis>>, metrics: Arc<Metrics>) -> Arc<Directory> {
         let local = Arc::new(LocalConns::new(metrics.clone()));
         let pending = Arc::new(liveness::Pending::default());
-        let (records, liveness): (Arc<dyn Records>, _) = match redis {
+        let (records, liveness, counts): (Arc<dyn Records>, _, _) = match redis {
             Some(redis) => {
+                let counts = Arc::new(channels::ChannelCounts::new(redis.clone(), &c.node_id));
                 let records = Arc::new(RedisRecords::new(
                     redis,
                     &c.node_id,
@@ -103,15 +120,22 @@ impl Directory {
                     pending.clone(),
                     metrics.clone(),
                 );
-                (records, Some(Arc::new(liveness)))
+                liveness.attach(counts.clone());
+                (records, Some(Arc::new(liveness)), Some(counts))
             }
-            None => (Arc::new(LocalRecords::new(&c.node_id, local.clone())), None),
+            None => (
+                Arc::new(LocalRecords::new(&c.node_id, local.clone())) as Arc<dyn Records>,
+                None,
+                None,
+            ),
         };
         Arc::new(Directory {
             local,
             records,
             liveness,
             pending,
+            channels: counts,
+            node_id: c.node_id.clone(),
             max_per_user: c.max_connections_per_user,
             metrics,
         })
@@ -142,12 +166,13 @@ impl Directory {
         }
     }
 
-    /// Registers a new connection of this node. Fails only on the per-user cap, or when the
-    /// cap cannot be checked because Redis is away. Without a cap, a connection opened
-    /// during an outage is registered when Redis comes back.
+    /// Registers a new connection of this node (`id`: its node-local id). Fails only on the
+    /// per-user cap, or when the cap cannot be checked because Redis is away. Without a cap,
+    /// a connection opened during an outage is registered when Redis comes back.
     pub async fn add(
         &self,
         conn: &str,
+        id: u64,
         user: Option<&str>,
         out: Arc<Outbound>,
     ) -> Result<(), AddError> {
@@ -163,7 +188,7 @@ impl Directory {
             Err(e) if capped => return Err(e.into()),
             Err(_) => self.pending.mark_dirty(),
         }
-        self.local.insert(conn, user, out, connected_ms);
+        self.local.insert(conn, id, user, out, connected_ms);
         self.count("add");
         Ok(())
     }
@@ -207,6 +232,93 @@ impl Directory {
     pub async fn user_connections(&self, user: &str) -> Result<Vec<ConnInfo>, BrokerError> {
         self.count("list");
         self.records.user_connections(user).await
+    }
+
+    /// Sets what [`Directory::unsubscribe`] does to a local connection. Set once.
+    pub fn set_unsubscriber(&self, unsubscriber: Unsubscriber) {
+        self.local.set_unsubscriber(unsubscriber);
+    }
+
+    /// Unsubscribes `user`'s connections (only `conn`, when given and the user's) from
+    /// `channel`, on whichever nodes hold them. Returns how many connections were asked.
+    pub async fn unsubscribe(
+        &self,
+        user: &str,
+        conn: Option<&str>,
+        channel: &str,
+    ) -> Result<u64, BrokerError> {
+        self.count("unsubscribe");
+        let Some(counts) = &self.channels else {
+            let conns: Vec<String> = self
+                .local
+                .user_conns(user)
+                .into_iter()
+                .filter(|c| conn.is_none_or(|want| want == c))
+                .collect();
+            return Ok(self
+                .local
+                .unsubscribe(conns.iter().map(String::as_str), channel));
+        };
+        let mut by_node: HashMap<String, Vec<String>> = HashMap::new();
+        for c in self.records.user_connections(user).await? {
+            if conn.is_none_or(|want| want == c.conn_id) {
+                by_node.entry(c.node_id).or_default().push(c.conn_id);
+            }
+        }
+        let mut n = 0;
+        for (node, conns) in by_node {
+            let message = codec::NodeMessage::Unsubscribe {
+                conns: conns.iter().map(String::as_str).collect(),
+                channel,
+            };
+            let node_channel = counts.keys().node_channel(&node);
+            counts
+                .redis()
+                .publish(&node_channel, &message.encode(), false)
+                .await?;
+            n += conns.len() as u64;
+        }
+        Ok(n)
+    }
+
+    /// Writes this node's channel counts to `<P>chans:{node}` (with Redis only). Called
+    /// every heartbeat.
+    pub async fn record_channels(
+        &self,
+        counts: impl FnOnce() -> Vec<(String, usize)>,
+    ) -> Result<(), BrokerError> {
+        match &self.channels {
+            Some(c) => c.record(counts()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The cluster's channels with subscribers, and how many on all nodes together, from
+    /// what each live node wrote at its last heartbeat. `None` without Redis: then the
+    /// caller asks its own hub.
+    pub async fn channels(&self) -> Result<Option<HashMap<String, u64>>, BrokerError> {
+        match &self.channels {
+            Some(c) => c.all().await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The cluster's live nodes with their connection and channel counts (at their last
+    /// heartbeat). Without Redis, this node alone, counted now.
+    pub async fn nodes(&self, local_channels: u64) -> Result<Vec<NodeLoad>, BrokerError> {
+        match &self.channels {
+            Some(c) => c.nodes().await,
+            None => Ok(vec![NodeLoad {
+                node_id: self.node_id.clone(),
+                connections: self.local_count() as u64,
+                channels: local_channels,
+            }]),
+        }
+    }
+
+    /// The distinct users among this node's connections.
+    pub fn local_users(&self) -> usize {
+        self.local.users()
     }
 
     /// Connections held by this node.

@@ -55,27 +55,6 @@ impl Rebalancer {
         }
     }
 
-    /// The cluster's live nodes and their connection counts.
-    async fn cluster_load(
-        &self,
-        redis: &Redis,
-        keys: &Keys,
-    ) -> Result<Vec<(String, u64)>, BrokerError> {
-        let mut live = redis::cmd("ZRANGEBYSCORE");
-        live.arg(keys.nodes()).arg(now_ms()).arg("+inf");
-        let live: Vec<String> = redis.call("heartbeat", live).await?;
-        let mut all = redis::cmd("HGETALL");
-        all.arg(keys.load());
-        let load: HashMap<String, u64> = redis.call("heartbeat", all).await?;
-        Ok(live
-            .into_iter()
-            .map(|n| {
-                let c = load.get(&n).copied().unwrap_or(0);
-                (n, c)
-            })
-            .collect())
-    }
-
     /// After scale-out, long-lived sockets stay on the old nodes. A node above the cluster
     /// mean by more than the slack closes its excess with 1013 and a reconnect hint, at most
     /// `per_beat` per round and then quiet for three heartbeats, so the load balancer moves
@@ -86,7 +65,7 @@ impl Rebalancer {
         keys: &Keys,
         local: &LocalConns,
     ) -> Result<(), BrokerError> {
-        let load = self.cluster_load(redis, keys).await?;
+        let load = cluster_load(redis, keys).await?;
         let total: u64 = load.iter().map(|(_, c)| c).sum();
         let nodes = load.len().max(1) as u64;
         self.metrics.cluster_connections.record(total, &[]);
@@ -123,4 +102,21 @@ impl Rebalancer {
         }
         Ok(())
     }
+}
+
+/// The cluster's live nodes and their connection counts (at their last heartbeat).
+pub async fn cluster_load(redis: &Redis, keys: &Keys) -> Result<Vec<(String, u64)>, BrokerError> {
+    let mut live = redis::cmd("ZRANGEBYSCORE");
+    live.arg(keys.nodes()).arg(now_ms()).arg("+inf");
+    let live: Vec<String> = redis.call("heartbeat", live).await?;
+    let mut all = redis::cmd("HGETALL");
+    all.arg(keys.load());
+    let load: HashMap<String, u64> = redis.call("heartbeat", all).await?;
+    Ok(live
+        .into_iter()
+        .map(|n| {
+            let c = load.get(&n).copied().unwrap_or(0);
+            (n, c)
+        })
+        .collect())
 }
