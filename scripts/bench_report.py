@@ -22,7 +22,7 @@ REQUIRED = [
 ]
 # Prefixes of which at least one result must exist (one per rate in the run).
 REQUIRED_PREFIXES = ["fanout-gateway-r", "fanout-floor-r", "fanout-2nodes-r", "burst-gateway-r",
-                     "burst-floor-r", "history-off-r", "history-on-r"]
+                     "burst-floor-r", "history-off-r", "history-on-r", "stomp-r", "stomp-v1-r"]
 
 
 def load(d):
@@ -244,6 +244,36 @@ def history_section(res):
     return L
 
 
+def protocols_section(res):
+    """Fan-out over STOMP against v1 on the same node at the same rates."""
+    rates = sorted({int(m.group(1)) for k in res for m in [re.match(r"stomp-r(\d+)$", k)] if m})
+    if not rates:
+        return []
+    L = ["", "## Protocols: STOMP against v1", "",
+         "The same node, subscribers and rate; STOMP subscribers on `/stomp` get `MESSAGE` "
+         "frames (a per-connection head of ~100 bytes in front of the body shared by every "
+         "STOMP subscriber), v1 subscribers the JSON `message` frame.", "",
+         "| rate (msg/s) | protocol | delivered/s | lost | CPU µs/delivery | vs v1 | p50 ms | p99 ms |",
+         "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    ratios = []
+    for rate in rates:
+        st, v1 = res.get(f"stomp-r{rate}"), res.get(f"stomp-v1-r{rate}")
+        for r, name in ((v1, "v1"), (st, "STOMP")):
+            if not r:
+                continue
+            rt = ratio(r["cpu_per_delivery_us"], v1["cpu_per_delivery_us"]) if (v1 and r is st) else ""
+            L.append(f"| {rate} | {name} | {f0(r['deliveries_per_sec'])} | {f0(r['lost'])} | "
+                     f"{f2(r['cpu_per_delivery_us'])} | {rt} | {f2(r['latency']['p50_ms'])} | "
+                     f"{f2(r['latency']['p99_ms'])} |")
+        if st and v1 and v1["cpu_per_delivery_us"] > 0:
+            ratios.append((rate, st["cpu_per_delivery_us"] / v1["cpu_per_delivery_us"]))
+    if ratios:
+        worst = max(x for _, x in ratios)
+        L += ["", f"Target STOMP CPU per delivery ≤ 1.1× v1: **{'met' if worst <= 1.1 else 'MISSED'}** "
+              f"({', '.join(f'{r} msg/s: {x:.2f}×' for r, x in ratios)})."]
+    return L
+
+
 def presence_section(res):
     """presence_stats cost, join/leave fan-out, and churn CPU with presence on and off."""
     st, fan = res.get("presence-stats"), res.get("presence-fanout")
@@ -415,6 +445,7 @@ def report(d, out):
 
     L += history_section(res)
     L += presence_section(res)
+    L += protocols_section(res)
 
     L += ["", "## Caveats (read before quoting a figure)", "",
           "- Two CPUs are shared by the servers, Redis and one `loadtest` process that receives "
