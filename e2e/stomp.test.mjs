@@ -10,6 +10,7 @@ import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { Client } from "@stomp/stompjs";
+import { Centrifuge } from "centrifuge";
 import WebSocket from "ws";
 
 // stompjs opens `new WebSocket(brokerURL, ["v12.stomp", "v11.stomp", "v10.stomp"])`; Node 20
@@ -213,7 +214,17 @@ test("stompjs on /topic/chat:1 gets admin and v1 publishes; its SEND reaches v1;
   await v1.request({ type: "publish", channel: "chat:1", data: { from: "v1" }, id: 1 });
   const fromV1 = await got.next();
   assert.deepEqual(JSON.parse(fromV1.body), { from: "v1" });
-  // TODO(centrifuge): a centrifuge-SDK client's publish belongs here once that protocol exists.
+  // A stock centrifuge-SDK client publishes on the same channel, over the Centrifugo protocol.
+  const centrifuge = new Centrifuge(`ws://127.0.0.1:${port}/connection/websocket`, {
+    websocket: WebSocket,
+    token: jwt("carol"),
+  });
+  centrifuge.connect();
+  await new Promise((resolve) => centrifuge.once("connected", resolve));
+  await centrifuge.publish("chat:1", { from: "centrifuge" });
+  const fromSdk = await got.next();
+  assert.deepEqual(JSON.parse(fromSdk.body), { from: "centrifuge" });
+  centrifuge.disconnect();
 
   await v1.request({ type: "subscribe", channel: "chat:1", id: 2 });
   client.publish({
