@@ -503,20 +503,31 @@ impl Hub {
     }
 
     /// Reads a history channel's history (`None`: the channel keeps none).
+    ///
+    /// The last `limit` publications (all the channel keeps by default), or at most `limit`
+    /// after `since`. Publications after a position of another epoch mean nothing: then the
+    /// reply has the current epoch and none. Every protocol's history request and the
+    /// admin APIs read through here.
     pub async fn history(
         &self,
         channel: &str,
-        since: Since,
+        limit: Option<usize>,
+        since: Option<&Position>,
     ) -> Result<Option<History>, BrokerError> {
         let Some(r) = self.retention(channel) else {
             return Ok(None);
         };
-        let since = match since {
-            Since::Last(n) => Since::Last(n.min(r.size)),
-            Since::After(o, n) => Since::After(o, n.min(r.size)),
+        let n = limit.unwrap_or(usize::MAX).min(r.size);
+        let read = match since {
+            Some(p) => Since::After(p.offset, n),
+            None => Since::Last(n),
         };
-        let call = self.broker.history(channel, r, since);
-        self.timed("history", call).await.map(Some)
+        let call = self.broker.history(channel, r, read);
+        let mut h = self.timed("history", call).await?;
+        if since.is_some_and(|p| p.epoch != h.epoch) {
+            h.publications.clear();
+        }
+        Ok(Some(h))
     }
 
     /// Removes a history channel's stored publications, keeping its position (`false`: the

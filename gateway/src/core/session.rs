@@ -24,7 +24,7 @@ use super::hub::{ConnId, Hub};
 use super::stream::Joined;
 use super::{Core, Sender};
 use crate::auth::Identity;
-use crate::broker::{History, Position, Since};
+use crate::broker::{History, Position};
 use crate::cluster::inbound::Event as Inbound;
 use crate::cluster::presence::{Listing, Member, Stats};
 use crate::conn::clock::TokenClock;
@@ -441,18 +441,8 @@ impl Session {
         since: Option<Position>,
     ) -> Result<Done, Failure> {
         self.may_subscribe(channel)?;
-        let n = limit.unwrap_or(usize::MAX);
-        let read = match &since {
-            Some(p) => Since::After(p.offset, n),
-            None => Since::Last(n),
-        };
-        match self.core.hub.history(channel, read).await {
-            Ok(Some(mut h)) => {
-                if since.is_some_and(|p| p.epoch != h.epoch) {
-                    h.publications.clear();
-                }
-                Ok(Done::History(h))
-            }
+        match self.core.hub.history(channel, limit, since.as_ref()).await {
+            Ok(Some(h)) => Ok(Done::History(h)),
             Ok(None) => Err(Failure::new(
                 ErrorCode::NotEnabled,
                 format!("`{channel}` keeps no history"),

@@ -245,52 +245,71 @@ impl Stream {
     /// Returns true when the caller must schedule a read (a gap, or a new epoch).
     pub fn publish(&mut self, channel: &str, env: &Envelope<'_>, metrics: &Metrics) -> bool {
         self.last_publish = Some(Instant::now());
-        let held = Held {
-            offset: env.position.map(|(o, _)| o),
-            epoch: env.position.map(|(_, e)| Arc::from(e)),
-            data: env.data.to_owned(),
-        };
+        let (offset, epoch) = env
+            .position
+            .map_or((None, None), |(o, e)| (Some(o), Some(e)));
         if self.position.is_none() || self.filling {
-            return self.hold(channel, held, metrics);
+            return self.hold(channel, offset, epoch, env.data, metrics);
         }
-        self.advance(channel, held, metrics)
+        self.advance(channel, offset, epoch, env.data, metrics)
     }
 
-    fn hold(&mut self, channel: &str, held: Held, metrics: &Metrics) -> bool {
+    /// Keeps a publication for after the read that fills the gap (or learns the position).
+    /// Only here is it copied: the usual publication, the next in order, is sent from the
+    /// broker's buffer.
+    fn hold(
+        &mut self,
+        channel: &str,
+        offset: Option<u64>,
+        epoch: Option<&str>,
+        data: &str,
+        metrics: &Metrics,
+    ) -> bool {
         if self.pending.len() >= 2 * self.options.history_size.max(1) {
             // The gap is longer than history could ever fill.
             self.give_up(channel, metrics);
             self.position = None;
         }
-        self.pending.push(held);
+        self.pending.push(Held {
+            offset,
+            epoch: epoch.map(Arc::from),
+            data: data.to_owned(),
+        });
         self.want_read()
     }
 
-    /// Delivers `held` if it is next, drops it if it is old, or starts filling a gap.
-    fn advance(&mut self, channel: &str, held: Held, metrics: &Metrics) -> bool {
-        let Some((epoch, top)) = self.position.clone() else {
-            return self.hold(channel, held, metrics);
+    /// Delivers a publication if it is next, drops it if it is old, or starts filling a gap.
+    fn advance(
+        &mut self,
+        channel: &str,
+        offset: Option<u64>,
+        epoch: Option<&str>,
+        data: &str,
+        metrics: &Metrics,
+    ) -> bool {
+        let Some((ours, top)) = self.position.clone() else {
+            return self.hold(channel, offset, epoch, data, metrics);
         };
-        let Some(offset) = held.offset else {
+        let Some(offset) = offset else {
             // A plain PUBLISH on a history channel: live only, no position.
-            self.send(channel, None, &held.data, metrics);
+            self.send(channel, None, data, metrics);
             return false;
         };
-        if held.epoch.as_deref() != Some(&*epoch) {
+        if epoch != Some(&*ours) {
             // History was lost (Redis restarted empty, it expired): nobody can stay gap-free.
             self.give_up(channel, metrics);
             self.position = None;
-            return self.hold(channel, held, metrics);
+            return self.hold(channel, Some(offset), epoch, data, metrics);
         }
         if offset <= top {
             return false;
         }
         if offset > top + 1 {
             self.filling = true;
-            return self.hold(channel, held, metrics);
+            return self.hold(channel, Some(offset), epoch, data, metrics);
         }
-        self.send(channel, Some((offset, &epoch)), &held.data, metrics);
-        self.position = Some((epoch, offset));
+        self.send(channel, Some((offset, &ours)), data, metrics);
+        self.position = Some((ours, offset));
         false
     }
 
@@ -496,7 +515,13 @@ impl Stream {
         drop(encodings);
         // Then what waited for this read, in order.
         for held in std::mem::take(&mut self.pending) {
-            if self.advance(channel, held, metrics) {
+            if self.advance(
+                channel,
+                held.offset,
+                held.epoch.as_deref(),
+                &held.data,
+                metrics,
+            ) {
                 again = true;
             }
         }

@@ -396,16 +396,8 @@ async fn history(node: &Node, channel: &str, query: &str) -> HttpResponse {
             )
         }
     };
-    let n = limit.unwrap_or(usize::MAX);
-    let read = match &since {
-        Some(p) => crate::broker::Since::After(p.offset, n),
-        None => crate::broker::Since::Last(n),
-    };
-    match node.hub.history(channel, read).await {
-        Ok(Some(mut h)) => {
-            if since.is_some_and(|p| p.epoch != h.epoch) {
-                h.publications.clear();
-            }
+    match node.hub.history(channel, limit, since.as_ref()).await {
+        Ok(Some(h)) => {
             let publications: Vec<serde_json::Value> = h
                 .publications
                 .iter()

@@ -23,7 +23,6 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::broker::Since;
 use crate::edge::http::{json, HttpResponse};
 use crate::node::Node;
 use crate::protocol::centrifugo::commands::{self, code, Error, StreamPosition};
@@ -381,19 +380,16 @@ async fn history(node: &Node, req: HistoryReq) -> Result<Value, Error> {
             "history in reverse from a position is not supported",
         ));
     }
-    let n = match req.limit {
-        n if n < 0 => usize::MAX,
-        n => n as usize,
+    let limit = match req.limit {
+        n if n < 0 => None,
+        n => Some(n as usize),
     };
-    let read = match &req.since {
-        Some(p) => Since::After(p.offset, n),
-        None => Since::Last(n),
-    };
-    match node.hub.history(channel, read).await {
-        Ok(Some(mut h)) => {
-            if req.since.is_some_and(|p| p.epoch != h.epoch) {
-                h.publications.clear();
-            }
+    let since = req.since.map(|p| crate::broker::Position {
+        epoch: p.epoch,
+        offset: p.offset,
+    });
+    match node.hub.history(channel, limit, since.as_ref()).await {
+        Ok(Some(h)) => {
             let mut publications = commands::publications(&h.publications);
             if req.reverse {
                 publications.reverse();
