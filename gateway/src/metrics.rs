@@ -150,6 +150,14 @@ families! {
         /// Presence operations by op (join, leave, list, page, stats, resync; purge counts
         /// the entries of dead nodes removed).
         presence_ops: "gateway_presence_ops_total" ["op"],
+        /// Connections opened (their session started), by transport: websocket,
+        /// http_stream, sse (Centrifugo's emulation) and eventsource (`GET /sse`).
+        connections_opened: "gateway_connections_opened_total" ["transport"],
+        /// Commands posted to `/emulation`, by outcome (local, forwarded, unknown_session,
+        /// inbox_full, too_large, rate_limited, bad_request, unavailable), and commands
+        /// forwarded by another node that found their connection gone (forward_gone) or its
+        /// inbox full (forward_inbox_full).
+        emulation: "gateway_emulation_requests_total" ["outcome"],
     }
     gauges {
         /// Connections on all live nodes, from the last heartbeat.

@@ -33,6 +33,8 @@ pub struct Node {
     /// The sessions' services: config, auth, hub, directory, inbound stream, metrics.
     pub core: Arc<Core>,
     pub handshake_limiter: HandshakeLimiter,
+    /// Posts to `/emulation` per client IP (`emulation_rate_per_ip`).
+    pub post_limiter: HandshakeLimiter,
     /// Open connections per client IP (`max_connections_per_ip`).
     pub per_ip: Arc<ConnectionsPerIp>,
     pub proxies: TrustedProxies,
@@ -62,6 +64,8 @@ impl Node {
         let auth = Authenticator::from_config(&config, metrics.clone())?;
         let handshake_limiter =
             HandshakeLimiter::new(config.handshake_rate_per_ip, config.handshake_burst_per_ip);
+        let post_limiter =
+            HandshakeLimiter::new(config.emulation_rate_per_ip, config.emulation_burst_per_ip);
         let per_ip = ConnectionsPerIp::new(config.max_connections_per_ip);
         let proxies = TrustedProxies::new(&config.trusted_proxies);
         let redis = match &config.redis_url {
@@ -132,6 +136,7 @@ impl Node {
                 metrics,
             }),
             handshake_limiter,
+            post_limiter,
             per_ip,
             proxies,
             draining,

@@ -227,6 +227,7 @@ fn spawn_background(
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(60)) => {
                     n.handshake_limiter.evict();
+                    n.post_limiter.evict();
                     n.send_limiter.evict();
                 }
                 _ = s.cancelled() => return,

@@ -797,7 +797,7 @@ async fn batched_resync_and_purge_on_a_three_master_cluster() {
             1 << 16,
             &gateway::test_util::V1,
         ));
-        dir.add(&format!("big.c.{i}"), i as u64, user.as_deref(), out)
+        dir.add(&format!("big.c.{i}"), i as u64, user.as_deref(), out, None)
             .await
             .unwrap();
     }

@@ -84,9 +84,15 @@ async fn resync_of_15k_connections_never_lets_the_heartbeat_lapse() {
         adds.spawn(async move {
             for i in (w..CONNS).step_by(8) {
                 let out = Arc::new(Outbound::new(1 << 16, &gateway::test_util::V1));
-                dir.add(&format!("big.c.{i}"), i as u64, user(i).as_deref(), out)
-                    .await
-                    .expect("add");
+                dir.add(
+                    &format!("big.c.{i}"),
+                    i as u64,
+                    user(i).as_deref(),
+                    out,
+                    None,
+                )
+                .await
+                .expect("add");
             }
         });
     }

@@ -146,6 +146,11 @@ macro_rules! settings {
             handshake_rate_per_ip: u32 = 20;
             /// Burst of handshakes per client IP.
             handshake_burst_per_ip: u32 = 50;
+            /// Posts to `/emulation` (the commands of HTTP-streaming and SSE clients) per
+            /// second per client IP (0 = unlimited); excess gets 429.
+            emulation_rate_per_ip: u32 = 100;
+            /// Burst of posts to `/emulation` per client IP.
+            emulation_burst_per_ip: u32 = 200;
             /// Messages per second per connection (0 = unlimited).
             message_rate: u32 = 100;
             /// Burst of messages per connection.
@@ -297,7 +302,7 @@ settings!(config_struct);
 pub mod channels;
 pub mod cidr;
 mod cli;
-mod secret;
+pub mod secret;
 mod validate;
 
 pub use channels::ChannelOptions;

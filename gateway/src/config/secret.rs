@@ -95,9 +95,36 @@ impl From<&str> for SecretUrl {
     }
 }
 
+/// Compares two byte strings in time that depends on their lengths only, never on where
+/// they first differ: an `==` that stops at the first wrong byte lets a caller who can time
+/// many requests find the token byte by byte. Every byte is XORed and the differences are
+/// ORed together; `black_box` keeps the optimiser from turning the fold back into an early
+/// exit. A length mismatch answers at once: the length is not the secret (the token's
+/// entropy is), and padding cannot hide it anyway. No crate needed for this one loop.
+pub fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
+    if given.len() != expected.len() {
+        return false;
+    }
+    let diff = given
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| std::hint::black_box(acc | (a ^ b)));
+    diff == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn constant_time_eq_compares_whole_strings() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(constant_time_eq(b"", b""));
+        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
+        assert!(!constant_time_eq(b"X3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cre", b"s3cret"));
+        assert!(!constant_time_eq(b"s3crett", b"s3cret"));
+    }
 
     #[test]
     fn debug_hides_the_secret() {

@@ -105,6 +105,9 @@ impl Config {
         if self.handshake_rate_per_ip > 0 && self.handshake_burst_per_ip == 0 {
             return bad("handshake_burst_per_ip", "must be at least 1");
         }
+        if self.emulation_rate_per_ip > 0 && self.emulation_burst_per_ip == 0 {
+            return bad("emulation_burst_per_ip", "must be at least 1");
+        }
         if self.message_rate > 0 && self.message_burst == 0 {
             return bad("message_burst", "must be at least 1");
         }

@@ -65,6 +65,54 @@ pub fn text(s: &str) -> Bytes {
     encode(0x1, s.as_bytes())
 }
 
+/// How a connection's messages reach its client: each a WebSocket text frame, or one
+/// long HTTP response that carries them as lines (HTTP-streaming) or as server-sent events.
+/// A protocol's codec encodes its JSON once per transport (each transport is its own codec
+/// id), so that subscribers on each transport share the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    WebSocket,
+    /// `Transfer-Encoding: chunked`, one JSON text per line (Centrifugo's `http_stream`).
+    HttpStream,
+    /// `text/event-stream`: each message a `data:` event.
+    Sse,
+}
+
+impl Transport {
+    /// The `transport` label of the metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::HttpStream => "http_stream",
+            Transport::Sse => "sse",
+        }
+    }
+
+    /// One message of JSON text (which holds no raw newline: serialized JSON escapes them,
+    /// and several messages joined by `\n` become one event of several `data:` lines).
+    pub fn text(self, json: &str) -> Bytes {
+        match self {
+            Transport::WebSocket => text(json),
+            Transport::HttpStream => {
+                let mut b = BytesMut::with_capacity(json.len() + 1);
+                b.put_slice(json.as_bytes());
+                b.put_u8(b'\n');
+                b.freeze()
+            }
+            Transport::Sse => {
+                let mut b = BytesMut::with_capacity(json.len() + 8);
+                for line in json.split('\n') {
+                    b.put_slice(b"data: ");
+                    b.put_slice(line.as_bytes());
+                    b.put_u8(b'\n');
+                }
+                b.put_u8(b'\n');
+                b.freeze()
+            }
+        }
+    }
+}
+
 /// A binary frame (the echo example; protocol v1 has none).
 #[cfg(any(test, feature = "test-util"))]
 pub fn binary(b: &[u8]) -> Bytes {

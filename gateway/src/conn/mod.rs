@@ -7,3 +7,4 @@ pub mod frame;
 pub mod limiter;
 pub mod outbound;
 pub mod socket;
+pub mod stream;

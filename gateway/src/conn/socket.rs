@@ -124,8 +124,45 @@ where
         silence.clone(),
     ));
     write_loop(
-        write_half, reader, limits, outbound, shutdown, token, silence,
+        Io(write_half),
+        reader,
+        limits,
+        outbound,
+        shutdown,
+        token,
+        Some(silence),
     )
+}
+
+/// Where the writer loop writes: a socket ([`Io`]), or the body of an HTTP streaming
+/// response (`conn::stream`).
+pub(super) trait Sink: Send + 'static {
+    /// Writes every frame in `batch` (emptying it), within `limits.write_timeout`.
+    fn write_batch<'a>(
+        &'a mut self,
+        batch: &'a mut VecDeque<Bytes>,
+        limits: Limits,
+    ) -> impl Future<Output = std::io::Result<()>> + Send + 'a;
+
+    /// Ends the stream after the close frame: a socket's FIN, the end of a body.
+    fn finish(&mut self, limits: Limits) -> impl Future<Output = ()> + Send + '_;
+}
+
+/// A socket (or TLS stream) as the writer's [`Sink`].
+struct Io<W>(W);
+
+impl<W: AsyncWrite + Unpin + Send + 'static> Sink for Io<W> {
+    fn write_batch<'a>(
+        &'a mut self,
+        batch: &'a mut VecDeque<Bytes>,
+        limits: Limits,
+    ) -> impl Future<Output = std::io::Result<()>> + Send + 'a {
+        write_batch(&mut self.0, batch, limits)
+    }
+
+    async fn finish(&mut self, limits: Limits) {
+        let _ = tokio::time::timeout(limits.write_timeout, self.0.shutdown()).await;
+    }
 }
 
 /// [`serve`] for a connection that hyper upgraded: plain TCP directly on its socket, any
@@ -220,7 +257,7 @@ impl AsyncWrite for TcpWriter {
 /// When the reader last saw a frame (`[0]`) and a data frame (`[1]`: text, binary or
 /// continuation), in milliseconds since `started`.
 #[derive(Clone)]
-struct Silence {
+pub(super) struct Silence {
     last_seen: Arc<[AtomicU64; 2]>,
     started: Instant,
 }
@@ -282,7 +319,7 @@ impl Beat {
 
     /// The timer fired: queues the beat when due, and returns false when the peer has been
     /// silent for longer than the protocol allows.
-    fn fire(&mut self, outbound: &Outbound, silence: &Silence) -> bool {
+    fn fire(&mut self, outbound: &Outbound, silence: Option<&Silence>) -> bool {
         let now = tokio::time::Instant::now();
         if let (Some(at), Some((every, frame))) = (self.next_send, &self.heartbeat.send) {
             if now >= at {
@@ -292,7 +329,7 @@ impl Beat {
         }
         if let (Some(at), Some(limit)) = (self.next_check, self.heartbeat.expect) {
             if now >= at {
-                if silence.no_data_for(limit) {
+                if silence.is_some_and(|s| s.no_data_for(limit)) {
                     return false;
                 }
                 self.next_check = Some(now + check_every(limit));
@@ -314,15 +351,20 @@ fn far_future() -> tokio::time::Instant {
 }
 
 /// The writer: the connection's main loop. See the module docs.
+///
+/// `silence` is what the reader heard from a WebSocket peer, which must answer pings. An
+/// HTTP stream has none (its client sends nothing on the stream; a gone client shows as a
+/// failed write), and its `reader` (the task that runs the commands posted for it) is
+/// stopped at the close rather than left to read the peer's close frame.
 #[allow(clippy::manual_async_fn)] // not `async fn`: see [`serve`]
-fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
-    mut write_half: W,
+pub(super) fn write_loop<S: Sink>(
+    mut sink: S,
     mut reader: tokio::task::JoinHandle<()>,
     limits: Limits,
     outbound: Arc<Outbound>,
     shutdown: CancellationToken,
     token: Option<Arc<TokenClock>>,
-    silence: Silence,
+    silence: Option<Silence>,
 ) -> impl Future<Output = CloseReason> + Send {
     async move {
         let mut batch = VecDeque::new();
@@ -344,10 +386,7 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
             }
             let (closing, oldest) = outbound.take(&mut batch);
             if !batch.is_empty() {
-                if write_batch(&mut write_half, &mut batch, limits)
-                    .await
-                    .is_err()
-                {
+                if sink.write_batch(&mut batch, limits).await.is_err() {
                     // A write that timed out on a peer that stopped reading, whose queue then
                     // overflowed, is a slow consumer, not a lost connection.
                     break outbound.close_reason().unwrap_or(CloseReason::Abnormal);
@@ -379,13 +418,13 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
             tokio::select! {
                 _ = outbound.changed() => {}
                 _ = ping.tick() => {
-                    if silence.longer_than(limits.ping_timeout) {
+                    if silence.as_ref().is_some_and(|s| s.longer_than(limits.ping_timeout)) {
                         break CloseReason::HeartbeatTimeout;
                     }
                     outbound.push(outbound.ping_frame());
                 }
                 _ = beat_due => {
-                    if beat.as_mut().is_some_and(|b| !b.fire(&outbound, &silence)) {
+                    if beat.as_mut().is_some_and(|b| !b.fire(&outbound, silence.as_ref())) {
                         break CloseReason::HeartbeatTimeout;
                     }
                 }
@@ -416,12 +455,13 @@ fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
             outbound.take(&mut last);
             last.extend(outbound.farewell(&reason));
             last.push_back(outbound.close_frame(&reason));
-            let _ = write_batch(&mut write_half, &mut last, limits).await;
-            let _ = tokio::time::timeout(limits.write_timeout, write_half.shutdown()).await;
-            // Give the peer a moment to answer our close so the reader ends cleanly.
-            if tokio::time::timeout(limits.write_timeout, &mut reader)
-                .await
-                .is_err()
+            let _ = sink.write_batch(&mut last, limits).await;
+            sink.finish(limits).await;
+            // Give a WebSocket peer a moment to answer our close so the reader ends cleanly.
+            if silence.is_none()
+                || tokio::time::timeout(limits.write_timeout, &mut reader)
+                    .await
+                    .is_err()
             {
                 reader.abort();
             }

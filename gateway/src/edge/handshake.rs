@@ -14,18 +14,21 @@
 //! `connect` command, so such a handshake without a token is not refused, and its
 //! directory entry (with the per-user cap) waits for CONNECT or `connect`; a token it does
 //! carry is checked here as for v1.
+//!
+//! The HTTP transports (`super::streams`) run the same checks, but for the upgrade's own,
+//! through [`admit_http`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
+use hyper::http::request::Parts;
 use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, StatusCode};
 
-use super::http::{json_error, HttpResponse};
+use super::http::{full, json_error, HttpResponse};
 use super::origin::OriginError;
 use crate::auth::{AuthError, Identity};
 use crate::broker::BoxFuture;
@@ -37,13 +40,16 @@ use crate::conn::socket::Handler;
 use crate::core::session::{Conn, Session};
 use crate::error::CloseReason;
 use crate::node::{Node, Slot};
-use crate::protocol::{centrifugo, stomp, v1};
+use crate::protocol::{centrifugo, sse, stomp, v1};
 
-/// The wire protocol a handshake chose.
-enum Wire {
+/// The wire protocol a handshake chose, and its transport.
+pub(super) enum Wire {
     V1,
-    /// `GET /connection/websocket`: Centrifugo's client protocol (`docs/sdk.md`).
-    Centrifugo,
+    /// Centrifugo's client protocol (`docs/sdk.md`) over the codec's transport: WebSocket
+    /// at `GET /connection/websocket`, or an HTTP one (`super::streams`).
+    Centrifugo(&'static centrifugo::Centrifugo),
+    /// v1 frames as server-sent events (`GET /sse`), with the connection's event ids.
+    Sse(Arc<sse::Ids>),
     /// STOMP: the subprotocol to echo (`None` on `/stomp` without one), and the
     /// connection's subscriptions as its fan-out sees them.
     Stomp {
@@ -53,12 +59,12 @@ enum Wire {
 }
 
 impl Wire {
-    fn choose(req: &Request<Incoming>) -> Wire {
-        if req.uri().path() == "/connection/websocket" {
-            return Wire::Centrifugo;
+    fn choose(req: &Parts) -> Wire {
+        if req.uri.path() == "/connection/websocket" {
+            return Wire::Centrifugo(&centrifugo::CODEC);
         }
         let offered = req
-            .headers()
+            .headers
             .get_all(hyper::header::SEC_WEBSOCKET_PROTOCOL)
             .iter()
             .filter_map(|v| v.to_str().ok());
@@ -67,7 +73,7 @@ impl Wire {
                 subprotocol: Some(p),
                 routes: Arc::default(),
             },
-            None if req.uri().path() == "/stomp" => Wire::Stomp {
+            None if req.uri.path() == "/stomp" => Wire::Stomp {
                 subprotocol: None,
                 routes: Arc::default(),
             },
@@ -174,7 +180,7 @@ impl Refusal {
     }
 
     /// Counts, logs and answers the refusal.
-    fn respond(&self, node: &Node, ip: IpAddr) -> HttpResponse {
+    pub(super) fn respond(&self, node: &Node, ip: IpAddr) -> HttpResponse {
         let (status, outcome, code, message) =
             (self.status(), self.outcome(), self.code(), self.message());
         node.metrics.handshakes.inc([outcome]);
@@ -201,21 +207,26 @@ impl Refusal {
     }
 }
 
+/// The client's address: the peer's, or the one a trusted proxy forwarded.
+pub(super) fn client_ip(node: &Node, headers: &hyper::HeaderMap, peer: SocketAddr) -> IpAddr {
+    let forwarded = headers.get_all("x-forwarded-for");
+    node.proxies
+        .client_ip(peer.ip(), forwarded.iter().map(HeaderValue::as_bytes))
+}
+
 /// Checks the handshake and, if it passes, answers 101 and spawns the connection.
-pub async fn upgrade(
-    node: Arc<Node>,
-    mut req: Request<Incoming>,
-    peer: SocketAddr,
-) -> HttpResponse {
-    let forwarded = req.headers().get_all("x-forwarded-for");
-    let ip = node
-        .proxies
-        .client_ip(peer.ip(), forwarded.iter().map(HeaderValue::as_bytes));
-    let admitted = match admit(&node, &req, ip).await {
+pub async fn upgrade(node: Arc<Node>, req: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
+    let ip = client_ip(&node, req.headers(), peer);
+    if let Err(refusal) = check_upgrade(&node, &req, ip) {
+        return refusal.respond(&node, ip);
+    }
+    let (parts, body) = req.into_parts();
+    let wire = Wire::choose(&parts);
+    let (conn, slot) = match admit_http(&node, &parts, ip, &wire).await {
         Ok(a) => a,
         Err(refusal) => return refusal.respond(&node, ip),
     };
-    let (conn, slot, wire) = admitted;
+    let mut req = Request::from_parts(parts, body);
     let (mut response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(r) => r,
         Err(e) => {
@@ -234,6 +245,7 @@ pub async fn upgrade(
         );
     }
     node.metrics.handshakes.inc(["ok"]);
+    node.metrics.connections_opened.inc(["websocket"]);
     let span = tracing::Span::current();
     span.record("outcome", "ok");
     if let Some(i) = &conn.identity {
@@ -249,25 +261,28 @@ pub async fn upgrade(
             }
         }
     });
-    response.map(|_| Full::new(Bytes::new()))
+    response.map(|_| full(Bytes::new()))
 }
 
-/// The checks, in order. On success the connection holds a slot and (v1) is in the
-/// directory. STOMP and Centrifugo connections name their user in their CONNECT frame or
-/// `connect` command, so their token is optional here, and their directory entry (with
-/// the per-user cap) comes then.
-async fn admit(
-    node: &Arc<Node>,
-    req: &Request<Incoming>,
+/// A client's handshakes (or posts) per second, over the per-IP rate: 429 with the wait.
+pub(super) fn rate(
+    limiter: &crate::edge::handshake_limit::HandshakeLimiter,
+    node: &Node,
     ip: IpAddr,
-) -> Result<(Conn, Slot, Wire), Refusal> {
-    if let Err(wait) = node.handshake_limiter.check(ip) {
-        node.metrics.rate_limit_hits.inc(["handshake"]);
+    kind: &'static str,
+) -> Result<(), Refusal> {
+    limiter.check(ip).map_err(|wait| {
+        node.metrics.rate_limit_hits.inc([kind]);
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        return Err(Refusal::RateLimited {
+        Refusal::RateLimited {
             retry_after_secs: secs.max(1),
-        });
-    }
+        }
+    })
+}
+
+/// The checks of an upgrade's own, before [`admit_http`]'s: the rate first (cheapest).
+fn check_upgrade(node: &Node, req: &Request<Incoming>, ip: IpAddr) -> Result<(), Refusal> {
+    rate(&node.handshake_limiter, node, ip, "handshake")?;
     if req.method() != Method::GET {
         return Err(Refusal::NotGet);
     }
@@ -282,35 +297,50 @@ async fn admit(
     {
         return Err(Refusal::BadVersion);
     }
-    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    Ok(())
+}
+
+/// The checks every transport runs, in order: Origin, drain, capacity, the token. On
+/// success the connection holds a slot and (v1, on WebSocket or SSE) is in the directory.
+/// STOMP and Centrifugo connections name their user in their CONNECT frame or `connect`
+/// command, so their token is optional here, and their directory entry (with the per-user
+/// cap) comes then.
+pub(super) async fn admit_http(
+    node: &Arc<Node>,
+    req: &Parts,
+    ip: IpAddr,
+    wire: &Wire,
+) -> Result<(Conn, Slot), Refusal> {
+    let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
     super::origin::check(&node.config, header("origin"), header("host"))
         .map_err(Refusal::Origin)?;
     if node.maintenance.is_on() {
         return Err(Refusal::Draining);
     }
     let slot = node.try_admit(ip)?;
-    let wire = Wire::choose(req);
     // Only v1 connections name their user at the handshake; the others may bring their
     // token later (STOMP's CONNECT, Centrifugo's `connect`).
-    let later = !matches!(wire, Wire::V1);
+    let later = !matches!(wire, Wire::V1 | Wire::Sse(_));
     let identity = authenticate(node, req, later)
         .await
         .map_err(Refusal::Unauthorized)?;
     let (id, conn_id) = node.next_conn_id();
     let cap = node.config.outbound_queue_bytes;
     let latency = node.metrics.fanout_latency.clone();
-    let out = match &wire {
-        Wire::V1 => Arc::new(Outbound::new(cap, &v1::CODEC).with_latency(latency)),
-        Wire::Centrifugo => Arc::new(Outbound::new(cap, &centrifugo::CODEC).with_latency(latency)),
-        Wire::Stomp { routes, .. } => Arc::new(
-            Outbound::new(cap, &stomp::CODEC)
-                .with_framer(routes.clone())
-                .with_latency(latency),
-        ),
+    let out = match wire {
+        Wire::V1 => Outbound::new(cap, &v1::CODEC),
+        Wire::Sse(ids) => Outbound::new(cap, &v1::SSE_CODEC).with_framer(ids.clone()),
+        Wire::Centrifugo(codec) => Outbound::new(cap, *codec),
+        Wire::Stomp { routes, .. } => Outbound::new(cap, &stomp::CODEC).with_framer(routes.clone()),
     };
+    let out = Arc::new(out.with_latency(latency));
     if !later {
         let user = identity.as_ref().map(|i| i.user_id.as_str());
-        match node.directory.add(&conn_id, id, user, out.clone()).await {
+        match node
+            .directory
+            .add(&conn_id, id, user, out.clone(), None)
+            .await
+        {
             Ok(()) => {}
             Err(AddError::UserLimit) => return Err(Refusal::UserLimit),
             Err(AddError::Unavailable(_)) => return Err(Refusal::DirectoryUnavailable),
@@ -323,7 +353,7 @@ async fn admit(
         ip,
         identity,
     };
-    Ok((conn, slot, wire))
+    Ok((conn, slot))
 }
 
 /// The token from `Authorization: Bearer` or the `access_token` query parameter (browsers
@@ -331,16 +361,16 @@ async fn admit(
 /// for a STOMP client without a token (`later`): it may bring one in its CONNECT frame.
 async fn authenticate(
     node: &Node,
-    req: &Request<Incoming>,
+    req: &Parts,
     later: bool,
 ) -> Result<Option<Identity>, AuthError> {
     let from_header = req
-        .headers()
+        .headers
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let from_query = req
-        .uri()
+        .uri
         .query()
         .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=")));
     let token = from_header.or(from_query).filter(|t| !t.is_empty());
@@ -362,7 +392,7 @@ async fn authenticate(
 async fn open_connection(node: Arc<Node>, conn: Conn, slot: Slot, wire: Wire, upgraded: Upgraded) {
     let out = conn.out.clone();
     tracing::debug!(peer = %conn.ip, conn = %conn.conn_id, "connection open");
-    if let Wire::Centrifugo = wire {
+    if let Wire::Centrifugo(_) = wire {
         open_centrifugo(node, conn, slot, upgraded);
         return;
     }
@@ -421,7 +451,8 @@ fn spawn_served<H: Handler>(
 fn open_centrifugo(node: Arc<Node>, conn: Conn, slot: Slot, upgraded: Upgraded) {
     let out = conn.out.clone();
     tracing::debug!(peer = %conn.ip, conn = %conn.conn_id, "centrifugo connection open");
-    let (connection, cleanup, clock) = centrifugo::Connection::open(node.core.clone(), conn);
+    let (connection, cleanup, clock) =
+        centrifugo::Connection::open(node.core.clone(), conn, &centrifugo::CODEC, None);
     let served = socket::serve_upgraded(
         upgraded,
         node.limits(),

@@ -1,7 +1,8 @@
 //! The public listener: HTTP/1.1 with `GET /ws` (and `GET /stomp`, for STOMP clients)
 //! upgrading to WebSocket, `GET /connection/websocket` upgrading to WebSocket with
-//! Centrifugo's client protocol (for the stock Centrifugo SDKs), the demo chat page at `/`,
-//! and a plain HTTP answer for anything else.
+//! Centrifugo's client protocol (for the stock Centrifugo SDKs), the HTTP transports
+//! (`POST /connection/http_stream`, `/connection/sse`, `POST /emulation` and `GET /sse`, in
+//! [`super::streams`]), the demo chat page at `/`, and a plain HTTP answer for anything else.
 //!
 //! The upgrade itself, and every check before it, is in [`super::handshake`].
 
@@ -10,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -19,8 +20,40 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::node::Node;
 
-/// Response type of both listeners.
-pub type HttpResponse = Response<Full<Bytes>>;
+/// Response type of both listeners: a whole body, or a streaming connection's.
+pub type HttpResponse = Response<Body>;
+
+/// See [`HttpResponse`].
+pub type Body = Either<Full<Bytes>, crate::conn::stream::Body>;
+
+/// A whole body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Either::Left(Full::new(bytes.into()))
+}
+
+/// Reads a request body of at most `max` bytes within `timeout` (`handshake_timeout_ms`,
+/// as the request head: hyper's header timeout ends with the head, and a caller that sends
+/// the head and then trickles the body would otherwise hold the connection for as long as
+/// it likes). Refused with 413 or 408.
+pub async fn read_body(
+    body: Incoming,
+    max: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, HttpResponse> {
+    match tokio::time::timeout(timeout, Limited::new(body, max).collect()).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(_)) => Err(json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            &format!("body over {max} bytes"),
+        )),
+        Err(_) => Err(json_error(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            "request body not received in time",
+        )),
+    }
+}
 
 const DEMO_PAGE: &str = include_str!("../../static/chat.html");
 
@@ -77,8 +110,11 @@ async fn route(node: Arc<Node>, req: Request<Incoming>, peer: SocketAddr) -> Htt
                 .instrument(span)
                 .await
         }
+        (_, "/connection/http_stream" | "/connection/sse" | "/emulation" | "/sse") => {
+            super::streams::route(node.clone(), req, peer).await
+        }
         (&Method::GET, "/") => {
-            let mut r = Response::new(Full::new(Bytes::from_static(DEMO_PAGE.as_bytes())));
+            let mut r = Response::new(full(Bytes::from_static(DEMO_PAGE.as_bytes())));
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/html; charset=utf-8"),
@@ -104,7 +140,7 @@ pub fn json_error(status: StatusCode, code: &str, message: &str) -> HttpResponse
 
 /// A JSON response.
 pub fn json(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    let mut r = Response::new(full(body.to_string()));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

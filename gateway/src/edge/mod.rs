@@ -7,4 +7,5 @@ pub mod handshake_limit;
 pub mod http;
 pub mod origin;
 pub mod per_ip;
+pub mod streams;
 pub mod tls;

@@ -31,8 +31,6 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -87,7 +85,7 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> HttpResponse {
         (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         (&Method::GET, "/readyz") => readiness(&node),
         (&Method::GET, "/metrics") => {
-            let mut r = Response::new(Full::new(Bytes::from(node.metrics.render())));
+            let mut r = Response::new(crate::edge::http::full(node.metrics.render()));
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -131,7 +129,8 @@ fn refuse_unauthorized(node: &Node, req: &Request<Incoming>) -> Option<HttpRespo
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()));
+    let ok = given
+        .is_some_and(|g| crate::config::secret::constant_time_eq(g.as_bytes(), token.as_bytes()));
     if ok {
         return None;
     }
@@ -144,23 +143,6 @@ fn refuse_unauthorized(node: &Node, req: &Request<Incoming>) -> Option<HttpRespo
     r.headers_mut()
         .insert("www-authenticate", HeaderValue::from_static("Bearer"));
     Some(r)
-}
-
-/// Compares two byte strings in time that depends on their lengths only, never on where
-/// they first differ: an `==` that stops at the first wrong byte lets a caller who can time
-/// many requests find the token byte by byte. Every byte is XORed and the differences are
-/// ORed together; `black_box` keeps the optimiser from turning the fold back into an early
-/// exit. A length mismatch answers at once: the length is not the secret (the token's
-/// entropy is), and padding cannot hide it anyway. No crate needed for this one loop.
-pub fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
-    if given.len() != expected.len() {
-        return false;
-    }
-    let diff = given
-        .iter()
-        .zip(expected)
-        .fold(0u8, |acc, (a, b)| std::hint::black_box(acc | (a ^ b)));
-    diff == 0
 }
 
 /// A drain on demand (`POST /v1/drain`, the pod annotation) that can be ended again
@@ -524,37 +506,15 @@ fn drain(node: &Node, method: &Method) -> HttpResponse {
     }
 }
 
-/// Reads `{"data": <json>}`, bounded by `max_message_bytes`, with the same checks as a
-/// client's `data`.
-///
-/// The read is bounded in time too (`handshake_timeout_ms`, as the request head is): hyper's
-/// header timeout ends with the head, and a caller that sends the head and then trickles
-/// the body would otherwise hold the connection and its task for as long as it likes.
+/// Reads `{"data": <json>}`, bounded by `max_message_bytes` and in time (see
+/// [`crate::edge::http::read_body`]), with the same checks as a client's `data`.
 async fn read_data(node: &Node, req: Request<Incoming>) -> Result<Box<RawValue>, HttpResponse> {
     let max = node.config.max_message_bytes;
-    let timeout = node.config.handshake_timeout();
-    let read = Limited::new(req.into_body(), max).collect();
-    let body = match tokio::time::timeout(timeout, read).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        Err(_) => {
-            tracing::info!(
-                timeout_ms = node.config.handshake_timeout_ms,
-                "admin request refused: body not received in time"
-            );
-            return Err(json_error(
-                StatusCode::REQUEST_TIMEOUT,
-                "timeout",
-                "request body not received in time",
-            ));
-        }
-        Ok(Err(_)) => {
-            return Err(json_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                &format!("body over {max} bytes"),
-            ))
-        }
-    };
+    let body = crate::edge::http::read_body(req.into_body(), max, node.config.handshake_timeout())
+        .await
+        .inspect_err(|r| {
+            tracing::info!(status = r.status().as_u16(), "admin request body refused")
+        })?;
     let parsed: DataBody = serde_json::from_slice(&body).map_err(|e| {
         json_error(
             StatusCode::BAD_REQUEST,
@@ -570,16 +530,6 @@ async fn read_data(node: &Node, req: Request<Incoming>) -> Result<Box<RawValue>,
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn constant_time_eq_compares_whole_strings() {
-        assert!(constant_time_eq(b"s3cret", b"s3cret"));
-        assert!(constant_time_eq(b"", b""));
-        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
-        assert!(!constant_time_eq(b"X3cret", b"s3cret"));
-        assert!(!constant_time_eq(b"s3cre", b"s3cret"));
-        assert!(!constant_time_eq(b"s3crett", b"s3cret"));
-    }
 
     #[tokio::test]
     async fn maintenance_can_be_ended_and_started_again() {

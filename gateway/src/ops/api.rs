@@ -107,7 +107,7 @@ fn authorized(node: &Node, req: &Request<Incoming>) -> bool {
                 .or_else(|| v.strip_prefix("Apikey "))
         })
     });
-    given.is_some_and(|g| super::admin::constant_time_eq(g.as_bytes(), token.as_bytes()))
+    given.is_some_and(|g| crate::config::secret::constant_time_eq(g.as_bytes(), token.as_bytes()))
 }
 
 /// The request body, bounded: `max_message_bytes` of data plus room for the rest.

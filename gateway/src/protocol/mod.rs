@@ -17,5 +17,6 @@
 //!   (`docs/sdk.md`), codec id 2.
 
 pub mod centrifugo;
+pub mod sse;
 pub mod stomp;
 pub mod v1;

@@ -12,20 +12,32 @@ use shared::protocol::{
 use crate::broker::Position;
 
 use crate::conn::event::{Codec, Event};
-use crate::conn::frame;
+use crate::conn::frame::{self, Transport};
 use crate::conn::socket::Handler;
 use crate::core::session::{Admit, Command, Done, Failure, Session};
 use crate::error::CloseReason;
 
-/// The v1 codec.
-pub static CODEC: V1 = V1;
+/// The v1 codec: WebSocket text frames, id 0.
+pub static CODEC: V1 = V1 {
+    id: 0,
+    transport: Transport::WebSocket,
+};
+
+/// v1 frames as server-sent events (`GET /sse`, see `protocol::sse`), id 5.
+pub static SSE_CODEC: V1 = V1 {
+    id: 5,
+    transport: Transport::Sse,
+};
 
 /// See [`CODEC`].
-pub struct V1;
+pub struct V1 {
+    id: usize,
+    transport: Transport,
+}
 
 impl Codec for V1 {
     fn id(&self) -> usize {
-        0
+        self.id
     }
 
     fn encode(&self, event: &Event<'_>) -> Bytes {
@@ -65,7 +77,22 @@ impl Codec for V1 {
             }
             .to_json(),
         };
-        frame::text(&json)
+        self.transport.text(&json)
+    }
+
+    fn ping(&self) -> Bytes {
+        match self.transport {
+            // A comment line: EventSource ignores it, proxies see traffic.
+            Transport::Sse => Bytes::from_static(b": ping\n\n"),
+            _ => frame::ping(),
+        }
+    }
+
+    fn close(&self, reason: &CloseReason) -> Bytes {
+        match self.transport {
+            Transport::WebSocket => frame::close(reason.code(), &reason.to_string()),
+            _ => super::sse::close_event(reason),
+        }
     }
 }
 

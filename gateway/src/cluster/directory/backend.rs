@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::codec::{DecodeError, NodeMessage};
-use super::local::LocalConns;
+use super::local::{LocalConns, Record};
 use super::{now_ms, BoxFuture, ConnInfo};
 use crate::cluster::keys::Keys;
 use crate::cluster::redis::Redis;
@@ -32,13 +32,24 @@ pub const BATCH: usize = 500;
 pub trait Records: Send + Sync {
     /// Records a new connection of this node. `Ok(false)`, recording nothing: `user`
     /// already holds `max_per_user` connections (0: no cap). Anonymous connections (`user`
-    /// `None`) are never capped.
+    /// `None`) are never capped. `secret`: a streaming connection's, which a post to
+    /// another node must show.
     fn register<'a>(
         &'a self,
         conn: &'a str,
         user: Option<&'a str>,
         connected_ms: u64,
         max_per_user: usize,
+        secret: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<bool, BrokerError>>;
+
+    /// Sends commands posted for a streaming connection that this node does not hold to the
+    /// node that does, if `secret` is the one recorded for it: true when sent.
+    fn forward_post<'a>(
+        &'a self,
+        conn: &'a str,
+        secret: &'a str,
+        commands: &'a str,
     ) -> BoxFuture<'a, Result<bool, BrokerError>>;
 
     /// Deletes a connection's records. A connection that has none is a no-op.
@@ -95,6 +106,7 @@ impl Records for LocalRecords {
         user: Option<&'a str>,
         _connected_ms: u64,
         max_per_user: usize,
+        _secret: Option<&'a str>,
     ) -> BoxFuture<'a, Result<bool, BrokerError>> {
         let held = match user {
             Some(u) if max_per_user > 0 => self.local.user_count(u),
@@ -109,6 +121,16 @@ impl Records for LocalRecords {
         _user: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
         Box::pin(async { Ok(()) })
+    }
+
+    /// A single node holds every connection: there is nowhere to forward to.
+    fn forward_post<'a>(
+        &'a self,
+        _conn: &'a str,
+        _secret: &'a str,
+        _commands: &'a str,
+    ) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        Box::pin(async { Ok(false) })
     }
 
     fn send_user<'a>(
@@ -227,33 +249,39 @@ impl RedisRecords {
         add
     }
 
-    /// `SET <P>conn:{conn}`: where the connection lives.
-    fn set_conn(&self, conn: &str, user: Option<&str>, connected_ms: u64) -> redis::Cmd {
+    /// `SET <P>conn:{conn}`: where the connection lives (and a streaming connection's
+    /// secret).
+    fn set_conn(
+        &self,
+        conn: &str,
+        user: Option<&str>,
+        connected_ms: u64,
+        secret: Option<&str>,
+    ) -> redis::Cmd {
+        let mut record = format!("{} {connected_ms} {}", self.node_id, user.unwrap_or("-"));
+        if let Some(s) = secret {
+            record.push(' ');
+            record.push_str(s);
+        }
         let mut set = redis::cmd("SET");
-        set.arg(self.keys.conn(conn)).arg(format!(
-            "{} {connected_ms} {}",
-            self.node_id,
-            user.unwrap_or("-")
-        ));
+        set.arg(self.keys.conn(conn)).arg(record);
         set
     }
 
     /// Writes the records of many connections of this node, uncapped, [`BATCH`] at a time:
     /// after an outage every local connection is re-registered this way.
-    pub async fn register_many(
-        &self,
-        conns: &[(String, Option<String>, u64)],
-    ) -> Result<(), BrokerError> {
+    pub async fn register_many(&self, conns: &[Record]) -> Result<(), BrokerError> {
         for chunk in conns.chunks(BATCH) {
             let mut cmds = Vec::with_capacity(chunk.len() * 2 + 1);
             let mut own = redis::cmd("HSET");
             own.arg(self.keys.nodeconns(&self.node_id));
-            for (conn, user, at) in chunk {
+            for r in chunk {
+                let (conn, user, at) = (&r.conn, r.user.as_deref(), r.connected_ms);
                 if let Some(u) = user {
-                    cmds.push(self.add_to_user(u, conn, *at, 0));
+                    cmds.push(self.add_to_user(u, conn, at, 0));
                 }
-                cmds.push(self.set_conn(conn, user.as_deref(), *at));
-                own.arg(conn).arg(user.as_deref().unwrap_or("-"));
+                cmds.push(self.set_conn(conn, user, at, r.secret.as_deref()));
+                own.arg(conn).arg(user.unwrap_or("-"));
             }
             cmds.push(own);
             self.redis.batch("add", cmds).await?;
@@ -338,6 +366,7 @@ impl Records for RedisRecords {
         user: Option<&'a str>,
         connected_ms: u64,
         max_per_user: usize,
+        secret: Option<&'a str>,
     ) -> BoxFuture<'a, Result<bool, BrokerError>> {
         Box::pin(async move {
             let redis = &self.redis;
@@ -347,7 +376,7 @@ impl Records for RedisRecords {
                     return Ok(false);
                 }
             }
-            let set = self.set_conn(conn, user, connected_ms);
+            let set = self.set_conn(conn, user, connected_ms, secret);
             let mut own = redis::cmd("HSET");
             own.arg(self.keys.nodeconns(&self.node_id))
                 .arg(conn)
@@ -384,6 +413,23 @@ impl Records for RedisRecords {
                 by_user
             );
             a.and(b).and(c)
+        })
+    }
+
+    fn forward_post<'a>(
+        &'a self,
+        conn: &'a str,
+        secret: &'a str,
+        commands: &'a str,
+    ) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        Box::pin(async move {
+            let mut cmd = redis::cmd("FCALL");
+            cmd.arg("gw_emulate")
+                .arg(1)
+                .arg(conn)
+                .arg(secret)
+                .arg(commands);
+            Ok(self.redis.call::<i64>("emulate", cmd).await? == 1)
         })
     }
 
@@ -476,6 +522,16 @@ fn on_node_message(local: &LocalConns, metrics: &Metrics, payload: &[u8]) {
         },
         Ok(NodeMessage::Kick { conn }) => {
             local.kick(conn);
+        }
+        Ok(NodeMessage::Post { conn, commands }) => {
+            let posted = local.post(conn, None, commands.to_owned());
+            if posted != super::local::Posted::Queued {
+                metrics.emulation.inc([match posted {
+                    super::local::Posted::Full => "forward_inbox_full",
+                    _ => "forward_gone",
+                }]);
+                tracing::debug!(conn, ?posted, "dropped commands forwarded by another node");
+            }
         }
         Ok(NodeMessage::Unsubscribe { conns, channel }) => {
             if shared::channel::is_valid(channel) {

@@ -6,7 +6,9 @@
 //! [`Directory::disconnect`](super::Directory::disconnect) publishes `K <conn>\n` (close that
 //! connection with 4003), and a node's
 //! [`Directory::unsubscribe`](super::Directory::unsubscribe) publishes
-//! `U <conn> <conn>...\n<channel>` (take those connections off the channel, and tell them).
+//! `U <conn> <conn>...\n<channel>` (take those connections off the channel, and tell them),
+//! and `gw_emulate` publishes `E <conn>\n<commands>` (hand those commands, posted to
+//! another node, to that streaming connection).
 //! Backends never write here directly; they call the functions or the server API.
 
 /// One message on a node's channel. Borrows from the payload: decoding copies nothing.
@@ -21,6 +23,9 @@ pub enum NodeMessage<'a> {
         conns: Vec<&'a str>,
         channel: &'a str,
     },
+    /// Hand `commands` (posted to another node, which checked the session) to the
+    /// streaming connection `conn`.
+    Post { conn: &'a str, commands: &'a str },
 }
 
 /// Why a payload is not a [`NodeMessage`].
@@ -42,6 +47,7 @@ impl<'a> NodeMessage<'a> {
             NodeMessage::Unsubscribe { conns, channel } => {
                 format!("U {}\n{channel}", conns.join(" "))
             }
+            NodeMessage::Post { conn, commands } => format!("E {conn}\n{commands}"),
         }
     }
 
@@ -59,6 +65,10 @@ impl<'a> NodeMessage<'a> {
             Some(("U", conns)) => Ok(NodeMessage::Unsubscribe {
                 conns: conns.split(' ').collect(),
                 channel: body,
+            }),
+            Some(("E", conn)) => Ok(NodeMessage::Post {
+                conn,
+                commands: body,
             }),
             _ => Err(DecodeError::Unknown(head.to_owned())),
         }
@@ -115,6 +125,21 @@ mod tests {
         };
         assert_eq!(m.encode(), "U n1.a.1 n1.a.2\nchat:1");
         assert_eq!(NodeMessage::decode(b"U n1.a.1 n1.a.2\nchat:1").unwrap(), m);
+    }
+
+    #[test]
+    fn post_is_what_gw_emulate_publishes() {
+        // directory.lua: 'E ' .. conn .. '\n' .. commands
+        let wire = b"E n1.a.1\n{\"id\":2,\"publish\":{}}\n{\"id\":3}";
+        let m = NodeMessage::decode(wire).unwrap();
+        assert_eq!(
+            m,
+            NodeMessage::Post {
+                conn: "n1.a.1",
+                commands: "{\"id\":2,\"publish\":{}}\n{\"id\":3}"
+            }
+        );
+        assert_eq!(m.encode().as_bytes(), wire);
     }
 
     #[test]

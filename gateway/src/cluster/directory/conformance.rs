@@ -6,7 +6,6 @@
 //! the local insert; the local remove, then `unregister`. So [`LocalRecords`](super::LocalRecords)
 //! and [`RedisRecords`](super::RedisRecords) are held to the same contract.
 
-use std::any::Any;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
@@ -14,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{now_ms, ConnInfo, Directory, LocalConns, Records};
+use super::{now_ms, ConnInfo, Directory, Emulation, LocalConns, Post, Records, SECRET_LEN};
 use crate::conn::outbound::Outbound;
 use crate::error::CloseReason;
 
@@ -24,8 +23,8 @@ pub struct Fixture {
     pub node_id: String,
     pub records: Arc<dyn Records>,
     pub local: Arc<LocalConns>,
-    /// Whatever must live as long as the fixture.
-    pub keep: Option<Box<dyn Any + Send + Sync>>,
+    /// The directory over both.
+    pub dir: Arc<Directory>,
 }
 
 impl Fixture {
@@ -35,7 +34,7 @@ impl Fixture {
             node_id: node_id.to_owned(),
             records: dir.records().clone(),
             local: dir.local().clone(),
-            keep: Some(Box::new(dir)),
+            dir,
         }
     }
 
@@ -45,14 +44,14 @@ impl Fixture {
         let at = now_ms();
         let accepted = self
             .records
-            .register(conn, user, at, max)
+            .register(conn, user, at, max, None)
             .await
             .expect("register");
         if !accepted {
             return None;
         }
         let out = Arc::new(Outbound::new(1 << 20, &crate::conn::event::DebugCodec));
-        self.local.insert(conn, 0, user, out.clone(), at);
+        self.local.insert(conn, 0, user, out.clone(), at, None);
         Some(out)
     }
 
@@ -119,6 +118,7 @@ where
     unicast_to_a_connection(&make().await).await;
     disconnect_closes_one_connection(&make().await).await;
     unregistering_an_unknown_connection_is_a_no_op(&make().await).await;
+    posts_reach_a_streaming_connection_only_with_its_secret(&make().await).await;
 }
 
 async fn register_list_unregister(f: &Fixture) {
@@ -261,4 +261,57 @@ async fn unregistering_an_unknown_connection_is_a_no_op(f: &Fixture) {
     assert_eq!(f.list("alice").await, ["a1"]);
     assert_eq!(f.records.send_user("alice", "7").await.expect("send"), 1);
     assert_eq!(wait_frames(&a1).await, [direct("7")]);
+}
+
+async fn posts_reach_a_streaming_connection_only_with_its_secret(f: &Fixture) {
+    let secret = "0123456789abcdef0123456789abcdef";
+    assert_eq!(secret.len(), SECRET_LEN);
+    let (inbox, mut posted) = tokio::sync::mpsc::channel(2);
+    let out = Arc::new(Outbound::new(1 << 20, &crate::conn::event::DebugCodec));
+    let emulation = Emulation {
+        secret: secret.into(),
+        inbox,
+    };
+    f.dir
+        .add("s1", 1, Some("alice"), out, Some(emulation))
+        .await
+        .expect("add");
+    let ws = Arc::new(Outbound::new(1 << 20, &crate::conn::event::DebugCodec));
+    f.dir
+        .add("w1", 2, Some("alice"), ws, None)
+        .await
+        .expect("add");
+    let post = |session: String, data: &str| {
+        let data = data.to_owned();
+        async move { f.dir.post(&session, data).await.expect("post") }
+    };
+    assert_eq!(post(format!("{secret}s1"), "one").await, Post::Local);
+    assert_eq!(posted.try_recv().ok().as_deref(), Some("one"));
+    let wrong = format!("{}s1", "f".repeat(SECRET_LEN));
+    assert_eq!(post(wrong, "two").await, Post::Unknown, "a wrong secret");
+    assert_eq!(post("s1".into(), "two").await, Post::Unknown, "no secret");
+    assert_eq!(
+        post(format!("{secret}w1"), "two").await,
+        Post::Unknown,
+        "a WebSocket"
+    );
+    assert_eq!(
+        post(format!("{secret}gone"), "two").await,
+        Post::Unknown,
+        "no such conn"
+    );
+    assert!(posted.try_recv().is_err(), "a refused post was delivered");
+    assert_eq!(post(format!("{secret}s1"), "a").await, Post::Local);
+    assert_eq!(post(format!("{secret}s1"), "b").await, Post::Local);
+    assert_eq!(
+        post(format!("{secret}s1"), "c").await,
+        Post::Full,
+        "the inbox holds 2"
+    );
+    f.dir.remove("s1").await;
+    assert_eq!(
+        post(format!("{secret}s1"), "d").await,
+        Post::Unknown,
+        "closed"
+    );
 }

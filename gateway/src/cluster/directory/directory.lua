@@ -3,10 +3,12 @@
 -- Loaded by every node at start and after Redis comes back (FUNCTION LOAD REPLACE).
 -- __PREFIX__ and __CLUSTER__ are filled in by the node. Keys:
 --   <P>user:{<user>}      hash  conn_id -> "<node_id> <connected_ms>"
---   <P>conn:{<conn>}      string "<node_id> <connected_ms> <user_id or ->"
+--   <P>conn:{<conn>}      string "<node_id> <connected_ms> <user_id or ->[ <secret>]"
+--                         (the secret of a connection over an HTTP stream, see gw_emulate)
 -- Each function declares the one key whose slot it works in, so it runs on Redis Cluster.
 -- Messages to a node go to the pub/sub channel <P>node:<node_id> as
 --   "D <conn> <conn>...\n<json>"   deliver {"type":"direct","data":<json>}
+--   "E <conn>\n<commands>"          commands posted for a streaming connection
 local P = '__PREFIX__'
 local CLUSTER = __CLUSTER__
 
@@ -53,6 +55,19 @@ redis.register_function('gw_send_conn', function(keys, args)
   local entry = redis.call('GET', P .. 'conn:{' .. keys[1] .. '}')
   if not entry then return 0 end
   return deliver(string.match(entry, '^(%S+)'), {keys[1]}, args[1])
+end)
+
+-- FCALL gw_emulate 1 <conn_id> <secret> <commands> -> 1 (sent to the node that holds it) or 0
+-- Commands a client posted (Centrifugo's /emulation) on whichever node it reached: sent on
+-- only with the secret recorded for that connection.
+redis.register_function('gw_emulate', function(keys, args)
+  local entry = redis.call('GET', P .. 'conn:{' .. keys[1] .. '}')
+  if not entry then return 0 end
+  local node, secret = string.match(entry, '^(%S+) %S+ %S+ (%S+)$')
+  if secret == nil or secret ~= args[1] then return 0 end
+  local n = redis.call('PUBLISH', P .. 'node:' .. node, 'E ' .. keys[1] .. '\n' .. args[2])
+  if n > 0 or CLUSTER then return 1 end
+  return 0
 end)
 
 -- FCALL gw_add_conn 1 <user_id> <conn_id> <node_id> <connected_ms> <max>

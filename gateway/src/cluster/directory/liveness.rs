@@ -279,8 +279,8 @@ impl Liveness {
         // the batch above wrote them again: delete those once more.
         let closed: Vec<(String, Option<String>)> = conns
             .iter()
-            .filter(|(c, _, _)| !self.local.contains(c))
-            .map(|(c, u, _)| (c.clone(), u.clone()))
+            .filter(|r| !self.local.contains(&r.conn))
+            .map(|r| (r.conn.clone(), r.user.clone()))
             .collect();
         if let Err(e) = self.records.unregister_many(&closed).await {
             self.pending.orphans().extend(closed);

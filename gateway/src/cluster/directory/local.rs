@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use super::{ConnInfo, Unsubscriber};
 use crate::conn::event::{Encoded, Event};
 use crate::conn::outbound::{Outbound, Pushed};
+use crate::conn::stream::Inbox;
 use crate::error::CloseReason;
 use crate::metrics::Metrics;
 
@@ -22,6 +23,43 @@ pub struct Local {
     pub out: Arc<Outbound>,
     pub user: Option<String>,
     pub connected_ms: u64,
+    /// A connection over an HTTP stream: where its posted commands go. Boxed: most
+    /// connections are WebSockets.
+    pub emulation: Option<Box<Emulation>>,
+}
+
+/// A connection whose client posts its commands (the HTTP transports, `conn::stream`):
+/// the secret a post must show, and where the commands go.
+#[derive(Clone)]
+pub struct Emulation {
+    /// Random, [`SECRET_LEN`] hex digits; the session id the client holds is the secret
+    /// followed by the connection id.
+    pub secret: String,
+    pub inbox: Inbox,
+}
+
+/// The length of [`Emulation::secret`]: 128 random bits in hex.
+pub const SECRET_LEN: usize = 32;
+
+/// What became of posted commands at this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Posted {
+    /// In the connection's inbox.
+    Queued,
+    /// The connection's inbox is full ([`crate::conn::stream::INBOX`]).
+    Full,
+    /// No such connection here, or not with that secret, or not a streaming connection.
+    Unknown,
+}
+
+/// One connection's records, for writing them all again (resync).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub conn: String,
+    pub user: Option<String>,
+    pub connected_ms: u64,
+    /// The secret of a streaming connection, recorded so that any node can check a post.
+    pub secret: Option<String>,
 }
 
 #[derive(Default)]
@@ -89,6 +127,7 @@ impl LocalConns {
         user: Option<&str>,
         out: Arc<Outbound>,
         connected_ms: u64,
+        emulation: Option<Emulation>,
     ) {
         let mut local = self.local();
         let old = local.by_conn.insert(
@@ -98,6 +137,7 @@ impl LocalConns {
                 out,
                 user: user.map(str::to_owned),
                 connected_ms,
+                emulation: emulation.map(Box::new),
             },
         );
         if let Some(old) = old {
@@ -186,13 +226,38 @@ impl LocalConns {
         v
     }
 
-    /// Every connection as `(conn, user, connected_ms)`, for re-registering them all.
-    pub fn snapshot(&self) -> Vec<(String, Option<String>, u64)> {
+    /// Every connection's records, for re-registering them all.
+    pub fn snapshot(&self) -> Vec<Record> {
         self.local()
             .by_conn
             .iter()
-            .map(|(c, l)| (c.clone(), l.user.clone(), l.connected_ms))
+            .map(|(c, l)| Record {
+                conn: c.clone(),
+                user: l.user.clone(),
+                connected_ms: l.connected_ms,
+                secret: l.emulation.as_ref().map(|e| e.secret.clone()),
+            })
             .collect()
+    }
+
+    /// Hands posted commands to a local streaming connection. `secret`: what the post
+    /// showed, checked here; `None` for commands another node checked against the records
+    /// and forwarded.
+    pub fn post(&self, conn: &str, secret: Option<&str>, commands: String) -> Posted {
+        let local = self.local();
+        let Some(e) = local.get(conn).and_then(|l| l.emulation.as_ref()) else {
+            return Posted::Unknown;
+        };
+        if secret.is_some_and(|s| {
+            !crate::config::secret::constant_time_eq(s.as_bytes(), e.secret.as_bytes())
+        }) {
+            return Posted::Unknown;
+        }
+        match e.inbox.try_send(commands) {
+            Ok(()) => Posted::Queued,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => Posted::Full,
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Posted::Unknown,
+        }
     }
 
     /// Queues a direct message, encoded once per protocol, to local connections. Returns how many got it.
@@ -257,10 +322,10 @@ mod tests {
     #[test]
     fn by_user_index_follows_insert_and_remove() {
         let l = conns();
-        l.insert("a1", 0, Some("alice"), out(), 1);
-        l.insert("a2", 0, Some("alice"), out(), 2);
-        l.insert("b1", 0, Some("bob"), out(), 3);
-        l.insert("x", 0, None, out(), 4);
+        l.insert("a1", 0, Some("alice"), out(), 1, None);
+        l.insert("a2", 0, Some("alice"), out(), 2, None);
+        l.insert("b1", 0, Some("bob"), out(), 3, None);
+        l.insert("x", 0, None, out(), 4, None);
         assert_eq!(l.user_count("alice"), 2);
         let mut a = l.user_conns("alice");
         a.sort();
@@ -286,8 +351,8 @@ mod tests {
     #[test]
     fn reinserting_an_id_moves_it_to_the_new_user() {
         let l = conns();
-        l.insert("c", 0, Some("alice"), out(), 1);
-        l.insert("c", 0, Some("bob"), out(), 2);
+        l.insert("c", 0, Some("alice"), out(), 1, None);
+        l.insert("c", 0, Some("bob"), out(), 2, None);
         assert_eq!(l.user_count("alice"), 0);
         assert_eq!(l.user_conns("bob"), ["c"]);
         assert_eq!(l.len(), 1);
@@ -296,8 +361,8 @@ mod tests {
     #[test]
     fn user_infos_are_sorted_and_carry_the_node() {
         let l = conns();
-        l.insert("z", 0, Some("u"), out(), 5);
-        l.insert("m", 0, Some("u"), out(), 6);
+        l.insert("z", 0, Some("u"), out(), 5, None);
+        l.insert("m", 0, Some("u"), out(), 6, None);
         let infos = l.user_infos("u", "n1");
         assert_eq!(
             infos,
@@ -320,8 +385,8 @@ mod tests {
     fn deliver_and_kick_reach_only_the_named_connections() {
         let l = conns();
         let (a, b) = (out(), out());
-        l.insert("a", 0, Some("u"), a.clone(), 1);
-        l.insert("b", 0, Some("u"), b.clone(), 2);
+        l.insert("a", 0, Some("u"), a.clone(), 1, None);
+        l.insert("b", 0, Some("u"), b.clone(), 2, None);
         assert_eq!(l.deliver(["a", "nope"].into_iter(), "1"), 1);
         let mut got = std::collections::VecDeque::new();
         a.take(&mut got);

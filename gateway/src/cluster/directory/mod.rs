@@ -28,7 +28,7 @@
 //! - [`backend`]: the [`Records`] trait, where connections are recorded for unicasts,
 //!   disconnects and the per-user cap: [`LocalRecords`] (one node, no Redis) or
 //!   [`RedisRecords`], chosen once here; held to [`conformance`];
-//! - [`codec`]: the `D`/`K`/`U` messages on a node's channel;
+//! - [`codec`]: the `D`/`K`/`U`/`E` messages on a node's channel;
 //! - [`channels`]: each node's channel counts (with Redis only);
 //! - [`liveness`]: heartbeat, resync and janitor (with Redis only);
 //! - [`rebalance`]: load shedding after scale-out.
@@ -56,7 +56,7 @@ use crate::metrics::Metrics;
 pub use backend::{LocalRecords, Records, RedisRecords};
 pub use channels::NodeLoad;
 pub use liveness::{Elector, NodeData};
-pub use local::LocalConns;
+pub use local::{Emulation, LocalConns, Posted, SECRET_LEN};
 pub use rebalance::jittered_ms;
 
 /// One connection of a user, as listed by the admin API.
@@ -65,6 +65,19 @@ pub struct ConnInfo {
     pub conn_id: String,
     pub node_id: String,
     pub connected_ms: u64,
+}
+
+/// What [`Directory::post`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Post {
+    /// In the inbox of a connection of this node.
+    Local,
+    /// Sent to the node that holds the connection.
+    Forwarded,
+    /// The connection's inbox is full.
+    Full,
+    /// No such session.
+    Unknown,
 }
 
 /// Why a connection could not be registered.
@@ -166,7 +179,8 @@ impl Directory {
         }
     }
 
-    /// Registers a new connection of this node (`id`: its node-local id). Fails only on the
+    /// Registers a new connection of this node (`id`: its node-local id; `emulation`: a
+    /// connection over an HTTP stream, whose client posts its commands). Fails only on the
     /// per-user cap, or when the cap cannot be checked because Redis is away. Without a cap,
     /// a connection opened during an outage is registered when Redis comes back.
     pub async fn add(
@@ -175,12 +189,14 @@ impl Directory {
         id: u64,
         user: Option<&str>,
         out: Arc<Outbound>,
+        emulation: Option<Emulation>,
     ) -> Result<(), AddError> {
         let connected_ms = now_ms();
         let capped = self.max_per_user > 0 && user.is_some();
+        let secret = emulation.as_ref().map(|e| e.secret.as_str());
         match self
             .records
-            .register(conn, user, connected_ms, self.max_per_user)
+            .register(conn, user, connected_ms, self.max_per_user, secret)
             .await
         {
             Ok(true) => {}
@@ -188,9 +204,33 @@ impl Directory {
             Err(e) if capped => return Err(e.into()),
             Err(_) => self.pending.mark_dirty(),
         }
-        self.local.insert(conn, id, user, out, connected_ms);
+        self.local
+            .insert(conn, id, user, out, connected_ms, emulation);
         self.count("add");
         Ok(())
+    }
+
+    /// Hands commands posted with `session` (a streaming connection's secret, then its id)
+    /// to that connection, on whichever node holds it. `Ok(None)`: no such session (unknown,
+    /// closed, or the wrong secret); else whether it was held here and the inbox took it.
+    pub async fn post(&self, session: &str, commands: String) -> Result<Post, BrokerError> {
+        let (Some(secret), Some(conn)) = (session.get(..SECRET_LEN), session.get(SECRET_LEN..))
+        else {
+            return Ok(Post::Unknown);
+        };
+        match self.local.post(conn, Some(secret), commands.clone()) {
+            Posted::Queued => return Ok(Post::Local),
+            Posted::Full => return Ok(Post::Full),
+            Posted::Unknown if self.local.contains(conn) => return Ok(Post::Unknown),
+            Posted::Unknown => {}
+        }
+        self.count("post");
+        Ok(
+            match self.records.forward_post(conn, secret, &commands).await? {
+                true => Post::Forwarded,
+                false => Post::Unknown,
+            },
+        )
     }
 
     /// Forgets a connection of this node (it closed).

@@ -11,30 +11,61 @@
 //! - a connection joining or leaving a channel with `join_leave`:
 //!   `{"push":{"channel":"c","join":{"info":{"client":..,"user":..,"conn_info":..}}}}`
 //!   (`leave` likewise).
+//!
+//! Over WebSocket each is a text frame and a close is a close frame. Over the HTTP
+//! transports (bidirectional emulation, `docs/sdk.md`) each is a line of the HTTP stream or
+//! a `data:` event, and a close is the disconnect push the SDKs read there,
+//! `{"push":{"disconnect":{"code":3001,"reason":"shutdown"}}}`, with the same codes. Each
+//! transport is a codec of its own, so a message is encoded once per transport.
 
 use std::borrow::Cow;
 
 use bytes::Bytes;
 
 use crate::conn::event::{Codec, Event};
-use crate::conn::frame;
+use crate::conn::frame::{self, Transport};
 use crate::core::stream::INSUFFICIENT_STATE;
 use crate::error::CloseReason;
 
 use super::kind;
 
-/// The Centrifugo codec, id 2 (v1 is 0, STOMP 1).
-pub static CODEC: Centrifugo = Centrifugo;
+/// The Centrifugo codec over WebSocket, id 2 (v1 is 0, STOMP 1).
+pub static CODEC: Centrifugo = Centrifugo {
+    id: 2,
+    transport: Transport::WebSocket,
+};
+
+/// Over HTTP-streaming, id 3.
+pub static STREAM_CODEC: Centrifugo = Centrifugo {
+    id: 3,
+    transport: Transport::HttpStream,
+};
+
+/// Over server-sent events, id 4.
+pub static SSE_CODEC: Centrifugo = Centrifugo {
+    id: 4,
+    transport: Transport::Sse,
+};
 
 /// See [`CODEC`].
-pub struct Centrifugo;
+pub struct Centrifugo {
+    id: usize,
+    transport: Transport,
+}
+
+impl Centrifugo {
+    /// The transport this codec frames for.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+}
 
 /// The server ping, and its client's pong: an empty object.
 const PING: &str = "{}";
 
 impl Codec for Centrifugo {
     fn id(&self) -> usize {
-        2
+        self.id
     }
 
     fn encode(&self, event: &Event<'_>) -> Bytes {
@@ -74,16 +105,22 @@ impl Codec for Centrifugo {
             // connect reply's `ttl` runs out. A ping keeps the frame harmless.
             Event::TokenExpiring { .. } => PING.to_owned(),
         };
-        frame::text(&json)
+        self.transport.text(&json)
     }
 
     fn ping(&self) -> Bytes {
-        frame::text(PING)
+        self.transport.text(PING)
     }
 
     fn close(&self, reason: &CloseReason) -> Bytes {
         let (code, text) = close(reason);
-        frame::close(code, &text)
+        match self.transport {
+            Transport::WebSocket => frame::close(code, &text),
+            _ => self.transport.text(
+                &serde_json::json!({"push": {"disconnect": {"code": code, "reason": text}}})
+                    .to_string(),
+            ),
+        }
     }
 }
 

@@ -24,6 +24,12 @@
 //! ([`Session::replay_in_reply`]) instead of queueing it as pushes behind the reply (v1's
 //! way); the publications that arrived while the history was read (the tail) still follow
 //! the reply as pushes, in order, before any live one.
+//!
+//! The same connection serves the HTTP transports (Centrifugo's bidirectional emulation,
+//! `edge::emulation`): its frames go down a long response ([`Transport`]) and its commands
+//! come through its inbox. Its connect reply then carries the `session` the SDK posts its
+//! commands with (a secret, then the connection id), and `pong: false`: a pong would cost
+//! the client a POST per ping, and a gone HTTP client shows as a failed write anyway.
 
 pub mod codec;
 pub mod commands;
@@ -37,8 +43,9 @@ use serde_json::{json, Map, Value};
 
 use crate::auth::AuthError;
 use crate::broker::Position;
+use crate::cluster::directory::Emulation;
 use crate::conn::clock::TokenClock;
-use crate::conn::frame;
+use crate::conn::frame::Transport;
 use crate::conn::outbound::{Outbound, Pushed};
 use crate::conn::socket::Handler;
 use crate::core::session::{
@@ -47,7 +54,7 @@ use crate::core::session::{
 use crate::core::Core;
 use crate::error::CloseReason;
 
-pub use codec::CODEC;
+pub use codec::{Centrifugo, CODEC, SSE_CODEC, STREAM_CODEC};
 use commands::{code, Command, Error, Method, Parsed};
 
 /// The `kind` label of `gateway_protocol_violations_total` for each way a client breaks
@@ -129,6 +136,9 @@ pub struct Connection {
     connected: Arc<AtomicBool>,
     max_batch: usize,
     refusals: u32,
+    transport: Transport,
+    /// Over an HTTP transport: the connection's secret and inbox, registered at `connect`.
+    emulation: Option<Emulation>,
 }
 
 /// The replies of one frame, and the subscriptions whose replay follows them.
@@ -158,8 +168,13 @@ impl Batch {
 
 impl Connection {
     /// A connection waiting for its `connect`, its cleanup, and the token clock its writer
-    /// must watch. Starts the connect timeout.
-    pub fn open(core: Arc<Core>, conn: Conn) -> (Connection, Cleanup, Arc<TokenClock>) {
+    /// must watch. Starts the connect timeout. `emulation`: over an HTTP transport.
+    pub fn open(
+        core: Arc<Core>,
+        conn: Conn,
+        codec: &'static Centrifugo,
+        emulation: Option<Emulation>,
+    ) -> (Connection, Cleanup, Arc<TokenClock>) {
         let clock = Arc::new(TokenClock::new(
             crate::time::now_secs() + NO_EXPIRY_SECS,
             core.config.token_grace(),
@@ -196,6 +211,8 @@ impl Connection {
             connected,
             max_batch,
             refusals: 0,
+            transport: codec.transport(),
+            emulation,
         };
         (connection, cleanup, clock)
     }
@@ -203,7 +220,7 @@ impl Connection {
     /// Queues the frame of a batch's replies, then lets its subscriptions' replays go.
     fn flush(&self, batch: Batch) {
         if !batch.replies.is_empty() {
-            let bytes = frame::text(&batch.replies.join("\n"));
+            let bytes = self.transport.text(&batch.replies.join("\n"));
             match &self.state {
                 State::Open(s) => s.reply(bytes),
                 _ => {
@@ -305,7 +322,11 @@ impl Connection {
         let State::Pending(conn) = std::mem::replace(&mut self.state, State::Opening) else {
             return Ok(());
         };
-        match open_session(&self.core, conn, &req.token).await {
+        let session_id = self
+            .emulation
+            .as_ref()
+            .map(|e| format!("{}{}", e.secret, conn.conn_id));
+        match open_session(&self.core, conn, &req.token, &self.emulation).await {
             Ok((mut session, ending)) => {
                 session.replay_in_reply();
                 *self.ending.lock().unwrap_or_else(|p| p.into_inner()) = Some(ending);
@@ -318,9 +339,12 @@ impl Connection {
                     "client": session.conn_id(),
                     "version": VERSION,
                     "ping": c.ping_interval_ms.div_ceil(1000).max(1),
-                    "pong": true,
+                    "pong": session_id.is_none(),
                     "node": c.node_id,
                 });
+                if let Some(id) = session_id {
+                    reply["session"] = id.into();
+                }
                 expiry(&mut reply, session.expires());
                 self.state = State::Open(session);
                 batch.reply(id, "connect", reply);
@@ -367,6 +391,7 @@ async fn open_session(
     core: &Arc<Core>,
     mut conn: Conn,
     token: &str,
+    emulation: &Option<Emulation>,
 ) -> Result<(Session, Ending), (Conn, Error)> {
     let unauthorized = |m: &str| Error::new(code::UNAUTHORIZED, "unauthorized", m);
     let identity = if !token.is_empty() {
@@ -387,7 +412,13 @@ async fn open_session(
     let user = identity.as_ref().map(|i| i.user_id.as_str());
     match core
         .directory
-        .add(&conn.conn_id, conn.id, user, conn.out.clone())
+        .add(
+            &conn.conn_id,
+            conn.id,
+            user,
+            conn.out.clone(),
+            emulation.clone(),
+        )
         .await
     {
         Ok(()) => {}

@@ -528,7 +528,13 @@ impl Connection {
         match self
             .core
             .directory
-            .add(&conn.conn_id, conn.id, user.as_deref(), self.out.clone())
+            .add(
+                &conn.conn_id,
+                conn.id,
+                user.as_deref(),
+                self.out.clone(),
+                None,
+            )
             .await
         {
             Ok(()) => {}
