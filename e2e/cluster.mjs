@@ -129,8 +129,12 @@ http {
   access_log off;
   client_body_temp_path ${dir}; proxy_temp_path ${dir}; fastcgi_temp_path ${dir};
   uwsgi_temp_path ${dir}; scgi_temp_path ${dir};
+  # Upgrade only what asks to be upgraded: the HTTP transports' posts and streams are
+  # plain requests (docs/sdk.md, "nginx").
+  map $http_upgrade $connection_upgrade { default upgrade; "" ""; }
   upstream gateway {
-${servers}  }
+${servers}    keepalive 16;
+  }
   server {
     listen 127.0.0.1:${port};
     location = /id { return 200 "${id}"; }
@@ -138,7 +142,7 @@ ${servers}  }
       proxy_pass http://gateway;
       proxy_http_version 1.1;
       proxy_set_header Upgrade $http_upgrade;
-      proxy_set_header Connection "upgrade";
+      proxy_set_header Connection $connection_upgrade;
       proxy_set_header Host $host;
       proxy_connect_timeout 1s;
       proxy_read_timeout 3600s;
@@ -159,7 +163,14 @@ ${servers}  }
         return (await r.text()) === id && "up";
       } catch { return false; }
     }, 5000).catch(() => "slow");
-    if (up === "up") return { port, url: `ws://127.0.0.1:${port}/connection/websocket`, stop: () => child.kill("SIGKILL") };
+    if (up === "up") {
+      return {
+        port,
+        url: `ws://127.0.0.1:${port}/connection/websocket`,
+        http: `http://127.0.0.1:${port}`,
+        stop: () => child.kill("SIGKILL"),
+      };
+    }
     child.kill("SIGKILL");
   }
   throw new Error("no port for nginx");

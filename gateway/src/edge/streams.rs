@@ -383,10 +383,7 @@ async fn eventsource(
     let history: Vec<(usize, String)> = channels
         .iter()
         .enumerate()
-        .filter(|(_, c)| {
-            crate::config::channels::lookup(&node.config.channels, c)
-                .is_some_and(|o| o.has_history())
-        })
+        .filter(|(_, c)| node.config.channel(c).is_some_and(|o| o.has_history()))
         .map(|(i, c)| (i, c.clone()))
         .collect();
     let last_id = req
