@@ -27,7 +27,7 @@ case "$MODE" in
     STORM_N=200; STORM_TLS_N=60
     UNI_USERS=20; UNI_RATE=100; UNI_SECS=2
     CHURN_SECS=3; CHURN_CYCLES=0
-    HIST_RATES="50"; RECOVER_N=50; STOMP_RATES="50"
+    HIST_RATES="50"; RECOVER_N=50; STOMP_RATES="50"; TRANS_RATES="50"; RTT_N=50
     PRES_N=20; PRES_CALLS=50; PRES_FAN_N=10; PRES_CYCLES=5; PRES_CHURN_CYCLES=200
     OUT=$(mktemp -d)/results ;;
   full)
@@ -40,6 +40,7 @@ case "$MODE" in
     CHURN_SECS=${CHURN_SECS:-120}; CHURN_CYCLES=${CHURN_CYCLES:-100000}
     HIST_RATES=${HIST_RATES:-"100 400"}; RECOVER_N=${RECOVER_N:-5000}
     STOMP_RATES=${STOMP_RATES:-"100 400"}
+    TRANS_RATES=${TRANS_RATES:-"100 400"}; RTT_N=${RTT_N:-2000}
     PRES_N=${PRES_N:-10000}; PRES_CALLS=${PRES_CALLS:-2000}; PRES_FAN_N=${PRES_FAN_N:-1000}
     PRES_CYCLES=${PRES_CYCLES:-200}; PRES_CHURN_CYCLES=${PRES_CHURN_CYCLES:-20000}
     OUT=$ROOT/docs/bench-results ;;
@@ -99,7 +100,8 @@ start_gateway() {
   "$GW" --node-id "$name" --listen "127.0.0.1:$GW_PORT" --admin-listen "127.0.0.1:$admin" \
     --redis-url "$REDIS" --allow-anonymous --jwt-secret "$SECRET" \
     --jwt-public-key "$WORK/jwt.pub" --jwt-allow-any-audience --handshake-rate-per-ip 0 \
-    --message-rate 0 --max-connections 200000 --max-connections-per-ip 0 --rebalance false \
+    --message-rate 0 --emulation-rate-per-ip 0 --max-connections 200000 \
+    --max-connections-per-ip 0 --rebalance false \
     --pre-stop-delay-ms 0 "$@" >>"$WORK/$name.log" 2>&1 &
   GW_PID=$!
   pids+=("$GW_PID")
@@ -301,6 +303,28 @@ start_gateway gw-churn
   --redis-url "$REDIS" --jwt-secret "$SECRET" --pid "$GW_PID" --sources "$SRC" \
   --label gateway-jwt --json "$OUT/churn.json"
 stop "$GW_PID"
+
+log "transports"
+# The same subscribers and rates over WebSocket, HTTP-streaming and SSE on one node (CPU per
+# delivery); then a command's round trip over /emulation, posted to the stream's node and to
+# another node, which forwards it through Redis.
+start_gateway gw-trans; T_PID=$GW_PID; T_PORT=$GW_PORT
+for r in $TRANS_RATES; do
+  "$LT" fanout --url "ws://127.0.0.1:$T_PORT/ws" -s "$FAN_S" --rate "$r" \
+    --duration-secs "$FAN_SECS" --redis-url "$REDIS" --pid "$T_PID" --sources "$SRC" \
+    --channel "bench-tw$r" --label websocket --json "$OUT/transport-ws-r$r.json"
+  for t in http-stream sse; do
+    "$LT" streams --addr "127.0.0.1:$T_PORT" --transport "$t" -s "$FAN_S" --rate "$r" \
+      --duration-secs "$FAN_SECS" --redis-url "$REDIS" --pid "$T_PID" \
+      --channel "bench-t$t$r" --label "$t" --json "$OUT/transport-$t-r$r.json"
+  done
+done
+start_gateway gw-trans-b; TB_PID=$GW_PID; TB_PORT=$GW_PORT
+"$LT" emulation-rtt --stream-addr "127.0.0.1:$T_PORT" --post-addr "127.0.0.1:$T_PORT" -n "$RTT_N" \
+  --pid "$T_PID" --label same-node --json "$OUT/emulation-rtt-same.json"
+"$LT" emulation-rtt --stream-addr "127.0.0.1:$T_PORT" --post-addr "127.0.0.1:$TB_PORT" -n "$RTT_N" \
+  --pid "$T_PID" --pid "$TB_PID" --label forwarded --json "$OUT/emulation-rtt-forwarded.json"
+stop "$T_PID" "$TB_PID"
 
 log "checking the JSON outputs"
 "$PY" scripts/bench_report.py check "$OUT"

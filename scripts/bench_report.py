@@ -19,10 +19,12 @@ REQUIRED = [
     "fanout-2nodes-half", "unicast", "storm-plain", "storm-tls", "storm-tls-hs256",
     "storm-tls-rs256", "storm-floor", "churn", "recovery-storm", "presence-stats",
     "presence-fanout", "presence-churn-on", "presence-churn-off",
+    "emulation-rtt-same", "emulation-rtt-forwarded",
 ]
 # Prefixes of which at least one result must exist (one per rate in the run).
 REQUIRED_PREFIXES = ["fanout-gateway-r", "fanout-floor-r", "fanout-2nodes-r", "burst-gateway-r",
-                     "burst-floor-r", "history-off-r", "history-on-r", "stomp-r", "stomp-v1-r"]
+                     "burst-floor-r", "history-off-r", "history-on-r", "stomp-r", "stomp-v1-r",
+                     "transport-ws-r", "transport-http-stream-r", "transport-sse-r"]
 
 
 def load(d):
@@ -64,7 +66,7 @@ def check(d):
         if sc == "idle":
             expect(name, r["connections"] > 0 and r["failed"] == 0, "connections failed")
             expect(name, r["rss_after_bytes"] > 0 and r["rss_per_conn_bytes"] != 0, "no RSS figure")
-        elif sc in ("fanout", "unicast"):
+        elif sc in ("fanout", "unicast", "streams"):
             expect(name, r["delivered"] > 0 and r["deliveries_per_sec"] > 0, "nothing delivered")
             expect(name, r["latency"]["count"] > 0 and r["latency"]["p99_ms"] > 0, "no latency")
             expect(name, r["server_cpu_secs"] >= 0, "no CPU figure")
@@ -80,6 +82,8 @@ def check(d):
             expect(name, r["stats_p99_ms"] > 0, "no latency")
             expect(name, r["join_leave_delivered"] == r["join_leave_expected"],
                    f"join/leave frames: {r['join_leave_delivered']} of {r['join_leave_expected']}")
+        elif sc == "emulation_rtt":
+            expect(name, r["posts"] > 0 and r["latency"]["p99_ms"] > 0, "no round trip")
         elif sc == "churn":
             expect(name, r["cycles"] > 0, "no cycle")
             expect(name, r["keys_back_to_baseline"], "Redis keys did not come back")
@@ -274,6 +278,50 @@ def protocols_section(res):
     return L
 
 
+def transports_section(res):
+    """Fan-out over HTTP-streaming and SSE against WebSocket; the emulation round trip."""
+    rates = sorted({int(m.group(1)) for k in res
+                    for m in [re.match(r"transport-ws-r(\d+)$", k)] if m})
+    if not rates:
+        return []
+    L = ["", "## Transports: HTTP-streaming and SSE against WebSocket", "",
+         "The same node, subscribers and rate. WebSocket subscribers are v1 on `/ws`; the "
+         "others are Centrifugo clients on `POST /connection/http_stream` and "
+         "`GET /connection/sse` that subscribed through `POST /emulation` (`loadtest streams`). "
+         "Each message is one chunk of the HTTP response.", "",
+         "| rate (msg/s) | transport | delivered/s | lost | CPU µs/delivery | vs WebSocket | p50 ms | p99 ms |",
+         "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    worst = {}
+    for rate in rates:
+        ws = res.get(f"transport-ws-r{rate}")
+        for name, key in (("WebSocket", "ws"), ("HTTP-streaming", "http-stream"), ("SSE", "sse")):
+            r = res.get(f"transport-{key}-r{rate}")
+            if not r:
+                continue
+            rt = ""
+            if ws and r is not ws and ws["cpu_per_delivery_us"] > 0:
+                x = r["cpu_per_delivery_us"] / ws["cpu_per_delivery_us"]
+                worst[name] = max(worst.get(name, 0), x)
+                rt = f"{x:.2f}×"
+            L.append(f"| {rate} | {name} | {f0(r['deliveries_per_sec'])} | {f0(r['lost'])} | "
+                     f"{f2(r['cpu_per_delivery_us'])} | {rt} | {f2(r['latency']['p50_ms'])} | "
+                     f"{f2(r['latency']['p99_ms'])} |")
+    if worst:
+        L += ["", "Worst CPU per delivery against WebSocket: " +
+              ", ".join(f"{n} {x:.2f}×" for n, x in worst.items()) + "."]
+    same, fwd = res.get("emulation-rtt-same"), res.get("emulation-rtt-forwarded")
+    if same and fwd:
+        L += ["", "A command's round trip over emulation (`loadtest emulation-rtt`: an `rpc`, "
+              "answered at once, posted one at a time; from the post to its reply on the "
+              "stream):", "",
+              "| posted to | posts | p50 ms | p99 ms | vs same node (p50) |", "|---|---:|---:|---:|---:|"]
+        for name, r in (("the stream's node", same), ("another node (forwarded through Redis)", fwd)):
+            lat = r["latency"]
+            L.append(f"| {name} | {f0(r['posts'])} | {lat['p50_ms']:.3f} | {lat['p99_ms']:.3f} | "
+                     f"{ratio(lat['p50_ms'], same['latency']['p50_ms'])} |")
+    return L
+
+
 def presence_section(res):
     """presence_stats cost, join/leave fan-out, and churn CPU with presence on and off."""
     st, fan = res.get("presence-stats"), res.get("presence-fanout")
@@ -446,6 +494,7 @@ def report(d, out):
     L += history_section(res)
     L += presence_section(res)
     L += protocols_section(res)
+    L += transports_section(res)
 
     L += ["", "## Caveats (read before quoting a figure)", "",
           "- Two CPUs are shared by the servers, Redis and one `loadtest` process that receives "

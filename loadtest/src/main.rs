@@ -11,7 +11,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use loadtest::client::{Client, Received};
 use loadtest::scenarios::{
-    self, ChurnArgs, FanoutArgs, IdleArgs, PresenceArgs, RecoveryStormArgs, StormArgs, UnicastArgs,
+    self, ChurnArgs, FanoutArgs, IdleArgs, PresenceArgs, RecoveryStormArgs, RttArgs, StormArgs,
+    StreamsArgs, UnicastArgs,
 };
 use serde_json::json;
 
@@ -46,6 +47,10 @@ enum Cmd {
     RecoveryStorm(RecoveryStormArgs),
     /// Members of a presence channel: presence_stats cost, and join/leave fan-out.
     Presence(PresenceArgs),
+    /// Subscribers over Centrifugo's HTTP-streaming or SSE emulation, a publisher on Redis.
+    Streams(StreamsArgs),
+    /// Posts to /emulation on the stream's node or another: the time to each reply.
+    EmulationRtt(RttArgs),
     /// Print a token for `sub`.
     Token {
         #[arg(long)]
@@ -71,6 +76,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Churn(a) => scenarios::churn(a).await,
         Cmd::RecoveryStorm(a) => scenarios::recovery_storm(a).await,
         Cmd::Presence(a) => scenarios::presence(a).await,
+        Cmd::Streams(a) => scenarios::streams(a).await,
+        Cmd::EmulationRtt(a) => scenarios::emulation_rtt(a).await,
         Cmd::Token {
             hs256_secret,
             rs256_key,

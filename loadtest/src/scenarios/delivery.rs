@@ -9,14 +9,15 @@ use crate::client::{Client, Received};
 use crate::stats::{self, now_us};
 
 /// What one receiving connection saw.
+#[derive(Default)]
 pub(super) struct Seen {
     /// Latencies in µs, merged into one histogram at the end: a full-range histogram per
     /// receiver is ~200 KiB, and recording into a thousand of them missed the cache often
     /// enough to cost the load generator a tenth of its CPU.
-    latencies_us: Vec<u32>,
-    ended: bool,
+    pub(super) latencies_us: Vec<u32>,
+    pub(super) ended: bool,
     /// The close code, when the server closed the connection before the end marker.
-    closed: Option<u16>,
+    pub(super) closed: Option<u16>,
 }
 
 /// Receives `kind` messages until the `end` marker, a close, an error or `limit`, recording

@@ -4,7 +4,7 @@
 //! Server-side costs come from /proc of the processes named with `--pid` (the gateway nodes,
 //! or the floor): RSS from `VmRSS`, CPU from `utime + stime`.
 //!
-//! One module per scenario (`idle`, `fanout`, `unicast`, `connect_storm`, `churn`); this one
+//! One module per scenario (`idle`, `fanout`, `unicast`, `connect_storm`, `churn`, `streams`...); this one
 //! holds the options they share and the connection helpers, and `delivery` the
 //! publish-to-receipt measurement of `fanout` and `unicast`.
 
@@ -15,6 +15,7 @@ mod fanout;
 mod idle;
 mod presence;
 mod recovery_storm;
+mod streams;
 mod unicast;
 
 pub use churn::{churn, ChurnArgs};
@@ -23,6 +24,7 @@ pub use fanout::{fanout, FanoutArgs};
 pub use idle::{idle, idle_worker, IdleArgs};
 pub use presence::{presence, PresenceArgs};
 pub use recovery_storm::{recovery_storm, RecoveryStormArgs};
+pub use streams::{emulation_rtt, streams, RttArgs, StreamsArgs};
 pub use unicast::{unicast, UnicastArgs};
 
 use std::path::PathBuf;
