@@ -25,7 +25,8 @@ unit:
 	$(CARGO) test --workspace $(FEATURES)
 
 ## Headless Chromium drives the demo page; stompjs and ws clients test STOMP; the Centrifugo
-## JavaScript SDK runs against two nodes behind nginx (needs the debug gateway binary,
+## JavaScript SDK runs against two nodes behind nginx, and over http_stream and sse (and a plain
+## EventSource on /sse) against three nodes behind nginx round-robin (needs the debug gateway binary,
 ## redis-server and nginx).
 e2e: deps-node
 	$(CARGO) build -p gateway $(FEATURES)

@@ -7,8 +7,9 @@
 //!    background tasks and the shutdown order.
 //! 2. `edge` (TLS, client IP, Origin, the handshake and its `Refusal`s, the public HTTP
 //!    routes), `ops` (probes, metrics, the admin API, Centrifugo's server API `ops::api`,
-//!    drain; `kube` with its feature) and `node` (the state they share; derefs to the
-//!    core's services).
+//!    drain; `kube` with its feature), `edge::streams` (the HTTP transports: Centrifugo's
+//!    HTTP-streaming and SSE emulation with `/emulation`, and `GET /sse`) and `node` (the
+//!    state they share; derefs to the core's services).
 //! 3. `protocol`: one adapter per wire protocol: frames to commands, events to frames.
 //!    `protocol::v1` is our JSON protocol, `protocol::stomp` STOMP, `protocol::centrifugo`
 //!    Centrifugo's client protocol for the stock SDKs (`docs/sdk.md`).
@@ -18,8 +19,9 @@
 //!    `cluster` (the Redis transport, with its pub/sub and command connections, the
 //!    connection directory, presence, the inbound stream).
 //! 6. `conn`: one connection's mechanics whatever its protocol: frames, the reader task
-//!    and the writer loop, the byte-bounded outbound queue, the events and their codecs,
-//!    the token clock, the rate limiter.
+//!    and the writer loop (into a socket, or into an HTTP response: `conn::stream`), the
+//!    byte-bounded outbound queue, the events and their codecs, the token clock, the rate
+//!    limiter.
 //! 7. The foundation: `config` (one table of settings), `error` (who is to blame),
 //!    `metrics` (typed families), `time`.
 //!

@@ -14,7 +14,9 @@
 //!   `Sec-WebSocket-Protocol`. Its MESSAGE frames carry per-connection headers, so its
 //!   connections' queues also hold a `conn::event::Framer`.
 //! - [`centrifugo`]: Centrifugo's client protocol v2 in JSON, for the stock Centrifugo SDKs
-//!   (`docs/sdk.md`), codec id 2.
+//!   (`docs/sdk.md`), codec ids 2 (WebSocket), 3 (HTTP-streaming) and 4 (SSE).
+//! - [`sse`]: v1 frames as server-sent events for a plain `EventSource` (`GET /sse`), codec
+//!   id 5, with event ids that let any node recover what a browser missed.
 
 pub mod centrifugo;
 pub mod sse;
