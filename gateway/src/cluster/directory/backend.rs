@@ -381,8 +381,8 @@ impl Records for RedisRecords {
             own.arg(self.keys.nodeconns(&self.node_id))
                 .arg(conn)
                 .arg(user.unwrap_or("-"));
-            let (a, b) = tokio::join!(redis.call::<()>("add", set), redis.call::<()>("add", own));
-            a.and(b).map(|_| true)
+            // One pipeline: one write and one wake-up per handshake, not one per command.
+            redis.batch("add", vec![set, own]).await.map(|_| true)
         })
     }
 
@@ -392,27 +392,17 @@ impl Records for RedisRecords {
         user: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
         Box::pin(async move {
-            let redis = &self.redis;
             let mut del = redis::cmd("DEL");
             del.arg(self.keys.conn(conn));
             let mut own = redis::cmd("HDEL");
             own.arg(self.keys.nodeconns(&self.node_id)).arg(conn);
-            let by_user = async {
-                match user {
-                    Some(u) => {
-                        let mut hdel = redis::cmd("HDEL");
-                        hdel.arg(self.keys.user(u)).arg(conn);
-                        redis.call::<()>("remove", hdel).await
-                    }
-                    None => Ok(()),
-                }
-            };
-            let (a, b, c) = tokio::join!(
-                redis.call::<()>("remove", del),
-                redis.call::<()>("remove", own),
-                by_user
-            );
-            a.and(b).and(c)
+            let mut cmds = vec![del, own];
+            if let Some(u) = user {
+                let mut hdel = redis::cmd("HDEL");
+                hdel.arg(self.keys.user(u)).arg(conn);
+                cmds.push(hdel);
+            }
+            self.redis.batch("remove", cmds).await
         })
     }
 

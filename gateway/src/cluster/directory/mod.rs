@@ -218,11 +218,12 @@ impl Directory {
         else {
             return Ok(Post::Unknown);
         };
-        match self.local.post(conn, Some(secret), commands.clone()) {
-            Posted::Queued => return Ok(Post::Local),
-            Posted::Full => return Ok(Post::Full),
-            Posted::Unknown if self.local.contains(conn) => return Ok(Post::Unknown),
-            Posted::Unknown => {}
+        if self.local.contains(conn) {
+            return Ok(match self.local.post(conn, Some(secret), commands) {
+                Posted::Queued => Post::Local,
+                Posted::Full => Post::Full,
+                Posted::Unknown => Post::Unknown,
+            });
         }
         self.count("post");
         Ok(
