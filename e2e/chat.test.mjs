@@ -10,7 +10,8 @@ import { spawn } from "node:child_process";
 import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { launchChromium } from "./cluster.mjs";
+
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const gatewayBin = process.env.GATEWAY_BIN || path.join(root, "target/debug/gateway");
@@ -50,14 +51,7 @@ before(async () => {
     "--listen", `127.0.0.1:${port}`, "--admin-listen", `127.0.0.1:${adminPort}`,
   ], { stdio: ["ignore", "inherit", "inherit"] });
   await waitHealthy(adminPort);
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: [
-      "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    ],
-    timeout: 30000,
-  });
+  browser = await launchChromium();
 });
 
 after(async () => {

@@ -9,6 +9,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import net from "node:net";
+import { chromium } from "playwright-core";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 export const gatewayBin = process.env.GATEWAY_BIN || path.join(root, "target/debug/gateway");
@@ -186,5 +187,35 @@ export function jwt(claims, secret = SECRET) {
 }
 
 export const now = () => Math.floor(Date.now() / 1000);
+
+/** Debian's headless chromium, driven by playwright-core. */
+export function launchChromium() {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    args: [
+      "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    ],
+    timeout: 30000,
+  });
+}
+
+/** Records an SDK client's state events in `c.events` as `[name, ctx]`. */
+export function recordEvents(c) {
+  c.events = [];
+  for (const e of ["connecting", "connected", "disconnected", "error"]) {
+    c.on(e, (ctx) => c.events.push([e, ctx]));
+  }
+  return c;
+}
+
+/** Records a subscription's publications (`sub.pubs`) and `subscribed` contexts. */
+export function recorded(sub) {
+  sub.pubs = [];
+  sub.subscribedCtx = [];
+  sub.on("publication", (ctx) => sub.pubs.push(ctx));
+  sub.on("subscribed", (ctx) => sub.subscribedCtx.push(ctx));
+  return sub;
+}
 
 export { until, sleep };

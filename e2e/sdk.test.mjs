@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { Centrifuge } from "centrifuge";
 import WebSocket from "ws";
 import {
-  startRedis, startGateway, startNginx, jwt, now, until, sleep, SECRET,
+  startRedis, startGateway, startNginx, recordEvents, recorded, jwt, now, until, sleep, SECRET,
 } from "./cluster.mjs";
 
 let redis, a, b, nginx;
@@ -38,20 +38,8 @@ after(() => {
 /** An SDK client that records its events. */
 function sdk(url, options) {
   const c = new Centrifuge(url, { websocket: WebSocket, ...options });
-  c.events = [];
-  for (const e of ["connecting", "connected", "disconnected", "error"]) {
-    c.on(e, (ctx) => c.events.push([e, ctx]));
-  }
   clients.push(c);
-  return c;
-}
-
-function recorded(sub) {
-  sub.pubs = [];
-  sub.subscribedCtx = [];
-  sub.on("publication", (ctx) => sub.pubs.push(ctx));
-  sub.on("subscribed", (ctx) => sub.subscribedCtx.push(ctx));
-  return sub;
+  return recordEvents(c);
 }
 
 const token = (sub, ttl = 600) => jwt({ sub, exp: now() + ttl });

@@ -10,8 +10,9 @@ import assert from "node:assert/strict";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { Centrifuge } from "centrifuge";
-import { chromium } from "playwright-core";
-import { startRedis, startGateway, startNginx, jwt, now, until, sleep, SECRET } from "./cluster.mjs";
+import {
+  startRedis, startGateway, startNginx, launchChromium, recordEvents, recorded, jwt, now, until, sleep, SECRET,
+} from "./cluster.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 let redis, nodes, nginx, browser;
@@ -30,14 +31,7 @@ before(async () => {
   redis = await startRedis();
   nodes = await Promise.all(["a", "b", "c"].map((id) => startGateway(args(id))));
   nginx = await startNginx(nodes.map((n) => n.port));
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: [
-      "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    ],
-    timeout: 30000,
-  });
+  browser = await launchChromium();
 });
 
 after(async () => {
@@ -68,20 +62,8 @@ function httpStream(options) {
     [{ transport: "http_stream", endpoint: `${nginx.http}/connection/http_stream` }],
     { emulationEndpoint: `${nginx.http}/emulation`, ...options },
   );
-  c.events = [];
-  for (const e of ["connecting", "connected", "disconnected", "error"]) {
-    c.on(e, (ctx) => c.events.push([e, ctx]));
-  }
   clients.push(c);
-  return c;
-}
-
-function recorded(sub) {
-  sub.pubs = [];
-  sub.subscribedCtx = [];
-  sub.on("publication", (ctx) => sub.pubs.push(ctx));
-  sub.on("subscribed", (ctx) => sub.subscribedCtx.push(ctx));
-  return sub;
+  return recordEvents(c);
 }
 
 test("http_stream: connect, subscribe, publish, receive, presence; posts are forwarded", { timeout: 60000 }, async () => {

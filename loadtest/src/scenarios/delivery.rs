@@ -96,6 +96,72 @@ where
     Ok(total)
 }
 
+/// The publisher of `fanout` and `streams`: paced messages on one channel through Redis,
+/// then the end marker.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Publish {
+    #[arg(long, default_value = "bench")]
+    pub(crate) channel: String,
+    /// Redis the publisher uses (PUBLISH <prefix><channel>).
+    #[arg(long)]
+    pub(crate) redis_url: String,
+    /// Channel prefix of the servers' Redis pub/sub.
+    #[arg(long, default_value = "gw:ch:")]
+    pub(crate) prefix: String,
+    /// Messages per second published.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) rate: u64,
+    #[arg(long, default_value_t = 5.0)]
+    pub(crate) duration_secs: f64,
+    /// Padding added to each payload.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) payload_bytes: usize,
+}
+
+impl Publish {
+    /// Publishes `rate × duration` messages in groups of `burst` (one pipeline each), with
+    /// `FCALL gw_publish` when `fcall` (a history channel), then the end marker; returns how
+    /// many it published.
+    pub(super) async fn run(&self, burst: u64, fcall: bool) -> anyhow::Result<u64> {
+        let mut redis = super::redis_conn(&self.redis_url).await?;
+        let key = format!("{}{}", self.prefix, self.channel);
+        let channel = &self.channel;
+        let published = paced(
+            self.rate,
+            self.duration_secs,
+            self.payload_bytes,
+            burst,
+            |_, group| {
+                let mut r = redis.clone();
+                let mut pipe = redis::pipe();
+                for p in group {
+                    if fcall {
+                        pipe.cmd("FCALL")
+                            .arg("gw_publish")
+                            .arg(1)
+                            .arg(channel)
+                            .arg(p)
+                            .ignore();
+                    } else {
+                        pipe.cmd("PUBLISH").arg(&key).arg(p).ignore();
+                    }
+                }
+                async move {
+                    pipe.query_async::<()>(&mut r).await?;
+                    Ok(())
+                }
+            },
+        )
+        .await?;
+        redis::cmd("PUBLISH")
+            .arg(&key)
+            .arg(r#"{"end":true}"#)
+            .query_async::<i64>(&mut redis)
+            .await?;
+        Ok(published)
+    }
+}
+
 pub(super) struct Delivery {
     pub(super) published: u64,
     pub(super) expected: u64,

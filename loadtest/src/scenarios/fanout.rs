@@ -6,8 +6,8 @@ use anyhow::bail;
 use serde_json::json;
 use tokio::task::JoinSet;
 
-use super::delivery::{delivery_result, paced, receive, Delivery};
-use super::{emit, fixed_token, open_many, redis_conn, subscribe, targets, Common};
+use super::delivery::{delivery_result, receive, Delivery, Publish};
+use super::{emit, fixed_token, open_many, subscribe, targets, Common};
 
 #[derive(clap::Args, Debug)]
 pub struct FanoutArgs {
@@ -17,22 +17,8 @@ pub struct FanoutArgs {
     /// Subscribers.
     #[arg(short, default_value_t = 100)]
     pub(crate) s: usize,
-    #[arg(long, default_value = "bench")]
-    pub(crate) channel: String,
-    /// Redis the publisher uses (PUBLISH gw:ch:<channel>).
-    #[arg(long)]
-    pub(crate) redis_url: String,
-    /// Channel prefix of the servers' Redis pub/sub.
-    #[arg(long, default_value = "gw:ch:")]
-    pub(crate) prefix: String,
-    /// Messages per second published.
-    #[arg(long, default_value_t = 100)]
-    pub(crate) rate: u64,
-    #[arg(long, default_value_t = 5.0)]
-    pub(crate) duration_secs: f64,
-    /// Padding added to each payload.
-    #[arg(long, default_value_t = 64)]
-    pub(crate) payload_bytes: usize,
+    #[command(flatten)]
+    pub(crate) publish: Publish,
     /// Messages published back to back in one Redis pipeline at each tick (the rate stays
     /// the average), so that several frames queue per socket: the burst case of vectored
     /// writes.
@@ -63,10 +49,11 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     }
     // Subscribe everyone and wait for every ack before publishing.
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(a.s.max(1));
-    let idle = Duration::from_secs_f64(a.duration_secs + 30.0);
+    let p = &a.publish;
+    let idle = Duration::from_secs_f64(p.duration_secs + 30.0);
     let mut set = JoinSet::new();
     for (_, mut cl) in clients {
-        let (ch, ready) = (a.channel.clone(), ready_tx.clone());
+        let (ch, ready) = (p.channel.clone(), ready_tx.clone());
         let proto = c.proto;
         set.spawn(async move {
             subscribe(&mut cl, &ch, proto).await?;
@@ -84,43 +71,9 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let mut redis = redis_conn(&a.redis_url).await?;
-    let key = format!("{}{}", a.prefix, a.channel);
-    let (channel, fcall) = (a.channel.clone(), a.fcall);
     let cpu0 = c.cpu()?;
     let start = Instant::now();
-    let published = paced(
-        a.rate,
-        a.duration_secs,
-        a.payload_bytes,
-        a.burst,
-        |_, group| {
-            let mut r = redis.clone();
-            let mut pipe = redis::pipe();
-            for p in group {
-                if fcall {
-                    pipe.cmd("FCALL")
-                        .arg("gw_publish")
-                        .arg(1)
-                        .arg(&channel)
-                        .arg(p)
-                        .ignore();
-                } else {
-                    pipe.cmd("PUBLISH").arg(&key).arg(p).ignore();
-                }
-            }
-            async move {
-                pipe.query_async::<()>(&mut r).await?;
-                Ok(())
-            }
-        },
-    )
-    .await?;
-    redis::cmd("PUBLISH")
-        .arg(&key)
-        .arg(r#"{"end":true}"#)
-        .query_async::<i64>(&mut redis)
-        .await?;
+    let published = p.run(a.burst, a.fcall).await?;
     let mut seen = Vec::new();
     while let Some(r) = set.join_next().await {
         seen.push(r??);
@@ -134,9 +87,9 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     };
     let (mut result, summary) = delivery_result(&d, a.s)?;
     result["nodes"] = json!(a.urls.len());
-    result["rate"] = json!(a.rate);
-    result["offered_deliveries_per_sec"] = json!(a.rate * a.s as u64);
-    result["payload_bytes"] = json!(a.payload_bytes);
+    result["rate"] = json!(p.rate);
+    result["offered_deliveries_per_sec"] = json!(p.rate * a.s as u64);
+    result["payload_bytes"] = json!(p.payload_bytes);
     result["burst"] = json!(a.burst);
     result["fcall"] = json!(a.fcall);
     emit(c, "fanout", result, &summary)

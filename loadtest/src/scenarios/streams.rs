@@ -19,8 +19,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use super::delivery::{delivery_result, paced, Delivery, Seen};
-use super::{emit, redis_conn, Common};
+use super::delivery::{delivery_result, Delivery, Publish, Seen};
+use super::{emit, Common};
 use crate::stats::{self, now_us};
 
 /// Which HTTP transport.
@@ -40,20 +40,8 @@ pub struct StreamsArgs {
     /// Subscribers.
     #[arg(short, default_value_t = 100)]
     pub(crate) s: usize,
-    #[arg(long, default_value = "bench")]
-    pub(crate) channel: String,
-    /// Redis the publisher uses (PUBLISH <prefix><channel>).
-    #[arg(long)]
-    pub(crate) redis_url: String,
-    #[arg(long, default_value = "gw:ch:")]
-    pub(crate) prefix: String,
-    /// Messages per second published.
-    #[arg(long, default_value_t = 100)]
-    pub(crate) rate: u64,
-    #[arg(long, default_value_t = 5.0)]
-    pub(crate) duration_secs: f64,
-    #[arg(long, default_value_t = 64)]
-    pub(crate) payload_bytes: usize,
+    #[command(flatten)]
+    pub(crate) publish: Publish,
     #[command(flatten)]
     pub(crate) common: Common,
 }
@@ -265,8 +253,9 @@ async fn receive(mut s: Stream, limit: Duration) -> Seen {
 pub async fn streams(a: StreamsArgs) -> anyhow::Result<()> {
     let c = &a.common;
     let mut set = JoinSet::new();
-    let idle = Duration::from_secs_f64(a.duration_secs + 30.0);
-    let subscribe = json!({"id": 2, "subscribe": {"channel": a.channel}}).to_string();
+    let p = &a.publish;
+    let idle = Duration::from_secs_f64(p.duration_secs + 30.0);
+    let subscribe = json!({"id": 2, "subscribe": {"channel": p.channel}}).to_string();
     let mut opened = Vec::with_capacity(a.s);
     for chunk in (0..a.s).collect::<Vec<_>>().chunks(c.concurrency.max(1)) {
         let mut opening = JoinSet::new();
@@ -292,27 +281,9 @@ pub async fn streams(a: StreamsArgs) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let mut redis = redis_conn(&a.redis_url).await?;
-    let key = format!("{}{}", a.prefix, a.channel);
     let cpu0 = c.cpu()?;
     let start = Instant::now();
-    let published = paced(a.rate, a.duration_secs, a.payload_bytes, 1, |_, group| {
-        let mut r = redis.clone();
-        let mut pipe = redis::pipe();
-        for p in group {
-            pipe.cmd("PUBLISH").arg(&key).arg(p).ignore();
-        }
-        async move {
-            pipe.query_async::<()>(&mut r).await?;
-            Ok(())
-        }
-    })
-    .await?;
-    redis::cmd("PUBLISH")
-        .arg(&key)
-        .arg(r#"{"end":true}"#)
-        .query_async::<i64>(&mut redis)
-        .await?;
+    let published = p.run(1, false).await?;
     let mut seen = Vec::new();
     while let Some(r) = set.join_next().await {
         seen.push(r?);
@@ -326,8 +297,8 @@ pub async fn streams(a: StreamsArgs) -> anyhow::Result<()> {
     };
     let (mut result, summary) = delivery_result(&d, a.s)?;
     result["transport"] = json!(format!("{:?}", a.transport));
-    result["rate"] = json!(a.rate);
-    result["payload_bytes"] = json!(a.payload_bytes);
+    result["rate"] = json!(p.rate);
+    result["payload_bytes"] = json!(p.payload_bytes);
     emit(c, "streams", result, &summary)
 }
 
