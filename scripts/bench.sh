@@ -27,7 +27,7 @@ case "$MODE" in
     STORM_N=200; STORM_TLS_N=60
     UNI_USERS=20; UNI_RATE=100; UNI_SECS=2
     CHURN_SECS=3; CHURN_CYCLES=0
-    HIST_RATES="50"; RECOVER_N=50; STOMP_RATES="50"; TRANS_RATES="50"; RTT_N=50
+    HIST_RATES="50"; RECOVER_N=50; STOMP_RATES="50"; CENT_RATES="50"; TRANS_RATES="50"; RTT_N=50
     PRES_N=20; PRES_CALLS=50; PRES_FAN_N=10; PRES_CYCLES=5; PRES_CHURN_CYCLES=200
     OUT=$(mktemp -d)/results ;;
   full)
@@ -39,7 +39,7 @@ case "$MODE" in
     UNI_USERS=${UNI_USERS:-2000}; UNI_RATE=${UNI_RATE:-5000}; UNI_SECS=${UNI_SECS:-5}
     CHURN_SECS=${CHURN_SECS:-120}; CHURN_CYCLES=${CHURN_CYCLES:-100000}
     HIST_RATES=${HIST_RATES:-"100 400"}; RECOVER_N=${RECOVER_N:-5000}
-    STOMP_RATES=${STOMP_RATES:-"100 400"}
+    STOMP_RATES=${STOMP_RATES:-"100 400"}; CENT_RATES=${CENT_RATES:-"100 400"}
     TRANS_RATES=${TRANS_RATES:-"100 400"}; RTT_N=${RTT_N:-2000}
     PRES_N=${PRES_N:-10000}; PRES_CALLS=${PRES_CALLS:-2000}; PRES_FAN_N=${PRES_FAN_N:-1000}
     PRES_CYCLES=${PRES_CYCLES:-200}; PRES_CHURN_CYCLES=${PRES_CHURN_CYCLES:-20000}
@@ -156,6 +156,15 @@ for r in $STOMP_RATES; do
   "$LT" fanout --url "ws://127.0.0.1:$GW_PORT/ws" -s "$FAN_S" --rate "$r" \
     --duration-secs "$FAN_SECS" --redis-url "$REDIS" --pid "$GW_PID" --sources "$SRC" \
     --channel "bench-v1$r" --label v1 --json "$OUT/stomp-v1-r$r.json"
+done
+# Centrifugo's client protocol (the stock SDKs' /connection/websocket) beside v1 likewise.
+for r in $CENT_RATES; do
+  "$LT" fanout --url "ws://127.0.0.1:$GW_PORT/connection/websocket" -s "$FAN_S" --rate "$r" \
+    --proto centrifugo --duration-secs "$FAN_SECS" --redis-url "$REDIS" --pid "$GW_PID" \
+    --sources "$SRC" --channel "bench-ce$r" --label centrifugo --json "$OUT/centrifugo-r$r.json"
+  "$LT" fanout --url "ws://127.0.0.1:$GW_PORT/ws" -s "$FAN_S" --rate "$r" \
+    --duration-secs "$FAN_SECS" --redis-url "$REDIS" --pid "$GW_PID" --sources "$SRC" \
+    --channel "bench-cv1$r" --label v1 --json "$OUT/centrifugo-v1-r$r.json"
 done
 # Bursts: BURST messages published back to back (one Redis pipeline) per tick, so that
 # several frames queue per socket. The gateway writes a socket's queue with one writev; the
@@ -310,9 +319,9 @@ log "transports"
 # another node, which forwards it through Redis.
 start_gateway gw-trans; T_PID=$GW_PID; T_PORT=$GW_PORT
 for r in $TRANS_RATES; do
-  "$LT" fanout --url "ws://127.0.0.1:$T_PORT/ws" -s "$FAN_S" --rate "$r" \
-    --duration-secs "$FAN_SECS" --redis-url "$REDIS" --pid "$T_PID" --sources "$SRC" \
-    --channel "bench-tw$r" --label websocket --json "$OUT/transport-ws-r$r.json"
+  "$LT" fanout --url "ws://127.0.0.1:$T_PORT/connection/websocket" -s "$FAN_S" --rate "$r" \
+    --proto centrifugo --duration-secs "$FAN_SECS" --redis-url "$REDIS" --pid "$T_PID" \
+    --sources "$SRC" --channel "bench-tw$r" --label websocket --json "$OUT/transport-ws-r$r.json"
   for t in http-stream sse; do
     "$LT" streams --addr "127.0.0.1:$T_PORT" --transport "$t" -s "$FAN_S" --rate "$r" \
       --duration-secs "$FAN_SECS" --redis-url "$REDIS" --pid "$T_PID" \

@@ -24,6 +24,7 @@ REQUIRED = [
 # Prefixes of which at least one result must exist (one per rate in the run).
 REQUIRED_PREFIXES = ["fanout-gateway-r", "fanout-floor-r", "fanout-2nodes-r", "burst-gateway-r",
                      "burst-floor-r", "history-off-r", "history-on-r", "stomp-r", "stomp-v1-r",
+                     "centrifugo-r", "centrifugo-v1-r",
                      "transport-ws-r", "transport-http-stream-r", "transport-sse-r"]
 
 
@@ -248,33 +249,49 @@ def history_section(res):
     return L
 
 
+# The protocols compared with v1 on the same node at the same rates: result prefix, name,
+# what its subscribers get.
+PROTOCOLS = [
+    ("stomp", "STOMP", "STOMP subscribers on `/stomp` get `MESSAGE` frames (the subscription's "
+     "own headers joined once per message with the part shared by every STOMP subscriber, see "
+     "stomp.md)"),
+    ("centrifugo", "Centrifugo", "Centrifugo subscribers on `/connection/websocket` (client "
+     "protocol v2, JSON, as the stock SDKs speak it) get `{\"push\":{\"channel\":..,\"pub\":"
+     "{\"data\":..}}}`, encoded once per message and shared, and answer the server's `{}` "
+     "pings"),
+]
+
+
 def protocols_section(res):
-    """Fan-out over STOMP against v1 on the same node at the same rates."""
-    rates = sorted({int(m.group(1)) for k in res for m in [re.match(r"stomp-r(\d+)$", k)] if m})
-    if not rates:
-        return []
-    L = ["", "## Protocols: STOMP against v1", "",
-         "The same node, subscribers and rate; STOMP subscribers on `/stomp` get `MESSAGE` "
-         "frames (a per-connection head of ~100 bytes in front of the body shared by every "
-         "STOMP subscriber), v1 subscribers the JSON `message` frame.", "",
-         "| rate (msg/s) | protocol | delivered/s | lost | CPU µs/delivery | vs v1 | p50 ms | p99 ms |",
-         "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    ratios = []
-    for rate in rates:
-        st, v1 = res.get(f"stomp-r{rate}"), res.get(f"stomp-v1-r{rate}")
-        for r, name in ((v1, "v1"), (st, "STOMP")):
-            if not r:
-                continue
-            rt = ratio(r["cpu_per_delivery_us"], v1["cpu_per_delivery_us"]) if (v1 and r is st) else ""
-            L.append(f"| {rate} | {name} | {f0(r['deliveries_per_sec'])} | {f0(r['lost'])} | "
-                     f"{f2(r['cpu_per_delivery_us'])} | {rt} | {f2(r['latency']['p50_ms'])} | "
-                     f"{f2(r['latency']['p99_ms'])} |")
-        if st and v1 and v1["cpu_per_delivery_us"] > 0:
-            ratios.append((rate, st["cpu_per_delivery_us"] / v1["cpu_per_delivery_us"]))
-    if ratios:
-        worst = max(x for _, x in ratios)
-        L += ["", f"Target STOMP CPU per delivery ≤ 1.1× v1: **{'met' if worst <= 1.1 else 'MISSED'}** "
-              f"({', '.join(f'{r} msg/s: {x:.2f}×' for r, x in ratios)})."]
+    """Fan-out over each other protocol against v1 on the same node at the same rates."""
+    L = []
+    for pre, name, what in PROTOCOLS:
+        rates = sorted({int(m.group(1)) for k in res
+                        for m in [re.match(re.escape(pre) + r"-r(\d+)$", k)] if m})
+        if not rates:
+            continue
+        L += ["", f"## Protocols: {name} against v1", "",
+              f"The same node, subscribers and rate; {what}, v1 subscribers the JSON `message` "
+              "frame.", "",
+              "| rate (msg/s) | protocol | delivered/s | lost | CPU µs/delivery | vs v1 | p50 ms | p99 ms |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        ratios = []
+        for rate in rates:
+            p, v1 = res.get(f"{pre}-r{rate}"), res.get(f"{pre}-v1-r{rate}")
+            for r, label in ((v1, "v1"), (p, name)):
+                if not r:
+                    continue
+                rt = ratio(r["cpu_per_delivery_us"], v1["cpu_per_delivery_us"]) if (v1 and r is p) else ""
+                L.append(f"| {rate} | {label} | {f0(r['deliveries_per_sec'])} | {f0(r['lost'])} | "
+                         f"{f2(r['cpu_per_delivery_us'])} | {rt} | {f2(r['latency']['p50_ms'])} | "
+                         f"{f2(r['latency']['p99_ms'])} |")
+            if p and v1 and v1["cpu_per_delivery_us"] > 0:
+                ratios.append((rate, p["cpu_per_delivery_us"] / v1["cpu_per_delivery_us"]))
+        if ratios:
+            worst = max(x for _, x in ratios)
+            L += ["", f"Target {name} CPU per delivery ≤ 1.1× v1: "
+                  f"**{'met' if worst <= 1.1 else 'MISSED'}** "
+                  f"({', '.join(f'{r} msg/s: {x:.2f}×' for r, x in ratios)})."]
     return L
 
 
@@ -285,10 +302,11 @@ def transports_section(res):
     if not rates:
         return []
     L = ["", "## Transports: HTTP-streaming and SSE against WebSocket", "",
-         "The same node, subscribers and rate. WebSocket subscribers are v1 on `/ws`; the "
-         "others are Centrifugo clients on `POST /connection/http_stream` and "
-         "`GET /connection/sse` that subscribed through `POST /emulation` (`loadtest streams`). "
-         "Each message is one chunk of the HTTP response.", "",
+         "The same node, subscribers, rate and protocol (Centrifugo's): over WebSocket on "
+         "`/connection/websocket` (`loadtest fanout --proto centrifugo`), and over "
+         "`POST /connection/http_stream` and `GET /connection/sse` with the subscribe posted "
+         "to `POST /emulation` (`loadtest streams`). Each message is one chunk of the HTTP "
+         "response.", "",
          "| rate (msg/s) | transport | delivered/s | lost | CPU µs/delivery | vs WebSocket | p50 ms | p99 ms |",
          "|---:|---|---:|---:|---:|---:|---:|---:|"]
     worst = {}

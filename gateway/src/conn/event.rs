@@ -8,14 +8,17 @@
 //! connections of two protocols is encoded twice.
 //!
 //! A protocol whose frames also carry something of the connection's own (STOMP's
-//! `subscription` and `message-id` headers) adds a [`Framer`] to each of its connections'
-//! queues: the codec still encodes the shared part once, and the framer puts a small prefix
-//! of the connection's own in front of it, which the writer sends with the shared bytes in
-//! one vectored write, so the shared part is never copied.
+//! `subscription` header) adds a [`Framer`] to each of its connections' queues: the codec
+//! still encodes the shared part once, and the framer puts a part of the connection's own
+//! in front of it. Connections whose own part is the same (every stompjs client names its
+//! first subscription `sub-0`) then share one whole frame, joined once per event by
+//! [`Joined`], as v1 connections share theirs; any other connection gets its own part and
+//! the shared part as separate buffers of one vectored write, so the shared part is never
+//! copied for it.
 //!
 //! [`Outbound`]: super::outbound::Outbound
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::frame;
 use crate::error::CloseReason;
@@ -83,11 +86,19 @@ pub trait Codec: Send + Sync + 'static {
 /// of its connections' [`Outbound`](super::outbound::Outbound) queues. See the module docs.
 pub trait Framer: Send + Sync + 'static {
     /// Hands `part`, in order, the buffers that make up this connection's frame(s) for
-    /// `event`, `shared` (what the codec encoded, shared by every connection of the protocol)
-    /// among them. Called with the queue locked, so the parts are queued together. Handing
-    /// over nothing drops the event for this connection (a STOMP connection holding no
-    /// subscription for it).
-    fn frame(&self, event: &Event<'_>, shared: &Bytes, part: &mut dyn FnMut(Bytes));
+    /// `event`: `shared` (what the codec encoded, shared by every connection of the protocol)
+    /// among them, or frames of `shared` joined with the connection's own part by `joined`.
+    /// Called with the connection's queue locked (when queueing), so the parts are queued
+    /// together and the framer must not push to that queue itself. Handing over nothing
+    /// drops the event for this connection (a STOMP connection holding no subscription for
+    /// it).
+    fn frame(
+        &self,
+        event: &Event<'_>,
+        shared: &Bytes,
+        joined: &mut Joined,
+        part: &mut dyn FnMut(Bytes),
+    );
 
     /// A last frame to write before the close frame (STOMP's ERROR naming the reason).
     fn farewell(&self, reason: &CloseReason) -> Option<Bytes> {
@@ -96,10 +107,68 @@ pub trait Framer: Send + Sync + 'static {
     }
 }
 
+/// How many distinct whole frames [`Joined`] builds for one event: each costs a copy of the
+/// shared part, so the copies per event stay bounded whatever the number of connections.
+pub const JOINED_FRAMES: usize = 4;
+
+/// Whole text frames built for one event, each from a connection's own part and a shared
+/// part, for every other connection whose parts are the same.
+///
+/// A connection given its own part and the shared part as separate buffers costs, per
+/// delivery, a frame header, a reference count on its own part and a copy of that part
+/// from memory only it uses (two more slices in the writer's vectored write, read cold by
+/// the kernel). A connection given a joined frame costs what a v1 connection costs: one
+/// reference count on bytes that stay in cache. Own parts usually repeat (a subscription
+/// id is the client library's, `sub-0` for stompjs), so a few frames serve most
+/// connections; past [`JOINED_FRAMES`] distinct ones, the parts are sent separately.
+#[derive(Default)]
+pub struct Joined {
+    /// (own part, the shared bytes used, their frame): the own part by content, the shared
+    /// bytes by where they are and their length (the same memory, so the same content: they
+    /// are the event's, alive and unchanged as long as this is).
+    frames: Vec<(Bytes, (*const u8, usize), Bytes)>,
+}
+
+impl Joined {
+    /// Hands `part` the text frame of `own` followed by `shared` from byte `skip` on (a
+    /// framer may leave out the start of the shared part: STOMP's `ack` line): one buffer
+    /// when a frame of the same parts exists for this event or may still be built, else the
+    /// frame header, `own` and the shared bytes as three.
+    pub fn text_frame(
+        &mut self,
+        own: &Bytes,
+        shared: &Bytes,
+        skip: usize,
+        part: &mut dyn FnMut(Bytes),
+    ) {
+        let tail = &shared[skip..];
+        let at = (tail.as_ptr(), tail.len());
+        let same = |(o, s, _): &&(Bytes, (*const u8, usize), Bytes)| *s == at && o == own;
+        if let Some((_, _, frame)) = self.frames.iter().find(same) {
+            return part(frame.clone());
+        }
+        let header = frame::text_header(own.len() + tail.len());
+        if self.frames.len() == JOINED_FRAMES {
+            part(header);
+            part(own.clone());
+            part(shared.slice(skip..));
+            return;
+        }
+        let mut whole = BytesMut::with_capacity(header.len() + own.len() + tail.len());
+        whole.put_slice(&header);
+        whole.put_slice(own);
+        whole.put_slice(tail);
+        let whole = whole.freeze();
+        self.frames.push((own.clone(), at, whole.clone()));
+        part(whole);
+    }
+}
+
 /// An event being delivered to many connections: encoded at most once per protocol.
 pub struct Encoded<'a> {
     event: Event<'a>,
     cache: [Option<Bytes>; MAX_CODECS],
+    joined: Joined,
 }
 
 impl<'a> Encoded<'a> {
@@ -107,19 +176,21 @@ impl<'a> Encoded<'a> {
         Encoded {
             event,
             cache: Default::default(),
+            joined: Joined::default(),
         }
-    }
-
-    /// The event itself.
-    pub fn event(&self) -> &Event<'a> {
-        &self.event
     }
 
     /// The event's bytes for `codec`, encoded on first use.
     pub fn bytes(&mut self, codec: &dyn Codec) -> Bytes {
-        self.cache[codec.id()]
-            .get_or_insert_with(|| codec.encode(&self.event))
-            .clone()
+        self.framing(codec).1.clone()
+    }
+
+    /// What a [`Framer`] needs for the event: the event, its bytes for `codec` (borrowed, so
+    /// that a framer that shares them counts one reference per delivery, not three) and the
+    /// event's [`Joined`] frames.
+    pub fn framing(&mut self, codec: &dyn Codec) -> (&Event<'a>, &Bytes, &mut Joined) {
+        let shared = self.cache[codec.id()].get_or_insert_with(|| codec.encode(&self.event));
+        (&self.event, shared, &mut self.joined)
     }
 }
 

@@ -44,10 +44,8 @@ pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
     buf.freeze()
 }
 
-/// Writes the header of an unfragmented server frame whose payload of `len` bytes follows,
-/// possibly in other buffers: a protocol that sends one frame as a per-connection part
-/// followed by a shared part (STOMP's MESSAGE) writes the header in front of the first.
-pub fn put_header(buf: &mut BytesMut, opcode: u8, len: usize) {
+/// Writes the header of an unfragmented server frame whose payload of `len` bytes follows.
+fn put_header(buf: &mut BytesMut, opcode: u8, len: usize) {
     buf.put_u8(FIN | opcode);
     if len < 126 {
         buf.put_u8(len as u8);
@@ -57,6 +55,40 @@ pub fn put_header(buf: &mut BytesMut, opcode: u8, len: usize) {
     } else {
         buf.put_u8(127);
         buf.put_u64(len as u64);
+    }
+}
+
+/// Text-frame headers for every payload length below 64 KiB, 4 bytes a length (the short
+/// form uses the first 2), built at compile time: 256 KiB of read-only data, of which only
+/// the pages of lengths in use are ever loaded.
+static TEXT_HEADERS: [[u8; 4]; 1 << 16] = {
+    let mut t = [[0u8; 4]; 1 << 16];
+    let mut len = 0;
+    while len < t.len() {
+        t[len] = if len < 126 {
+            [FIN | 0x1, len as u8, 0, 0]
+        } else {
+            [FIN | 0x1, 126, (len >> 8) as u8, len as u8]
+        };
+        len += 1;
+    }
+    t
+};
+
+/// The header of an unfragmented text frame whose payload of `len` bytes follows in other
+/// buffers (STOMP's MESSAGE: a per-subscription part, then the part shared by every
+/// subscriber). Below 64 KiB it is a slice of a static table, so a frame sent to thousands
+/// of connections builds no header of its own: no allocation and no reference count per
+/// delivery. Longer frames (10-byte headers) are encoded.
+pub fn text_header(len: usize) -> Bytes {
+    match TEXT_HEADERS.get(len) {
+        Some(h) if len < 126 => Bytes::from_static(&h[..2]),
+        Some(h) => Bytes::from_static(h),
+        None => {
+            let mut b = BytesMut::with_capacity(10);
+            put_header(&mut b, 0x1, len);
+            b.freeze()
+        }
     }
 }
 
@@ -317,6 +349,17 @@ mod tests {
         out.extend_from_slice(&key);
         out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
         out
+    }
+
+    #[test]
+    fn text_headers_match_encoded_frames() {
+        for len in [0, 1, 125, 126, 127, 255, 256, 4096, 65_535, 65_536, 70_000] {
+            let payload = vec![b'x'; len];
+            let whole = encode(0x1, &payload);
+            let header = text_header(len);
+            assert_eq!(&whole[..header.len()], &header[..], "length {len}");
+            assert_eq!(header.len() + len, whole.len(), "length {len}");
+        }
     }
 
     async fn read_all(

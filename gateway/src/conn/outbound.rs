@@ -193,30 +193,52 @@ impl Outbound {
         encoded: &mut Encoded<'_>,
         received: Option<Instant>,
     ) -> (Pushed, usize) {
-        let shared = encoded.bytes(self.codec);
         let Some(framer) = &self.framer else {
+            let shared = encoded.bytes(self.codec);
             let len = shared.len();
             return (self.push_at(shared, received), len);
         };
-        let mut parts = Vec::new();
-        framer.frame(encoded.event(), &shared, &mut |part: Bytes| {
-            parts.push(part)
+        let (event, shared, joined) = encoded.framing(self.codec);
+        // The framer's parts go straight into the queue, under its lock: a fan-out builds no
+        // list of parts per delivery. All or none still holds: parts past the cap overflow
+        // the queue, which drops everything queued.
+        let mut s = self.lock();
+        if s.close.is_some() {
+            return (Pushed::Closing, 0);
+        }
+        let before = s.frames.len();
+        let (mut len, mut cost) = (0, 0);
+        framer.frame(event, shared, joined, &mut |part: Bytes| {
+            len += part.len();
+            cost += part.len() + FRAME_COST;
+            s.frames.push_back(part);
         });
-        let len = parts.iter().map(Bytes::len).sum();
-        (self.queue_parts(self.lock(), parts, received), len)
+        if s.frames.len() == before {
+            return (Pushed::Unwanted, 0);
+        }
+        if s.oldest.is_none() {
+            s.oldest = received;
+        }
+        if s.bytes + cost > self.cap {
+            return (self.overflow(s), len);
+        }
+        s.bytes += cost;
+        drop(s);
+        if before == 0 {
+            self.notify.notify_one();
+        }
+        (Pushed::Queued, len)
     }
 
     /// The bytes `push_encoded` would queue for this event, without queueing them: for a
     /// subscriber that buffers until it goes live (a history channel's joiner).
     pub fn frame_encoded(&self, encoded: &mut Encoded<'_>) -> Parts {
-        let shared = encoded.bytes(self.codec);
         let Some(framer) = &self.framer else {
-            return Parts::One(shared);
+            return Parts::One(encoded.bytes(self.codec));
         };
+        let (event, shared, joined) = encoded.framing(self.codec);
         let mut parts = Vec::new();
-        framer.frame(encoded.event(), &shared, &mut |part: Bytes| {
-            parts.push(part)
-        });
+        framer.frame(event, shared, joined, &mut |part: Bytes| parts.push(part));
         Parts::Many(parts)
     }
 
@@ -433,14 +455,20 @@ impl Outbound {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::event::DebugCodec as NoCodec;
+    use crate::conn::event::{DebugCodec as NoCodec, Joined};
     use crate::conn::frame;
 
     /// A framer that sends every event as a head of its own plus the shared part, or
     /// nothing for direct messages.
     struct TwoParts;
     impl Framer for TwoParts {
-        fn frame(&self, event: &Event<'_>, shared: &Bytes, part: &mut dyn FnMut(Bytes)) {
+        fn frame(
+            &self,
+            event: &Event<'_>,
+            shared: &Bytes,
+            _: &mut Joined,
+            part: &mut dyn FnMut(Bytes),
+        ) {
             if let Event::Message { .. } = event {
                 part(Bytes::from_static(b"head"));
                 part(shared.clone());

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::Proto;
 use crate::client::{Client, Received};
 use crate::stats::{self, now_us};
 
@@ -21,9 +22,10 @@ pub(super) struct Seen {
 }
 
 /// Receives `kind` messages until the `end` marker, a close, an error or `limit`, recording
-/// each message's publish-to-receipt latency.
+/// each message's publish-to-receipt latency and answering `proto`'s own pings.
 pub(super) async fn receive(
     mut c: Client,
+    proto: Proto,
     kind: &'static str,
     limit: Duration,
 ) -> anyhow::Result<Seen> {
@@ -36,8 +38,8 @@ pub(super) async fn receive(
         loop {
             match c.next().await {
                 Ok(Received::Text(t)) => {
-                    if t == "2" {
-                        let _ = c.send_text("3").await;
+                    if let Some(pong) = proto.pong(&t) {
+                        let _ = c.send_text(pong).await;
                         continue;
                     }
                     if !t.contains(kind) {

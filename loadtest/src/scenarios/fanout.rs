@@ -58,7 +58,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         set.spawn(async move {
             subscribe(&mut cl, &ch, proto).await?;
             let _ = ready.send(()).await;
-            receive(cl, proto.message_marker(), idle).await
+            receive(cl, proto, proto.message_marker(), idle).await
         });
     }
     drop(ready_tx);

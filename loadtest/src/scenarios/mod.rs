@@ -63,9 +63,11 @@ pub(crate) struct Common {
     #[arg(long)]
     pub(crate) token: Option<String>,
     /// Wire protocol: `gateway` (JSON frames), `eio` (Engine.IO 4 websocket transport with
-    /// Socket.IO packets, to drive the Socket.IO peer: events `subscribe`, `ack`, `message`)
-    /// or `stomp` (STOMP 1.2: point `--url` at the gateway's `/stomp`, which speaks STOMP
-    /// without a subprotocol header; the token goes in the handshake as usual).
+    /// Socket.IO packets, to drive the Socket.IO peer: events `subscribe`, `ack`, `message`),
+    /// `stomp` (STOMP 1.2: point `--url` at the gateway's `/stomp`, which speaks STOMP
+    /// without a subprotocol header; the token goes in the handshake as usual) or
+    /// `centrifugo` (Centrifugo's client protocol v2, JSON, as the stock SDKs speak it: point
+    /// `--url` at `/connection/websocket`; the token goes in the `connect` command).
     #[arg(long, value_enum, default_value_t = Proto::Gateway)]
     pub(crate) proto: Proto,
 }
@@ -77,6 +79,7 @@ pub(crate) enum Proto {
     Gateway,
     Eio,
     Stomp,
+    Centrifugo,
 }
 
 impl Proto {
@@ -85,6 +88,18 @@ impl Proto {
         match self {
             Proto::Gateway | Proto::Eio => "\"message\"",
             Proto::Stomp => "MESSAGE\n",
+            Proto::Centrifugo => "\"pub\"",
+        }
+    }
+
+    /// The answer to a server ping of the protocol's own, if `text` is one: Engine.IO's
+    /// `2` gets `3`, Centrifugo's `{}` gets `{}` (its SDKs answer every ping, and the
+    /// server closes a connection that does not with 3012).
+    pub(crate) fn pong(self, text: &str) -> Option<&'static str> {
+        match (self, text) {
+            (Proto::Eio, "2") => Some("3"),
+            (Proto::Centrifugo, "{}") => Some("{}"),
+            _ => None,
         }
     }
 }
@@ -172,7 +187,9 @@ async fn connect_one(
     token: Option<String>,
     proto: Proto,
 ) -> anyhow::Result<Client> {
-    let auth = token.map(|t| format!("Bearer {t}"));
+    // A Centrifugo client sends its token in `connect`, as the SDKs do, not in the handshake.
+    let in_handshake = token.as_ref().filter(|_| proto != Proto::Centrifugo);
+    let auth = in_handshake.map(|t| format!("Bearer {t}"));
     let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
     let mut c = connector.connect(target, &headers).await?;
     match proto {
@@ -196,8 +213,42 @@ async fn connect_one(
                 .await?;
             stomp_expect(&mut c, "CONNECTED\n").await?;
         }
+        Proto::Centrifugo => {
+            let token = token.unwrap_or_default();
+            c.send_json(&json!({"id": 1, "connect": {"token": token, "name": "loadtest"}}))
+                .await?;
+            centrifugo_reply(&mut c, 1).await?;
+        }
     }
     Ok(c)
+}
+
+/// Reads Centrifugo frames (answering pings) until the reply to command `id`; an error
+/// reply fails. A frame may hold several replies and pushes, one per line.
+async fn centrifugo_reply(c: &mut Client, id: u64) -> anyhow::Result<Value> {
+    loop {
+        match c.recv(Duration::from_secs(30)).await? {
+            Received::Text(t) => {
+                for line in t.lines() {
+                    if let Some(pong) = Proto::Centrifugo.pong(line) {
+                        c.send_text(pong).await?;
+                        continue;
+                    }
+                    let v: Value =
+                        serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
+                    if v["id"] != id {
+                        continue;
+                    }
+                    if !v["error"].is_null() {
+                        bail!("Centrifugo error reply: {v}");
+                    }
+                    return Ok(v);
+                }
+            }
+            Received::Binary(_) => {}
+            Received::Close(code, r) => bail!("closed {code} {r}"),
+        }
+    }
 }
 
 /// Reads STOMP frames until one starts with `command` (an ERROR fails).
@@ -224,7 +275,7 @@ async fn eio_expect(c: &mut Client, prefix: &str) -> anyhow::Result<String> {
     }
 }
 
-/// Subscribes and waits for the ack, in either protocol.
+/// Subscribes and waits for the ack, in any protocol.
 async fn subscribe(c: &mut Client, channel: &str, proto: Proto) -> anyhow::Result<()> {
     match proto {
         Proto::Gateway => {
@@ -251,6 +302,12 @@ async fn subscribe(c: &mut Client, channel: &str, proto: Proto) -> anyhow::Resul
             ))
             .await?;
             stomp_expect(c, "RECEIPT\n").await?;
+            Ok(())
+        }
+        Proto::Centrifugo => {
+            c.send_json(&json!({"id": 2, "subscribe": {"channel": channel}}))
+                .await?;
+            centrifugo_reply(c, 2).await?;
             Ok(())
         }
     }

@@ -57,7 +57,7 @@ pub async fn unicast(a: UnicastArgs) -> anyhow::Result<()> {
     let idle = Duration::from_secs_f64(a.duration_secs + 30.0);
     let mut set = JoinSet::new();
     for (_, cl) in clients {
-        set.spawn(receive(cl, "\"direct\"", idle));
+        set.spawn(receive(cl, Proto::Gateway, "\"direct\"", idle));
     }
     // Give the directory a moment to record the last connections.
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -412,18 +412,27 @@ pub fn encode(command: &str, headers: &[(&str, &str)], body: &str, version: Vers
     crate::conn::frame::text(&s)
 }
 
-/// The part of a MESSAGE frame that every connection shares: the headers that do not depend
-/// on the connection, the blank line, the body and the NUL. See the parent module.
-pub fn message_tail(data: &str) -> Bytes {
-    let mut b = BytesMut::with_capacity(64 + data.len());
+/// The part of a MESSAGE frame that every connection shares: `ack` and `message-id` (both
+/// `id`, the same for every subscriber), the other headers that do not depend on the
+/// connection, the blank line, the body and the NUL. See the parent module. `ack` comes
+/// first, so that a subscription without client acks skips its line with a slice
+/// ([`ack_line_len`]).
+pub fn message_tail(id: &dyn std::fmt::Display, data: &str) -> Bytes {
+    let mut b = BytesMut::with_capacity(96 + data.len());
     let _ = write!(
         b,
-        "content-type:application/json\ncontent-length:{}\n\n",
+        "ack:{id}\nmessage-id:{id}\ncontent-type:application/json\ncontent-length:{}\n\n",
         data.len()
     );
     b.put_slice(data.as_bytes());
     b.put_u8(0);
     b.freeze()
+}
+
+/// The length of a [`message_tail`]'s `ack` line, which a subscription without client acks
+/// leaves out.
+pub fn ack_line_len(tail: &[u8]) -> usize {
+    tail.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1)
 }
 
 #[cfg(test)]
@@ -590,8 +599,13 @@ mod tests {
     #[test]
     fn message_tail_carries_length_and_nul() {
         assert_eq!(
-            &message_tail("[1]")[..],
-            b"content-type:application/json\ncontent-length:3\n\n[1]\0"
+            &message_tail(&7, "[1]")[..],
+            b"ack:7\nmessage-id:7\ncontent-type:application/json\ncontent-length:3\n\n[1]\0"
+        );
+        let tail = message_tail(&"e:7", "[1]");
+        assert_eq!(
+            &tail[ack_line_len(&tail)..],
+            b"message-id:e:7\ncontent-type:application/json\ncontent-length:3\n\n[1]\0"
         );
     }
 }

@@ -18,30 +18,33 @@
 //! A MESSAGE frame must name the subscription it is for: stompjs and Spring's client route
 //! incoming messages by the `subscription` header alone (stompjs: `_subscriptions[
 //! frame.headers.subscription]`, else `onUnhandledMessage`), and the id is the client's own
-//! choice, so it differs per connection. `message-id` is per connection too (a counter, for
-//! now). The rest is not. So a MESSAGE is sent as two buffers in one vectored write:
+//! choice, so it may differ per connection. The rest is the same for every subscriber. So a
+//! MESSAGE is made of two parts:
 //!
 //! - the shared tail, encoded once per channel message by [`CODEC`] and shared by every
-//!   STOMP connection exactly as v1 frames are: `content-type`, `content-length`, the blank
-//!   line, the body and the NUL ([`frame::message_tail`]);
-//! - a per-connection head, built by the connection's [`Routes`] (a
-//!   [`crate::conn::event::Framer`]): the WebSocket frame header (its length covers both
-//!   parts), `MESSAGE`, the subscription's own headers (`subscription`, `destination`,
-//!   escaped for the connection's version once, at SUBSCRIBE) and `message-id` (plus `ack`
-//!   on client-ack subscriptions).
+//!   STOMP connection exactly as v1 frames are: `ack` and `message-id`, `content-type`,
+//!   `content-length`, the blank line, the body and the NUL ([`frame::message_tail`]). A
+//!   subscription without client acks leaves out the `ack` line, the tail's first;
+//! - the subscription's prefix, encoded once at SUBSCRIBE and kept in the connection's
+//!   [`Routes`] (a [`crate::conn::event::Framer`]): `MESSAGE`, `subscription` and
+//!   `destination`, escaped for the connection's version.
 //!
-//! The head is 70–120 bytes whatever the body's size; building it costs a lock of the
-//! connection's route table, one hash lookup by channel, a small allocation and a copy of
-//! the subscription's pre-encoded headers: a fixed cost per delivery on top of v1's (a
-//! reference count), which the loadtest can measure as CPU per delivery. The body is never
-//! copied or re-encoded per connection.
+//! Per delivery the framer looks the subscription up (a lock of the connection's route table
+//! and a hash lookup by channel) and hands both parts to the message's
+//! [`crate::conn::event::Joined`]: connections whose prefix is the same (stompjs names every
+//! client's first subscription `sub-0`) get one whole frame, joined once per message, as v1
+//! connections do; past a few distinct prefixes, a connection gets the WebSocket header
+//! (from a static table), its prefix and the tail as three buffers of one vectored write.
+//! Nothing is allocated per delivery, and the body is copied a bounded number of times per
+//! message whatever the number of subscribers.
 //!
-//! # Message ids and history
+//! # Message ids
 //!
-//! `message-id` is the connection's own counter today. Once channels keep history, a
-//! history channel's message will carry its `<epoch>:<offset>` in [`Event::Message`]; it is
-//! the same for every subscriber, so it then moves into the shared tail (and `message-id`
-//! out of [`Routes::frame`]'s head).
+//! `message-id` is the same for every subscriber of a message, so that it can be in the
+//! shared tail: on a history channel the publication's `<epoch>:<offset>`, elsewhere a
+//! number from a counter of the node's (`MESSAGE_IDS`), so unique on each connection. `ack`,
+//! on client-ack subscriptions, repeats it. Two subscriptions of one connection to one
+//! channel get the same message with the same id.
 //!
 //! Delivery is at-most-once: ACK and NACK are accepted and do nothing.
 
@@ -49,18 +52,18 @@ pub mod frame;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use shared::protocol::ErrorCode;
 
 use self::frame::{Command as Cmd, Frame, Version};
 use crate::auth::{AuthError, Identity};
 use crate::cluster::directory::AddError;
 use crate::conn::clock::TokenClock;
-use crate::conn::event::{Codec, Event, Framer};
+use crate::conn::event::{Codec, Event, Framer, Joined};
 use crate::conn::outbound::{Heartbeat, Outbound};
 use crate::conn::socket::Handler;
 use crate::core::session::{self, Admit, Command, Conn, Ending, Failure, Session};
@@ -80,7 +83,17 @@ impl Codec for Stomp {
 
     fn encode(&self, event: &Event<'_>) -> Bytes {
         match *event {
-            Event::Message { data, .. } | Event::Direct { data } => frame::message_tail(data),
+            // On a history channel the message id is the publication's place; otherwise a
+            // number of the node's. Either is the same for every subscriber.
+            Event::Message {
+                data,
+                position: Some((offset, epoch)),
+                ..
+            } => frame::message_tail(&format_args!("{epoch}:{offset}"), data),
+            Event::Message { data, .. } | Event::Direct { data } => {
+                let id = MESSAGE_IDS.fetch_add(1, Ordering::Relaxed) + 1;
+                frame::message_tail(&id, data)
+            }
             // STOMP has no refresh: the connection is closed (with an ERROR) when the grace
             // period ends. Nothing to say before. An ended subscription is framed per
             // connection (an ERROR naming it).
@@ -90,6 +103,11 @@ impl Codec for Stomp {
         }
     }
 }
+
+/// The last `message-id` the node handed out to a message without a position: one counter
+/// for every STOMP connection of the node, so that an id is unique on each of them and
+/// encoded once per message, in the shared tail.
+static MESSAGE_IDS: AtomicU64 = AtomicU64::new(0);
 
 /// The WebSocket subprotocols we speak, best first.
 pub const SUBPROTOCOLS: [&str; 3] = ["v12.stomp", "v11.stomp", "v10.stomp"];
@@ -111,8 +129,9 @@ fn beat() -> Bytes {
 
 /// One subscription as the fan-out sees it.
 struct Route {
-    /// `subscription:…\ndestination:…\n`, escaped for the connection's version.
-    headers: Bytes,
+    /// `MESSAGE\nsubscription:…\ndestination:…\n`, escaped for the connection's version:
+    /// everything of a MESSAGE frame that is the subscription's own, encoded at SUBSCRIBE.
+    prefix: Bytes,
     /// The subscription asked for client acks: MESSAGE frames carry `ack`.
     ack: bool,
 }
@@ -123,8 +142,6 @@ struct Table {
     topics: HashMap<String, Vec<(String, Route)>>,
     /// The `/user/queue/…` subscriptions: each gets the connection's unicast.
     user: Vec<(String, Route)>,
-    /// The last `message-id` handed out.
-    message_id: u64,
 }
 
 /// A STOMP connection's own part of its frames: its subscriptions, read by the fan-out to
@@ -169,34 +186,35 @@ impl Routes {
 
     fn route(&self, sub: &str, destination: &str, ack: bool) -> Route {
         let v = self.version();
-        let mut h = String::with_capacity(32 + sub.len() + destination.len());
+        let mut h = String::with_capacity(40 + sub.len() + destination.len());
         let _ = write!(
             h,
-            "subscription:{}\ndestination:{}\n",
+            "MESSAGE\nsubscription:{}\ndestination:{}\n",
             frame::escape(sub, v, true),
             frame::escape(destination, v, true)
         );
         Route {
-            headers: Bytes::from(h),
+            prefix: Bytes::from(h),
             ack,
         }
     }
 }
 
 impl Framer for Routes {
-    fn frame(&self, event: &Event<'_>, shared: &Bytes, part: &mut dyn FnMut(Bytes)) {
-        let mut table = self.table();
-        let Table {
-            topics,
-            user,
-            message_id,
-        } = &mut *table;
+    fn frame(
+        &self,
+        event: &Event<'_>,
+        shared: &Bytes,
+        joined: &mut Joined,
+        part: &mut dyn FnMut(Bytes),
+    ) {
+        let table = self.table();
         let routes = match event {
-            Event::Message { channel, .. } => match topics.get(*channel) {
+            Event::Message { channel, .. } => match table.topics.get(*channel) {
                 Some(r) => r.as_slice(),
                 None => return,
             },
-            Event::Direct { .. } => user.as_slice(),
+            Event::Direct { .. } => table.user.as_slice(),
             Event::TokenExpiring { .. } | Event::Join { .. } | Event::Leave { .. } => return,
             Event::Unsubscribed { channel, code } => {
                 // STOMP has no frame that ends one subscription: the client hears it as an
@@ -207,38 +225,11 @@ impl Framer for Routes {
                 return;
             }
         };
-        // On a history channel the message id is the publication's place, the same for every
-        // subscriber: `<epoch>:<offset>`.
-        let position = match event {
-            Event::Message {
-                position: Some((offset, epoch)),
-                ..
-            } => Some(format!("{epoch}:{offset}")),
-            _ => None,
-        };
+        // The subscription's prefix and the shared tail, with or without its `ack` line.
+        let ack_line = frame::ack_line_len(shared);
         for (_, route) in routes {
-            *message_id += 1;
-            let counter = itoa(*message_id);
-            let id = position.as_deref().unwrap_or(counter.as_str());
-            let mut head_len = "MESSAGE\n".len() + route.headers.len();
-            head_len += "message-id:\n".len() + id.len();
-            if route.ack {
-                head_len += "ack:\n".len() + id.len();
-            }
-            let mut head = BytesMut::with_capacity(head_len + 10);
-            crate::conn::frame::put_header(&mut head, 0x1, head_len + shared.len());
-            head.put_slice(b"MESSAGE\n");
-            head.put_slice(&route.headers);
-            head.put_slice(b"message-id:");
-            head.put_slice(id.as_bytes());
-            head.put_u8(b'\n');
-            if route.ack {
-                head.put_slice(b"ack:");
-                head.put_slice(id.as_bytes());
-                head.put_u8(b'\n');
-            }
-            part(head.freeze());
-            part(shared.clone());
+            let skip = if route.ack { 0 } else { ack_line };
+            joined.text_frame(&route.prefix, shared, skip, part);
         }
     }
 
@@ -249,32 +240,6 @@ impl Framer for Routes {
             other => Some(self.error(&other.to_string(), None)),
         }
     }
-}
-
-/// Decimal digits of `n` without allocating.
-struct Itoa {
-    buf: [u8; 20],
-    start: usize,
-}
-
-impl Itoa {
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.buf[self.start..]).unwrap_or("0")
-    }
-}
-
-fn itoa(mut n: u64) -> Itoa {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    Itoa { buf, start: i }
 }
 
 /// What a subscription id points at, for UNSUBSCRIBE.
@@ -824,7 +789,7 @@ impl Handler for Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::event::Encoded;
+    use crate::conn::event::{Encoded, JOINED_FRAMES};
     use std::collections::VecDeque;
 
     #[test]
@@ -847,13 +812,6 @@ mod tests {
         assert_eq!(parse_heart_beat(" 1 , 2 "), Some((1, 2)));
         assert_eq!(parse_heart_beat("1"), None);
         assert_eq!(parse_heart_beat("a,b"), None);
-    }
-
-    #[test]
-    fn itoa_writes_digits() {
-        for n in [0, 7, 10, 12345, u64::MAX] {
-            assert_eq!(itoa(n).as_str(), n.to_string());
-        }
     }
 
     fn subscribed(sub: &str, channel: &str, ack: bool) -> (Arc<Outbound>, Arc<Routes>) {
@@ -887,7 +845,7 @@ mod tests {
         let (a, _ra) = subscribed("sub-0", "chat:1", false);
         let (b, _rb) = subscribed("mine", "chat:1", true);
         let mut encoded = Encoded::new(Event::Message {
-            position: None,
+            position: Some((17, "e")),
             channel: "chat:1",
             data: r#"{"text":"hi"}"#,
         });
@@ -900,20 +858,19 @@ mod tests {
         let (mut qa, mut qb) = (VecDeque::new(), VecDeque::new());
         a.take(&mut qa);
         b.take(&mut qb);
-        assert_eq!(qa.len(), 2, "a head and the shared tail");
         assert_eq!(
-            qa[1].as_ptr(),
-            qb[1].as_ptr(),
-            "one tail for both connections"
+            (qa.len(), qb.len()),
+            (1, 1),
+            "whole frames, while the event has few"
         );
         assert_eq!(
             String::from_utf8(payload(&qa)).unwrap(),
-            "MESSAGE\nsubscription:sub-0\ndestination:/topic/chat\\c1\nmessage-id:1\n\
+            "MESSAGE\nsubscription:sub-0\ndestination:/topic/chat\\c1\nmessage-id:e:17\n\
              content-type:application/json\ncontent-length:13\n\n{\"text\":\"hi\"}\0"
         );
         assert_eq!(
             String::from_utf8(payload(&qb)).unwrap(),
-            "MESSAGE\nsubscription:mine\ndestination:/topic/chat\\c1\nmessage-id:1\nack:1\n\
+            "MESSAGE\nsubscription:mine\ndestination:/topic/chat\\c1\nack:e:17\nmessage-id:e:17\n\
              content-type:application/json\ncontent-length:13\n\n{\"text\":\"hi\"}\0"
         );
         // A channel the connection holds no route for is dropped for it.
@@ -926,6 +883,72 @@ mod tests {
             a.push_encoded(&mut other, None).0,
             crate::conn::outbound::Pushed::Unwanted
         );
+    }
+
+    #[test]
+    fn subscriptions_alike_share_a_frame_and_the_rest_share_the_tail() {
+        let mut encoded = Encoded::new(Event::Message {
+            position: None,
+            channel: "c",
+            data: "[1]",
+        });
+        let mut queued = |sub: &str| {
+            let (out, _routes) = subscribed(sub, "c", false);
+            out.push_encoded(&mut encoded, None);
+            let mut q = VecDeque::new();
+            out.take(&mut q);
+            q
+        };
+        let first = queued("sub-0");
+        let alike = queued("sub-0");
+        assert_eq!(first[0].as_ptr(), alike[0].as_ptr(), "one frame for both");
+        let distinct: Vec<_> = (1..=JOINED_FRAMES)
+            .map(|i| queued(&format!("s{i}")))
+            .collect();
+        let last = distinct.last().expect("some");
+        assert_eq!(
+            last.len(),
+            3,
+            "past the joined frames: the header, the prefix, the tail"
+        );
+        assert_eq!(&last[2][..], &first[0][first[0].len() - last[2].len()..]);
+        assert_eq!(
+            String::from_utf8(payload(last)).unwrap(),
+            String::from_utf8(payload(&first))
+                .unwrap()
+                .replace("sub-0", &format!("s{JOINED_FRAMES}"))
+        );
+    }
+
+    /// The `message-id` of a MESSAGE frame as `payload` returns it.
+    fn message_id(frame: &[u8]) -> String {
+        let text = String::from_utf8_lossy(frame);
+        let line = text.lines().find_map(|l| l.strip_prefix("message-id:"));
+        line.expect("a message-id").to_owned()
+    }
+
+    #[test]
+    fn message_ids_are_per_message_the_same_for_every_subscriber() {
+        let (a, _ra) = subscribed("s", "c", true);
+        let (b, _rb) = subscribed("t", "c", false);
+        let mut ids = Vec::new();
+        for data in ["1", "2"] {
+            let mut encoded = Encoded::new(Event::Message {
+                position: None,
+                channel: "c",
+                data,
+            });
+            let mut got = Vec::new();
+            for out in [&a, &b] {
+                out.push_encoded(&mut encoded, None);
+                let mut q = VecDeque::new();
+                out.take(&mut q);
+                got.push(message_id(&payload(&q)));
+            }
+            assert_eq!(got[0], got[1], "one id for both subscribers");
+            ids.push(got.swap_remove(0));
+        }
+        assert_ne!(ids[0], ids[1], "a new id for the next message");
     }
 
     #[test]
