@@ -26,7 +26,7 @@ use std::sync::Mutex;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::broker::Position;
-use crate::conn::event::{Event, Framer};
+use crate::conn::event::{Event, Framer, Joined};
 use crate::error::CloseReason;
 
 /// Channels one `/sse` connection may name.
@@ -103,7 +103,13 @@ impl Ids {
 }
 
 impl Framer for Ids {
-    fn frame(&self, event: &Event<'_>, shared: &Bytes, part: &mut dyn FnMut(Bytes)) {
+    fn frame(
+        &self,
+        event: &Event<'_>,
+        shared: &Bytes,
+        _: &mut Joined,
+        part: &mut dyn FnMut(Bytes),
+    ) {
         if let Event::Message {
             channel,
             position: Some((offset, epoch)),
