@@ -84,6 +84,15 @@ impl CloseReason {
         }
     }
 
+    /// The reconnect hint a drain or a rebalancing gives with its close: wait this long before
+    /// reconnecting.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            CloseReason::Restart(ms) | CloseReason::Rebalance(ms) => Some(*ms),
+            _ => None,
+        }
+    }
+
     /// Short snake_case label for metrics and logs.
     pub fn label(&self) -> &'static str {
         match self {

@@ -21,7 +21,9 @@ use crate::node::Node;
 ///    balancer notices and stops routing here;
 /// 3. the public listener is closed, and connections are closed gradually over 80 % of
 ///    `drain_window_ms` with 1012 and a jittered `retry_after_ms` hint, oldest first, so
-///    that clients do not all reconnect elsewhere at the same moment;
+///    that clients do not all reconnect elsewhere at the same moment (a protocol whose
+///    clients cannot read the hint has its connections closed once it has passed, within
+///    the window: `Outbound::close_with_hint`);
 /// 4. each closing connection leaves the directory and appends its `disconnect` event;
 /// 5. whatever is still open when the window ends gets 1001 and `shutdown_grace_ms` to
 ///    finish; then the node leaves the cluster and this function returns.
@@ -284,11 +286,17 @@ async fn drain(node: &Arc<Node>) {
             // The closes are already spread over the window; the hint only has to keep
             // the clients closed in one tick from reconnecting in the same instant.
             let max_hint = node.config.drain_window_ms.clamp(1_000, 5_000);
-            closed += node.directory.close_oldest(due - closed, || {
-                crate::error::CloseReason::Restart(crate::cluster::directory::jittered_ms(
-                    500, max_hint,
-                ))
-            });
+            // A connection whose client cannot read the hint waits it out before its close
+            // (`Outbound::close_with_hint`), within the window all the same.
+            closed += node.directory.close_oldest(
+                due - closed,
+                || {
+                    crate::error::CloseReason::Restart(crate::cluster::directory::jittered_ms(
+                        500, max_hint,
+                    ))
+                },
+                Some(started + window),
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -628,6 +628,92 @@ async fn operator_disconnect_is_3503_and_a_drain_is_3001_with_a_hint() {
     ));
 }
 
+/// The `retry_after_ms` a drain's close reason carries.
+fn hint_ms(reason: &str) -> u64 {
+    let ms = reason.rsplit_once("retry_after_ms=").map(|(_, ms)| ms);
+    ms.and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no hint in `{reason}`"))
+}
+
+/// The SDKs cannot read a drain's reconnect hint, so the node waits it out before it closes
+/// an SDK connection (which keeps receiving meanwhile); a v1 connection is closed at once,
+/// the hint in its close reason for the client to wait out.
+#[tokio::test]
+async fn a_drain_closes_an_sdk_connection_after_its_hint_and_a_v1_connection_at_once() {
+    // 2 s: hints between 500 ms and 2 s, and the window bounds every close.
+    let window = Duration::from_millis(2_000);
+    let node = start(gateway::Config {
+        drain_window_ms: window.as_millis() as u64,
+        ..cf_config()
+    })
+    .await;
+    let drain = |on: bool| {
+        let node = &node;
+        async move {
+            let method = if on { "POST" } else { "DELETE" };
+            let (status, _) = node.admin(method, "/v1/drain", "", None).await;
+            assert_eq!(status, if on { 202 } else { 200 });
+        }
+    };
+
+    // v1: closed in the drain's first tick, long before any hint could have passed.
+    let url = format!("{}?access_token={}", node.url(), user("v"));
+    let mut v1 = Client::connect(&url).await.expect("upgrade");
+    assert_eq!(v1.recv_json(T).await.unwrap()["type"], "welcome");
+    let asked = tokio::time::Instant::now();
+    drain(true).await;
+    let (code, reason) = v1.recv_close(T).await.unwrap();
+    let at = asked.elapsed();
+    assert_eq!(code, 1012, "{reason}");
+    assert!(
+        reason.starts_with("service restart; retry_after_ms="),
+        "{reason}"
+    );
+    assert!(
+        at < Duration::from_millis(hint_ms(&reason).min(500)),
+        "closed after {at:?}"
+    );
+    drain(false).await;
+
+    // An SDK connection: told in the first tick too, still served, closed once its hint
+    // has passed and within the window.
+    let (mut c, _) = connected(&node, "alice").await;
+    send(&mut c, &[json!({"id":2,"subscribe":{"channel":"chat:d"}})]).await;
+    assert_eq!(one(&mut c).await, json!({"id":2,"subscribe":{}}));
+    let asked = tokio::time::Instant::now();
+    drain(true).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, _) = node
+        .admin(
+            "POST",
+            "/v1/channels/chat:d/publish",
+            r#"{"data":{"n":1}}"#,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        one(&mut c).await,
+        json!({"push":{"channel":"chat:d","pub":{"data":{"n":1}}}}),
+        "still served while it waits out its hint"
+    );
+    let (code, reason) = c.recv_close(T).await.unwrap();
+    let at = asked.elapsed();
+    assert_eq!(code, 3001, "{reason}");
+    assert!(reason.starts_with("shutdown; retry_after_ms="), "{reason}");
+    let hint = Duration::from_millis(hint_ms(&reason));
+    assert!(
+        at >= hint,
+        "closed after {at:?}, before its hint of {hint:?}"
+    );
+    assert!(
+        at < window + Duration::from_millis(500),
+        "closed after {at:?}"
+    );
+    node.wait_metric(r#"gateway_connection_closes_total{blame="none",reason="drain"} 2"#)
+        .await;
+}
+
 /// One HTTP request with a header of our choosing.
 async fn api(node: &TestNode, method: &str, body: &str, key: Option<&str>) -> (u16, Value) {
     let headers = key

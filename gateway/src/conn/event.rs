@@ -80,6 +80,15 @@ pub trait Codec: Send + Sync + 'static {
     fn close(&self, reason: &CloseReason) -> Bytes {
         frame::close(reason.code(), &reason.to_string())
     }
+
+    /// Whether this protocol's clients wait as a close's reconnect hint
+    /// ([`CloseReason::retry_after_ms`]) asks before they reconnect. When they cannot read
+    /// it, the node serves the hint itself: such a connection told to leave by a drain or a
+    /// rebalancing is closed once its delay has passed rather than at once
+    /// ([`Outbound::close_with_hint`](super::outbound::Outbound::close_with_hint)).
+    fn takes_retry_hint(&self) -> bool {
+        true
+    }
 }
 
 /// The per-connection half of a protocol whose frames differ per connection, held by each
@@ -206,5 +215,23 @@ impl Codec for DebugCodec {
     }
     fn encode(&self, event: &Event<'_>) -> Bytes {
         Bytes::from(format!("{event:?}"))
+    }
+}
+
+/// [`DebugCodec`] for a protocol whose clients cannot read a reconnect hint, as
+/// Centrifugo's SDKs: for tests of the delayed close.
+#[cfg(test)]
+pub struct HintlessCodec;
+
+#[cfg(test)]
+impl Codec for HintlessCodec {
+    fn id(&self) -> usize {
+        DebugCodec.id()
+    }
+    fn encode(&self, event: &Event<'_>) -> Bytes {
+        DebugCodec.encode(event)
+    }
+    fn takes_retry_hint(&self) -> bool {
+        false
     }
 }

@@ -27,7 +27,9 @@
 //!
 //! A queue may also hold its connection's [`Framer`] (protocols whose frames carry
 //! per-connection headers, see [`super::event`]) and carries the keep-alive that such a
-//! protocol negotiates after the connection opened ([`Heartbeat`]) to the writer.
+//! protocol negotiates after the connection opened ([`Heartbeat`]) to the writer. It
+//! closes a connection told to reconnect later on behalf of a protocol whose clients cannot
+//! read the hint ([`Outbound::close_with_hint`]).
 
 use std::collections::VecDeque;
 use std::mem::size_of;
@@ -95,6 +97,8 @@ struct State {
     /// Where in `frames` the pong not yet taken is, if there is one.
     pong: Option<usize>,
     close: Option<CloseReason>,
+    /// A close is on its way, after a reconnect hint's delay ([`Outbound::close_with_hint`]).
+    leaving: bool,
     /// Broker receipt time of the oldest channel message queued.
     oldest: Option<Instant>,
     /// Writes that carried a channel message, for sampling the latency histogram.
@@ -397,6 +401,50 @@ impl Outbound {
         self.notify.notify_one();
     }
 
+    /// Closes the connection with `reason`, a drain's or a rebalancing's, which carries a
+    /// reconnect hint: at once when the connection's protocol tells its clients the hint
+    /// ([`Codec::takes_retry_hint`]); otherwise once the hint's delay has passed, but no later
+    /// than `deadline` (a drain's window), so that a client that reconnects after its own
+    /// backoff comes back after the hint all the same. Until then the connection is served
+    /// as before (it receives, and its requests are answered); it only counts as leaving
+    /// ([`Outbound::is_leaving`]), so that it is not picked again.
+    ///
+    /// The delayed close is a timer task holding the queue weakly: a connection that ends
+    /// meanwhile is not kept, and a later close reason (shutdown at the end of a drain, an
+    /// overflow) still wins, as the first close does.
+    pub fn close_with_hint(
+        self: &Arc<Self>,
+        reason: CloseReason,
+        deadline: Option<tokio::time::Instant>,
+    ) {
+        let wait = match reason.retry_after_ms() {
+            Some(ms) if !self.codec.takes_retry_hint() => Duration::from_millis(ms),
+            _ => return self.close(reason),
+        };
+        {
+            let mut s = self.lock();
+            if s.close.is_some() || s.leaving {
+                return;
+            }
+            s.leaving = true;
+        }
+        let now = tokio::time::Instant::now();
+        let at = deadline.map_or(now + wait, |d| d.min(now + wait));
+        let out = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            if let Some(out) = out.upgrade() {
+                out.close(reason);
+            }
+        });
+    }
+
+    /// True once a close was requested, or is on its way ([`Outbound::close_with_hint`]).
+    pub fn is_leaving(&self) -> bool {
+        let s = self.lock();
+        s.close.is_some() || s.leaving
+    }
+
     /// What the queued frames cost against the cap (see `State::bytes`).
     #[cfg(test)]
     pub fn queued(&self) -> usize {
@@ -455,7 +503,7 @@ impl Outbound {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::event::{DebugCodec as NoCodec, Joined};
+    use crate::conn::event::{DebugCodec as NoCodec, HintlessCodec, Joined};
     use crate::conn::frame;
 
     /// A framer that sends every event as a head of its own plus the shared part, or
@@ -514,6 +562,42 @@ mod tests {
         assert!(Outbound::new(1, &Body)
             .farewell(&CloseReason::Shutdown)
             .is_none());
+    }
+
+    #[tokio::test]
+    async fn a_hint_is_waited_out_for_clients_that_cannot_read_it() {
+        let told = tokio::time::Instant::now();
+        // A client that reads the hint is closed at once, with it.
+        let reads = Arc::new(Outbound::new(1 << 10, &NoCodec));
+        reads.close_with_hint(CloseReason::Restart(300), None);
+        assert_eq!(reads.close_reason(), Some(CloseReason::Restart(300)));
+
+        let waits = Arc::new(Outbound::new(1 << 10, &HintlessCodec));
+        waits.close_with_hint(CloseReason::Restart(300), None);
+        assert!(waits.is_leaving() && !waits.is_closing());
+        assert_eq!(waits.push(Bytes::from_static(b"still")), Pushed::Queued);
+        // Told again (a second drain tick), nothing changes: the first delay stands.
+        waits.close_with_hint(CloseReason::Restart(10), None);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(!waits.is_closing(), "closed before its hint");
+        while !waits.is_closing() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(told.elapsed() >= Duration::from_millis(300));
+        assert_eq!(waits.close_reason(), Some(CloseReason::Restart(300)));
+
+        // A deadline comes first: closed by then, the hint cut short.
+        let capped = Arc::new(Outbound::new(1 << 10, &HintlessCodec));
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+        capped.close_with_hint(CloseReason::Rebalance(5_000), Some(deadline));
+        while !capped.is_closing() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(told.elapsed() < Duration::from_secs(2));
+        // Reasons without a hint close at once whatever the protocol.
+        let other = Arc::new(Outbound::new(1 << 10, &HintlessCodec));
+        other.close_with_hint(CloseReason::Shutdown, None);
+        assert!(other.is_closing());
     }
 
     #[test]

@@ -169,6 +169,17 @@ impl LocalConns {
         self.local().by_conn.len()
     }
 
+    /// Connections held by this node that are not leaving: neither closing nor waiting out a
+    /// reconnect hint ([`Outbound::close_with_hint`]). One look at each connection.
+    pub fn staying(&self) -> usize {
+        let local = self.local();
+        local
+            .by_conn
+            .values()
+            .filter(|l| !l.out.is_leaving())
+            .count()
+    }
+
     /// The distinct users among this node's connections.
     pub fn users(&self) -> usize {
         self.local().by_user.len()
@@ -290,18 +301,26 @@ impl LocalConns {
     }
 
     /// Closes up to `n` of this node's connections, oldest first, with the reason `why`
-    /// gives each. Returns how many it closed. Oldest first because a connection that has
-    /// just arrived (perhaps just shed by another node) should not be bounced again.
-    pub fn close_oldest(&self, n: usize, why: impl Fn() -> CloseReason) -> usize {
+    /// gives each (a reconnect hint: see [`Outbound::close_with_hint`], which closes those
+    /// whose clients cannot read it after its delay, by `deadline` at the latest). Returns how
+    /// many it closed. Oldest first because a connection that has just arrived (perhaps just
+    /// shed by another node) should not be bounced again; connections already leaving are
+    /// not picked again.
+    pub fn close_oldest(
+        &self,
+        n: usize,
+        why: impl Fn() -> CloseReason,
+        deadline: Option<tokio::time::Instant>,
+    ) -> usize {
         let local = self.local();
         let mut open: Vec<(&u64, &Arc<Outbound>)> = local
             .values()
-            .filter(|l| !l.out.is_closing())
+            .filter(|l| !l.out.is_leaving())
             .map(|l| (&l.connected_ms, &l.out))
             .collect();
         open.sort_by_key(|(at, _)| **at);
         for (_, out) in open.iter().take(n) {
-            out.close(why());
+            out.close_with_hint(why(), deadline);
         }
         n.min(open.len())
     }
@@ -379,6 +398,23 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn connections_waiting_out_a_hint_are_not_picked_or_counted_again() {
+        let l = conns();
+        let hintless = || Arc::new(Outbound::new(1 << 20, &crate::conn::event::HintlessCodec));
+        let (a, b, c) = (hintless(), out(), hintless());
+        l.insert("a", 0, None, a.clone(), 1);
+        l.insert("b", 0, None, b.clone(), 2);
+        l.insert("c", 0, None, c.clone(), 3);
+        let hint = || CloseReason::Rebalance(60_000);
+        assert_eq!(l.close_oldest(2, hint, None), 2);
+        assert!(a.is_leaving() && !a.is_closing(), "waits out its hint");
+        assert!(b.is_closing(), "reads the hint: closed at once");
+        assert_eq!((l.len(), l.staying()), (3, 1));
+        assert_eq!(l.close_oldest(2, hint, None), 1, "only c is left to pick");
+        assert!(c.is_leaving() && l.staying() == 0);
     }
 
     #[test]

@@ -368,9 +368,15 @@ impl Directory {
     }
 
     /// Closes up to `n` of this node's connections, oldest first, with the reason `why`
-    /// gives each. Returns how many it closed. See [`LocalConns::close_oldest`].
-    pub fn close_oldest(&self, n: usize, why: impl Fn() -> CloseReason) -> usize {
-        self.local.close_oldest(n, why)
+    /// gives each, by `deadline` at the latest. Returns how many it closed. See
+    /// [`LocalConns::close_oldest`].
+    pub fn close_oldest(
+        &self,
+        n: usize,
+        why: impl Fn() -> CloseReason,
+        deadline: Option<tokio::time::Instant>,
+    ) -> usize {
+        self.local.close_oldest(n, why, deadline)
     }
 
     /// Heartbeat, resync after an outage, the janitor and rebalancing (not while

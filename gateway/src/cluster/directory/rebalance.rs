@@ -76,15 +76,23 @@ impl Rebalancer {
         if now_ms() < r.quiet_until_ms.load(Ordering::Acquire) {
             return Ok(());
         }
-        let mine = local.len() as f64;
         let limit = (total as f64 / nodes as f64 * (1.0 + r.slack)).ceil();
-        if nodes < 2 || mine <= limit {
+        if nodes < 2 || local.len() as f64 <= limit {
+            return Ok(());
+        }
+        // Connections shed earlier may still be waiting out their hint: they are going, so
+        // shedding more for them would overshoot.
+        let mine = local.staying() as f64;
+        if mine <= limit {
             return Ok(());
         }
         let excess = (mine - limit) as usize;
-        let shed = local.close_oldest(excess.min(r.per_beat), || {
-            CloseReason::Rebalance(jittered_ms(500, 5_000))
-        });
+        // No deadline: a connection that waits out its hint is gone within 5 s.
+        let shed = local.close_oldest(
+            excess.min(r.per_beat),
+            || CloseReason::Rebalance(jittered_ms(500, 5_000)),
+            None,
+        );
         if shed > 0 {
             r.quiet_until_ms.store(
                 now_ms() + 3 * self.heartbeat.as_millis() as u64,

@@ -122,6 +122,12 @@ impl Codec for Centrifugo {
             ),
         }
     }
+
+    /// The stock SDKs reconnect after their own backoff (centrifuge-js: 0.5–1 s for the
+    /// first attempt) whatever the close says: the hint's text reaches only the application.
+    fn takes_retry_hint(&self) -> bool {
+        false
+    }
 }
 
 /// `{"push":{"channel":..,"pub":{"data":..,"offset":..}}}` built without a serializer pass
