@@ -405,9 +405,9 @@ mod tests {
         let l = conns();
         let hintless = || Arc::new(Outbound::new(1 << 20, &crate::conn::event::HintlessCodec));
         let (a, b, c) = (hintless(), out(), hintless());
-        l.insert("a", 0, None, a.clone(), 1);
-        l.insert("b", 0, None, b.clone(), 2);
-        l.insert("c", 0, None, c.clone(), 3);
+        l.insert("a", 0, None, a.clone(), 1, None);
+        l.insert("b", 0, None, b.clone(), 2, None);
+        l.insert("c", 0, None, c.clone(), 3, None);
         let hint = || CloseReason::Rebalance(60_000);
         assert_eq!(l.close_oldest(2, hint, None), 2);
         assert!(a.is_leaving() && !a.is_closing(), "waits out its hint");
