@@ -84,9 +84,6 @@ const VERSION: &str = concat!("gateway ", env!("CARGO_PKG_VERSION"));
 /// from making the node verify tokens without end on one socket, past the handshake rate.
 pub const MAX_CONNECT_REFUSALS: u32 = 3;
 
-/// How long the token clock of a connection without a token waits: never, in practice.
-const NO_EXPIRY_SECS: u64 = 10 * 365 * 24 * 3600;
-
 enum State {
     /// Upgraded, waiting for `connect`.
     Pending(Conn),
@@ -160,10 +157,7 @@ impl Connection {
     /// A connection waiting for its `connect`, its cleanup, and the token clock its writer
     /// must watch. Starts the connect timeout.
     pub fn open(core: Arc<Core>, conn: Conn) -> (Connection, Cleanup, Arc<TokenClock>) {
-        let clock = Arc::new(TokenClock::new(
-            crate::time::now_secs() + NO_EXPIRY_SECS,
-            core.config.token_grace(),
-        ));
+        let clock = Arc::new(TokenClock::idle(core.config.token_grace()));
         let connected = Arc::new(AtomicBool::new(false));
         let ending = Arc::new(Mutex::new(None));
         let (weak, flag, wait) = (
@@ -281,7 +275,7 @@ impl Connection {
             Parsed::Call(0, _) => Err(CloseReason::Protocol(kind::MALFORMED_COMMAND)),
             Parsed::Call(id, method) => {
                 let key = method.key();
-                match call(core, session, &self.clock, method).await {
+                match call(core, session, &self.clock, &self.out, method).await {
                     Ok((result, guard)) => {
                         batch.reply(id, key, result);
                         batch.guards.extend(guard);
@@ -311,7 +305,7 @@ impl Connection {
                 *self.ending.lock().unwrap_or_else(|p| p.into_inner()) = Some(ending);
                 self.connected.store(true, Ordering::Release);
                 if let Some(exp) = session.expires() {
-                    self.clock.renew(exp);
+                    self.clock.renew(exp, &self.out);
                 }
                 let c = &self.core.config;
                 let mut reply = json!({
@@ -409,11 +403,13 @@ async fn open_session(
 }
 
 /// A command with a reply, on an open session: its result, and for a subscribe the guard
-/// whose drop starts the replay.
+/// whose drop starts the replay. `clock` is the connection's token clock, which `refresh`
+/// renews, and `out` its queue.
 async fn call(
     core: &Core,
     session: &mut Session,
     clock: &TokenClock,
+    out: &Outbound,
     method: Method<'_>,
 ) -> Result<(Value, Option<Subscription>), Error> {
     let empty = || Value::Object(Map::new());
@@ -497,7 +493,7 @@ async fn call(
                     }
                 })?;
             if let Some(exp) = session.expires() {
-                clock.renew(exp);
+                clock.renew(exp, out);
             }
             let mut reply = json!({ "client": session.conn_id(), "version": VERSION });
             expiry(&mut reply, session.expires());
