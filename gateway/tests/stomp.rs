@@ -557,3 +557,25 @@ async fn app_sends_and_user_queues_go_through_redis() {
     assert_eq!(m.h("destination"), "/user/queue/replies");
     assert_eq!(m.body, r#"{"reply":1}"#);
 }
+
+/// A token that comes in CONNECT sets the connection's token clock (idle until then): when
+/// it expires and the grace period ends, ERROR and 4002, as v1's expiry.
+#[tokio::test]
+async fn a_token_from_connect_expires_with_an_error_and_4002() {
+    let node = start(gateway::Config {
+        token_grace_ms: 200,
+        ..auth_config()
+    })
+    .await;
+    let exp = gateway::test_util::now_secs() + 1;
+    let token = hs256(SECRET, &json!({"sub": "eve", "exp": exp}));
+    let (mut c, _) = Stomp::connected(&node, &format!("passcode:{token}\n")).await;
+    let started = Instant::now();
+    c.refused("token expired and was not refreshed", 4002).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "not before the grace"
+    );
+    node.wait_metric(r#"gateway_connection_closes_total{blame="client",reason="token_expired"} 1"#)
+        .await;
+}

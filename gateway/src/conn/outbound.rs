@@ -58,6 +58,8 @@ pub struct Outbound {
     framer: Option<Arc<dyn Framer>>,
     /// A [`Heartbeat`] is waiting in `State` for the writer: checked without the lock.
     heartbeat_set: AtomicBool,
+    /// The connection's token clock was renewed: the writer re-aims its timer.
+    clock_moved: AtomicBool,
 }
 
 /// A keep-alive that the connection's protocol negotiated after it opened (STOMP's
@@ -159,6 +161,7 @@ impl Outbound {
             latency: None,
             framer: None,
             heartbeat_set: AtomicBool::new(false),
+            clock_moved: AtomicBool::new(false),
         }
     }
 
@@ -328,6 +331,18 @@ impl Outbound {
             return None;
         }
         self.lock().heartbeat.take()
+    }
+
+    /// Tells the writer that the connection's token clock was renewed
+    /// ([`TokenClock::renew`](super::clock::TokenClock::renew) calls it).
+    pub fn clock_moved(&self) {
+        self.clock_moved.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// True once after each [`Outbound::clock_moved`]. For the writer: one load when not.
+    pub fn take_clock_moved(&self) -> bool {
+        self.clock_moved.load(Ordering::Acquire) && self.clock_moved.swap(false, Ordering::AcqRel)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

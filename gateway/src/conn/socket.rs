@@ -346,6 +346,19 @@ fn check_every(limit: Duration) -> Duration {
     (limit / 4).max(Duration::from_millis(10))
 }
 
+/// Aims the writer's token timer at `clock`'s next due time, or drops it while the clock is
+/// idle (a connection whose token has not come yet).
+fn aim_token_timer(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>, clock: &TokenClock) {
+    if clock.is_idle() {
+        *timer = None;
+        return;
+    }
+    match timer {
+        Some(t) => t.as_mut().reset(clock.deadline()),
+        None => *timer = Some(Box::pin(tokio::time::sleep_until(clock.deadline()))),
+    }
+}
+
 fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
 }
@@ -375,10 +388,10 @@ pub(super) fn write_loop<S: Sink>(
         // Registered once, not per loop turn.
         let mut cancelled = std::pin::pin!(shutdown.cancelled());
         // Only connections with a token have a token timer; it is boxed so that the others
-        // do not reserve room for one. It is reset only when the due time moves or it fired.
-        let mut token_timer = token
-            .as_ref()
-            .map(|t| (t.due_ms(), Box::pin(tokio::time::sleep_until(t.deadline()))));
+        // do not reserve room for one. It is re-aimed only when it fired or the clock was
+        // renewed (see `conn::clock`).
+        let mut token_timer = None;
+        let mut aim = token.is_some();
         let mut beat: Option<Box<Beat>> = None;
         let reason = loop {
             if let Some(heartbeat) = outbound.take_heartbeat() {
@@ -397,15 +410,14 @@ pub(super) fn write_loop<S: Sink>(
             if let Some(reason) = closing {
                 break reason;
             }
-            if let (Some(clock), Some((due, timer))) = (&token, &mut token_timer) {
-                if clock.due_ms() != *due || timer.is_elapsed() {
-                    *due = clock.due_ms();
-                    timer.as_mut().reset(clock.deadline());
+            if let Some(clock) = &token {
+                if std::mem::take(&mut aim) | outbound.take_clock_moved() {
+                    aim_token_timer(&mut token_timer, clock);
                 }
             }
             let token_due = async {
                 match token_timer.as_mut() {
-                    Some((_, timer)) => timer.as_mut().await,
+                    Some(timer) => timer.as_mut().await,
                     None => std::future::pending().await,
                 }
             };
@@ -430,6 +442,7 @@ pub(super) fn write_loop<S: Sink>(
                 }
                 _ = &mut cancelled => break CloseReason::Shutdown,
                 _ = token_due => {
+                    aim = true;
                     match token.as_ref().map(|t| t.fire()) {
                         Some(ClockEvent::Warn(grace_ms)) => {
                             outbound.push_event(&Event::TokenExpiring { grace_ms });

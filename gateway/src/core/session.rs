@@ -509,7 +509,7 @@ impl Session {
             ));
         }
         if let Some(clock) = &self.clock {
-            clock.renew(fresh.exp);
+            clock.renew(fresh.exp, &self.out);
         }
         let mut revoked = Vec::new();
         let granted = &self.granted;

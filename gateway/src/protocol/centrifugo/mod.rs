@@ -91,9 +91,6 @@ const VERSION: &str = concat!("gateway ", env!("CARGO_PKG_VERSION"));
 /// from making the node verify tokens without end on one socket, past the handshake rate.
 pub const MAX_CONNECT_REFUSALS: u32 = 3;
 
-/// How long the token clock of a connection without a token waits: never, in practice.
-const NO_EXPIRY_SECS: u64 = 10 * 365 * 24 * 3600;
-
 enum State {
     /// Upgraded, waiting for `connect`.
     Pending(Conn),
@@ -175,10 +172,7 @@ impl Connection {
         codec: &'static Centrifugo,
         emulation: Option<Emulation>,
     ) -> (Connection, Cleanup, Arc<TokenClock>) {
-        let clock = Arc::new(TokenClock::new(
-            crate::time::now_secs() + NO_EXPIRY_SECS,
-            core.config.token_grace(),
-        ));
+        let clock = Arc::new(TokenClock::idle(core.config.token_grace()));
         let connected = Arc::new(AtomicBool::new(false));
         let ending = Arc::new(Mutex::new(None));
         let (weak, flag, wait) = (
@@ -298,7 +292,7 @@ impl Connection {
             Parsed::Call(0, _) => Err(CloseReason::Protocol(kind::MALFORMED_COMMAND)),
             Parsed::Call(id, method) => {
                 let key = method.key();
-                match call(core, session, &self.clock, method).await {
+                match call(core, session, &self.clock, &self.out, method).await {
                     Ok((result, guard)) => {
                         batch.reply(id, key, result);
                         batch.guards.extend(guard);
@@ -332,7 +326,7 @@ impl Connection {
                 *self.ending.lock().unwrap_or_else(|p| p.into_inner()) = Some(ending);
                 self.connected.store(true, Ordering::Release);
                 if let Some(exp) = session.expires() {
-                    self.clock.renew(exp);
+                    self.clock.renew(exp, &self.out);
                 }
                 let c = &self.core.config;
                 let mut reply = json!({
@@ -440,11 +434,13 @@ async fn open_session(
 }
 
 /// A command with a reply, on an open session: its result, and for a subscribe the guard
-/// whose drop starts the replay.
+/// whose drop starts the replay. `clock` is the connection's token clock, which `refresh`
+/// renews, and `out` its queue.
 async fn call(
     core: &Core,
     session: &mut Session,
     clock: &TokenClock,
+    out: &Outbound,
     method: Method<'_>,
 ) -> Result<(Value, Option<Subscription>), Error> {
     let empty = || Value::Object(Map::new());
@@ -528,7 +524,7 @@ async fn call(
                     }
                 })?;
             if let Some(exp) = session.expires() {
-                clock.renew(exp);
+                clock.renew(exp, out);
             }
             let mut reply = json!({ "client": session.conn_id(), "version": VERSION });
             expiry(&mut reply, session.expires());

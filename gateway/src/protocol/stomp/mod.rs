@@ -297,10 +297,7 @@ impl Cleanup {
 
 /// A token clock that never fires, for connections whose token (if any) comes at CONNECT.
 pub fn idle_clock(grace: Duration) -> Arc<TokenClock> {
-    Arc::new(TokenClock::new(
-        crate::time::now_secs() + 100 * 365 * 86_400,
-        grace,
-    ))
+    Arc::new(TokenClock::idle(grace))
 }
 
 impl Connection {
@@ -513,7 +510,7 @@ impl Connection {
             }
         }
         if let Some(i) = &identity {
-            self.clock.renew(i.exp);
+            self.clock.renew(i.exp, &self.out);
         }
         conn.identity = identity;
         let (session, ending) = Session::open(self.core.clone(), conn).await;
