@@ -139,6 +139,11 @@ HISTORY = [
     ("p99 at half peak, 2 nodes (≤ 10 ms)", "81.3 ms at 83 msg/s (ramp to 400)",
      "9.2–10.6 ms at 339–340 msg/s (ramp to 800)", "load generator: no timer per frame, "
      "one histogram instead of one per receiver; the peak measured at saturation"),
+    ("STOMP fan-out CPU vs v1 at 100 / 400 msg/s (≤ 1.1×)", "1.12× / 1.18× (make bench); "
+     "medians 1.09× / 1.17× by hand", "medians 1.06× / 1.03× by hand (shared machine)",
+     "`message-id` in the shared tail; subscription headers encoded at SUBSCRIBE; alike "
+     "subscriptions share one frame per message; no allocation per delivery; the token "
+     "clock read only when it moved"),
 ]
 
 

@@ -425,8 +425,8 @@ impl Outbound {
     /// ([`Outbound::is_leaving`]), so that it is not picked again.
     ///
     /// The delayed close is a timer task holding the queue weakly: a connection that ends
-    /// meanwhile is not kept, and a later close reason (shutdown at the end of a drain, an
-    /// overflow) still wins, as the first close does.
+    /// meanwhile is not kept, and a close that comes meanwhile (the shutdown at the end of a
+    /// drain, an overflow) wins, as the first close always does.
     pub fn close_with_hint(
         self: &Arc<Self>,
         reason: CloseReason,
