@@ -15,88 +15,39 @@ use std::time::Duration;
 
 use common::redis_server::RedisServer;
 use common::*;
+use loadtest::http_stream::Stream;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 
-/// One long response of a streaming transport, read line by line out of its chunks.
-struct Stream {
-    r: BufReader<TcpStream>,
-    status: u16,
-    head: String,
-    /// Body bytes decoded so far and not yet handed out.
-    pending: Vec<u8>,
+/// A request to a streaming route: the response head read, the body to come.
+async fn open(addr: SocketAddr, method: &str, path: &str, body: &str) -> Stream {
+    Stream::request(addr, method, path, body)
+        .await
+        .expect("a response head")
 }
 
-impl Stream {
-    async fn open(addr: SocketAddr, method: &str, path: &str, body: &str) -> Stream {
-        let mut s = TcpStream::connect(addr).await.expect("connect");
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).await.expect("write");
-        let mut r = BufReader::new(s);
-        let mut head = String::new();
+/// The next reply or push of an HTTP stream, pings (`{}`) skipped; `None` when none came
+/// within `within` or the body ended.
+async fn line_within(s: &mut Stream, within: Duration) -> Option<Value> {
+    let next = async {
         loop {
-            let mut line = String::new();
-            tokio::time::timeout(T, r.read_line(&mut line))
-                .await
-                .expect("head in time")
-                .expect("read");
-            if line == "\r\n" || line.is_empty() {
-                break;
-            }
-            head.push_str(&line);
-        }
-        let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-        Stream {
-            r,
-            status,
-            head,
-            pending: Vec::new(),
-        }
-    }
-
-    /// The next chunk's bytes; `None` at the end of the body.
-    async fn chunk(&mut self, within: Duration) -> Option<Vec<u8>> {
-        let mut size = String::new();
-        tokio::time::timeout(within, self.r.read_line(&mut size))
-            .await
-            .ok()?
-            .ok()?;
-        let n = usize::from_str_radix(size.trim(), 16).ok()?;
-        let mut data = vec![0; n + 2];
-        self.r.read_exact(&mut data).await.ok()?;
-        data.truncate(n);
-        (n > 0).then_some(data)
-    }
-
-    /// The next line of the body (a reply or a push), pings skipped; `None` when none came
-    /// within `within` or the body ended.
-    async fn line_within(&mut self, within: Duration) -> Option<Value> {
-        loop {
-            if let Some(i) = self.pending.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.pending.drain(..=i).collect();
-                let v: Value = serde_json::from_slice(&line).expect("a JSON line");
-                if v.as_object().is_some_and(|o| o.is_empty()) {
-                    continue;
-                }
+            let l = s.line().await.ok()?;
+            let v: Value = serde_json::from_str(&l).expect("a JSON line");
+            if !v.as_object().is_some_and(|o| o.is_empty()) {
                 return Some(v);
             }
-            let chunk = self.chunk(within).await?;
-            self.pending.extend(chunk);
         }
-    }
+    };
+    tokio::time::timeout(within, next).await.ok().flatten()
+}
 
-    /// The next chunk as text.
-    async fn text(&mut self) -> String {
-        String::from_utf8(self.chunk(T).await.expect("a chunk")).expect("utf-8")
-    }
+async fn line(s: &mut Stream) -> Value {
+    line_within(s, T).await.expect("a line")
+}
 
-    async fn line(&mut self) -> Value {
-        self.line_within(T).await.expect("a line")
-    }
+/// The body's next bytes as text.
+async fn body_text(s: &mut Stream) -> String {
+    let b = tokio::time::timeout(T, s.bytes()).await.expect("in time");
+    String::from_utf8(b.expect("more body")).expect("utf-8")
 }
 
 /// `POST /emulation` with `{"session":..,"data":..}`: the status.
@@ -107,7 +58,7 @@ async fn post(addr: SocketAddr, session: &str, data: &str) -> u16 {
 
 /// An http_stream connection that has connected: the stream and its session.
 async fn connected(addr: SocketAddr) -> (Stream, String, String) {
-    let mut s = Stream::open(
+    let mut s = open(
         addr,
         "POST",
         "/connection/http_stream",
@@ -122,7 +73,7 @@ async fn connected(addr: SocketAddr) -> (Stream, String, String) {
         "{}",
         s.head
     );
-    let reply = s.line().await;
+    let reply = line(&mut s).await;
     assert_eq!(reply["id"], 1, "{reply}");
     let c = &reply["connect"];
     assert_eq!(c["pong"], false, "no pongs over emulation: {reply}");
@@ -142,7 +93,7 @@ async fn posts_reach_their_session_and_bad_posts_get_their_status() {
 
     let subscribe = json!({"id":2,"subscribe":{"channel":"chat:1"}}).to_string();
     assert_eq!(post(node.addr, &session, &subscribe).await, 204);
-    assert_eq!(s.line().await, json!({"id":2,"subscribe":{}}));
+    assert_eq!(line(&mut s).await, json!({"id":2,"subscribe":{}}));
 
     // A wrong secret, the connection id alone, a closed or unknown one: 404, nothing runs.
     let wrong = format!("{}{client}", "f".repeat(32));
@@ -158,8 +109,8 @@ async fn posts_reach_their_session_and_bad_posts_get_their_status() {
     assert_eq!(status, 400);
     // Only the good post after them runs: its reply and its publication are the next lines.
     assert_eq!(post(node.addr, &session, &publish(6)).await, 204);
-    let next = s.line().await;
-    let after = s.line().await;
+    let next = line(&mut s).await;
+    let after = line(&mut s).await;
     let mut got = [next, after];
     got.sort_by_key(|v| v.get("id").is_none());
     assert_eq!(got[0], json!({"id":6,"publish":{}}));
@@ -251,13 +202,13 @@ async fn posts_to_another_node_are_forwarded_only_with_the_secret() {
 
     let subscribe = json!({"id":2,"subscribe":{"channel":"chat:x"}}).to_string();
     assert_eq!(post(b.addr, &session, &subscribe).await, 204);
-    assert_eq!(s.line().await, json!({"id":2,"subscribe":{}}));
+    assert_eq!(line(&mut s).await, json!({"id":2,"subscribe":{}}));
     let wrong = format!("{}{client}", "0".repeat(32));
     let refused = json!({"id":3,"subscribe":{"channel":"chat:y"}}).to_string();
     assert_eq!(post(b.addr, &wrong, &refused).await, 404);
     assert_eq!(post(b.addr, &client, &refused).await, 404);
     assert_eq!(
-        s.line_within(Duration::from_millis(500)).await,
+        line_within(&mut s, Duration::from_millis(500)).await,
         None,
         "a refused post ran"
     );
@@ -290,7 +241,7 @@ async fn streams_count_against_max_connections_and_sse_refusals_have_statuses() 
     })
     .await;
     let (_s, _, _) = connected(node.addr).await;
-    let over = Stream::open(
+    let over = open(
         node.addr,
         "POST",
         "/connection/http_stream",
@@ -298,7 +249,7 @@ async fn streams_count_against_max_connections_and_sse_refusals_have_statuses() 
     )
     .await;
     assert_eq!(over.status, 503, "{}", over.head);
-    let es = Stream::open(node.addr, "GET", "/sse?channel=chat:1", "").await;
+    let es = open(node.addr, "GET", "/sse?channel=chat:1", "").await;
     assert_eq!(es.status, 503, "{}", es.head);
     for path in [
         "/sse",
@@ -322,12 +273,12 @@ async fn sse_events_carry_the_positions_of_history_channels() {
         ..config()
     })
     .await;
-    let mut s = Stream::open(node.addr, "GET", "/sse?channel=chat:plain&channel=h:1", "").await;
+    let mut s = open(node.addr, "GET", "/sse?channel=chat:plain&channel=h:1", "").await;
     assert_eq!(s.status, 200, "{}", s.head);
     assert!(s.head.contains("text/event-stream"), "{}", s.head);
     let mut text = String::new();
     while !text.contains(r#""channel":"h:1","epoch""#) {
-        text.push_str(&s.text().await);
+        text.push_str(&body_text(&mut s).await);
     }
     assert!(text.starts_with("retry: 1000\n\n"), "{text}");
     let (status, _) = node
@@ -341,7 +292,7 @@ async fn sse_events_carry_the_positions_of_history_channels() {
     assert_eq!(status, 200);
     let mut more = String::new();
     while !more.contains("\"n\":1") {
-        more.push_str(&s.text().await);
+        more.push_str(&body_text(&mut s).await);
     }
     // `id: 1:<offset>:<epoch>`: place 1 in the URL, offset 1.
     let id = more

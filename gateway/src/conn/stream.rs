@@ -7,7 +7,7 @@
 //! queued frame goes to hyper as one body chunk, so nothing is copied on the way.
 //!
 //! There is no upstream on the stream. A bidirectional client POSTs its commands to any
-//! node (`edge::emulation`), and the node holding the connection hands them to its
+//! node (`edge::streams`), and the node holding the connection hands them to its
 //! [`Inbox`]; a task of the connection (the reader task of a WebSocket) runs them through
 //! the protocol's [`Handler`] one at a time, in the order they arrived. A unidirectional one
 //! (plain `EventSource`) has an inbox that nothing sends to.

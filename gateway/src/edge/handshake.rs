@@ -437,6 +437,19 @@ fn spawn_served<H: Handler>(
         node.close_all.child_token(),
         clock,
     );
+    spawn_until_closed(node, served, slot, cleanup);
+}
+
+/// Runs a served connection (its writer loop, over a socket or an HTTP body) to its close
+/// in a task of its own, then its protocol's cleanup; the connection's slot goes back last.
+pub(super) fn spawn_until_closed<F>(
+    node: Arc<Node>,
+    served: F,
+    slot: Slot,
+    cleanup: impl FnOnce(Arc<Node>, CloseReason) -> BoxFuture<'static, ()> + Send + 'static,
+) where
+    F: std::future::Future<Output = CloseReason> + Send + 'static,
+{
     tokio::spawn(async move {
         let reason = served.await;
         // Boxed (by `cleanup`): inline, its Redis calls would be reserved in every idle
@@ -453,17 +466,8 @@ fn open_centrifugo(node: Arc<Node>, conn: Conn, slot: Slot, upgraded: Upgraded) 
     tracing::debug!(peer = %conn.ip, conn = %conn.conn_id, "centrifugo connection open");
     let (connection, cleanup, clock) =
         centrifugo::Connection::open(node.core.clone(), conn, &centrifugo::CODEC, None);
-    let served = socket::serve_upgraded(
-        upgraded,
-        node.limits(),
-        connection,
-        out,
-        node.close_all.child_token(),
-        Some(clock),
-    );
-    tokio::spawn(async move {
-        let reason = served.await;
-        Box::pin(cleanup.close(&reason)).await;
-        drop(slot);
-    });
+    let close = move |_: Arc<Node>, reason: CloseReason| -> BoxFuture<'static, ()> {
+        Box::pin(async move { cleanup.close(&reason).await })
+    };
+    spawn_served(node, upgraded, connection, out, Some(clock), slot, close);
 }

@@ -37,7 +37,7 @@ use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
-use super::handshake::{admit_http, client_ip, rate, Refusal, Wire};
+use super::handshake::{admit_http, client_ip, rate, spawn_until_closed, Refusal, Wire};
 use super::http::{json_error, read_body, HttpResponse};
 use crate::cluster::directory::{Emulation, Post, SECRET_LEN};
 use crate::conn::frame::Transport;
@@ -45,7 +45,7 @@ use crate::conn::outbound::Pushed;
 use crate::conn::stream;
 use crate::core::session::{Command, Done, Session};
 use crate::error::CloseReason;
-use crate::node::{Node, Slot};
+use crate::node::Node;
 use crate::protocol::{centrifugo, sse};
 
 /// Room for the JSON around a posted command batch (`session`, `node`, escaping).
@@ -166,8 +166,7 @@ fn preflight(node: &Node, req: &Request<Incoming>) -> Result<HttpResponse, HttpR
     if let Err(e) = super::origin::check(&node.config, header("origin"), header("host")) {
         return Err(Refusal::Origin(e).respond(node, IpAddr::from([0, 0, 0, 0])));
     }
-    let mut r = json_error(StatusCode::NO_CONTENT, "", "");
-    *r.body_mut() = super::http::full(Bytes::new());
+    let mut r = no_content();
     let h = r.headers_mut();
     h.insert(
         hyper::header::ACCESS_CONTROL_ALLOW_METHODS,
@@ -272,20 +271,6 @@ fn no_content() -> HttpResponse {
     r
 }
 
-/// Spawns a streaming connection: its writer loop until it closes, then its cleanup, then
-/// the slot goes back.
-fn spawn<F, C>(served: F, slot: Slot, cleanup: C)
-where
-    F: std::future::Future<Output = CloseReason> + Send + 'static,
-    C: FnOnce(CloseReason) -> crate::broker::BoxFuture<'static, ()> + Send + 'static,
-{
-    tokio::spawn(async move {
-        let reason = served.await;
-        cleanup(reason).await;
-        drop(slot);
-    });
-}
-
 /// `POST /connection/http_stream`, `GET|POST /connection/sse`: a Centrifugo connection
 /// whose first command came with the request.
 async fn centrifugo(
@@ -347,7 +332,7 @@ async fn centrifugo(
         node.close_all.child_token(),
         Some(clock),
     );
-    spawn(served, slot, move |reason| {
+    spawn_until_closed(node.clone(), served, slot, move |_, reason| {
         Box::pin(async move { cleanup.close(&reason).await })
     });
     let content_type = match codec.transport() {
@@ -365,11 +350,14 @@ async fn eventsource(
 ) -> Result<HttpResponse, HttpResponse> {
     rate(&node.handshake_limiter, node, ip, "handshake").map_err(|r| r.respond(node, ip))?;
     let bad = |m: &str| json_error(StatusCode::BAD_REQUEST, "bad_request", m);
-    let channels: Vec<String> = query(&req)
-        .into_iter()
-        .filter(|(k, _)| k == "channel")
-        .map(|(_, v)| v.into_owned())
-        .collect();
+    let params = query(&req);
+    let param = |name: &'static str| {
+        params
+            .iter()
+            .filter(move |(k, _)| k == name)
+            .map(|(_, v)| v)
+    };
+    let channels: Vec<String> = param("channel").map(|v| v.clone().into_owned()).collect();
     if channels.is_empty() || channels.len() > sse::MAX_CHANNELS {
         let m = format!(
             "name 1 to {} channels: /sse?channel=a&channel=b",
@@ -392,10 +380,9 @@ async fn eventsource(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or_else(|| {
-            query(&req)
-                .into_iter()
-                .find(|(k, _)| k == "last_event_id")
-                .map(|(_, v)| v.into_owned())
+            param("last_event_id")
+                .next()
+                .map(|v| v.clone().into_owned())
         });
     let origin = cors(&req);
     let ids = Arc::new(sse::Ids::new(history));
@@ -487,11 +474,10 @@ async fn eventsource(
         node.close_all.child_token(),
         clock,
     );
-    let core = node.core.clone();
-    spawn(served, slot, move |reason| {
+    spawn_until_closed(node.clone(), served, slot, move |node, reason| {
         Box::pin(async move {
             drop(posts);
-            ending.close(&core, &reason).await
+            ending.close(&node.core, &reason).await
         })
     });
     Ok(streaming(body, "text/event-stream", origin))

@@ -7,20 +7,18 @@
 //!   `/emulation` on a node of choice (the same one, or another that forwards them through
 //!   Redis), one at a time: the time from the post to its reply on the stream.
 //!
-//! HTTP/1.1 is spoken by hand (one request per connection for the streams, a kept-alive
-//! connection for the posts): the client must cost little next to the server it measures.
+//! The client is [`crate::http_stream`].
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use super::delivery::{delivery_result, Delivery, Publish, Seen};
 use super::{emit, Common};
+use crate::http_stream::{encode, Poster, Stream};
 use crate::stats::{self, now_us};
 
 /// Which HTTP transport.
@@ -61,165 +59,21 @@ pub struct RttArgs {
     pub(crate) common: Common,
 }
 
-/// One long response, read line by line out of its chunks. An SSE stream's `data: ` prefix
-/// is taken off; its blank separator lines and comments are skipped.
-struct Stream {
-    r: BufReader<TcpStream>,
-    /// Decoded body bytes not yet handed out.
-    pending: Vec<u8>,
-    /// Bytes of the current chunk still to read.
-    left: usize,
-}
-
-impl Stream {
-    async fn open(addr: SocketAddr, transport: Transport, connect: &str) -> anyhow::Result<Self> {
-        let mut s = TcpStream::connect(addr).await?;
-        let _ = s.set_nodelay(true);
-        let req = match transport {
-            Transport::HttpStream => format!(
-                "POST /connection/http_stream HTTP/1.1\r\nHost: {addr}\r\n\
-                 Content-Length: {}\r\n\r\n{connect}",
-                connect.len()
-            ),
-            Transport::Sse => format!(
-                "GET /connection/sse?cf_connect={} HTTP/1.1\r\nHost: {addr}\r\n\r\n",
-                encode(connect)
-            ),
-        };
-        s.write_all(req.as_bytes()).await?;
-        let mut r = BufReader::new(s);
-        let head = read_head(&mut r).await?;
-        if !head.starts_with("HTTP/1.1 200") {
-            bail!("stream refused: {}", head.lines().next().unwrap_or(""));
-        }
-        Ok(Stream {
-            r,
-            pending: Vec::new(),
-            left: 0,
-        })
-    }
-
-    /// The next non-empty line of the body, without its `data: ` prefix.
-    async fn line(&mut self) -> anyhow::Result<String> {
-        loop {
-            if let Some(i) = self.pending.iter().position(|b| *b == b'\n') {
-                let mut line: Vec<u8> = self.pending.drain(..=i).collect();
-                line.pop();
-                let text = String::from_utf8(line)?;
-                let text = text.strip_prefix("data: ").unwrap_or(&text);
-                if text.is_empty() || text.starts_with(':') || text.starts_with("retry:") {
-                    continue;
-                }
-                return Ok(text.to_owned());
-            }
-            if self.left == 0 {
-                let mut size = String::new();
-                // The CRLF that ends the previous chunk, then the size line.
-                while size.trim().is_empty() {
-                    size.clear();
-                    if self.r.read_line(&mut size).await? == 0 {
-                        bail!("stream ended");
-                    }
-                }
-                self.left = usize::from_str_radix(size.trim(), 16)?;
-                if self.left == 0 {
-                    bail!("stream ended");
-                }
-            }
-            let mut buf = vec![0; self.left.min(64 * 1024)];
-            let n = self.r.read(&mut buf).await?;
-            if n == 0 {
-                bail!("stream ended");
-            }
-            self.left -= n;
-            self.pending.extend_from_slice(&buf[..n]);
-        }
-    }
-
-    /// Lines until the reply with `id`; returns it.
-    async fn reply(&mut self, id: u64) -> anyhow::Result<String> {
-        loop {
-            let l = self.line().await?;
-            if l.contains("\"id\":")
-                && serde_json::from_str::<serde_json::Value>(&l)?["id"].as_u64() == Some(id)
-            {
-                return Ok(l);
-            }
-        }
-    }
-}
-
-async fn read_head(r: &mut BufReader<TcpStream>) -> anyhow::Result<String> {
-    let mut head = String::new();
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).await? == 0 {
-            bail!("connection closed in the response head");
-        }
-        if line == "\r\n" {
-            return Ok(head);
-        }
-        head.push_str(&line);
-    }
-}
-
-/// Percent-encodes a query component.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// A kept-alive connection that posts to `/emulation`.
-struct Poster {
-    r: BufReader<TcpStream>,
-    addr: SocketAddr,
-}
-
-impl Poster {
-    async fn new(addr: SocketAddr) -> anyhow::Result<Self> {
-        let s = TcpStream::connect(addr).await?;
-        let _ = s.set_nodelay(true);
-        Ok(Poster {
-            r: BufReader::new(s),
-            addr,
-        })
-    }
-
-    /// Posts `data` (commands) for `session`; the status.
-    async fn post(&mut self, session: &str, data: &str) -> anyhow::Result<u16> {
-        let body = json!({ "session": session, "node": "", "data": data }).to_string();
-        let req = format!(
-            "POST /emulation HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
-            self.addr,
-            body.len()
-        );
-        self.r.get_mut().write_all(req.as_bytes()).await?;
-        let head = read_head(&mut self.r).await?;
-        let status: u16 = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or(0);
-        let mut rest = vec![0; len];
-        self.r.read_exact(&mut rest).await?;
-        Ok(status)
-    }
-}
-
 /// A connected stream: the stream and its session.
 async fn connected(addr: SocketAddr, transport: Transport) -> anyhow::Result<(Stream, String)> {
-    let mut s = Stream::open(addr, transport, r#"{"id":1,"connect":{}}"#).await?;
+    let connect = r#"{"id":1,"connect":{}}"#;
+    let mut s = match transport {
+        Transport::HttpStream => {
+            Stream::request(addr, "POST", "/connection/http_stream", connect).await?
+        }
+        Transport::Sse => {
+            let path = format!("/connection/sse?cf_connect={}", encode(connect));
+            Stream::request(addr, "GET", &path, "").await?
+        }
+    };
+    if s.status != 200 {
+        bail!("stream refused: {}", s.head.lines().next().unwrap_or(""));
+    }
     let reply: serde_json::Value = serde_json::from_str(&s.reply(1).await?)?;
     let session = reply["connect"]["session"]
         .as_str()

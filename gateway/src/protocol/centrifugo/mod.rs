@@ -26,7 +26,7 @@
 //! the reply as pushes, in order, before any live one.
 //!
 //! The same connection serves the HTTP transports (Centrifugo's bidirectional emulation,
-//! `edge::emulation`): its frames go down a long response ([`Transport`]) and its commands
+//! `edge::streams`): its frames go down a long response ([`Transport`]) and its commands
 //! come through its inbox. Its connect reply then carries the `session` the SDK posts its
 //! commands with (a secret, then the connection id), and `pong: false`: a pong would cost
 //! the client a POST per ping, and a gone HTTP client shows as a failed write anyway.
@@ -134,7 +134,8 @@ pub struct Connection {
     max_batch: usize,
     refusals: u32,
     transport: Transport,
-    /// Over an HTTP transport: the connection's secret and inbox, registered at `connect`.
+    /// Over an HTTP transport: the connection's secret and inbox, until `connect` registers
+    /// them in the directory.
     emulation: Option<Emulation>,
 }
 
@@ -322,6 +323,8 @@ impl Connection {
             .map(|e| format!("{}{}", e.secret, conn.conn_id));
         match open_session(&self.core, conn, &req.token, &self.emulation).await {
             Ok((mut session, ending)) => {
+                // The directory holds it now; this copy was only for a refused connect's retry.
+                self.emulation = None;
                 session.replay_in_reply();
                 *self.ending.lock().unwrap_or_else(|p| p.into_inner()) = Some(ending);
                 self.connected.store(true, Ordering::Release);
