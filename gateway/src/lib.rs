@@ -18,16 +18,16 @@
 //! 5. `broker` (the `Broker` trait, memory and Redis, one conformance suite) and
 //!    `cluster` (the Redis transport, with its pub/sub and command connections, the
 //!    connection directory, presence, the inbound stream).
-//! 6. `conn`: one connection's mechanics whatever its protocol: frames, the reader task
-//!    and the writer loop (into a socket, or into an HTTP response: `conn::stream`), the
+//! 6. `conn`: one connection's mechanics whatever its protocol: frames, the reader and
+//!    the writer loop (into a socket, or into an HTTP response: `conn::stream`), the
 //!    byte-bounded outbound queue, the events and their codecs, the token clock, the rate
 //!    limiter.
 //! 7. The foundation: `config` (one table of settings), `error` (who is to blame),
 //!    `metrics` (typed families), `time`.
 //!
 //! Design drivers, in brief: an idle connection costs a few KiB, so its futures are small
-//! and boxed where they are large and short-lived; one reader task and one `select!`
-//! writer per connection; a message is encoded once per protocol and the bytes shared by
+//! and boxed where they are large and short-lived; one reader and one `select!`
+//! writer per connection, in one task; a message is encoded once per protocol and the bytes shared by
 //! every subscriber; every queue and map has a bound and a stated policy.
 //!
 //! Wire types (requests, replies, close codes, channel names) live in the `shared` crate.

@@ -33,7 +33,7 @@
 
 use std::collections::VecDeque;
 use std::mem::size_of;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,6 +60,53 @@ pub struct Outbound {
     heartbeat_set: AtomicBool,
     /// The connection's token clock was renewed: the writer re-aims its timer.
     clock_moved: AtomicBool,
+    /// When the reader last heard from the peer.
+    heard: Heard,
+}
+
+/// When the reader last saw a frame (`[0]`) and a data frame (`[1]`: text, binary or
+/// continuation), in milliseconds of [`Heard::now`]. The reader writes it, the writer's
+/// ping and heartbeat timers read it: it lives here because both hold the `Outbound`.
+pub struct Heard {
+    last: [AtomicU64; 2],
+}
+
+impl Heard {
+    fn new() -> Self {
+        let now = Heard::now();
+        Heard {
+            last: [AtomicU64::new(now), AtomicU64::new(now)],
+        }
+    }
+
+    /// Milliseconds since the process first asked: a monotonic clock that fits an atomic.
+    fn now() -> u64 {
+        static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+    }
+
+    /// The reader saw a frame; `data`: a text, binary or continuation frame.
+    pub fn frame(&self, data: bool) {
+        let ms = Heard::now();
+        self.last[0].store(ms, Ordering::Relaxed);
+        if data {
+            self.last[1].store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// No frame at all for longer than `limit`.
+    pub fn longer_than(&self, limit: Duration) -> bool {
+        self.silent_ms(0) > limit.as_millis() as u64
+    }
+
+    /// No data frame for longer than `limit`.
+    pub fn no_data_for(&self, limit: Duration) -> bool {
+        self.silent_ms(1) > limit.as_millis() as u64
+    }
+
+    fn silent_ms(&self, which: usize) -> u64 {
+        Heard::now().saturating_sub(self.last[which].load(Ordering::Relaxed))
+    }
 }
 
 /// A keep-alive that the connection's protocol negotiated after it opened (STOMP's
@@ -105,8 +152,9 @@ struct State {
     oldest: Option<Instant>,
     /// Writes that carried a channel message, for sampling the latency histogram.
     writes: u32,
-    /// A keep-alive for the writer (see [`Outbound::set_heartbeat`]).
-    heartbeat: Option<Heartbeat>,
+    /// A keep-alive for the writer (see [`Outbound::set_heartbeat`]). Boxed: few
+    /// connections ever have one, and every idle one would reserve its room.
+    heartbeat: Option<Box<Heartbeat>>,
 }
 
 /// What a queued frame costs on top of its length: its `Bytes` in the queue, as much again
@@ -119,15 +167,13 @@ pub const FRAME_COST: usize = 2 * size_of::<Bytes>() + 32;
 /// past the cap.
 const MAX_PONG: usize = 127;
 
-/// A drained batch keeps its buffer up to this many frames; a larger one is freed (see
-/// [`release`]). Bursts past it are rare, and reallocating once per burst is cheap next to
-/// holding the buffer on every connection that once had one.
-pub const RETAIN_FRAMES: usize = 64;
-
-/// Frees a drained batch's buffer when it holds room for more than [`RETAIN_FRAMES`]: the
-/// writer calls it after each write, so a burst's memory goes back once it is written.
+/// Frees a drained batch's buffer: the writer calls it after each write. The queue and the
+/// batch swap buffers at each [`Outbound::take`], so with this a connection holds at most
+/// one frame buffer, and none once it has written what it had: an idle connection holds no
+/// queue at all. It costs one small allocation per write (the queue's next buffer), which
+/// is lost in the write's own cost; keeping the buffers cost every idle connection both.
 pub fn release(batch: &mut VecDeque<Bytes>) {
-    if batch.is_empty() && batch.capacity() > RETAIN_FRAMES {
+    if batch.is_empty() {
         *batch = VecDeque::new();
     }
 }
@@ -162,7 +208,13 @@ impl Outbound {
             framer: None,
             heartbeat_set: AtomicBool::new(false),
             clock_moved: AtomicBool::new(false),
+            heard: Heard::new(),
         }
+    }
+
+    /// When the reader last heard from the peer.
+    pub fn heard(&self) -> &Heard {
+        &self.heard
     }
 
     /// Frames every event for this connection with `framer` (see [`super::event`]).
@@ -317,7 +369,7 @@ impl Outbound {
 
     /// Hands the writer a keep-alive to run from now on (replacing any earlier one).
     pub fn set_heartbeat(&self, heartbeat: Heartbeat) {
-        self.lock().heartbeat = Some(heartbeat);
+        self.lock().heartbeat = Some(Box::new(heartbeat));
         self.heartbeat_set.store(true, Ordering::Release);
         self.notify.notify_one();
     }
@@ -330,7 +382,7 @@ impl Outbound {
         {
             return None;
         }
-        self.lock().heartbeat.take()
+        self.lock().heartbeat.take().map(|b| *b)
     }
 
     /// Tells the writer that the connection's token clock was renewed
@@ -721,7 +773,7 @@ mod tests {
     }
 
     #[test]
-    fn queues_give_memory_back_after_a_burst() {
+    fn queues_give_memory_back_after_each_write() {
         let q = Outbound::new(1 << 30, &NoCodec);
         let mut batch = VecDeque::new();
         for _ in 0..10_000 {
@@ -729,19 +781,20 @@ mod tests {
         }
         q.take(&mut batch);
         assert_eq!(batch.len(), 10_000);
-        assert!(
-            q.lock().frames.capacity() <= RETAIN_FRAMES,
+        assert_eq!(
+            q.lock().frames.capacity(),
+            0,
             "the queue's buffer went to the batch, not a copy"
         );
         batch.clear(); // written
         release(&mut batch);
-        assert!(batch.capacity() <= RETAIN_FRAMES, "{}", batch.capacity());
-        // a connection's usual few frames keep their buffers from write to write
+        assert_eq!(batch.capacity(), 0);
+        // a connection's usual few frames: after the write, neither side holds a buffer
         q.push(frame::text("x"));
         q.take(&mut batch);
-        let kept = batch.capacity();
+        assert!(batch.capacity() > 0);
         batch.clear();
         release(&mut batch);
-        assert!(kept > 0 && batch.capacity() == kept);
+        assert_eq!((batch.capacity(), q.lock().frames.capacity()), (0, 0));
     }
 }

@@ -1,8 +1,11 @@
-//! The WebSocket connection layer: one reader task and one writer loop per connection.
+//! The WebSocket connection layer: one reader and one writer loop per connection, two
+//! futures polled side by side in the connection's one task ([`Together`]).
 //!
-//! - The reader task loops on [`FrameReader::next`] and hands complete messages to the
-//!   [`Handler`]. It is a task of its own so that a slow handler (a Redis round trip) never
-//!   delays writes, and so that the writer's `select!` never has to cancel a read. It
+//! - The reader loops on [`FrameReader::next`] and hands complete messages to the
+//!   [`Handler`]. It is a future of its own, beside the writer rather than inside its
+//!   `select!`, so that a slow handler (a Redis round trip) never delays writes and the
+//!   writer never has to cancel a read. It shares the writer's task rather than having one
+//!   of its own: a task cell per idle connection was the largest item in its memory. It
 //!   reassembles fragments itself and closes with 1009 the moment the running total passes
 //!   `max_message_bytes`, before buffering any more, and with 1008 when a fragmented
 //!   message is not complete `fragment_timeout` after its first fragment.
@@ -32,10 +35,9 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use hyper::upgrade::Upgraded;
@@ -86,9 +88,40 @@ pub struct Limits {
     pub write_timeout: Duration,
 }
 
+/// The writer's timers from [`Limits`], in milliseconds.
+#[derive(Clone, Copy)]
+struct Timers {
+    ping_interval_ms: u32,
+    ping_timeout_ms: u32,
+    write_timeout_ms: u32,
+}
+
+impl Timers {
+    fn new(limits: &Limits) -> Timers {
+        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1);
+        Timers {
+            ping_interval_ms: ms(limits.ping_interval),
+            ping_timeout_ms: ms(limits.ping_timeout),
+            write_timeout_ms: ms(limits.write_timeout),
+        }
+    }
+
+    fn ping_interval(self) -> Duration {
+        Duration::from_millis(self.ping_interval_ms.into())
+    }
+
+    fn ping_timeout(self) -> Duration {
+        Duration::from_millis(self.ping_timeout_ms.into())
+    }
+
+    fn write_timeout(self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms.into())
+    }
+}
+
 /// Serves one upgraded connection until it closes, and returns why it closed.
 ///
-/// Spawns the reader task at once and returns the writer loop, which the caller awaits.
+/// Returns the reader and the writer loop joined ([`Together`]), which the caller awaits.
 /// Everything the handler wants to send goes through `outbound`; `shutdown` closes the
 /// connection with 1001.
 ///
@@ -106,46 +139,109 @@ pub fn serve<R, W, H>(
     outbound: Arc<Outbound>,
     shutdown: CancellationToken,
     token: Option<Arc<TokenClock>>,
-) -> impl Future<Output = CloseReason> + Send
+) -> Together
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
-    let silence = Silence {
-        last_seen: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
-        started: Instant::now(),
-    };
-    let reader = tokio::spawn(read_loop(
+    let reader = read_loop(
         FrameReader::new(read_half, limits.max_message_bytes).with_leftover(leftover),
         limits,
         handler,
         outbound.clone(),
-        silence.clone(),
-    ));
-    write_loop(
-        Io(write_half),
-        reader,
-        limits,
-        outbound,
-        shutdown,
-        token,
-        Some(silence),
-    )
+    );
+    let writer = write_loop(Io(write_half), limits, outbound, shutdown, token, true);
+    Together::new(reader, writer, Some(limits.write_timeout))
+}
+
+/// A connection's reader and writer, run in one task: both futures are polled on each of
+/// its wake-ups, and the writer's end is the connection's end. After the writer's close,
+/// the reader gets `linger` to see the peer's answer (`None`: it is dropped at once, as it
+/// is after a lost connection).
+///
+/// One task instead of two: a task's cell (header, scheduler, join state, aligned to a
+/// cache line) is paid once per idle connection. It is safe because the reader is
+/// cancel-safe between frames and never waits for the writer, and the handler's commands
+/// are boxed futures inside the reader, so a slow command (a Redis round trip) does not
+/// hold up writes: the writer is polled on every wake-up.
+///
+/// A plain struct over two boxes, not an `async` block: a block would keep its captured
+/// futures and the pinned copies it polls, both reserved for the connection's whole life.
+pub struct Together {
+    reader: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    writer: Pin<Box<dyn Future<Output = CloseReason> + Send>>,
+    linger: Option<Duration>,
+    /// Once the writer has ended: why, and how long the reader still has.
+    ending: Option<(CloseReason, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl Together {
+    pub(super) fn new(
+        reader: impl Future<Output = ()> + Send + 'static,
+        writer: impl Future<Output = CloseReason> + Send + 'static,
+        linger: Option<Duration>,
+    ) -> Together {
+        Together {
+            reader: Some(Box::pin(reader)),
+            writer: Box::pin(writer),
+            linger,
+            ending: None,
+        }
+    }
+}
+
+impl Future for Together {
+    type Output = CloseReason;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        let this = &mut *self;
+        if let Some(reader) = this.reader.as_mut() {
+            if reader.as_mut().poll(cx).is_ready() {
+                this.reader = None;
+            }
+        }
+        if this.ending.is_none() {
+            let Poll::Ready(reason) = this.writer.as_mut().poll(cx) else {
+                return Poll::Pending;
+            };
+            match this.linger {
+                Some(linger) if this.reader.is_some() && reason != CloseReason::Abnormal => {
+                    this.ending = Some((reason, Box::pin(tokio::time::sleep(linger))));
+                }
+                _ => {
+                    this.reader = None;
+                    return Poll::Ready(reason);
+                }
+            }
+        }
+        let Some((_, deadline)) = this.ending.as_mut() else {
+            return Poll::Pending;
+        };
+        if this.reader.is_some() && deadline.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        this.reader = None;
+        match this.ending.take() {
+            Some((reason, _)) => Poll::Ready(reason),
+            None => Poll::Pending,
+        }
+    }
 }
 
 /// Where the writer loop writes: a socket ([`Io`]), or the body of an HTTP streaming
 /// response (`conn::stream`).
 pub(super) trait Sink: Send + 'static {
-    /// Writes every frame in `batch` (emptying it), within `limits.write_timeout`.
+    /// Writes every frame in `batch` (emptying it), within `timeout`.
     fn write_batch<'a>(
         &'a mut self,
         batch: &'a mut VecDeque<Bytes>,
-        limits: Limits,
+        timeout: Duration,
     ) -> impl Future<Output = std::io::Result<()>> + Send + 'a;
 
-    /// Ends the stream after the close frame: a socket's FIN, the end of a body.
-    fn finish(&mut self, limits: Limits) -> impl Future<Output = ()> + Send + '_;
+    /// Ends the stream after the close frame (a socket's FIN, the end of a body), within
+    /// `timeout`.
+    fn finish(&mut self, timeout: Duration) -> impl Future<Output = ()> + Send + '_;
 }
 
 /// A socket (or TLS stream) as the writer's [`Sink`].
@@ -155,19 +251,19 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Sink for Io<W> {
     fn write_batch<'a>(
         &'a mut self,
         batch: &'a mut VecDeque<Bytes>,
-        limits: Limits,
+        timeout: Duration,
     ) -> impl Future<Output = std::io::Result<()>> + Send + 'a {
-        write_batch(&mut self.0, batch, limits)
+        write_batch(&mut self.0, batch, timeout)
     }
 
-    async fn finish(&mut self, limits: Limits) {
-        let _ = tokio::time::timeout(limits.write_timeout, self.0.shutdown()).await;
+    async fn finish(&mut self, timeout: Duration) {
+        // Boxed: only a closing connection needs the timer.
+        let _ = Box::pin(tokio::time::timeout(timeout, self.0.shutdown())).await;
     }
 }
 
 /// [`serve`] for a connection that hyper upgraded: plain TCP directly on its socket, any
-/// other stream (TLS) through `Upgraded`. Boxed: the two are different futures, and the
-/// caller keeps it for the connection's whole life anyway.
+/// other stream (TLS) through `Upgraded`.
 pub fn serve_upgraded<H: Handler>(
     upgraded: Upgraded,
     limits: Limits,
@@ -175,13 +271,13 @@ pub fn serve_upgraded<H: Handler>(
     outbound: Arc<Outbound>,
     shutdown: CancellationToken,
     token: Option<Arc<TokenClock>>,
-) -> Pin<Box<dyn Future<Output = CloseReason> + Send>> {
+) -> Together {
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let (read_half, write_half) = parts.io.into_inner().into_split();
             // Copied into the reader, so hyper's read buffer is freed now.
             let leftover = parts.read_buf;
-            Box::pin(serve(
+            serve(
                 read_half,
                 TcpWriter(write_half),
                 &leftover,
@@ -190,11 +286,11 @@ pub fn serve_upgraded<H: Handler>(
                 outbound,
                 shutdown,
                 token,
-            ))
+            )
         }
         Err(upgraded) => {
             let (read_half, write_half) = tokio::io::split(TokioIo::new(upgraded));
-            Box::pin(serve(
+            serve(
                 read_half,
                 write_half,
                 &[],
@@ -203,7 +299,7 @@ pub fn serve_upgraded<H: Handler>(
                 outbound,
                 shutdown,
                 token,
-            ))
+            )
         }
     }
 }
@@ -254,39 +350,6 @@ impl AsyncWrite for TcpWriter {
     }
 }
 
-/// When the reader last saw a frame (`[0]`) and a data frame (`[1]`: text, binary or
-/// continuation), in milliseconds since `started`.
-#[derive(Clone)]
-pub(super) struct Silence {
-    last_seen: Arc<[AtomicU64; 2]>,
-    started: Instant,
-}
-
-impl Silence {
-    fn heard(&self, data: bool) {
-        let ms = self.started.elapsed().as_millis() as u64;
-        self.last_seen[0].store(ms, Ordering::Relaxed);
-        if data {
-            self.last_seen[1].store(ms, Ordering::Relaxed);
-        }
-    }
-
-    /// No frame at all for longer than `limit`.
-    fn longer_than(&self, limit: Duration) -> bool {
-        self.silent_ms(0) > limit.as_millis() as u64
-    }
-
-    /// No data frame for longer than `limit`.
-    fn no_data_for(&self, limit: Duration) -> bool {
-        self.silent_ms(1) > limit.as_millis() as u64
-    }
-
-    fn silent_ms(&self, which: usize) -> u64 {
-        (self.started.elapsed().as_millis() as u64)
-            .saturating_sub(self.last_seen[which].load(Ordering::Relaxed))
-    }
-}
-
 /// The timers of a protocol's [`Heartbeat`]. Boxed in the writer, so that connections
 /// without one do not reserve room for it.
 struct Beat {
@@ -319,7 +382,7 @@ impl Beat {
 
     /// The timer fired: queues the beat when due, and returns false when the peer has been
     /// silent for longer than the protocol allows.
-    fn fire(&mut self, outbound: &Outbound, silence: Option<&Silence>) -> bool {
+    fn fire(&mut self, outbound: &Outbound, watch_silence: bool) -> bool {
         let now = tokio::time::Instant::now();
         if let (Some(at), Some((every, frame))) = (self.next_send, &self.heartbeat.send) {
             if now >= at {
@@ -329,7 +392,7 @@ impl Beat {
         }
         if let (Some(at), Some(limit)) = (self.next_check, self.heartbeat.expect) {
             if now >= at {
-                if silence.is_some_and(|s| s.no_data_for(limit)) {
+                if watch_silence && outbound.heard().no_data_for(limit) {
                     return false;
                 }
                 self.next_check = Some(now + check_every(limit));
@@ -365,26 +428,26 @@ fn far_future() -> tokio::time::Instant {
 
 /// The writer: the connection's main loop. See the module docs.
 ///
-/// `silence` is what the reader heard from a WebSocket peer, which must answer pings. An
-/// HTTP stream has none (its client sends nothing on the stream; a gone client shows as a
-/// failed write), and its `reader` (the task that runs the commands posted for it) is
-/// stopped at the close rather than left to read the peer's close frame.
+/// `watch_silence`: the peer is a WebSocket, which must answer pings, and is closed when the
+/// reader heard nothing for too long ([`Outbound::heard`]). An HTTP stream's client sends
+/// nothing on the stream (a gone client shows as a failed write).
 #[allow(clippy::manual_async_fn)] // not `async fn`: see [`serve`]
 pub(super) fn write_loop<S: Sink>(
     mut sink: S,
-    mut reader: tokio::task::JoinHandle<()>,
     limits: Limits,
     outbound: Arc<Outbound>,
     shutdown: CancellationToken,
     token: Option<Arc<TokenClock>>,
-    silence: Option<Silence>,
+    watch_silence: bool,
 ) -> impl Future<Output = CloseReason> + Send {
+    // Only what the writer uses, in 12 bytes rather than `Limits`' 80: the future keeps it
+    // for the connection's whole life.
+    let timers = Timers::new(&limits);
     async move {
         let mut batch = VecDeque::new();
-        let mut ping = tokio::time::interval_at(
-            tokio::time::Instant::now() + limits.ping_interval,
-            limits.ping_interval,
-        );
+        let ping_interval = timers.ping_interval();
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
         // Registered once, not per loop turn.
         let mut cancelled = std::pin::pin!(shutdown.cancelled());
         // Only connections with a token have a token timer; it is boxed so that the others
@@ -399,7 +462,7 @@ pub(super) fn write_loop<S: Sink>(
             }
             let (closing, oldest) = outbound.take(&mut batch);
             if !batch.is_empty() {
-                if sink.write_batch(&mut batch, limits).await.is_err() {
+                if sink.write_batch(&mut batch, timers.write_timeout()).await.is_err() {
                     // A write that timed out on a peer that stopped reading, whose queue then
                     // overflowed, is a slow consumer, not a lost connection.
                     break outbound.close_reason().unwrap_or(CloseReason::Abnormal);
@@ -430,13 +493,13 @@ pub(super) fn write_loop<S: Sink>(
             tokio::select! {
                 _ = outbound.changed() => {}
                 _ = ping.tick() => {
-                    if silence.as_ref().is_some_and(|s| s.longer_than(limits.ping_timeout)) {
+                    if watch_silence && outbound.heard().longer_than(timers.ping_timeout()) {
                         break CloseReason::HeartbeatTimeout;
                     }
                     outbound.push(outbound.ping_frame());
                 }
                 _ = beat_due => {
-                    if beat.as_mut().is_some_and(|b| !b.fire(&outbound, silence.as_ref())) {
+                    if beat.as_mut().is_some_and(|b| !b.fire(&outbound, watch_silence)) {
                         break CloseReason::HeartbeatTimeout;
                     }
                 }
@@ -468,29 +531,19 @@ pub(super) fn write_loop<S: Sink>(
             outbound.take(&mut last);
             last.extend(outbound.farewell(&reason));
             last.push_back(outbound.close_frame(&reason));
-            let _ = sink.write_batch(&mut last, limits).await;
-            sink.finish(limits).await;
-            // Give a WebSocket peer a moment to answer our close so the reader ends cleanly.
-            if silence.is_none()
-                || tokio::time::timeout(limits.write_timeout, &mut reader)
-                    .await
-                    .is_err()
-            {
-                reader.abort();
-            }
-        } else {
-            reader.abort();
+            let _ = sink.write_batch(&mut last, timers.write_timeout()).await;
+            sink.finish(timers.write_timeout()).await;
         }
         reason
     }
 }
 
 /// Writes every frame in `batch` with vectored writes, then flushes. Bounded by
-/// `limits.write_timeout`: a peer that does not read for that long is gone.
+/// `timeout`: a peer that does not read for that long is gone.
 async fn write_batch<W: AsyncWrite + Unpin>(
     w: &mut W,
     batch: &mut VecDeque<Bytes>,
-    limits: Limits,
+    timeout: Duration,
 ) -> std::io::Result<()> {
     let io = async {
         while !batch.is_empty() {
@@ -529,25 +582,28 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(io.as_mut().poll(cx))).await {
         return r;
     }
-    match tokio::time::timeout(limits.write_timeout, io).await {
+    // Boxed: the timer is needed only by a write that blocks, and inline it would take room
+    // in every idle connection's writer.
+    match Box::pin(tokio::time::timeout(timeout, io)).await {
         Ok(r) => r,
         Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
     }
 }
 
-/// The reader task: the only reader of this connection's socket.
+/// The reader: the only reader of this connection's socket.
 #[allow(clippy::manual_async_fn)] // not `async fn`: see [`serve`]
 fn read_loop<R, H>(
     mut frames: FrameReader<R>,
     limits: Limits,
     mut handler: H,
     outbound: Arc<Outbound>,
-    silence: Silence,
 ) -> impl Future<Output = ()> + Send
 where
     R: AsyncRead + Unpin + Send + 'static,
     H: Handler,
 {
+    // Only what the reader uses: the future keeps it for the connection's whole life.
+    let (fragment_timeout, max_message_bytes) = (limits.fragment_timeout, limits.max_message_bytes);
     async move {
         // The message being reassembled from fragments: its opcode and bytes so far, and how far
         // a text message is known to be valid UTF-8 (checked per fragment, so a bad byte fails
@@ -563,7 +619,7 @@ where
         let reason = loop {
             let next = match fragment_due {
                 // Boxed: only a connection in the middle of a fragmented message pays for the
-                // timer; inline, it would be reserved in every idle connection's reader task.
+                // timer; inline, it would be reserved in every idle connection's task.
                 Some(due) => match Box::pin(tokio::time::timeout_at(due, frames.next())).await {
                     Ok(next) => next,
                     Err(_) => break CloseReason::FragmentTimeout,
@@ -574,7 +630,7 @@ where
                 Ok(f) => f,
                 Err(reason) => break reason,
             };
-            silence.heard(matches!(
+            outbound.heard().frame(matches!(
                 frame.opcode,
                 OpCode::Text | OpCode::Binary | OpCode::Continuation
             ));
@@ -598,7 +654,7 @@ where
                             break CloseReason::InvalidUtf8;
                         }
                         partial = Some((frame.opcode, buf));
-                        fragment_due = Some(tokio::time::Instant::now() + limits.fragment_timeout);
+                        fragment_due = Some(tokio::time::Instant::now() + fragment_timeout);
                         None
                     }
                 }
@@ -606,8 +662,8 @@ where
                     let Some((op, buf)) = partial.as_mut() else {
                         break CloseReason::Protocol("continuation_without_start");
                     };
-                    if buf.len() + frame.payload.len() > limits.max_message_bytes {
-                        break CloseReason::TooBig(limits.max_message_bytes);
+                    if buf.len() + frame.payload.len() > max_message_bytes {
+                        break CloseReason::TooBig(max_message_bytes);
                     }
                     buf.extend_from_slice(&frame.payload);
                     if *op == OpCode::Text && !utf8_prefix_ok(buf, &mut utf8_checked) {
@@ -638,7 +694,7 @@ where
                 // frame) but no longer handled.
                 _ if outbound.is_closing() => Ok(()),
                 // Boxed: a request's future (hub and Redis calls) is large and short-lived;
-                // inline, it would be reserved in every idle connection's reader task.
+                // inline, it would be reserved in every idle connection's task.
                 Some((OpCode::Text, bytes)) => match String::from_utf8(bytes) {
                     Ok(text) => Box::pin(handler.on_text(text)).await,
                     Err(_) => Err(CloseReason::InvalidUtf8),

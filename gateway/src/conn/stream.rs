@@ -8,7 +8,7 @@
 //!
 //! There is no upstream on the stream. A bidirectional client POSTs its commands to any
 //! node (`edge::streams`), and the node holding the connection hands them to its
-//! [`Inbox`]; a task of the connection (the reader task of a WebSocket) runs them through
+//! [`Inbox`]; the connection (where a WebSocket has its reader) runs them through
 //! the protocol's [`Handler`] one at a time, in the order they arrived. A unidirectional one
 //! (plain `EventSource`) has an inbox that nothing sends to.
 //!
@@ -25,6 +25,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::Frame;
@@ -34,7 +35,6 @@ use tokio_util::sync::CancellationToken;
 use super::clock::TokenClock;
 use super::outbound::Outbound;
 use super::socket::{self, Handler, Limits, Sink};
-use crate::error::CloseReason;
 
 /// Frames handed to hyper and not yet written, per connection.
 pub const CHUNKS: usize = 32;
@@ -69,7 +69,7 @@ impl Sink for BodySink {
     async fn write_batch(
         &mut self,
         batch: &mut VecDeque<Bytes>,
-        limits: Limits,
+        timeout: Duration,
     ) -> std::io::Result<()> {
         let gone = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
         let tx = self.0.as_ref().ok_or_else(gone)?;
@@ -80,7 +80,7 @@ impl Sink for BodySink {
                 Err(mpsc::error::TrySendError::Closed(_)) => return Err(gone()),
                 Err(mpsc::error::TrySendError::Full(frame)) => frame,
             };
-            match tokio::time::timeout(limits.write_timeout, tx.send(frame)).await {
+            match Box::pin(tokio::time::timeout(timeout, tx.send(frame))).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(gone()),
                 Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
@@ -89,7 +89,7 @@ impl Sink for BodySink {
         Ok(())
     }
 
-    fn finish(&mut self, _: Limits) -> impl Future<Output = ()> + Send + '_ {
+    fn finish(&mut self, _: Duration) -> impl Future<Output = ()> + Send + '_ {
         // Dropping the sender ends the body once hyper has written what it holds.
         self.0 = None;
         std::future::ready(())
@@ -98,7 +98,7 @@ impl Sink for BodySink {
 
 /// Serves a streaming connection: returns the response body, and the writer loop, which
 /// the caller awaits (it returns why the connection closed). Commands sent to `inbox`'s
-/// other end are run by `handler` in a task of their own.
+/// other end are run by `handler` within it.
 pub fn serve<H: Handler>(
     inbox: mpsc::Receiver<String>,
     limits: Limits,
@@ -106,19 +106,13 @@ pub fn serve<H: Handler>(
     outbound: Arc<Outbound>,
     shutdown: CancellationToken,
     token: Option<Arc<TokenClock>>,
-) -> (Body, impl Future<Output = CloseReason> + Send) {
+) -> (Body, socket::Together) {
     let (tx, rx) = mpsc::channel(CHUNKS);
-    let reader = tokio::spawn(run_inbox(inbox, handler, outbound.clone()));
-    let writer = socket::write_loop(
-        BodySink(Some(tx)),
-        reader,
-        limits,
-        outbound,
-        shutdown,
-        token,
-        None,
-    );
-    (Body { rx }, writer)
+    // The client's commands are run beside the writer, in the connection's one task, and
+    // stopped at the close.
+    let reader = run_inbox(inbox, handler, outbound.clone());
+    let writer = socket::write_loop(BodySink(Some(tx)), limits, outbound, shutdown, token, false);
+    (Body { rx }, socket::Together::new(reader, writer, None))
 }
 
 /// Runs posted messages through the handler until one closes the connection, or the

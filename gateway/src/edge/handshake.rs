@@ -36,7 +36,7 @@ use crate::cluster::directory::AddError;
 use crate::conn::clock::TokenClock;
 use crate::conn::outbound::Outbound;
 use crate::conn::socket;
-use crate::conn::socket::Handler;
+use crate::conn::socket::{Handler, Together};
 use crate::core::session::{Conn, Session};
 use crate::error::CloseReason;
 use crate::node::{Node, Slot};
@@ -425,8 +425,6 @@ fn spawn_served<H: Handler>(
     slot: Slot,
     cleanup: impl FnOnce(Arc<Node>, CloseReason) -> BoxFuture<'static, ()> + Send + 'static,
 ) {
-    // Boxed so that the task holds it once: awaiting a captured future moves it, and both
-    // places would stay reserved for the connection's whole life.
     let served = socket::serve_upgraded(
         upgraded,
         node.limits(),
@@ -442,16 +440,17 @@ fn spawn_served<H: Handler>(
 
 /// Runs a served connection (its writer loop, over a socket or an HTTP body) to its close
 /// in a task of its own, then its protocol's cleanup; the connection's slot goes back last.
-pub(super) fn spawn_until_closed<F>(
+pub(super) fn spawn_until_closed(
     node: Arc<Node>,
-    served: F,
+    mut served: Together,
     slot: Slot,
     cleanup: impl FnOnce(Arc<Node>, CloseReason) -> BoxFuture<'static, ()> + Send + 'static,
-) where
-    F: std::future::Future<Output = CloseReason> + Send + 'static,
-{
+) {
     tokio::spawn(async move {
-        let reason = served.await;
+        // By reference: awaiting `served` itself would move it, and both places would stay
+        // reserved for the connection's whole life.
+        let reason = (&mut served).await;
+        drop(served);
         // Boxed (by `cleanup`): inline, its Redis calls would be reserved in every idle
         // connection.
         cleanup(node, reason).await;
