@@ -46,11 +46,17 @@ pub struct Node {
     pub maintenance: crate::ops::admin::Maintenance,
     /// Cancelled once the listener is closed: every connection sends close 1001.
     pub close_all: CancellationToken,
+    /// Children of `close_all` that connections watch ([`Node::shutdown_token`]).
+    close_shards: Box<[CancellationToken]>,
+    next_shard: AtomicUsize,
     open: AtomicUsize,
     next_conn: AtomicU64,
     /// When the node started, Unix milliseconds.
     pub boot_ms: u64,
 }
+
+/// How many shutdown tokens connections share (see [`Node::shutdown_token`]).
+const CLOSE_SHARDS: usize = 64;
 
 impl Node {
     /// Builds the node; connects to Redis first when `redis_url` is set.
@@ -124,6 +130,7 @@ impl Node {
         );
         let send_limiter = KeyedLimiter::new(config.send_rate_per_user, config.send_rate_per_user);
         let boot_ms = crate::time::now_ms();
+        let close_all = CancellationToken::new();
         Ok(Arc::new(Node {
             core: Arc::new(Core {
                 config,
@@ -141,7 +148,9 @@ impl Node {
             proxies,
             draining,
             maintenance: crate::ops::admin::Maintenance::default(),
-            close_all: CancellationToken::new(),
+            close_shards: (0..CLOSE_SHARDS).map(|_| close_all.child_token()).collect(),
+            close_all,
+            next_shard: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
             boot_ms,
@@ -178,6 +187,16 @@ impl Node {
     }
 
     /// Per-connection limits from the config.
+    /// The token a connection's writer watches for shutdown: one of [`CLOSE_SHARDS`]
+    /// children of `close_all`, taken in turn. Not `close_all` itself: polling a token locks
+    /// its mutex, which every writer would contend for on each turn of its loop. Not a
+    /// child per connection either: that is an allocation (about 110 bytes) per idle
+    /// connection, for a lock that a few hundred connections can share.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        let i = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.close_shards.len();
+        self.close_shards[i].clone()
+    }
+
     pub fn limits(&self) -> Limits {
         Limits {
             max_message_bytes: self.config.max_message_bytes,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use loadtest::client::{Client, Received};
 use loadtest::scenarios::{
-    self, ChurnArgs, FanoutArgs, IdleArgs, PresenceArgs, RecoveryStormArgs, RttArgs, StormArgs,
+    self, ChurnArgs, FanoutArgs, HistoryMemoryArgs, IdleArgs, PresenceArgs, RecoveryStormArgs, RttArgs, StormArgs,
     StreamsArgs, UnicastArgs,
 };
 use serde_json::json;
@@ -43,6 +43,8 @@ enum Cmd {
     ConnectStorm(StormArgs),
     /// Connect/subscribe/disconnect cycles; RSS and Redis keys must come back to baseline.
     Churn(ChurnArgs),
+    /// What a history publication holds in Redis.
+    HistoryMemory(HistoryMemoryArgs),
     /// Clients of a history channel come back at once and recover what they missed.
     RecoveryStorm(RecoveryStormArgs),
     /// Members of a presence channel: presence_stats cost, and join/leave fan-out.
@@ -71,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Idle(a) => scenarios::idle(a).await,
         Cmd::IdleWorker(a) => scenarios::idle_worker(a).await,
         Cmd::Fanout(a) => scenarios::fanout(a).await,
+        Cmd::HistoryMemory(a) => scenarios::history_memory(a).await,
         Cmd::Unicast(a) => scenarios::unicast(a).await,
         Cmd::ConnectStorm(a) => scenarios::connect_storm(a).await,
         Cmd::Churn(a) => scenarios::churn(a).await,

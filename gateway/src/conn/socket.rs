@@ -462,7 +462,11 @@ pub(super) fn write_loop<S: Sink>(
             }
             let (closing, oldest) = outbound.take(&mut batch);
             if !batch.is_empty() {
-                if sink.write_batch(&mut batch, timers.write_timeout()).await.is_err() {
+                if sink
+                    .write_batch(&mut batch, timers.write_timeout())
+                    .await
+                    .is_err()
+                {
                     // A write that timed out on a peer that stopped reading, whose queue then
                     // overflowed, is a slow consumer, not a lost connection.
                     break outbound.close_reason().unwrap_or(CloseReason::Abnormal);

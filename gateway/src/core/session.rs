@@ -149,7 +149,9 @@ pub struct Session {
     core: Arc<Core>,
     out: Arc<Outbound>,
     subs: Subscriptions,
-    identity: Option<Identity>,
+    /// Boxed: `None` for an anonymous connection, which would otherwise reserve its 128
+    /// bytes for its whole life.
+    identity: Option<Box<Identity>>,
     clock: Option<Arc<TokenClock>>,
     limiter: ConnLimiter,
     /// Channels a subscription token granted beyond the connection token's `channels`.
@@ -215,7 +217,7 @@ impl Session {
             core,
             out,
             subs,
-            identity,
+            identity: identity.map(Box::new),
             clock,
             limiter,
             granted: None,
@@ -379,7 +381,7 @@ impl Session {
             Command::Publish { channel, data } => {
                 let by_claim = self
                     .identity
-                    .as_ref()
+                    .as_deref()
                     .is_some_and(|i| shared::channel::any_match(&i.publish, channel));
                 if !by_claim
                     && !shared::channel::any_match(&self.core.config.publish_allow, channel)
@@ -409,7 +411,7 @@ impl Session {
         let allowed = self.is_granted(channel)
             || self
                 .identity
-                .as_ref()
+                .as_deref()
                 .and_then(|i| i.channels.as_ref())
                 .is_none_or(|patterns| shared::channel::any_match(patterns, channel));
         if allowed {
@@ -502,7 +504,7 @@ impl Session {
     /// replace the old ones at once: a subscription that its `channels` claim no longer allows
     /// is ended, and the client is told so (`unsubscribed`, `forbidden`) before the ack.
     async fn refresh(&mut self, token: &str) -> Result<(), Failure> {
-        let (Some(auth), Some(current)) = (&self.core.auth, &self.identity) else {
+        let (Some(auth), Some(current)) = (&self.core.auth, self.identity.as_deref()) else {
             return Err(Failure::new(
                 ErrorCode::BadRequest,
                 "this connection has no token to refresh",
@@ -532,7 +534,7 @@ impl Session {
             }
             keep
         });
-        self.identity = Some(fresh);
+        self.identity = Some(Box::new(fresh));
         for channel in &revoked {
             // Locally the subscription is gone whatever the broker says; a failed broker
             // unsubscribe is left to the hub's reconcile.

@@ -430,9 +430,7 @@ fn spawn_served<H: Handler>(
         node.limits(),
         connection,
         out,
-        // A child token per connection: polling the shared one locks a mutex that every
-        // connection's writer contends for on each turn of its loop.
-        node.close_all.child_token(),
+        node.shutdown_token(),
         clock,
     );
     spawn_until_closed(node, served, slot, cleanup);

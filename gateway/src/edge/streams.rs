@@ -329,7 +329,7 @@ async fn centrifugo(
         node.limits(),
         connection,
         out,
-        node.close_all.child_token(),
+        node.shutdown_token(),
         Some(clock),
     );
     spawn_until_closed(node.clone(), served, slot, move |_, reason| {
@@ -471,7 +471,7 @@ async fn eventsource(
         node.limits(),
         Listener(session),
         out,
-        node.close_all.child_token(),
+        node.shutdown_token(),
         clock,
     );
     spawn_until_closed(node.clone(), served, slot, move |node, reason| {

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use serde_json::json;
 
-use super::{emit, fixed_token, open_many, targets, Common};
+use super::{
+    emit, fixed_token, open_many, redis_conn, redis_memory, subscribe, targets, Common,
+};
 use crate::client::{Client, Received};
 use crate::net::Connector;
 
@@ -26,6 +28,15 @@ pub struct IdleArgs {
     /// Time to keep the connections open after the measurement.
     #[arg(long, default_value_t = 0)]
     pub(crate) hold_secs: u64,
+    /// Each connection subscribes to this channel (and waits for the ack) before the
+    /// measurement: the cost of a subscription, with whatever the channel has (history,
+    /// presence).
+    #[arg(long)]
+    pub(crate) subscribe: Option<String>,
+    /// Also report what the connections hold in this Redis (`used_memory`, keys): the
+    /// directory records, and the presence entries of `--subscribe`.
+    #[arg(long)]
+    pub(crate) redis_url: Option<String>,
     #[command(flatten)]
     pub(crate) common: Common,
 }
@@ -46,6 +57,7 @@ pub async fn idle_worker(a: IdleArgs) -> anyhow::Result<()> {
     if let Some(e) = err {
         eprintln!("idle worker: {failed} failed; first: {e}");
     }
+    let clients = subscribe_all(clients, a.subscribe.as_deref(), &a.common).await?;
     let opened = clients.len();
     let holders: Vec<_> = clients
         .into_iter()
@@ -69,6 +81,14 @@ pub async fn idle_worker(a: IdleArgs) -> anyhow::Result<()> {
 pub async fn idle(a: IdleArgs) -> anyhow::Result<()> {
     let c = &a.common;
     let t = targets(std::slice::from_ref(&a.url))?;
+    let mut redis = match &a.redis_url {
+        Some(url) => Some(redis_conn(url).await?),
+        None => None,
+    };
+    let redis_before = match redis.as_mut() {
+        Some(r) => Some(redis_memory(r).await?),
+        None => None,
+    };
     let rss_before = c.rss()?;
     let start = Instant::now();
     let (opened, failed, mut children, mut holders) = if a.procs <= 1 {
@@ -84,6 +104,7 @@ pub async fn idle(a: IdleArgs) -> anyhow::Result<()> {
         if let Some(e) = err {
             eprintln!("idle: {failed} failed; first: {e}");
         }
+        let clients = subscribe_all(clients, a.subscribe.as_deref(), c).await?;
         let opened = clients.len();
         let holders: Vec<_> = clients
             .into_iter()
@@ -118,6 +139,7 @@ pub async fn idle(a: IdleArgs) -> anyhow::Result<()> {
                 .arg(c.concurrency.to_string())
                 .arg("--proto")
                 .arg(c.proto.to_string())
+                .args(a.subscribe.iter().flat_map(|ch| ["--subscribe", ch.as_str()]))
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped());
             if let Some(tok) = &c.token {
@@ -152,6 +174,10 @@ pub async fn idle(a: IdleArgs) -> anyhow::Result<()> {
     let connect_secs = start.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
     let rss_after = c.rss()?;
+    let redis_after = match redis.as_mut() {
+        Some(r) => Some(redis_memory(r).await?),
+        None => None,
+    };
     tokio::time::sleep(Duration::from_secs(a.hold_secs)).await;
     let closed_early: usize = holders.iter().filter(|h| h.is_finished()).count();
     for h in holders.drain(..) {
@@ -166,8 +192,9 @@ pub async fn idle(a: IdleArgs) -> anyhow::Result<()> {
     } else {
         0.0
     };
-    let result = json!({
+    let mut result = json!({
         "tls": t[0].tls,
+        "subscribe": a.subscribe,
         "connections": opened,
         "failed": failed,
         "closed_early": closed_early,
@@ -187,11 +214,58 @@ pub async fn idle(a: IdleArgs) -> anyhow::Result<()> {
         rss_after as f64 / 1048576.0,
         per_conn
     );
+    let mut summary = summary;
+    if let (Some((m0, k0)), Some((m1, k1))) = (redis_before, redis_after) {
+        let per = (m1 as f64 - m0 as f64) / opened.max(1) as f64;
+        result["redis_used_memory_before"] = json!(m0);
+        result["redis_used_memory_after"] = json!(m1);
+        result["redis_keys_before"] = json!(k0);
+        result["redis_keys_after"] = json!(k1);
+        result["redis_bytes_per_conn"] = json!(per);
+        summary += &format!("; Redis {per:.0} B/connection, keys {k0} -> {k1}");
+    }
     emit(c, "idle", result, &summary)?;
     if opened == 0 {
         bail!("no connection opened");
     }
     Ok(())
+}
+
+/// Subscribes every client to `channel` (when given), `common.concurrency` at a time;
+/// a client whose subscribe fails is dropped and counted as failed by the caller.
+async fn subscribe_all(
+    clients: Vec<(usize, Client)>,
+    channel: Option<&str>,
+    common: &Common,
+) -> anyhow::Result<Vec<(usize, Client)>> {
+    let Some(channel) = channel else {
+        return Ok(clients);
+    };
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(common.concurrency.max(1)));
+    let mut set = tokio::task::JoinSet::new();
+    let proto = common.proto;
+    for (i, mut cl) in clients {
+        let permit = sem.clone().acquire_owned().await?;
+        let channel = channel.to_owned();
+        set.spawn(async move {
+            let _permit = permit;
+            subscribe(&mut cl, &channel, proto).await.map(|()| (i, cl))
+        });
+    }
+    let (mut out, mut first_err) = (Vec::new(), None);
+    while let Some(r) = set.join_next().await {
+        match r? {
+            Ok(c) => out.push(c),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        bail!("subscribing to {channel}: {e:#}");
+    }
+    out.sort_by_key(|(i, _)| *i);
+    Ok(out)
 }
 
 /// Keeps a connection alive (answering pings) until the peer closes it; returns 1 then.

@@ -12,6 +12,7 @@ mod churn;
 mod connect_storm;
 mod delivery;
 mod fanout;
+mod history_memory;
 mod idle;
 mod presence;
 mod recovery_storm;
@@ -21,6 +22,7 @@ mod unicast;
 pub use churn::{churn, ChurnArgs};
 pub use connect_storm::{connect_storm, StormArgs};
 pub use fanout::{fanout, FanoutArgs};
+pub use history_memory::{history_memory, HistoryMemoryArgs};
 pub use idle::{idle, idle_worker, IdleArgs};
 pub use presence::{presence, PresenceArgs};
 pub use recovery_storm::{recovery_storm, RecoveryStormArgs};
@@ -366,6 +368,19 @@ fn targets(urls: &[String]) -> anyhow::Result<Arc<Vec<Target>>> {
 async fn redis_conn(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
     let client = redis::Client::open(url)?;
     Ok(client.get_multiplexed_async_connection().await?)
+}
+
+/// `used_memory` from `INFO memory`, and the number of keys (`DBSIZE`): what a scenario
+/// holds in Redis.
+async fn redis_memory(r: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<(u64, u64)> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(r).await?;
+    let used = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("INFO memory has no used_memory")?;
+    let keys: u64 = redis::cmd("DBSIZE").query_async(r).await?;
+    Ok((used, keys))
 }
 
 /// `total_commands_processed` from `INFO stats`: what a scenario cost Redis.
