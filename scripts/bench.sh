@@ -121,7 +121,14 @@ SRC=127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5
 log "idle"
 start_gateway gw-idle
 "$LT" idle "ws://127.0.0.1:$GW_PORT/ws" -n "$IDLE_N" --pid "$GW_PID" --sources "$SRC" \
-  --label gateway --json "$OUT/idle-gateway.json"
+  --redis-url "$REDIS" --label gateway --json "$OUT/idle-gateway.json"
+stop "$GW_PID"
+# The same with each connection subscribed to one channel with history and presence: what a
+# subscription adds, in the node and in Redis (the presence entries).
+start_gateway gw-idle-sub --channels 'idlehp:*?history_size=100&history_ttl_secs=600&presence'
+"$LT" idle "ws://127.0.0.1:$GW_PORT/ws" -n "$IDLE_N" --pid "$GW_PID" --sources "$SRC" \
+  --subscribe idlehp:all --redis-url "$REDIS" --label gateway-subscribed \
+  --json "$OUT/idle-gateway-subscribed.json"
 stop "$GW_PID"
 start_floor
 "$LT" idle "ws://127.0.0.1:$FL_PORT/ws" -n "$IDLE_N" --pid "$FL_PID" --sources "$SRC" \
@@ -220,6 +227,9 @@ for r in $HIST_RATES; do
     --duration-secs "$FAN_SECS" --redis-url "$REDIS" --pid "$GW_PID" --sources "$SRC" \
     --channel "hist:h$r" --label history-on --json "$OUT/history-on-r$r.json"
 done
+# What a full history (history_size publications of 100 bytes) holds in Redis, per publication.
+"$LT" history-memory --redis-url "$REDIS" --prefix hist:mem --channels 50 -n 100 \
+  --payload-bytes 100 --label gateway --json "$OUT/history-memory.json"
 "$LT" recovery-storm --url "ws://127.0.0.1:$GW_PORT/ws" --admin "http://127.0.0.1:$GW_ADMIN" \
   -n "$RECOVER_N" --missed 100 --channel hist:storm --redis-url "$REDIS" --concurrency 200 \
   --pid "$GW_PID" --sources "$SRC" --label gateway --json "$OUT/recovery-storm.json"

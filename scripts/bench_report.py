@@ -19,7 +19,7 @@ REQUIRED = [
     "fanout-2nodes-half", "unicast", "storm-plain", "storm-tls", "storm-tls-hs256",
     "storm-tls-rs256", "storm-floor", "churn", "recovery-storm", "presence-stats",
     "presence-fanout", "presence-churn-on", "presence-churn-off",
-    "emulation-rtt-same", "emulation-rtt-forwarded",
+    "emulation-rtt-same", "emulation-rtt-forwarded", "idle-gateway-subscribed", "history-memory",
 ]
 # Prefixes of which at least one result must exist (one per rate in the run).
 REQUIRED_PREFIXES = ["fanout-gateway-r", "fanout-floor-r", "fanout-2nodes-r", "burst-gateway-r",
@@ -67,6 +67,10 @@ def check(d):
         if sc == "idle":
             expect(name, r["connections"] > 0 and r["failed"] == 0, "connections failed")
             expect(name, r["rss_after_bytes"] > 0 and r["rss_per_conn_bytes"] != 0, "no RSS figure")
+            if "redis_bytes_per_conn" in r:
+                expect(name, r["redis_bytes_per_conn"] > 0, "no Redis memory figure")
+        elif sc == "history-memory":
+            expect(name, r["redis_bytes_per_publication"] > 0, "no Redis memory figure")
         elif sc in ("fanout", "unicast", "streams"):
             expect(name, r["delivered"] > 0 and r["deliveries_per_sec"] > 0, "nothing delivered")
             expect(name, r["latency"]["count"] > 0 and r["latency"]["p99_ms"] > 0, "no latency")
@@ -206,6 +210,82 @@ def burst_section(res, d):
               "| server | deliveries | write-type calls | calls/delivery |", "|---|---:|---|---:|"] + rows
     else:
         L += ["", "Syscall count not run (strace absent; `make bench` installs it)."]
+    return L
+
+
+def target_row(name, value, target, unit, met, how):
+    return (f"| {name} | {value} | {target} | **{'met' if met else 'MISSED'}** | {how} |")
+
+
+def round_two_section(res):
+    """The targets of performance round two (issue 19), each from this run."""
+    L = ["", "## Performance round two: targets", "",
+         "Each row is measured in this run; ratios are against a figure of the same run. Where a "
+         "row is missed, [profiling.md](profiling.md) has the profile and the explanation.", "",
+         "| measure | this run | target | | how |", "|---|---:|---:|---|---|"]
+    g = res.get("idle-gateway")
+    if g:
+        v = g["rss_per_conn_bytes"]
+        L.append(target_row("idle `ws://`, RSS per connection", f"{f0(v)} B", "≤ 2,048 B", "",
+                            v <= 2048, f"`loadtest idle`, {f0(g['connections'])} connections"))
+    t = res.get("idle-gateway-tls")
+    if t:
+        v = t["rss_per_conn_bytes"]
+        L.append(target_row("idle `wss://`, RSS per connection", f"{f0(v)} B", "≤ 6,144 B", "",
+                            v <= 6144, f"`loadtest idle`, {f0(t['connections'])} connections"))
+    sub = res.get("idle-gateway-subscribed")
+    if g and sub:
+        d = sub["rss_per_conn_bytes"] - g["rss_per_conn_bytes"]
+        L.append(target_row("idle + 1 history & presence subscription", f"{f0(sub['rss_per_conn_bytes'])} B (+{f0(d)} B)",
+                            "≤ idle + 512 B", "", d <= 512,
+                            "every connection subscribed to one channel with history and presence"))
+    sp, sf = res.get("storm-plain"), res.get("storm-floor")
+    if sp and sf and sf["cpu_per_handshake_us"]:
+        r = sp["cpu_per_handshake_us"] / sf["cpu_per_handshake_us"]
+        L.append(target_row("plain handshake CPU vs floor", f"{r:.2f}×", "≤ 1.3×", "", r <= 1.3,
+                            f"`loadtest connect-storm`, {f0(sp['cpu_per_handshake_us'])} vs "
+                            f"{f0(sf['cpu_per_handshake_us'])} µs"))
+    st, stf = res.get("storm-tls"), res.get("storm-floor-tls")
+    if st and stf and stf["cpu_per_handshake_us"]:
+        r = st["cpu_per_handshake_us"] / stf["cpu_per_handshake_us"]
+        L.append(target_row("TLS handshake CPU vs a TLS floor", f"{r:.2f}×", "≤ 1.2×", "", r <= 1.2,
+                            f"{f0(st['cpu_per_handshake_us'])} vs {f0(stf['cpu_per_handshake_us'])} µs"))
+    u = res.get("unicast")
+    if u:
+        ok = (u["deliveries_per_sec"] >= 50000 and u["latency"]["p99_ms"] <= 10
+              and u["cpu_per_delivery_us"] <= 10)
+        L.append(target_row("unicast, 2 nodes", f"{f0(u['deliveries_per_sec'])}/s, p99 "
+                            f"{f2(u['latency']['p99_ms'])} ms, {f2(u['cpu_per_delivery_us'])} µs",
+                            "≥ 50,000/s, p99 ≤ 10 ms, ≤ 10 µs", "", ok, "`loadtest unicast`"))
+    if g and "redis_records_bytes_per_conn" in g:
+        v = g["redis_records_bytes_per_conn"]
+        L.append(target_row("Redis memory per connection (directory records)", f"{f0(v)} B",
+                            "≤ 200 B", "", v <= 200,
+                            f"`used_memory` growth less the inbound stream's (its connect event: "
+                            f"{f0(g['redis_inbound_bytes_per_conn'])} B, capped by `inbound_maxlen`)"))
+    if sub and "redis_records_bytes_per_conn" in sub:
+        L.append(f"| Redis memory per subscribed connection (records + presence) | "
+                 f"{f0(sub['redis_records_bytes_per_conn'])} B | report | | the same, subscribed |")
+    h = res.get("history-memory")
+    if h:
+        L.append(f"| Redis memory per history publication of {h['payload_bytes']} B | "
+                 f"{f0(h['redis_bytes_per_publication'])} B | report | | `loadtest history-memory`: "
+                 f"{h['channels']} channels × {h['per_channel']} (their full history) |")
+    fr = [k for k in res if k.startswith("fanout-gateway-r")]
+    worst = None
+    for k in fr:
+        fk = "fanout-floor-r" + k[len("fanout-gateway-r"):]
+        if fk in res and res[fk]["cpu_per_delivery_us"]:
+            rr = res[k]["cpu_per_delivery_us"] / res[fk]["cpu_per_delivery_us"]
+            worst = rr if worst is None else max(worst, rr)
+    if worst is not None:
+        L.append(target_row("fan-out CPU vs floor, steady (worst rate)", f"{worst:.2f}×",
+                            "≤ 1.16× (round one)", "", worst <= 1.16, "fan-out table above"))
+    hp = res.get("fanout-2nodes-half")
+    if hp:
+        v = hp["latency"]["p99_ms"]
+        L.append(target_row("p99 at half peak, 2 nodes", f"{f2(v)} ms", "≤ 10 ms", "", v <= 10,
+                            f"{hp['rate']} msg/s × {f0(hp['receivers'])} subscribers"))
     return L
 
 
@@ -393,7 +473,7 @@ def report(d, out):
           "| server | connections | client procs | RSS before (MiB) | RSS after (MiB) | bytes/conn | vs floor |",
           "|---|---:|---:|---:|---:|---:|---:|"]
     floor = res.get("idle-floor", {}).get("rss_per_conn_bytes", 0)
-    for k in ["idle-gateway", "idle-gateway-2procs", "idle-gateway-tls", "idle-floor", "idle-peer"]:
+    for k in ["idle-gateway", "idle-gateway-subscribed", "idle-gateway-2procs", "idle-gateway-tls", "idle-floor", "idle-peer"]:
         r = res.get(k)
         if not r:
             continue
@@ -514,6 +594,7 @@ def report(d, out):
               f"**{'met' if r['rss_back_to_baseline'] and r['cycles'] >= 100000 else 'MISSED'}** "
               f"({f0(r['cycles'])} cycles, {r.get('rss_growth_pct', 0):+.1f} %)."]
 
+    L += round_two_section(res)
     L += history_section(res)
     L += presence_section(res)
     L += protocols_section(res)

@@ -18,7 +18,6 @@ use gateway::test_util::Outbound;
 use gateway::test_util::{self as socket, Handler, Limits};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
-use tokio_util::sync::CancellationToken;
 
 struct Echo(Arc<Outbound>);
 
@@ -44,8 +43,6 @@ async fn main() -> std::io::Result<()> {
     let limits = Limits {
         max_message_bytes: 64 << 20,
         fragment_timeout: Duration::from_secs(60),
-        ping_interval: Duration::from_secs(30),
-        ping_timeout: Duration::from_secs(120),
         write_timeout: Duration::from_secs(10),
     };
     loop {
@@ -71,10 +68,9 @@ async fn main() -> std::io::Result<()> {
                             limits,
                             handler,
                             out,
-                            CancellationToken::new(),
                             None,
-                        )
-                        .await;
+                            socket::JustSpawn,
+                        );
                     }
                 });
                 Ok(response)

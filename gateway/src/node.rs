@@ -18,6 +18,8 @@ use crate::cluster::presence::Presence;
 use crate::cluster::redis::Redis;
 use crate::config::Config;
 use crate::conn::limiter::KeyedLimiter;
+use crate::conn::outbound::Outbound;
+use crate::conn::registry::{Entry, Registry};
 use crate::conn::socket::Limits;
 use crate::core::hub::{ConnId, Hub, Settings};
 use crate::core::Core;
@@ -44,19 +46,14 @@ pub struct Node {
     /// drains as on SIGTERM but keeps running, refusing new connections with 503. Unlike
     /// `draining` it can be ended (`DELETE /v1/drain`, removing the annotation).
     pub maintenance: crate::ops::admin::Maintenance,
-    /// Cancelled once the listener is closed: every connection sends close 1001.
-    pub close_all: CancellationToken,
-    /// Children of `close_all` that connections watch ([`Node::shutdown_token`]).
-    close_shards: Box<[CancellationToken]>,
-    next_shard: AtomicUsize,
+    /// Every open connection: the ping sweep, and the close (1001) once the listener is
+    /// closed.
+    pub conns: Registry,
     open: AtomicUsize,
     next_conn: AtomicU64,
     /// When the node started, Unix milliseconds.
     pub boot_ms: u64,
 }
-
-/// How many shutdown tokens connections share (see [`Node::shutdown_token`]).
-const CLOSE_SHARDS: usize = 64;
 
 impl Node {
     /// Builds the node; connects to Redis first when `redis_url` is set.
@@ -130,7 +127,6 @@ impl Node {
         );
         let send_limiter = KeyedLimiter::new(config.send_rate_per_user, config.send_rate_per_user);
         let boot_ms = crate::time::now_ms();
-        let close_all = CancellationToken::new();
         Ok(Arc::new(Node {
             core: Arc::new(Core {
                 config,
@@ -148,9 +144,7 @@ impl Node {
             proxies,
             draining,
             maintenance: crate::ops::admin::Maintenance::default(),
-            close_shards: (0..CLOSE_SHARDS).map(|_| close_all.child_token()).collect(),
-            close_all,
-            next_shard: AtomicUsize::new(0),
+            conns: Registry::default(),
             open: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
             boot_ms,
@@ -169,7 +163,7 @@ impl Node {
             .connections_open
             .fetch_add(1, Ordering::Relaxed);
         // Built before the per-IP check, so that a refusal there gives the node slot back.
-        let mut slot = Slot(self.clone(), None);
+        let mut slot = Slot(self.clone(), None, None);
         slot.1 = Some(self.per_ip.try_add(ip).ok_or(Refusal::IpLimit)?);
         Ok(slot)
     }
@@ -181,28 +175,19 @@ impl Node {
 
     /// A new connection id and its wire form. The wire form includes the node and its boot
     /// time, so ids stay unique across nodes and restarts.
-    pub fn next_conn_id(&self) -> (ConnId, String) {
+    pub fn next_conn_id(&self) -> (ConnId, Arc<str>) {
         let n = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        (n, format!("{}.{:x}.{n}", self.config.node_id, self.boot_ms))
+        (
+            n,
+            format!("{}.{:x}.{n}", self.config.node_id, self.boot_ms).into(),
+        )
     }
 
     /// Per-connection limits from the config.
-    /// The token a connection's writer watches for shutdown: one of [`CLOSE_SHARDS`]
-    /// children of `close_all`, taken in turn. Not `close_all` itself: polling a token locks
-    /// its mutex, which every writer would contend for on each turn of its loop. Not a
-    /// child per connection either: that is an allocation (about 110 bytes) per idle
-    /// connection, for a lock that a few hundred connections can share.
-    pub fn shutdown_token(&self) -> CancellationToken {
-        let i = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.close_shards.len();
-        self.close_shards[i].clone()
-    }
-
     pub fn limits(&self) -> Limits {
         Limits {
             max_message_bytes: self.config.max_message_bytes,
             fragment_timeout: self.config.fragment_timeout(),
-            ping_interval: self.config.ping_interval(),
-            ping_timeout: self.config.ping_timeout(),
             write_timeout: Duration::from_secs(2).min(self.config.ping_timeout()),
         }
     }
@@ -216,11 +201,22 @@ impl std::ops::Deref for Node {
     }
 }
 
-/// A reserved connection slot, on the node and in its IP's count; released on drop.
-pub struct Slot(Arc<Node>, Option<IpSlot>);
+/// A reserved connection slot, on the node and in its IP's count, and the connection's
+/// place in the node's registry; released on drop.
+pub struct Slot(Arc<Node>, Option<IpSlot>, Option<Entry>);
+
+impl Slot {
+    /// Puts the connection in the node's registry ([`Node::conns`]) until the slot goes.
+    pub fn register(&mut self, out: &Arc<Outbound>) {
+        self.2 = Some(self.0.conns.insert(out));
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        if let Some(entry) = self.2.take() {
+            self.0.conns.remove(entry);
+        }
         self.0.open.fetch_sub(1, Ordering::AcqRel);
         self.0
             .metrics

@@ -223,6 +223,26 @@ fn spawn_background(
     if let Some(jwks) = node.auth.as_ref().and_then(|a| a.jwks()) {
         tokio::spawn(crate::auth::refresh_jwks(jwks, stop.clone()));
     }
+    // Pings: one node-wide sweep, a shard of the connections at a time, instead of a timer
+    // in every connection (see `conn::registry`).
+    let (n, s) = (node.clone(), stop.clone());
+    tokio::spawn(async move {
+        let shards = crate::conn::registry::SHARDS as u32;
+        let step = (n.config.ping_interval() / shards).max(Duration::from_millis(1));
+        // Pinged when nothing was heard for about an interval: less one step, so that a
+        // peer that answered the last ping at once is pinged again at its next visit.
+        let after = n.config.ping_interval().saturating_sub(step);
+        let mut tick = tokio::time::interval(step);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for shard in 0.. {
+            tokio::select! {
+                _ = tick.tick() => {
+                    n.conns.sweep(shard, after, n.config.ping_timeout());
+                }
+                _ = s.cancelled() => return,
+            }
+        }
+    });
     let (n, s) = (node.clone(), stop.clone());
     tokio::spawn(async move {
         loop {
@@ -308,7 +328,7 @@ async fn shutdown_connections(node: &Arc<Node>) {
         return;
     }
     tracing::info!(open, "drain window over; closing the rest with 1001");
-    node.close_all.cancel();
+    node.conns.close_all(&crate::error::CloseReason::Shutdown);
     let deadline = tokio::time::Instant::now() + node.config.shutdown_grace();
     while node.open_connections() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -15,7 +15,7 @@ pub use crate::cluster::redis::Redis;
 pub use crate::config::ChannelOptions;
 pub use crate::conn::frame;
 pub use crate::conn::outbound::Outbound;
-pub use crate::conn::socket::{serve, serve_upgraded, Handler, Limits};
+pub use crate::conn::socket::{serve, serve_upgraded, Handler, JustSpawn, Limits};
 pub use crate::edge::client_ip::encode_proxy_v2;
 pub use crate::error::CloseReason;
 pub use crate::ops::admin::Maintenance;

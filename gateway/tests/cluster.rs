@@ -797,9 +797,15 @@ async fn batched_resync_and_purge_on_a_three_master_cluster() {
             1 << 16,
             &gateway::test_util::V1,
         ));
-        dir.add(&format!("big.c.{i}"), i as u64, user.as_deref(), out, None)
-            .await
-            .unwrap();
+        dir.add(
+            &format!("big.c.{i}").into(),
+            i as u64,
+            user.as_deref(),
+            out,
+            None,
+        )
+        .await
+        .unwrap();
     }
     for s in &cluster.servers {
         let _: () = redis::cmd("FLUSHALL")

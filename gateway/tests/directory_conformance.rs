@@ -85,7 +85,7 @@ async fn resync_of_15k_connections_never_lets_the_heartbeat_lapse() {
             for i in (w..CONNS).step_by(8) {
                 let out = Arc::new(Outbound::new(1 << 16, &gateway::test_util::V1));
                 dir.add(
-                    &format!("big.c.{i}"),
+                    &format!("big.c.{i}").into(),
                     i as u64,
                     user(i).as_deref(),
                     out,

@@ -11,8 +11,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use loadtest::client::{Client, Received};
 use loadtest::scenarios::{
-    self, ChurnArgs, FanoutArgs, HistoryMemoryArgs, IdleArgs, PresenceArgs, RecoveryStormArgs, RttArgs, StormArgs,
-    StreamsArgs, UnicastArgs,
+    self, ChurnArgs, FanoutArgs, HistoryMemoryArgs, IdleArgs, PresenceArgs, RecoveryStormArgs,
+    RttArgs, StormArgs, StreamsArgs, UnicastArgs,
 };
 use serde_json::json;
 

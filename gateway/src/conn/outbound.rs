@@ -69,6 +69,9 @@ pub struct Outbound {
 /// ping and heartbeat timers read it: it lives here because both hold the `Outbound`.
 pub struct Heard {
     last: [AtomicU64; 2],
+    /// The peer is a WebSocket, which must answer pings: the ping sweep closes it once it
+    /// has been silent too long. An HTTP stream's client sends nothing on its stream.
+    watched: AtomicBool,
 }
 
 impl Heard {
@@ -76,7 +79,17 @@ impl Heard {
         let now = Heard::now();
         Heard {
             last: [AtomicU64::new(now), AtomicU64::new(now)],
+            watched: AtomicBool::new(false),
         }
+    }
+
+    /// From now on the peer must answer pings (see [`Outbound::ping`]).
+    pub fn watch(&self) {
+        self.watched.store(true, Ordering::Relaxed);
+    }
+
+    fn is_watched(&self) -> bool {
+        self.watched.load(Ordering::Relaxed)
     }
 
     /// Milliseconds since the process first asked: a monotonic clock that fits an atomic.
@@ -355,6 +368,19 @@ impl Outbound {
     /// protocol ([`Codec::ping`]).
     pub fn ping_frame(&self) -> Bytes {
         self.codec.ping()
+    }
+
+    /// The node's ping sweep at this connection (`conn::registry`): closes a WebSocket peer
+    /// that has sent nothing for longer than `timeout` (4001), and queues a ping in the
+    /// connection's protocol when nothing was heard for `after` (an HTTP stream's client is
+    /// never heard, so it gets one each time). A connection is not pinged before it has
+    /// been open for `after`, nor while its peer is talking.
+    pub fn ping(&self, after: Duration, timeout: Duration) {
+        if self.heard.is_watched() && self.heard.longer_than(timeout) {
+            self.close(CloseReason::HeartbeatTimeout);
+        } else if self.heard.longer_than(after) {
+            self.push(self.ping_frame());
+        }
     }
 
     /// The close frame for `reason`, in the connection's protocol ([`Codec::close`]).

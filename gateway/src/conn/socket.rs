@@ -9,8 +9,10 @@
 //!   reassembles fragments itself and closes with 1009 the moment the running total passes
 //!   `max_message_bytes`, before buffering any more, and with 1008 when a fragmented
 //!   message is not complete `fragment_timeout` after its first fragment.
-//! - The writer is the connection's main loop: one `select!` over the outbound queue, the
-//!   heartbeat tick and the shutdown token. It writes pre-encoded frames ([`crate::conn::frame`])
+//! - The writer is the connection's main loop: one `select!` over the outbound queue and
+//!   the timers a connection may have (a protocol's heartbeat, the token clock). Pings and
+//!   the close at shutdown come through the queue, from the node's registry
+//!   ([`crate::conn::registry`]), so an idle connection holds no timer of its own. It writes pre-encoded frames ([`crate::conn::frame`])
 //!   straight to the socket with vectored writes, so a frame fanned out to many connections
 //!   is encoded once and shared as [`Bytes`]. Every write is flushed, which TLS streams need.
 //!
@@ -45,7 +47,6 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 use crate::conn::clock::{ClockEvent, TokenClock};
 use crate::conn::event::Event;
@@ -80,50 +81,15 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Time from a fragmented message's first fragment to its last.
     pub fragment_timeout: Duration,
-    /// Interval between server pings.
-    pub ping_interval: Duration,
-    /// Silence (no frame at all) after which the peer is closed with 4001.
-    pub ping_timeout: Duration,
     /// How long one batch write, or the close handshake, may take.
     pub write_timeout: Duration,
-}
-
-/// The writer's timers from [`Limits`], in milliseconds.
-#[derive(Clone, Copy)]
-struct Timers {
-    ping_interval_ms: u32,
-    ping_timeout_ms: u32,
-    write_timeout_ms: u32,
-}
-
-impl Timers {
-    fn new(limits: &Limits) -> Timers {
-        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1);
-        Timers {
-            ping_interval_ms: ms(limits.ping_interval),
-            ping_timeout_ms: ms(limits.ping_timeout),
-            write_timeout_ms: ms(limits.write_timeout),
-        }
-    }
-
-    fn ping_interval(self) -> Duration {
-        Duration::from_millis(self.ping_interval_ms.into())
-    }
-
-    fn ping_timeout(self) -> Duration {
-        Duration::from_millis(self.ping_timeout_ms.into())
-    }
-
-    fn write_timeout(self) -> Duration {
-        Duration::from_millis(self.write_timeout_ms.into())
-    }
 }
 
 /// Serves one upgraded connection until it closes, and returns why it closed.
 ///
 /// Returns the reader and the writer loop joined ([`Together`]), which the caller awaits.
-/// Everything the handler wants to send goes through `outbound`; `shutdown` closes the
-/// connection with 1001.
+/// Everything the handler wants to send goes through `outbound`, and so does the node's
+/// work on every connection: pings, and the close at shutdown ([`crate::conn::registry`]).
 ///
 /// The connection's futures are built as `async move` blocks returned from plain functions
 /// rather than as `async fn`s: an `async fn` keeps a second copy of each argument for its
@@ -137,9 +103,8 @@ pub fn serve<R, W, H>(
     limits: Limits,
     handler: H,
     outbound: Arc<Outbound>,
-    shutdown: CancellationToken,
     token: Option<Arc<TokenClock>>,
-) -> Together
+) -> impl Future<Output = CloseReason> + Send
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -151,66 +116,76 @@ where
         handler,
         outbound.clone(),
     );
-    let writer = write_loop(Io(write_half), limits, outbound, shutdown, token, true);
+    let writer = write_loop(Io(write_half), limits, outbound, token, true);
     Together::new(reader, writer, Some(limits.write_timeout))
 }
 
-/// A connection's reader and writer, run in one task: both futures are polled on each of
-/// its wake-ups, and the writer's end is the connection's end. After the writer's close,
-/// the reader gets `linger` to see the peer's answer (`None`: it is dropped at once, as it
-/// is after a lost connection).
-///
-/// One task instead of two: a task's cell (header, scheduler, join state, aligned to a
-/// cache line) is paid once per idle connection. It is safe because the reader is
-/// cancel-safe between frames and never waits for the writer, and the handler's commands
-/// are boxed futures inside the reader, so a slow command (a Redis round trip) does not
-/// hold up writes: the writer is polled on every wake-up.
-///
-/// A plain struct over two boxes, not an `async` block: a block would keep its captured
-/// futures and the pinned copies it polls, both reserved for the connection's whole life.
-pub struct Together {
-    reader: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-    writer: Pin<Box<dyn Future<Output = CloseReason> + Send>>,
-    linger: Option<Duration>,
-    /// Once the writer has ended: why, and how long the reader still has.
-    ending: Option<(CloseReason, Pin<Box<tokio::time::Sleep>>)>,
+pin_project_lite::pin_project! {
+    /// A connection's reader and writer, run in one task: both futures are polled on each
+    /// of its wake-ups, and the writer's end is the connection's end. After the writer's
+    /// close, the reader gets `linger` to see the peer's answer (`None`: it is dropped at
+    /// once, as it is after a lost connection).
+    ///
+    /// One task instead of two: a task's cell (header, scheduler, join state, aligned to a
+    /// cache line) is paid once per idle connection. It is safe because the reader is
+    /// cancel-safe between frames and never waits for the writer, and the handler's
+    /// commands are boxed futures inside the reader, so a slow command (a Redis round trip)
+    /// does not hold up writes: the writer is polled on every wake-up.
+    ///
+    /// A struct that holds both futures inline, not an `async` block: a block would keep
+    /// its captured futures and the pinned copies it polls, both reserved for the
+    /// connection's whole life. Spawned as it is (see [`Spawn`]), the connection's task
+    /// cell is its only allocation for them.
+    pub struct Together<Rd, Wr> {
+        #[pin]
+        reader: Option<Rd>,
+        #[pin]
+        writer: Wr,
+        linger: Option<Duration>,
+        // Once the writer has ended: why, and how long the reader still has.
+        ending: Option<(CloseReason, Pin<Box<tokio::time::Sleep>>)>,
+    }
 }
 
-impl Together {
-    pub(super) fn new(
-        reader: impl Future<Output = ()> + Send + 'static,
-        writer: impl Future<Output = CloseReason> + Send + 'static,
-        linger: Option<Duration>,
-    ) -> Together {
+impl<Rd, Wr> Together<Rd, Wr>
+where
+    Rd: Future<Output = ()> + Send,
+    Wr: Future<Output = CloseReason> + Send,
+{
+    pub(super) fn new(reader: Rd, writer: Wr, linger: Option<Duration>) -> Self {
         Together {
-            reader: Some(Box::pin(reader)),
-            writer: Box::pin(writer),
+            reader: Some(reader),
+            writer,
             linger,
             ending: None,
         }
     }
 }
 
-impl Future for Together {
+impl<Rd, Wr> Future for Together<Rd, Wr>
+where
+    Rd: Future<Output = ()>,
+    Wr: Future<Output = CloseReason>,
+{
     type Output = CloseReason;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CloseReason> {
-        let this = &mut *self;
-        if let Some(reader) = this.reader.as_mut() {
-            if reader.as_mut().poll(cx).is_ready() {
-                this.reader = None;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        let mut this = self.project();
+        if let Some(reader) = this.reader.as_mut().as_pin_mut() {
+            if reader.poll(cx).is_ready() {
+                this.reader.set(None);
             }
         }
         if this.ending.is_none() {
-            let Poll::Ready(reason) = this.writer.as_mut().poll(cx) else {
+            let Poll::Ready(reason) = this.writer.poll(cx) else {
                 return Poll::Pending;
             };
-            match this.linger {
+            match *this.linger {
                 Some(linger) if this.reader.is_some() && reason != CloseReason::Abnormal => {
-                    this.ending = Some((reason, Box::pin(tokio::time::sleep(linger))));
+                    *this.ending = Some((reason, Box::pin(tokio::time::sleep(linger))));
                 }
                 _ => {
-                    this.reader = None;
+                    this.reader.set(None);
                     return Poll::Ready(reason);
                 }
             }
@@ -221,11 +196,29 @@ impl Future for Together {
         if this.reader.is_some() && deadline.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
-        this.reader = None;
+        this.reader.set(None);
         match this.ending.take() {
             Some((reason, _)) => Poll::Ready(reason),
             None => Poll::Pending,
         }
+    }
+}
+
+/// Where [`serve_upgraded`] hands the served connection: the caller's spawn, generic over
+/// the connection's future so that it is spawned as it is, not boxed (plain TCP and TLS
+/// connections are different futures).
+pub trait Spawn {
+    fn spawn<F: Future<Output = CloseReason> + Send + 'static>(self, served: F);
+}
+
+/// Spawns the connection with nothing after it (tools such as the Autobahn echo server).
+#[cfg(feature = "test-util")]
+pub struct JustSpawn;
+
+#[cfg(feature = "test-util")]
+impl Spawn for JustSpawn {
+    fn spawn<F: Future<Output = CloseReason> + Send + 'static>(self, served: F) {
+        tokio::spawn(served);
     }
 }
 
@@ -262,44 +255,43 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Sink for Io<W> {
     }
 }
 
-/// [`serve`] for a connection that hyper upgraded: plain TCP directly on its socket, any
-/// other stream (TLS) through `Upgraded`.
+/// [`serve`] for a connection that hyper upgraded, handed to `spawn`: plain TCP directly on
+/// its socket, any other stream (TLS) through `Upgraded`.
+#[allow(clippy::too_many_arguments)] // `serve`'s, and where it goes
 pub fn serve_upgraded<H: Handler>(
     upgraded: Upgraded,
     limits: Limits,
     handler: H,
     outbound: Arc<Outbound>,
-    shutdown: CancellationToken,
     token: Option<Arc<TokenClock>>,
-) -> Together {
+    spawn: impl Spawn,
+) {
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let (read_half, write_half) = parts.io.into_inner().into_split();
             // Copied into the reader, so hyper's read buffer is freed now.
             let leftover = parts.read_buf;
-            serve(
+            spawn.spawn(serve(
                 read_half,
                 TcpWriter(write_half),
                 &leftover,
                 limits,
                 handler,
                 outbound,
-                shutdown,
                 token,
-            )
+            ));
         }
         Err(upgraded) => {
             let (read_half, write_half) = tokio::io::split(TokioIo::new(upgraded));
-            serve(
+            spawn.spawn(serve(
                 read_half,
                 write_half,
                 &[],
                 limits,
                 handler,
                 outbound,
-                shutdown,
                 token,
-            )
+            ));
         }
     }
 }
@@ -436,20 +428,16 @@ pub(super) fn write_loop<S: Sink>(
     mut sink: S,
     limits: Limits,
     outbound: Arc<Outbound>,
-    shutdown: CancellationToken,
     token: Option<Arc<TokenClock>>,
     watch_silence: bool,
 ) -> impl Future<Output = CloseReason> + Send {
-    // Only what the writer uses, in 12 bytes rather than `Limits`' 80: the future keeps it
-    // for the connection's whole life.
-    let timers = Timers::new(&limits);
+    // Only what the writer uses: the future keeps it for the connection's whole life.
+    let write_timeout = limits.write_timeout;
+    if watch_silence {
+        outbound.heard().watch();
+    }
     async move {
         let mut batch = VecDeque::new();
-        let ping_interval = timers.ping_interval();
-        let mut ping =
-            tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
-        // Registered once, not per loop turn.
-        let mut cancelled = std::pin::pin!(shutdown.cancelled());
         // Only connections with a token have a token timer; it is boxed so that the others
         // do not reserve room for one. It is re-aimed only when it fired or the clock was
         // renewed (see `conn::clock`).
@@ -462,11 +450,7 @@ pub(super) fn write_loop<S: Sink>(
             }
             let (closing, oldest) = outbound.take(&mut batch);
             if !batch.is_empty() {
-                if sink
-                    .write_batch(&mut batch, timers.write_timeout())
-                    .await
-                    .is_err()
-                {
+                if sink.write_batch(&mut batch, write_timeout).await.is_err() {
                     // A write that timed out on a peer that stopped reading, whose queue then
                     // overflowed, is a slow consumer, not a lost connection.
                     break outbound.close_reason().unwrap_or(CloseReason::Abnormal);
@@ -496,18 +480,11 @@ pub(super) fn write_loop<S: Sink>(
             };
             tokio::select! {
                 _ = outbound.changed() => {}
-                _ = ping.tick() => {
-                    if watch_silence && outbound.heard().longer_than(timers.ping_timeout()) {
-                        break CloseReason::HeartbeatTimeout;
-                    }
-                    outbound.push(outbound.ping_frame());
-                }
                 _ = beat_due => {
                     if beat.as_mut().is_some_and(|b| !b.fire(&outbound, watch_silence)) {
                         break CloseReason::HeartbeatTimeout;
                     }
                 }
-                _ = &mut cancelled => break CloseReason::Shutdown,
                 _ = token_due => {
                     aim = true;
                     match token.as_ref().map(|t| t.fire()) {
@@ -535,8 +512,8 @@ pub(super) fn write_loop<S: Sink>(
             outbound.take(&mut last);
             last.extend(outbound.farewell(&reason));
             last.push_back(outbound.close_frame(&reason));
-            let _ = sink.write_batch(&mut last, timers.write_timeout()).await;
-            sink.finish(timers.write_timeout()).await;
+            let _ = sink.write_batch(&mut last, write_timeout).await;
+            sink.finish(write_timeout).await;
         }
         reason
     }
@@ -607,21 +584,16 @@ where
     H: Handler,
 {
     // Only what the reader uses: the future keeps it for the connection's whole life.
-    let (fragment_timeout, max_message_bytes) = (limits.fragment_timeout, limits.max_message_bytes);
+    let mut state = Reassembly {
+        partial: None,
+        utf8_checked: 0,
+        fragment_due: None,
+        fragment_timeout: limits.fragment_timeout,
+        max_message_bytes: limits.max_message_bytes,
+    };
     async move {
-        // The message being reassembled from fragments: its opcode and bytes so far, and how far
-        // a text message is known to be valid UTF-8 (checked per fragment, so a bad byte fails
-        // fast instead of after the whole message arrived).
-        let mut partial: Option<(OpCode, Vec<u8>)> = None;
-        let mut utf8_checked = 0;
-        // When the message in `partial` must be complete. Checked on two paths, so that
-        // neither a silent client nor one that keeps sending (pings, more fragments) can hold
-        // the buffer past it: the read is timed out at the deadline (it is cancel-safe, so
-        // nothing is lost), and every frame that arrives is checked against it, since a read
-        // that finds bytes already buffered completes before its timer is looked at.
-        let mut fragment_due: Option<tokio::time::Instant> = None;
         let reason = loop {
-            let next = match fragment_due {
+            let next = match state.fragment_due {
                 // Boxed: only a connection in the middle of a fragmented message pays for the
                 // timer; inline, it would be reserved in every idle connection's task.
                 Some(due) => match Box::pin(tokio::time::timeout_at(due, frames.next())).await {
@@ -630,81 +602,23 @@ where
                 },
                 None => frames.next().await,
             };
-            let frame = match next {
-                Ok(f) => f,
+            // A plain function: the frame and its handling are gone before the handler's
+            // await, so only the finished message is kept across it.
+            let message = match next.and_then(|f| state.frame(f, &mut handler, &outbound)) {
+                Ok(Some(message)) => message,
+                Ok(None) => continue,
                 Err(reason) => break reason,
             };
-            outbound.heard().frame(matches!(
-                frame.opcode,
-                OpCode::Text | OpCode::Binary | OpCode::Continuation
-            ));
-            if fragment_due.is_some_and(|due| tokio::time::Instant::now() >= due) {
-                break CloseReason::FragmentTimeout;
+            // Once the writer is closing, messages are read (to reach the peer's close
+            // frame) but no longer handled.
+            if outbound.is_closing() {
+                continue;
             }
-            let complete = match frame.opcode {
-                OpCode::Text | OpCode::Binary => {
-                    if partial.is_some() {
-                        break CloseReason::Protocol("interleaved_message");
-                    }
-                    // `Vec::from` reuses the payload's allocation when the reader no longer
-                    // shares it (the usual case: one frame per read).
-                    if frame.fin {
-                        Some((frame.opcode, Vec::from(frame.payload)))
-                    } else {
-                        let buf = Vec::from(frame.payload);
-                        utf8_checked = 0;
-                        if frame.opcode == OpCode::Text && !utf8_prefix_ok(&buf, &mut utf8_checked)
-                        {
-                            break CloseReason::InvalidUtf8;
-                        }
-                        partial = Some((frame.opcode, buf));
-                        fragment_due = Some(tokio::time::Instant::now() + fragment_timeout);
-                        None
-                    }
-                }
-                OpCode::Continuation => {
-                    let Some((op, buf)) = partial.as_mut() else {
-                        break CloseReason::Protocol("continuation_without_start");
-                    };
-                    if buf.len() + frame.payload.len() > max_message_bytes {
-                        break CloseReason::TooBig(max_message_bytes);
-                    }
-                    buf.extend_from_slice(&frame.payload);
-                    if *op == OpCode::Text && !utf8_prefix_ok(buf, &mut utf8_checked) {
-                        break CloseReason::InvalidUtf8;
-                    }
-                    if frame.fin {
-                        fragment_due = None;
-                        partial.take()
-                    } else {
-                        None
-                    }
-                }
-                OpCode::Ping => {
-                    match handler.on_ping(frame.payload.len()) {
-                        Ok(true) => {
-                            outbound.push_pong(frame::pong(&frame.payload));
-                        }
-                        Ok(false) => {}
-                        Err(reason) => break reason,
-                    }
-                    None
-                }
-                OpCode::Pong => None,
-                OpCode::Close => break close_reason(&frame.payload),
-            };
-            let result = match complete {
-                // Once the writer is closing, messages are read (to reach the peer's close
-                // frame) but no longer handled.
-                _ if outbound.is_closing() => Ok(()),
-                // Boxed: a request's future (hub and Redis calls) is large and short-lived;
-                // inline, it would be reserved in every idle connection's task.
-                Some((OpCode::Text, bytes)) => match String::from_utf8(bytes) {
-                    Ok(text) => Box::pin(handler.on_text(text)).await,
-                    Err(_) => Err(CloseReason::InvalidUtf8),
-                },
-                Some((_, bytes)) => handler.on_binary(bytes).await,
-                None => Ok(()),
+            // Boxed: a request's future (hub and Redis calls) is large and short-lived;
+            // inline, it would be reserved in every idle connection's task.
+            let result = match message {
+                Message::Text(text) => Box::pin(handler.on_text(text)).await,
+                Message::Binary(bytes) => Box::pin(handler.on_binary(bytes)).await,
             };
             if let Err(reason) = result {
                 break reason;
@@ -721,6 +635,108 @@ where
                     break;
                 }
             }
+        }
+    }
+}
+
+/// A complete message for the handler.
+enum Message {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+/// The reader's state between frames: the message being reassembled from fragments, and
+/// its limits.
+struct Reassembly {
+    /// The message so far: its opcode and bytes.
+    partial: Option<(OpCode, Vec<u8>)>,
+    /// How far a text message in `partial` is known to be valid UTF-8 (checked per
+    /// fragment, so a bad byte fails fast instead of after the whole message arrived).
+    utf8_checked: usize,
+    /// When the message in `partial` must be complete. Checked on two paths, so that
+    /// neither a silent client nor one that keeps sending (pings, more fragments) can hold
+    /// the buffer past it: the read is timed out at the deadline (it is cancel-safe, so
+    /// nothing is lost), and every frame that arrives is checked against it, since a read
+    /// that finds bytes already buffered completes before its timer is looked at.
+    fragment_due: Option<tokio::time::Instant>,
+    fragment_timeout: Duration,
+    max_message_bytes: usize,
+}
+
+impl Reassembly {
+    /// Takes one frame: a complete message, nothing yet (a fragment, a control frame), or
+    /// why the connection must close. Pings are answered here, through the outbound queue.
+    fn frame<H: Handler>(
+        &mut self,
+        frame: frame::Frame,
+        handler: &mut H,
+        outbound: &Outbound,
+    ) -> Result<Option<Message>, CloseReason> {
+        outbound.heard().frame(matches!(
+            frame.opcode,
+            OpCode::Text | OpCode::Binary | OpCode::Continuation
+        ));
+        if self
+            .fragment_due
+            .is_some_and(|due| tokio::time::Instant::now() >= due)
+        {
+            return Err(CloseReason::FragmentTimeout);
+        }
+        let complete = match frame.opcode {
+            OpCode::Text | OpCode::Binary => {
+                if self.partial.is_some() {
+                    return Err(CloseReason::Protocol("interleaved_message"));
+                }
+                // `Vec::from` reuses the payload's allocation when the reader no longer
+                // shares it (the usual case: one frame per read).
+                let buf = Vec::from(frame.payload);
+                if frame.fin {
+                    (frame.opcode, buf)
+                } else {
+                    self.utf8_checked = 0;
+                    if frame.opcode == OpCode::Text && !utf8_prefix_ok(&buf, &mut self.utf8_checked)
+                    {
+                        return Err(CloseReason::InvalidUtf8);
+                    }
+                    self.partial = Some((frame.opcode, buf));
+                    self.fragment_due = Some(tokio::time::Instant::now() + self.fragment_timeout);
+                    return Ok(None);
+                }
+            }
+            OpCode::Continuation => {
+                let Some((op, buf)) = self.partial.as_mut() else {
+                    return Err(CloseReason::Protocol("continuation_without_start"));
+                };
+                if buf.len() + frame.payload.len() > self.max_message_bytes {
+                    return Err(CloseReason::TooBig(self.max_message_bytes));
+                }
+                buf.extend_from_slice(&frame.payload);
+                if *op == OpCode::Text && !utf8_prefix_ok(buf, &mut self.utf8_checked) {
+                    return Err(CloseReason::InvalidUtf8);
+                }
+                if !frame.fin {
+                    return Ok(None);
+                }
+                self.fragment_due = None;
+                match self.partial.take() {
+                    Some(done) => done,
+                    None => return Ok(None),
+                }
+            }
+            OpCode::Ping => {
+                if handler.on_ping(frame.payload.len())? {
+                    outbound.push_pong(frame::pong(&frame.payload));
+                }
+                return Ok(None);
+            }
+            OpCode::Pong => return Ok(None),
+            OpCode::Close => return Err(close_reason(&frame.payload)),
+        };
+        match complete {
+            (OpCode::Text, bytes) => String::from_utf8(bytes)
+                .map(|t| Some(Message::Text(t)))
+                .map_err(|_| CloseReason::InvalidUtf8),
+            (_, bytes) => Ok(Some(Message::Binary(bytes))),
         }
     }
 }
@@ -783,23 +799,19 @@ mod tests {
         out
     }
 
-    /// Frames queued when shutdown comes are written before the close frame. The writer's
-    /// `select!` picks among ready branches at random, so the case where shutdown wins over
-    /// the queued frames comes up in about half the rounds.
+    /// Frames queued when shutdown comes (the registry closes every connection's queue) are
+    /// written before the close frame, whether the writer was waiting or writing.
     #[tokio::test]
     async fn shutdown_writes_what_was_queued_before_the_close_frame() {
         let limits = Limits {
             max_message_bytes: 1024,
             fragment_timeout: Duration::from_secs(60),
-            ping_interval: Duration::from_secs(60),
-            ping_timeout: Duration::from_secs(120),
             write_timeout: Duration::from_millis(20),
         };
         for round in 0..32 {
             let (mut client, server) = tokio::io::duplex(1 << 16);
             let (read_half, write_half) = tokio::io::split(server);
             let out = Arc::new(Outbound::new(1 << 20, &NoCodec));
-            let stop = CancellationToken::new();
             let serving = tokio::spawn(serve(
                 read_half,
                 write_half,
@@ -807,7 +819,6 @@ mod tests {
                 limits,
                 Quiet,
                 out.clone(),
-                stop.clone(),
                 None,
             ));
             // The writer waits in its `select!`; then frames and shutdown come together.
@@ -815,7 +826,7 @@ mod tests {
             for n in ["1", "2", "3"] {
                 out.push(frame::text(n));
             }
-            stop.cancel();
+            out.close(CloseReason::Shutdown);
             assert_eq!(serving.await.expect("served"), CloseReason::Shutdown);
             let mut wire = Vec::new();
             client.read_to_end(&mut wire).await.expect("read");

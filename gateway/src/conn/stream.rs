@@ -30,11 +30,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::Frame;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use super::clock::TokenClock;
 use super::outbound::Outbound;
 use super::socket::{self, Handler, Limits, Sink};
+use crate::error::CloseReason;
 
 /// Frames handed to hyper and not yet written, per connection.
 pub const CHUNKS: usize = 32;
@@ -104,14 +104,13 @@ pub fn serve<H: Handler>(
     limits: Limits,
     handler: H,
     outbound: Arc<Outbound>,
-    shutdown: CancellationToken,
     token: Option<Arc<TokenClock>>,
-) -> (Body, socket::Together) {
+) -> (Body, impl Future<Output = CloseReason> + Send) {
     let (tx, rx) = mpsc::channel(CHUNKS);
     // The client's commands are run beside the writer, in the connection's one task, and
     // stopped at the close.
     let reader = run_inbox(inbox, handler, outbound.clone());
-    let writer = socket::write_loop(BodySink(Some(tx)), limits, outbound, shutdown, token, false);
+    let writer = socket::write_loop(BodySink(Some(tx)), limits, outbound, token, false);
     (Body { rx }, socket::Together::new(reader, writer, None))
 }
 

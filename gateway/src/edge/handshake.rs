@@ -18,8 +18,11 @@
 //! The HTTP transports (`super::streams`) run the same checks, but for the upgrade's own,
 //! through [`admit_http`].
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -36,7 +39,7 @@ use crate::cluster::directory::AddError;
 use crate::conn::clock::TokenClock;
 use crate::conn::outbound::Outbound;
 use crate::conn::socket;
-use crate::conn::socket::{Handler, Together};
+use crate::conn::socket::Handler;
 use crate::core::session::{Conn, Session};
 use crate::error::CloseReason;
 use crate::node::{Node, Slot};
@@ -334,6 +337,8 @@ pub(super) async fn admit_http(
         Wire::Stomp { routes, .. } => Outbound::new(cap, &stomp::CODEC).with_framer(routes.clone()),
     };
     let out = Arc::new(out.with_latency(latency));
+    let mut slot = slot;
+    slot.register(&out);
     if !later {
         let user = identity.as_ref().map(|i| i.user_id.as_str());
         match node
@@ -425,35 +430,90 @@ fn spawn_served<H: Handler>(
     slot: Slot,
     cleanup: impl FnOnce(Arc<Node>, CloseReason) -> BoxFuture<'static, ()> + Send + 'static,
 ) {
-    let served = socket::serve_upgraded(
-        upgraded,
-        node.limits(),
-        connection,
-        out,
-        node.shutdown_token(),
-        clock,
-    );
-    spawn_until_closed(node, served, slot, cleanup);
+    let limits = node.limits();
+    let spawn = UntilClosedSpawn {
+        node,
+        slot,
+        cleanup,
+    };
+    socket::serve_upgraded(upgraded, limits, connection, out, clock, spawn);
+}
+
+/// [`spawn_until_closed`] as the [`socket::Spawn`] that `serve_upgraded` hands its
+/// connection to.
+struct UntilClosedSpawn<C> {
+    node: Arc<Node>,
+    slot: Slot,
+    cleanup: C,
+}
+
+impl<C> socket::Spawn for UntilClosedSpawn<C>
+where
+    C: FnOnce(Arc<Node>, CloseReason) -> BoxFuture<'static, ()> + Send + 'static,
+{
+    fn spawn<F: Future<Output = CloseReason> + Send + 'static>(self, served: F) {
+        spawn_until_closed(self.node, served, self.slot, self.cleanup);
+    }
 }
 
 /// Runs a served connection (its writer loop, over a socket or an HTTP body) to its close
 /// in a task of its own, then its protocol's cleanup; the connection's slot goes back last.
-pub(super) fn spawn_until_closed(
-    node: Arc<Node>,
-    mut served: Together,
-    slot: Slot,
-    cleanup: impl FnOnce(Arc<Node>, CloseReason) -> BoxFuture<'static, ()> + Send + 'static,
-) {
-    tokio::spawn(async move {
-        // By reference: awaiting `served` itself would move it, and both places would stay
-        // reserved for the connection's whole life.
-        let reason = (&mut served).await;
-        drop(served);
+pub(super) fn spawn_until_closed<F, C>(node: Arc<Node>, served: F, slot: Slot, cleanup: C)
+where
+    F: Future<Output = CloseReason> + Send + 'static,
+    C: FnOnce(Arc<Node>, CloseReason) -> BoxFuture<'static, ()> + Send + 'static,
+{
+    tokio::spawn(UntilClosed {
+        served: Some(served),
+        after: Some((node, cleanup)),
+        cleaning: None,
+        slot: Some(slot),
+    });
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's task: its served future, then its cleanup. A struct rather than an
+    /// `async` block, which would keep both the captured `served` and the copy it awaits,
+    /// each for the connection's whole life.
+    struct UntilClosed<F, C> {
+        #[pin]
+        served: Option<F>,
+        after: Option<(Arc<Node>, C)>,
         // Boxed (by `cleanup`): inline, its Redis calls would be reserved in every idle
         // connection.
-        cleanup(node, reason).await;
-        drop(slot);
-    });
+        cleaning: Option<BoxFuture<'static, ()>>,
+        slot: Option<Slot>,
+    }
+}
+
+impl<F, C> Future for UntilClosed<F, C>
+where
+    F: Future<Output = CloseReason>,
+    C: FnOnce(Arc<Node>, CloseReason) -> BoxFuture<'static, ()>,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        if let Some(served) = this.served.as_mut().as_pin_mut() {
+            let Poll::Ready(reason) = served.poll(cx) else {
+                return Poll::Pending;
+            };
+            // The connection's state goes before its cleanup runs.
+            this.served.set(None);
+            if let Some((node, cleanup)) = this.after.take() {
+                *this.cleaning = Some(cleanup(node, reason));
+            }
+        }
+        if let Some(cleaning) = this.cleaning.as_mut() {
+            if cleaning.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            *this.cleaning = None;
+        }
+        this.slot.take();
+        Poll::Ready(())
+    }
 }
 
 /// Opens an upgraded Centrifugo connection: it waits for its `connect` command, which

@@ -324,14 +324,7 @@ async fn centrifugo(
     let emulation = Emulation { secret, inbox };
     let (connection, cleanup, clock) =
         centrifugo::Connection::open(node.core.clone(), conn, codec, Some(emulation));
-    let (body, served) = stream::serve(
-        commands,
-        node.limits(),
-        connection,
-        out,
-        node.shutdown_token(),
-        Some(clock),
-    );
+    let (body, served) = stream::serve(commands, node.limits(), connection, out, Some(clock));
     spawn_until_closed(node.clone(), served, slot, move |_, reason| {
         Box::pin(async move { cleanup.close(&reason).await })
     });
@@ -466,14 +459,7 @@ async fn eventsource(
     // Nothing posts to a unidirectional stream; the inbox's sender lives as long as the
     // connection, so that its task holds the session until the close.
     let (posts, commands) = mpsc::channel(1);
-    let (body, served) = stream::serve(
-        commands,
-        node.limits(),
-        Listener(session),
-        out,
-        node.shutdown_token(),
-        clock,
-    );
+    let (body, served) = stream::serve(commands, node.limits(), Listener(session), out, clock);
     spawn_until_closed(node.clone(), served, slot, move |node, reason| {
         Box::pin(async move {
             drop(posts);

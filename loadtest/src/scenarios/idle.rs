@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use serde_json::json;
 
-use super::{
-    emit, fixed_token, open_many, redis_conn, redis_memory, subscribe, targets, Common,
-};
+use super::{emit, fixed_token, open_many, redis_conn, redis_memory, subscribe, targets, Common};
 use crate::client::{Client, Received};
 use crate::net::Connector;
 
@@ -37,6 +35,10 @@ pub struct IdleArgs {
     /// directory records, and the presence entries of `--subscribe`.
     #[arg(long)]
     pub(crate) redis_url: Option<String>,
+    /// The gateway's Redis key prefix: its inbound stream (`<prefix>inbound`, which gets an
+    /// event per connect) is reported apart from the directory records.
+    #[arg(long, default_value = "gw:")]
+    pub(crate) redis_prefix: String,
     #[command(flatten)]
     pub(crate) common: Common,
 }
@@ -85,8 +87,9 @@ pub async fn idle(a: IdleArgs) -> anyhow::Result<()> {
         Some(url) => Some(redis_conn(url).await?),
         None => None,
     };
+    let inbound = format!("{}inbound", a.redis_prefix);
     let redis_before = match redis.as_mut() {
-        Some(r) => Some(redis_memory(r).await?),
+        Some(r) => Some((redis_memory(r).await?, key_memory(r, &inbound).await?)),
         None => None,
     };
     let rss_before = c.rss()?;
@@ -139,7 +142,11 @@ pub async fn idle(a: IdleArgs) -> anyhow::Result<()> {
                 .arg(c.concurrency.to_string())
                 .arg("--proto")
                 .arg(c.proto.to_string())
-                .args(a.subscribe.iter().flat_map(|ch| ["--subscribe", ch.as_str()]))
+                .args(
+                    a.subscribe
+                        .iter()
+                        .flat_map(|ch| ["--subscribe", ch.as_str()]),
+                )
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped());
             if let Some(tok) = &c.token {
@@ -175,7 +182,7 @@ pub async fn idle(a: IdleArgs) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
     let rss_after = c.rss()?;
     let redis_after = match redis.as_mut() {
-        Some(r) => Some(redis_memory(r).await?),
+        Some(r) => Some((redis_memory(r).await?, key_memory(r, &inbound).await?)),
         None => None,
     };
     tokio::time::sleep(Duration::from_secs(a.hold_secs)).await;
@@ -215,20 +222,40 @@ pub async fn idle(a: IdleArgs) -> anyhow::Result<()> {
         per_conn
     );
     let mut summary = summary;
-    if let (Some((m0, k0)), Some((m1, k1))) = (redis_before, redis_after) {
-        let per = (m1 as f64 - m0 as f64) / opened.max(1) as f64;
+    if let (Some(((m0, k0), i0)), Some(((m1, k1), i1))) = (redis_before, redis_after) {
+        let n = opened.max(1) as f64;
+        let per = (m1 as f64 - m0 as f64) / n;
+        let inbound_per = (i1 as f64 - i0 as f64) / n;
         result["redis_used_memory_before"] = json!(m0);
         result["redis_used_memory_after"] = json!(m1);
         result["redis_keys_before"] = json!(k0);
         result["redis_keys_after"] = json!(k1);
         result["redis_bytes_per_conn"] = json!(per);
-        summary += &format!("; Redis {per:.0} B/connection, keys {k0} -> {k1}");
+        result["redis_inbound_bytes_per_conn"] = json!(inbound_per);
+        result["redis_records_bytes_per_conn"] = json!(per - inbound_per);
+        summary += &format!(
+            "; Redis {per:.0} B/connection ({:.0} B records, {inbound_per:.0} B inbound \
+             stream), keys {k0} -> {k1}",
+            per - inbound_per
+        );
     }
     emit(c, "idle", result, &summary)?;
     if opened == 0 {
         bail!("no connection opened");
     }
     Ok(())
+}
+
+/// `MEMORY USAGE key` (0 for a missing key).
+async fn key_memory(r: &mut redis::aio::MultiplexedConnection, key: &str) -> anyhow::Result<u64> {
+    let used: Option<u64> = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(key)
+        .arg("SAMPLES")
+        .arg(0)
+        .query_async(r)
+        .await?;
+    Ok(used.unwrap_or(0))
 }
 
 /// Subscribes every client to `channel` (when given), `common.concurrency` at a time;

@@ -273,12 +273,12 @@ async fn posts_reach_a_streaming_connection_only_with_its_secret(f: &Fixture) {
         inbox,
     };
     f.dir
-        .add("s1", 1, Some("alice"), out, Some(emulation))
+        .add(&"s1".into(), 1, Some("alice"), out, Some(emulation))
         .await
         .expect("add");
     let ws = Arc::new(Outbound::new(1 << 20, &crate::conn::event::DebugCodec));
     f.dir
-        .add("w1", 2, Some("alice"), ws, None)
+        .add(&"w1".into(), 2, Some("alice"), ws, None)
         .await
         .expect("add");
     let post = |session: String, data: &str| {

@@ -64,9 +64,10 @@ pub struct Record {
 
 #[derive(Default)]
 struct Conns {
-    by_conn: HashMap<String, Local>,
+    /// Keyed by the connection's id as its session holds it: one allocation for both.
+    by_conn: HashMap<Arc<str>, Local>,
     /// Connections of each user (anonymous ones are not indexed). Never holds an empty set.
-    by_user: HashMap<String, HashSet<String>>,
+    by_user: HashMap<String, HashSet<Arc<str>>>,
 }
 
 impl Conns {
@@ -74,7 +75,7 @@ impl Conns {
     fn of_user(&self, user: &str) -> Vec<String> {
         self.by_user
             .get(user)
-            .map(|s| s.iter().cloned().collect())
+            .map(|s| s.iter().map(|c| c.to_string()).collect())
             .unwrap_or_default()
     }
 
@@ -122,16 +123,17 @@ impl LocalConns {
     /// ids never repeat.
     pub fn insert(
         &self,
-        conn: &str,
+        conn: impl Into<Arc<str>>,
         id: u64,
         user: Option<&str>,
         out: Arc<Outbound>,
         connected_ms: u64,
         emulation: Option<Emulation>,
     ) {
+        let conn: Arc<str> = conn.into();
         let mut local = self.local();
         let old = local.by_conn.insert(
-            conn.to_owned(),
+            conn.clone(),
             Local {
                 id,
                 out,
@@ -141,14 +143,10 @@ impl LocalConns {
             },
         );
         if let Some(old) = old {
-            local.unindex(conn, old.user.as_deref());
+            local.unindex(&conn, old.user.as_deref());
         }
         if let Some(u) = user {
-            local
-                .by_user
-                .entry(u.to_owned())
-                .or_default()
-                .insert(conn.to_owned());
+            local.by_user.entry(u.to_owned()).or_default().insert(conn);
         }
     }
 
@@ -227,7 +225,7 @@ impl LocalConns {
             .flatten()
             .filter_map(|c| {
                 local.get(c).map(|l| ConnInfo {
-                    conn_id: c.clone(),
+                    conn_id: c.to_string(),
                     node_id: node_id.to_owned(),
                     connected_ms: l.connected_ms,
                 })
@@ -243,7 +241,7 @@ impl LocalConns {
             .by_conn
             .iter()
             .map(|(c, l)| Record {
-                conn: c.clone(),
+                conn: c.to_string(),
                 user: l.user.clone(),
                 connected_ms: l.connected_ms,
                 secret: l.emulation.as_ref().map(|e| e.secret.clone()),

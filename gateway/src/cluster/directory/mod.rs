@@ -185,7 +185,7 @@ impl Directory {
     /// a connection opened during an outage is registered when Redis comes back.
     pub async fn add(
         &self,
-        conn: &str,
+        conn: &Arc<str>,
         id: u64,
         user: Option<&str>,
         out: Arc<Outbound>,
@@ -205,7 +205,7 @@ impl Directory {
             Err(_) => self.pending.mark_dirty(),
         }
         self.local
-            .insert(conn, id, user, out, connected_ms, emulation);
+            .insert(conn.clone(), id, user, out, connected_ms, emulation);
         self.count("add");
         Ok(())
     }

@@ -105,7 +105,7 @@ pub struct Cleanup {
     core: Arc<Core>,
     ending: Arc<Mutex<Option<Ending>>>,
     ip: IpAddr,
-    conn_id: String,
+    conn_id: Arc<str>,
 }
 
 impl Cleanup {

@@ -276,7 +276,7 @@ pub struct Connection {
 /// What runs after the socket closed: the session's cleanup, or (before CONNECT) only the
 /// close's metrics and log line.
 pub struct Cleanup {
-    conn_id: String,
+    conn_id: std::sync::Arc<str>,
     ip: std::net::IpAddr,
     ending: EndingSlot,
 }
