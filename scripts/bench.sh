@@ -25,7 +25,7 @@ case "$MODE" in
     FAN_S=20; FAN_RATES="50"; FAN_SECS=2
     BURST=8; BURST_RATES="80"
     STORM_N=200; STORM_TLS_N=60
-    UNI_USERS=20; UNI_RATE=100; UNI_SECS=2
+    UNI_USERS=20; UNI_RATE=500; UNI_SECS=2
     CHURN_SECS=3; CHURN_CYCLES=0
     HIST_RATES="50"; RECOVER_N=50; STOMP_RATES="50"; CENT_RATES="50"; TRANS_RATES="50"; RTT_N=50
     PRES_N=20; PRES_CALLS=50; PRES_FAN_N=10; PRES_CYCLES=5; PRES_CHURN_CYCLES=200
@@ -36,7 +36,7 @@ case "$MODE" in
     FAN_S=${FAN_S:-1000}; FAN_RATES=${FAN_RATES:-"50 100 200 400 800"}; FAN_SECS=${FAN_SECS:-5}
     BURST=${BURST:-8}; BURST_RATES=${BURST_RATES:-"100 400"}
     STORM_N=${STORM_N:-5000}; STORM_TLS_N=${STORM_TLS_N:-2000}
-    UNI_USERS=${UNI_USERS:-2000}; UNI_RATE=${UNI_RATE:-5000}; UNI_SECS=${UNI_SECS:-5}
+    UNI_USERS=${UNI_USERS:-2000}; UNI_RATE=${UNI_RATE:-52000}; UNI_SECS=${UNI_SECS:-5}
     CHURN_SECS=${CHURN_SECS:-120}; CHURN_CYCLES=${CHURN_CYCLES:-100000}
     HIST_RATES=${HIST_RATES:-"100 400"}; RECOVER_N=${RECOVER_N:-5000}
     STOMP_RATES=${STOMP_RATES:-"100 400"}; CENT_RATES=${CENT_RATES:-"100 400"}
@@ -89,7 +89,8 @@ RS_TOKEN=$("$LT" token --rs256-key "$WORK/jwt.key" --sub bench-rs)
 REDIS_PORT=$(free_port)
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
   >"$WORK/redis.log" 2>&1 &
-pids+=($!)
+REDIS_PID=$!
+pids+=("$REDIS_PID")
 wait_port "$REDIS_PORT"
 REDIS=redis://127.0.0.1:$REDIS_PORT
 
@@ -262,10 +263,12 @@ start_gateway gw-pres-off; POFF=$GW_PID
 stop "$POFF"
 
 log "unicast"
+# A pipelined publisher (one pipeline of FCALL gw_send_user per millisecond, many in
+# flight) at UNI_RATE messages/s, one per delivery; Redis CPU is reported beside the nodes'.
 "$LT" unicast --url "ws://127.0.0.1:$A_PORT/ws" --url "ws://127.0.0.1:$B_PORT/ws" \
   --users "$UNI_USERS" --jwt-secret "$SECRET" --rate "$UNI_RATE" --duration-secs "$UNI_SECS" \
-  --redis-url "$REDIS" --pid "$A_PID" --pid "$B_PID" --sources "$SRC" \
-  --label gateway-2nodes --json "$OUT/unicast.json"
+  --redis-url "$REDIS" --redis-pid "$REDIS_PID" --pid "$A_PID" --pid "$B_PID" \
+  --sources "$SRC" --label gateway-2nodes --json "$OUT/unicast.json"
 stop "$A_PID" "$B_PID"
 
 log "connect-storm"

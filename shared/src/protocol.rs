@@ -457,12 +457,17 @@ impl ServerFrame<'_> {
 /// `{"type":"direct","data":<data>}` for a unicast to a user or connection; `data` must be
 /// valid JSON text (see [`check_data`]).
 pub fn encode_direct(data: &str) -> String {
-    let mut s = String::with_capacity(26 + data.len());
-    s.push_str(r#"{"type":"direct","data":"#);
+    let (head, tail) = DIRECT_PARTS;
+    let mut s = String::with_capacity(head.len() + data.len() + tail.len());
+    s.push_str(head);
     s.push_str(data);
-    s.push('}');
+    s.push_str(tail);
     s
 }
+
+/// What comes before and after `data` in [`encode_direct`]'s text, for encoders that write
+/// it straight into a frame.
+pub const DIRECT_PARTS: (&str, &str) = (r#"{"type":"direct","data":"#, "}");
 
 /// The JSON text of a `message` frame, built without a serializer pass over `data`.
 ///

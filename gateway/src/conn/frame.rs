@@ -44,6 +44,17 @@ pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
     buf.freeze()
 }
 
+/// A text frame whose payload is `parts` joined, built in one buffer (no joined copy first).
+pub fn text_of(parts: &[&[u8]]) -> Bytes {
+    let len = parts.iter().map(|p| p.len()).sum();
+    let mut buf = BytesMut::with_capacity(len + 10);
+    put_header(&mut buf, 0x1, len);
+    for p in parts {
+        buf.put_slice(p);
+    }
+    buf.freeze()
+}
+
 /// Writes the header of an unfragmented server frame whose payload of `len` bytes follows.
 fn put_header(buf: &mut BytesMut, opcode: u8, len: usize) {
     buf.put_u8(FIN | opcode);
@@ -359,6 +370,19 @@ mod tests {
             let header = text_header(len);
             assert_eq!(&whole[..header.len()], &header[..], "length {len}");
             assert_eq!(header.len() + len, whole.len(), "length {len}");
+        }
+    }
+
+    #[test]
+    fn a_frame_of_parts_is_the_frame_of_their_text() {
+        for len in [0, 100, 125, 126, 70_000] {
+            let data = "d".repeat(len);
+            let parts: [&[u8]; 3] = [b"{\"a\":", data.as_bytes(), b"}"];
+            assert_eq!(
+                text_of(&parts),
+                text(&format!("{{\"a\":{data}}}")),
+                "length {len}"
+            );
         }
     }
 

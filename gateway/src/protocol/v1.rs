@@ -41,6 +41,12 @@ impl Codec for V1 {
     }
 
     fn encode(&self, event: &Event<'_>) -> Bytes {
+        // A unicast is encoded for one connection at a time: its WebSocket frame is built
+        // in one buffer, without the JSON text as a separate copy first.
+        if let (Event::Direct { data }, Transport::WebSocket) = (*event, self.transport) {
+            let (head, tail) = shared::protocol::DIRECT_PARTS;
+            return frame::text_of(&[head.as_bytes(), data.as_bytes(), tail.as_bytes()]);
+        }
         let json = match *event {
             Event::Message {
                 channel,

@@ -17,6 +17,8 @@ pub(super) struct Seen {
     /// enough to cost the load generator a tenth of its CPU.
     pub(super) latencies_us: Vec<u32>,
     pub(super) ended: bool,
+    /// When the last message (not the end marker) arrived, in µs since the Unix epoch.
+    pub(super) last_us: u64,
     /// The close code, when the server closed the connection before the end marker.
     pub(super) closed: Option<u16>,
 }
@@ -32,6 +34,7 @@ pub(super) async fn receive(
     let mut seen = Seen {
         latencies_us: Vec::new(),
         ended: false,
+        last_us: 0,
         closed: None,
     };
     let run = async {
@@ -51,8 +54,10 @@ pub(super) async fn receive(
                         return;
                     }
                     if let Some(ts) = stats::extract_ts(&t) {
-                        let us = now_us().saturating_sub(ts).clamp(1, u32::MAX as u64);
+                        let now = now_us();
+                        let us = now.saturating_sub(ts).clamp(1, u32::MAX as u64);
                         seen.latencies_us.push(us as u32);
+                        seen.last_us = now;
                     }
                 }
                 Ok(Received::Binary(_)) => {}

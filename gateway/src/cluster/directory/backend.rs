@@ -503,7 +503,7 @@ fn on_node_message(local: &LocalConns, metrics: &Metrics, payload: &[u8]) {
     match NodeMessage::decode(payload) {
         Ok(NodeMessage::Deliver { conns, data }) => match shared::protocol::check_data(data) {
             Ok(()) => {
-                local.deliver(conns.into_iter(), data);
+                local.deliver(conns.iter(), data);
             }
             Err(why) => {
                 metrics.broker_dropped.inc([]);

@@ -15,7 +15,7 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeMessage<'a> {
     /// Queue a direct frame carrying `data` (JSON text, not yet checked) to each of `conns`.
-    Deliver { conns: Vec<&'a str>, data: &'a str },
+    Deliver { conns: Conns<'a>, data: &'a str },
     /// Close `conn` with 4003.
     Kick { conn: &'a str },
     /// Take each of `conns` off `channel` (not yet checked), and tell them so.
@@ -26,6 +26,18 @@ pub enum NodeMessage<'a> {
     /// Hand `commands` (posted to another node, which checked the session) to the
     /// streaming connection `conn`.
     Post { conn: &'a str, commands: &'a str },
+}
+
+/// The connections of a [`NodeMessage::Deliver`]: the space-separated list as it came, read
+/// by [`Conns::iter`]. A unicast is one message per delivery, so decoding it allocates no
+/// list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conns<'a>(pub &'a str);
+
+impl<'a> Conns<'a> {
+    pub fn iter(self) -> impl Iterator<Item = &'a str> {
+        self.0.split(' ')
+    }
 }
 
 /// Why a payload is not a [`NodeMessage`].
@@ -42,7 +54,7 @@ impl<'a> NodeMessage<'a> {
     /// The payload to publish.
     pub fn encode(&self) -> String {
         match self {
-            NodeMessage::Deliver { conns, data } => format!("D {}\n{data}", conns.join(" ")),
+            NodeMessage::Deliver { conns, data } => format!("D {}\n{data}", conns.0),
             NodeMessage::Kick { conn } => format!("K {conn}\n"),
             NodeMessage::Unsubscribe { conns, channel } => {
                 format!("U {}\n{channel}", conns.join(" "))
@@ -58,7 +70,7 @@ impl<'a> NodeMessage<'a> {
         let (head, body) = text.split_once('\n').unwrap_or((text, ""));
         match head.split_once(' ') {
             Some(("D", conns)) => Ok(NodeMessage::Deliver {
-                conns: conns.split(' ').collect(),
+                conns: Conns(conns),
                 data: body,
             }),
             Some(("K", conn)) => Ok(NodeMessage::Kick { conn }),
@@ -87,10 +99,14 @@ mod tests {
         assert_eq!(
             m,
             NodeMessage::Deliver {
-                conns: vec!["n1.a.1", "n1.a.2"],
+                conns: Conns("n1.a.1 n1.a.2"),
                 data: "{\"x\":[1,2]}"
             }
         );
+        let NodeMessage::Deliver { conns, .. } = m.clone() else {
+            unreachable!()
+        };
+        assert_eq!(conns.iter().collect::<Vec<_>>(), ["n1.a.1", "n1.a.2"]);
         assert_eq!(m.encode().as_bytes(), wire);
     }
 
@@ -101,7 +117,7 @@ mod tests {
         assert_eq!(
             m,
             NodeMessage::Deliver {
-                conns: vec!["c"],
+                conns: Conns("c"),
                 data: "{\"a\":\n\"b\\nc\"}\n"
             }
         );
