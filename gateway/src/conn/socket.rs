@@ -25,8 +25,8 @@
 //! A plain-TCP connection is unwrapped from hyper's `Upgraded` back to its socket
 //! ([`serve_upgraded`]): the halves are owned (no split lock, no boxed I/O on every call) and
 //! the writer sends with `sendmsg`, which skips the file layer that `writev` goes through.
-//! With one frame per write, that layer was about a tenth of the gateway's CPU. TLS streams
-//! keep the generic path.
+//! With one frame per write, that layer was about a tenth of the gateway's CPU. A TLS stream
+//! ([`crate::conn::tls`]) is unwrapped likewise, and its reader and writer own a clone each.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -49,6 +49,7 @@ use crate::conn::clock::{ClockEvent, TokenClock};
 use crate::conn::event::Event;
 use crate::conn::frame::{self, FrameReader, OpCode};
 use crate::conn::outbound::{self, Heartbeat, Outbound};
+use crate::conn::tls::TlsStream;
 use crate::error::CloseReason;
 
 /// What the application does with complete messages.
@@ -165,9 +166,9 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Sink for Io<W> {
     }
 }
 
-/// [`serve`] for a connection that hyper upgraded: plain TCP directly on its socket, any
-/// other stream (TLS) through `Upgraded`. Boxed: the two are different futures, and the
-/// caller keeps it for the connection's whole life anyway.
+/// [`serve`] for a connection that hyper upgraded: plain TCP directly on its socket, TLS on
+/// clones of its [`TlsStream`], any other stream through `Upgraded`. Boxed: they are
+/// different futures, and the caller keeps it for the connection's whole life anyway.
 pub fn serve_upgraded<H: Handler>(
     upgraded: Upgraded,
     limits: Limits,
@@ -192,19 +193,38 @@ pub fn serve_upgraded<H: Handler>(
                 token,
             ))
         }
-        Err(upgraded) => {
-            let (read_half, write_half) = tokio::io::split(TokioIo::new(upgraded));
-            Box::pin(serve(
-                read_half,
-                write_half,
-                &[],
-                limits,
-                handler,
-                outbound,
-                shutdown,
-                token,
-            ))
-        }
+        Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream>>() {
+            Ok(parts) => {
+                // The reader and the writer each own a clone of the stream, as the halves of
+                // a plain socket; hyper's read buffer is freed here too.
+                let write_half = parts.io.into_inner();
+                let leftover = parts.read_buf;
+                Box::pin(serve(
+                    write_half.clone(),
+                    write_half,
+                    &leftover,
+                    limits,
+                    handler,
+                    outbound,
+                    shutdown,
+                    token,
+                ))
+            }
+            // Any other stream (none the server makes today), split with tokio's lock.
+            Err(upgraded) => {
+                let (read_half, write_half) = tokio::io::split(TokioIo::new(upgraded));
+                Box::pin(serve(
+                    read_half,
+                    write_half,
+                    &[],
+                    limits,
+                    handler,
+                    outbound,
+                    shutdown,
+                    token,
+                ))
+            }
+        },
     }
 }
 
