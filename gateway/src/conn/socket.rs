@@ -147,6 +147,18 @@ pub(super) trait Sink: Send + 'static {
 
     /// Ends the stream after the close frame: a socket's FIN, the end of a body.
     fn finish(&mut self, limits: Limits) -> impl Future<Output = ()> + Send + '_;
+
+    /// Writes the last batch (ending with the close frame), best effort, and ends the stream.
+    fn close<'a>(
+        &'a mut self,
+        last: &'a mut VecDeque<Bytes>,
+        limits: Limits,
+    ) -> impl Future<Output = ()> + Send + 'a {
+        async move {
+            let _ = self.write_batch(last, limits).await;
+            self.finish(limits).await;
+        }
+    }
 }
 
 /// A socket (or TLS stream) as the writer's [`Sink`].
@@ -158,11 +170,18 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Sink for Io<W> {
         batch: &'a mut VecDeque<Bytes>,
         limits: Limits,
     ) -> impl Future<Output = std::io::Result<()>> + Send + 'a {
-        write_batch(&mut self.0, batch, limits)
+        write_batch(&mut self.0, batch, limits, true)
     }
 
     async fn finish(&mut self, limits: Limits) {
         let _ = tokio::time::timeout(limits.write_timeout, self.0.shutdown()).await;
+    }
+
+    /// Without a flush between the last batch and the shutdown, which flushes: a TLS stream
+    /// sends the close frame with its `close_notify` in one write.
+    async fn close(&mut self, last: &mut VecDeque<Bytes>, limits: Limits) {
+        let _ = write_batch(&mut self.0, last, limits, false).await;
+        self.finish(limits).await;
     }
 }
 
@@ -488,8 +507,7 @@ pub(super) fn write_loop<S: Sink>(
             outbound.take(&mut last);
             last.extend(outbound.farewell(&reason));
             last.push_back(outbound.close_frame(&reason));
-            let _ = sink.write_batch(&mut last, limits).await;
-            sink.finish(limits).await;
+            sink.close(&mut last, limits).await;
             // Give a WebSocket peer a moment to answer our close so the reader ends cleanly.
             if silence.is_none()
                 || tokio::time::timeout(limits.write_timeout, &mut reader)
@@ -505,12 +523,13 @@ pub(super) fn write_loop<S: Sink>(
     }
 }
 
-/// Writes every frame in `batch` with vectored writes, then flushes. Bounded by
+/// Writes every frame in `batch` with vectored writes, then flushes if `flush`. Bounded by
 /// `limits.write_timeout`: a peer that does not read for that long is gone.
 async fn write_batch<W: AsyncWrite + Unpin>(
     w: &mut W,
     batch: &mut VecDeque<Bytes>,
     limits: Limits,
+    flush: bool,
 ) -> std::io::Result<()> {
     let io = async {
         while !batch.is_empty() {
@@ -541,7 +560,10 @@ async fn write_batch<W: AsyncWrite + Unpin>(
                 }
             }
         }
-        w.flush().await
+        if flush {
+            w.flush().await?;
+        }
+        Ok(())
     };
     // Most writes complete at once (the socket buffer has room): try once before arming
     // the timer, which costs a clock read and a timer-wheel entry per write otherwise.

@@ -11,7 +11,8 @@
 //!   left of it once every complete record is processed is copied here.
 //! - `plaintext`: decrypted bytes the reader has not taken yet (a record larger than the
 //!   caller's buffer).
-//! - `outgoing`: ciphertext not yet written to the socket (the socket's buffer was full).
+//! - `outgoing`: ciphertext not yet written to the socket: records written but not yet
+//!   flushed, or what the socket's buffer did not take.
 //!
 //! The stream is one [`TlsStream`] type, cheap to clone: the connection's reader task and
 //! its writer each own a clone (see `conn::socket::serve_upgraded`), as they own the halves
@@ -38,7 +39,7 @@ use rustls::unbuffered::{
     ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
 };
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 /// One socket read: a whole record at most (16 KiB of plaintext, and TLS 1.2's largest
@@ -47,6 +48,9 @@ const READ_CHUNK: usize = 5 + 16_384 + 2_048;
 
 /// Most plaintext encrypted by one write: one full record.
 const WRITE_CHUNK: usize = 16_384;
+
+/// Ciphertext that writes may gather before one is sent without waiting for the flush.
+const SEND_AT: usize = 4 * WRITE_CHUNK;
 
 /// Room for a record's header, nonce, content type and tag, which is at most 29 bytes with
 /// the ring provider's suites (TLS 1.2 AES-GCM).
@@ -339,7 +343,7 @@ impl Tls {
     fn poll_fill(&mut self, tcp: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         loop {
             ready!(tcp.poll_read_ready(cx))?;
-            let result = SCRATCH.with_borrow_mut(|scratch| match tcp.try_read(scratch) {
+            let result = SCRATCH.with_borrow_mut(|scratch| match read(tcp, scratch) {
                 Ok(0) => Ok(None),
                 Ok(n) => Ok(Some(self.feed(&mut scratch[..n]))),
                 Err(e) => Err(e),
@@ -358,6 +362,26 @@ impl Tls {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+    }
+}
+
+/// Reads what the socket has into `buf`. A read shorter than `buf` took everything there
+/// was, so the socket's readiness is cleared as tokio's own `poll_read` does: the next read
+/// waits for more instead of finding `EAGAIN` with a system call.
+fn read(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::io::Read as _;
+    let mut got = 0;
+    let result = tcp.try_io(Interest::READABLE, || {
+        got = (&*socket2::SockRef::from(tcp)).read(buf)?;
+        if got > 0 && got < buf.len() {
+            // Tells tokio to clear the readiness it saw (not one that came since).
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(got)
+    });
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        r => r,
     }
 }
 
@@ -453,8 +477,8 @@ impl AsyncRead for TlsStream {
 }
 
 impl TlsStream {
-    /// Encrypts up to one record of `data` after sending what was pending; `Ready(n)` once
-    /// `n` bytes are taken (their ciphertext may still be on its way: see `poll_flush`).
+    /// Encrypts up to one record of `data`; `Ready(n)` once `n` bytes are taken. Their
+    /// ciphertext goes at the flush (or shutdown), or at once past `SEND_AT` pending.
     fn poll_write_plain(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let tcp = &self.0.tcp;
         let mut tls = self.lock();
@@ -464,7 +488,9 @@ impl TlsStream {
         if tls.write_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        ready!(tls.send(tcp, Some(cx)))?;
+        if tls.outgoing.len() - tls.outgoing_sent >= SEND_AT {
+            ready!(tls.send(tcp, Some(cx)))?;
+        }
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -477,10 +503,12 @@ impl TlsStream {
                 return Poll::Ready(Err(tls_error(&e)));
             }
         }
-        // Sent now if the socket takes it; otherwise the waker is registered and the next
-        // write or flush sends the rest.
-        if let Poll::Ready(Err(e)) = tls.send(tcp, Some(cx)) {
-            return Poll::Ready(Err(e));
+        // Records wait for the flush (one system call for a batch of writes, and for the
+        // last frame with `close_notify` at shutdown), up to `SEND_AT`.
+        if tls.outgoing.len() - tls.outgoing_sent >= SEND_AT {
+            if let Poll::Ready(Err(e)) = tls.send(tcp, Some(cx)) {
+                return Poll::Ready(Err(e));
+            }
         }
         Poll::Ready(Ok(data.len()))
     }
