@@ -135,9 +135,13 @@ STORM_TLS_TARGET = 1.2        # CPU per TLS handshake, gateway vs the TLS floor
 # Before/after figures of the fixes recorded in docs/profiling.md (earlier runs, not this one).
 HISTORY = [
     ("idle RSS per wss:// connection, 5k connections (≤ 6,144 B)", "12,144 B (make bench); "
-     "12,337 / 12,641 B by hand", "8,437 / 8,785 B by hand", "own TLS stream over rustls' "
+     "12,337–12,860 B by hand", "8,437–8,843 B by hand (missed)", "own TLS stream over rustls' "
      "unbuffered API: no 4 KiB record buffer per idle connection, reader and writer on "
      "clones of one stream instead of tokio's split lock over hyper's boxed `Upgraded`"),
+    ("TLS handshake CPU vs the TLS floor (≤ 1.2×)", "1.19× by hand (quiet), 1.25–1.31× "
+     "under load", "1.16× by hand (quiet), 1.31–1.36× under load", "two sends fewer per "
+     "handshake (TLS 1.3 tickets go with the 101, the close frame with close_notify); "
+     "within this shared machine's noise"),
     ("idle RSS per plain connection, 15k connections (≤ 4 KiB)", "17,510 B (29d5ccc)",
      "3,334–3,771 B", "short-lived states boxed; own frame reader with no standing read "
      "buffer; connection futures without duplicated arguments"),
