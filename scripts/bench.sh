@@ -108,9 +108,10 @@ start_gateway() {
   pids+=("$GW_PID")
   wait_port "$GW_PORT"
 }
+# start_floor [--tls-cert C --tls-key K]: sets FL_PID and FL_PORT.
 start_floor() {
   FL_PORT=$(free_port)
-  "$FLOOR" "127.0.0.1:$FL_PORT" "$REDIS" >>"$WORK/floor.log" 2>&1 &
+  "$FLOOR" "127.0.0.1:$FL_PORT" "$REDIS" "$@" >>"$WORK/floor.log" 2>&1 &
   FL_PID=$!
   pids+=("$FL_PID")
   wait_port "$FL_PORT"
@@ -139,6 +140,11 @@ start_gateway gw-idle-tls "${TLS[@]}"
 "$LT" idle "wss://127.0.0.1:$GW_PORT/ws" -n "$IDLE_TLS_N" --pid "$GW_PID" --sources "$SRC" \
   --label gateway-tls --json "$OUT/idle-gateway-tls.json"
 stop "$GW_PID"
+# The TLS floor: the same floor behind tokio-rustls, same certificate and TLS settings.
+start_floor "${TLS[@]}"
+"$LT" idle "wss://127.0.0.1:$FL_PORT/ws" -n "$IDLE_TLS_N" --pid "$FL_PID" --sources "$SRC" \
+  --label floor-tls --json "$OUT/idle-floor-tls.json"
+stop "$FL_PID"
 start_gateway gw-idle-procs
 "$LT" idle "ws://127.0.0.1:$GW_PORT/ws" -n "$IDLE_PROCS_N" --procs 2 --pid "$GW_PID" \
   --sources "$SRC" --label gateway-2procs --json "$OUT/idle-gateway-2procs.json"
@@ -288,6 +294,10 @@ stop "$GW_PID" "$TLS_PID"
 start_floor
 "$LT" connect-storm "ws://127.0.0.1:$FL_PORT/ws" -n "$STORM_N" --concurrency 50 \
   --pid "$FL_PID" --sources "$SRC" --label floor --json "$OUT/storm-floor.json"
+stop "$FL_PID"
+start_floor "${TLS[@]}"
+"$LT" connect-storm "wss://127.0.0.1:$FL_PORT/ws" -n "$STORM_TLS_N" --concurrency 50 \
+  --pid "$FL_PID" --sources "$SRC" --label floor-tls --json "$OUT/storm-floor-tls.json"
 stop "$FL_PID"
 
 # The Socket.IO peer (bench/peer, installed by `make bench-peer`): skipped when not installed.

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -136,7 +135,7 @@ impl Drop for Pending {
 /// the hand-over, and the WebSocket lives on in its own task).
 async fn accept(
     node: Arc<Node>,
-    tls: Option<TlsAcceptor>,
+    tls: Option<crate::edge::tls::Acceptor>,
     mut stream: TcpStream,
     mut peer: SocketAddr,
     _pending: Pending,

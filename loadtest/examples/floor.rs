@@ -5,7 +5,13 @@
 //! generator: a `welcome` frame, `subscribe` → `ack`, and `{"type":"message",...}` for every
 //! `PUBLISH gw:ch:<channel> <json>` on Redis (one PSUBSCRIBE for all channels).
 //!
-//! Usage: `cargo run -p loadtest --example floor -- 127.0.0.1:9100 redis://127.0.0.1:6391`
+//! With `--tls-cert C --tls-key K` it serves `wss://` through tokio-rustls with what the
+//! gateway uses: the ring provider, TLS 1.3 and 1.2, ALPN `http/1.1`, rustls' defaults
+//! otherwise. That is the TLS floor the gateway's TLS handshakes and idle memory are
+//! measured against.
+//!
+//! Usage: `cargo run -p loadtest --example floor -- 127.0.0.1:9100 redis://127.0.0.1:6391
+//! [--tls-cert C --tls-key K]`
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -17,17 +23,35 @@ use fastwebsockets::{Frame, OpCode, Payload};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use redis::{PushKind, Value};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio_rustls::TlsAcceptor;
 
 type Subs = Mutex<HashMap<String, Vec<(u64, UnboundedSender<Bytes>)>>>;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let (mut positional, mut cert, mut key) = (Vec::new(), None, None);
     let mut args = std::env::args().skip(1);
-    let addr = args.next().unwrap_or_else(|| "127.0.0.1:9100".into());
-    let redis_url = args
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--tls-cert" => cert = args.next(),
+            "--tls-key" => key = args.next(),
+            _ => positional.push(a),
+        }
+    }
+    let mut positional = positional.into_iter();
+    let addr = positional.next().unwrap_or_else(|| "127.0.0.1:9100".into());
+    let redis_url = positional
         .next()
         .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
+    let tls = match (cert, key) {
+        (Some(cert), Some(key)) => Some(acceptor(&cert, &key)?),
+        (None, None) => None,
+        _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+    };
     let subs: Arc<Subs> = Arc::default();
 
     // Redis: RESP3 pushes of the pattern subscription fan out to the subscribers' queues.
@@ -61,35 +85,64 @@ async fn main() -> anyhow::Result<()> {
     });
 
     let listener = tokio::net::TcpListener::bind(&addr).await?;
-    eprintln!("floor on ws://{addr}/ws, Redis {redis_url}");
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
+    eprintln!("floor on {scheme}://{addr}/ws, Redis {redis_url}");
     let ids = Arc::new(AtomicU64::new(0));
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
-        let (subs, ids) = (subs.clone(), ids.clone());
+        let (subs, ids, tls) = (subs.clone(), ids.clone(), tls.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |mut req| {
-                let (subs, id) = (subs.clone(), ids.fetch_add(1, Ordering::Relaxed));
-                async move {
-                    let Ok((response, fut)) = fastwebsockets::upgrade::upgrade(&mut req) else {
-                        let mut r = hyper::Response::new(Empty::<Bytes>::new());
-                        *r.status_mut() = hyper::StatusCode::BAD_REQUEST;
-                        return Ok::<_, Infallible>(r);
-                    };
-                    tokio::spawn(async move {
-                        if let Ok(ws) = fut.await {
-                            connection(ws, id, subs).await;
-                        }
-                    });
-                    Ok(response)
+            match tls {
+                None => serve(stream, subs, ids).await,
+                Some(tls) => {
+                    if let Ok(stream) = tls.accept(stream).await {
+                        serve(stream, subs, ids).await;
+                    }
                 }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
+            }
         });
     }
+}
+
+/// A tokio-rustls acceptor configured as the gateway's TLS listener.
+fn acceptor(cert: &str, key: &str) -> anyhow::Result<TlsAcceptor> {
+    let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// HTTP/1.1 with the WebSocket upgrade on one connection, plain or TLS.
+async fn serve<S>(stream: S, subs: Arc<Subs>, ids: Arc<AtomicU64>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut req| {
+        let (subs, id) = (subs.clone(), ids.fetch_add(1, Ordering::Relaxed));
+        async move {
+            let Ok((response, fut)) = fastwebsockets::upgrade::upgrade(&mut req) else {
+                let mut r = hyper::Response::new(Empty::<Bytes>::new());
+                *r.status_mut() = hyper::StatusCode::BAD_REQUEST;
+                return Ok::<_, Infallible>(r);
+            };
+            tokio::spawn(async move {
+                if let Ok(ws) = fut.await {
+                    connection(ws, id, subs).await;
+                }
+            });
+            Ok(response)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
+        .await;
 }
 
 async fn connection(

@@ -1,6 +1,6 @@
 //! One connection's mechanics, whatever protocol it speaks: WebSocket frames, the reader
-//! and the writer loop, the byte-bounded outbound queue, the per-connection limiter, and the
-//! node's registry of open connections (pings and the close at shutdown).
+//! and the writer loop, the byte-bounded outbound queue, the per-connection limiter, the TLS
+//! stream, and the node's registry of open connections (pings and the close at shutdown).
 
 pub mod clock;
 pub mod event;
@@ -10,3 +10,4 @@ pub mod outbound;
 pub mod registry;
 pub mod socket;
 pub mod stream;
+pub mod tls;

@@ -30,8 +30,8 @@
 //! A plain-TCP connection is unwrapped from hyper's `Upgraded` back to its socket
 //! ([`serve_upgraded`]): the halves are owned (no split lock, no boxed I/O on every call) and
 //! the writer sends with `sendmsg`, which skips the file layer that `writev` goes through.
-//! With one frame per write, that layer was about a tenth of the gateway's CPU. TLS streams
-//! keep the generic path.
+//! With one frame per write, that layer was about a tenth of the gateway's CPU. A TLS stream
+//! ([`crate::conn::tls`]) is unwrapped likewise, and its reader and writer own a clone each.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -52,6 +52,7 @@ use crate::conn::clock::{ClockEvent, TokenClock};
 use crate::conn::event::Event;
 use crate::conn::frame::{self, FrameReader, OpCode};
 use crate::conn::outbound::{self, Heartbeat, Outbound};
+use crate::conn::tls::TlsStream;
 use crate::error::CloseReason;
 
 /// What the application does with complete messages.
@@ -235,6 +236,18 @@ pub(super) trait Sink: Send + 'static {
     /// Ends the stream after the close frame (a socket's FIN, the end of a body), within
     /// `timeout`.
     fn finish(&mut self, timeout: Duration) -> impl Future<Output = ()> + Send + '_;
+
+    /// Writes the last batch (ending with the close frame), best effort, and ends the stream.
+    fn close<'a>(
+        &'a mut self,
+        last: &'a mut VecDeque<Bytes>,
+        timeout: Duration,
+    ) -> impl Future<Output = ()> + Send + 'a {
+        async move {
+            let _ = self.write_batch(last, timeout).await;
+            self.finish(timeout).await;
+        }
+    }
 }
 
 /// A socket (or TLS stream) as the writer's [`Sink`].
@@ -246,17 +259,24 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Sink for Io<W> {
         batch: &'a mut VecDeque<Bytes>,
         timeout: Duration,
     ) -> impl Future<Output = std::io::Result<()>> + Send + 'a {
-        write_batch(&mut self.0, batch, timeout)
+        write_batch(&mut self.0, batch, timeout, true)
     }
 
     async fn finish(&mut self, timeout: Duration) {
         // Boxed: only a closing connection needs the timer.
         let _ = Box::pin(tokio::time::timeout(timeout, self.0.shutdown())).await;
     }
+
+    /// Without a flush between the last batch and the shutdown, which flushes: a TLS stream
+    /// sends the close frame with its `close_notify` in one write.
+    async fn close(&mut self, last: &mut VecDeque<Bytes>, timeout: Duration) {
+        let _ = write_batch(&mut self.0, last, timeout, false).await;
+        self.finish(timeout).await;
+    }
 }
 
 /// [`serve`] for a connection that hyper upgraded, handed to `spawn`: plain TCP directly on
-/// its socket, any other stream (TLS) through `Upgraded`.
+/// its socket, TLS on clones of its [`TlsStream`], any other stream through `Upgraded`.
 #[allow(clippy::too_many_arguments)] // `serve`'s, and where it goes
 pub fn serve_upgraded<H: Handler>(
     upgraded: Upgraded,
@@ -281,18 +301,36 @@ pub fn serve_upgraded<H: Handler>(
                 token,
             ));
         }
-        Err(upgraded) => {
-            let (read_half, write_half) = tokio::io::split(TokioIo::new(upgraded));
-            spawn.spawn(serve(
-                read_half,
-                write_half,
-                &[],
-                limits,
-                handler,
-                outbound,
-                token,
-            ));
-        }
+        Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream>>() {
+            Ok(parts) => {
+                // The reader and the writer each own a clone of the stream, as the halves of
+                // a plain socket; hyper's read buffer is freed here too.
+                let write_half = parts.io.into_inner();
+                let leftover = parts.read_buf;
+                spawn.spawn(serve(
+                    write_half.clone(),
+                    write_half,
+                    &leftover,
+                    limits,
+                    handler,
+                    outbound,
+                    token,
+                ));
+            }
+            // Any other stream (none the server makes today), split with tokio's lock.
+            Err(upgraded) => {
+                let (read_half, write_half) = tokio::io::split(TokioIo::new(upgraded));
+                spawn.spawn(serve(
+                    read_half,
+                    write_half,
+                    &[],
+                    limits,
+                    handler,
+                    outbound,
+                    token,
+                ));
+            }
+        },
     }
 }
 
@@ -512,19 +550,19 @@ pub(super) fn write_loop<S: Sink>(
             outbound.take(&mut last);
             last.extend(outbound.farewell(&reason));
             last.push_back(outbound.close_frame(&reason));
-            let _ = sink.write_batch(&mut last, write_timeout).await;
-            sink.finish(write_timeout).await;
+            sink.close(&mut last, write_timeout).await;
         }
         reason
     }
 }
 
-/// Writes every frame in `batch` with vectored writes, then flushes. Bounded by
+/// Writes every frame in `batch` with vectored writes, then flushes if `flush`. Bounded by
 /// `timeout`: a peer that does not read for that long is gone.
 async fn write_batch<W: AsyncWrite + Unpin>(
     w: &mut W,
     batch: &mut VecDeque<Bytes>,
     timeout: Duration,
+    flush: bool,
 ) -> std::io::Result<()> {
     let io = async {
         while !batch.is_empty() {
@@ -555,7 +593,10 @@ async fn write_batch<W: AsyncWrite + Unpin>(
                 }
             }
         }
-        w.flush().await
+        if flush {
+            w.flush().await?;
+        }
+        Ok(())
     };
     // Most writes complete at once (the socket buffer has room): try once before arming
     // the timer, which costs a clock read and a timer-wheel entry per write otherwise.

@@ -20,9 +20,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio_rustls::TlsAcceptor;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::conn::tls::TlsStream;
 use crate::error::StartError;
 use crate::metrics::Metrics;
 
@@ -85,8 +86,23 @@ fn parse(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
     Ok(CertifiedKey::new(chain, signing))
 }
 
+/// Accepts TLS connections on the public listener, as [`TlsStream`]s (rustls' unbuffered
+/// API: an idle connection holds no TLS buffer).
+#[derive(Clone)]
+pub struct Acceptor(Arc<rustls::ServerConfig>);
+
+impl Acceptor {
+    /// The handshake; the caller bounds it with the handshake timeout.
+    pub fn accept(
+        &self,
+        tcp: TcpStream,
+    ) -> impl std::future::Future<Output = std::io::Result<TlsStream>> {
+        TlsStream::accept(self.0.clone(), tcp)
+    }
+}
+
 /// The acceptor for the public listener and its resolver (for the reload task).
-pub fn acceptor(cert: &Path, key: &Path) -> Result<(TlsAcceptor, Arc<Resolver>), StartError> {
+pub fn acceptor(cert: &Path, key: &Path) -> Result<(Acceptor, Arc<Resolver>), StartError> {
     let pair =
         load(cert, key).map_err(|e| StartError::Tls("loading the certificate".into(), e.into()))?;
     let resolver = Arc::new(Resolver(RwLock::new(Arc::new(pair))));
@@ -96,7 +112,7 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<(TlsAcceptor, Arc<Resolver>),
         .with_no_client_auth()
         .with_cert_resolver(resolver.clone());
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok((TlsAcceptor::from(Arc::new(config)), resolver))
+    Ok((Acceptor(Arc::new(config)), resolver))
 }
 
 fn stamp(paths: &[&Path]) -> Vec<Option<(SystemTime, u64)>> {
