@@ -146,7 +146,8 @@ if [ "$MODE" = costs ]; then
     "$GW" --node-id "cost-$i" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
       --redis-url "$REDIS" --allow-anonymous --jwt-secret "$SECRET" --handshake-rate-per-ip 0 \
       --message-rate 0 --max-connections 200000 --max-connections-per-ip 0 --rebalance false \
-      --pre-stop-delay-ms 0 --channels 'hist:*?history_size=100&history_ttl_secs=600' \
+      --pre-stop-delay-ms 0 \
+      --channels 'hist:*?history_size=100&history_ttl_secs=600 pres:*?presence' \
       >"$WORK/cost-$i.log" 2>&1 &
     cpids+=($!); pids+=($!); cports+=("$port")
   done
@@ -178,6 +179,24 @@ if [ "$MODE" = costs ]; then
     --label unicast
   measure churn cycles "$LT" churn "$U1" --duration-secs 600 --cycles 20000 --concurrency 50 \
     --redis-url "$REDIS" --jwt-secret "$SECRET" --sources "$SRC" --label churn
+  # Memory: what a subscription to a presence channel, and a kept publication, hold in Redis.
+  # Each measurement starts once the previous one's connections are gone from Redis.
+  base_keys=$(rcli DBSIZE)
+  keys_back() {
+    for _ in $(seq 60); do [ "$(rcli DBSIZE)" -le "$base_keys" ] && return 0; sleep 0.5; done
+    echo "Redis keys did not come back to $base_keys" >&2
+  }
+  "$LT" idle "$U1" -n 10000 --subscribe pres:costs --redis-url "$REDIS" --pid "${cpids[0]}" \
+    --sources "$SRC" --label presence-member --json "$WORK/mem-presence.json" >"$WORK/mem-presence.out"
+  log "presence members: $(tail -1 "$WORK/mem-presence.out")"
+  keys_back
+  "$LT" idle "$U1" -n 10000 --subscribe plain:costs --redis-url "$REDIS" --pid "${cpids[0]}" \
+    --sources "$SRC" --label plain-member --json "$WORK/mem-plain.json" >"$WORK/mem-plain.out"
+  log "plain subscribers: $(tail -1 "$WORK/mem-plain.out")"
+  keys_back
+  "$LT" history-memory --redis-url "$REDIS" --prefix hist:mem --channels 50 -n 100 \
+    --payload-bytes 100 --label history --json "$WORK/mem-history.json" >"$WORK/mem-history.out"
+  log "history: $(tail -1 "$WORK/mem-history.out")"
   export WORK COSTS_OUT CLK_TCK REDIS_VERSION
   python3 - <<'EOF2'
 import json, os, re
@@ -209,13 +228,16 @@ for line in open(os.path.join(env["WORK"], "costs.txt")):
         "commandstats": cs,
         "loadtest": {k: v for k, v in j.items() if not isinstance(v, (list, dict))},
     }
+for name in ("presence", "plain", "history"):
+    j = json.load(open(os.path.join(env["WORK"], f"mem-{name}.json")))
+    out[f"memory_{name}"] = {k: v for k, v in j.items() if not isinstance(v, (list, dict))}
 os.makedirs(os.path.dirname(env["COSTS_OUT"]), exist_ok=True)
 with open(env["COSTS_OUT"], "w") as f:
     json.dump(out, f, indent=2)
     f.write("\n")
 print()
 for k, v in out.items():
-    if isinstance(v, dict):
+    if isinstance(v, dict) and "ops" in v:
         print(f"  {k:8} {v['ops']:>8} {v['ops_field']}: Redis CPU {v['redis_cpu_us_per_op']} us/op "
               f"(commands {v['redis_command_us_per_op']} us/op, {v['redis_commands_per_op']} commands/op); "
               f"nodes CPU {v['gateways_cpu_us_per_op']} us/op")
@@ -253,6 +275,11 @@ sample() {
   S[$1.redis_rss_kib]=$(rss_kib "$REDIS_PID")
   S[$1.open]=$(open_total)
   S[$1.fds]=$(fds "${gw_pids[@]}")
+  # Kernel side, machine-wide (both ends of every loopback connection are here): slab
+  # memory and the pages TCP buffers hold.
+  S[$1.slab_kib]=$(awk '/^Slab:/ {print $2}' /proc/meminfo)
+  S[$1.tcp_mem_pages]=$(awk '$1 == "TCP:" {for (i = 2; i < NF; i++) if ($i == "mem") print $(i+1)}' /proc/net/sockstat)
+  S[$1.tcp_inuse]=$(awk '$1 == "TCP:" {print $3}' /proc/net/sockstat)
 }
 # ops_series SECS FILE: INFO stats instantaneous_ops_per_sec every 5 s for SECS.
 ops_series() {
@@ -447,6 +474,14 @@ result = {
     "gateways_rss_after_close_bytes": int(c["rss_kib"]) * 1024,
     "gateways_rss_per_conn_bytes": per((a["rss_kib"] - b["rss_kib"]) * 1024),
     "gateways_fds_after": int(a["fds"]),
+    "kernel_tcp_sockets_before": int(b["tcp_inuse"]),
+    "kernel_tcp_sockets_after": int(a["tcp_inuse"]),
+    "kernel_slab_before_bytes": int(b["slab_kib"]) * 1024,
+    "kernel_slab_after_bytes": int(a["slab_kib"]) * 1024,
+    # Per socket: both ends of each connection are sockets on this machine.
+    "kernel_slab_per_socket_bytes": round((a["slab_kib"] - b["slab_kib"]) * 1024
+                                          / max(a["tcp_inuse"] - b["tcp_inuse"], 1), 1),
+    "kernel_tcp_buffer_pages_after": int(a["tcp_mem_pages"]),
     "redis_used_memory_before": int(b["redis_mem"]),
     "redis_used_memory_after": int(a["redis_mem"]),
     "redis_used_memory_after_close": int(c["redis_mem"]),
@@ -489,6 +524,8 @@ Redis CPU {empty['redis_cpu_secs_per_sec']} s/s; gateways CPU {empty['gateways_c
 (instantaneous_ops_per_sec {ops}); Redis CPU {hold['redis_cpu_secs_per_sec']} s/s; \
 gateways CPU {hold['gateways_cpu_secs_per_sec']} s/s ({hold['gateways_cpu_secs_per_sec_per_node']} per node); clients CPU {hold['client_cpu_secs_per_sec']} s/s
   per node/s     {hold['cluster_commands_per_node_per_sec']}
+  kernel         TCP sockets {int(b['tcp_inuse']):,} -> {int(a['tcp_inuse']):,}; slab {b['slab_kib']/1024:,.1f} -> {a['slab_kib']/1024:,.1f} MiB \
+= {result['kernel_slab_per_socket_bytes']} B/socket (machine-wide, both ends); TCP buffer pages {int(a['tcp_mem_pages'])}
   Redis split    inbound stream {breakdown.get('inbound_xlen')} entries = {breakdown.get('inbound_bytes_per_conn')} B/connection; \
 nodeconns hashes {breakdown.get('nodeconns_bytes_per_conn')} B/connection; a conn key {breakdown.get('conn_key_bytes_avg')} B
   problems       {result['node_warnings_before_close']} node warnings before the close; at the close {result['node_warnings_at_close']}\
