@@ -67,7 +67,7 @@ check-config:
 # Kubernetes packaging: k8s-tools, k8s-check, image.
 include mk/k8s.mk
 
-# Load generator scenarios and benchmarks: bench-smoke (in make test), bench.
+# Load generator scenarios and benchmarks: bench-smoke (in make test), bench, scale.
 include mk/bench.mk
 
 # The Centrifugo SDKs in Python: sdk-tools, sdk-test (in make test).
