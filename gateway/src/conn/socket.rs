@@ -550,7 +550,9 @@ pub(super) fn write_loop<S: Sink>(
             outbound.take(&mut last);
             last.extend(outbound.farewell(&reason));
             last.push_back(outbound.close_frame(&reason));
-            sink.close(&mut last, write_timeout).await;
+            // Boxed: only a closing connection needs this future, and inline it would be
+            // the writer's largest state.
+            Box::pin(sink.close(&mut last, write_timeout)).await;
         }
         reason
     }
@@ -627,14 +629,12 @@ where
     // Only what the reader uses: the future keeps it for the connection's whole life.
     let mut state = Reassembly {
         partial: None,
-        utf8_checked: 0,
-        fragment_due: None,
         fragment_timeout: limits.fragment_timeout,
         max_message_bytes: limits.max_message_bytes,
     };
     async move {
         let reason = loop {
-            let next = match state.fragment_due {
+            let next = match state.due() {
                 // Boxed: only a connection in the middle of a fragmented message pays for the
                 // timer; inline, it would be reserved in every idle connection's task.
                 Some(due) => match Box::pin(tokio::time::timeout_at(due, frames.next())).await {
@@ -689,22 +689,33 @@ enum Message {
 /// The reader's state between frames: the message being reassembled from fragments, and
 /// its limits.
 struct Reassembly {
-    /// The message so far: its opcode and bytes.
-    partial: Option<(OpCode, Vec<u8>)>,
-    /// How far a text message in `partial` is known to be valid UTF-8 (checked per
-    /// fragment, so a bad byte fails fast instead of after the whole message arrived).
-    utf8_checked: usize,
-    /// When the message in `partial` must be complete. Checked on two paths, so that
-    /// neither a silent client nor one that keeps sending (pings, more fragments) can hold
-    /// the buffer past it: the read is timed out at the deadline (it is cancel-safe, so
-    /// nothing is lost), and every frame that arrives is checked against it, since a read
-    /// that finds bytes already buffered completes before its timer is looked at.
-    fragment_due: Option<tokio::time::Instant>,
+    /// The message so far. Boxed: most connections never fragment a message, and an idle
+    /// one would otherwise reserve its room.
+    partial: Option<Box<Partial>>,
     fragment_timeout: Duration,
     max_message_bytes: usize,
 }
 
+/// A message arriving in fragments.
+struct Partial {
+    opcode: OpCode,
+    bytes: Vec<u8>,
+    /// How far a text message is known to be valid UTF-8 (checked per fragment, so a bad
+    /// byte fails fast instead of after the whole message arrived).
+    utf8_checked: usize,
+    /// When the message must be complete. Checked on two paths, so that neither a silent
+    /// client nor one that keeps sending (pings, more fragments) can hold the buffer past
+    /// it: the read is timed out at the deadline (it is cancel-safe, so nothing is lost),
+    /// and every frame that arrives is checked against it, since a read that finds bytes
+    /// already buffered completes before its timer is looked at.
+    due: tokio::time::Instant,
+}
+
 impl Reassembly {
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.partial.as_ref().map(|p| p.due)
+    }
+
     /// Takes one frame: a complete message, nothing yet (a fragment, a control frame), or
     /// why the connection must close. Pings are answered here, through the outbound queue.
     fn frame<H: Handler>(
@@ -718,7 +729,7 @@ impl Reassembly {
             OpCode::Text | OpCode::Binary | OpCode::Continuation
         ));
         if self
-            .fragment_due
+            .due()
             .is_some_and(|due| tokio::time::Instant::now() >= due)
         {
             return Err(CloseReason::FragmentTimeout);
@@ -734,33 +745,35 @@ impl Reassembly {
                 if frame.fin {
                     (frame.opcode, buf)
                 } else {
-                    self.utf8_checked = 0;
-                    if frame.opcode == OpCode::Text && !utf8_prefix_ok(&buf, &mut self.utf8_checked)
-                    {
+                    let mut utf8_checked = 0;
+                    if frame.opcode == OpCode::Text && !utf8_prefix_ok(&buf, &mut utf8_checked) {
                         return Err(CloseReason::InvalidUtf8);
                     }
-                    self.partial = Some((frame.opcode, buf));
-                    self.fragment_due = Some(tokio::time::Instant::now() + self.fragment_timeout);
+                    self.partial = Some(Box::new(Partial {
+                        opcode: frame.opcode,
+                        bytes: buf,
+                        utf8_checked,
+                        due: tokio::time::Instant::now() + self.fragment_timeout,
+                    }));
                     return Ok(None);
                 }
             }
             OpCode::Continuation => {
-                let Some((op, buf)) = self.partial.as_mut() else {
+                let Some(p) = self.partial.as_mut() else {
                     return Err(CloseReason::Protocol("continuation_without_start"));
                 };
-                if buf.len() + frame.payload.len() > self.max_message_bytes {
+                if p.bytes.len() + frame.payload.len() > self.max_message_bytes {
                     return Err(CloseReason::TooBig(self.max_message_bytes));
                 }
-                buf.extend_from_slice(&frame.payload);
-                if *op == OpCode::Text && !utf8_prefix_ok(buf, &mut self.utf8_checked) {
+                p.bytes.extend_from_slice(&frame.payload);
+                if p.opcode == OpCode::Text && !utf8_prefix_ok(&p.bytes, &mut p.utf8_checked) {
                     return Err(CloseReason::InvalidUtf8);
                 }
                 if !frame.fin {
                     return Ok(None);
                 }
-                self.fragment_due = None;
                 match self.partial.take() {
-                    Some(done) => done,
+                    Some(done) => (done.opcode, done.bytes),
                     None => return Ok(None),
                 }
             }
