@@ -138,6 +138,11 @@ STORM_TLS_TARGET = 1.2        # CPU per TLS handshake, gateway vs the TLS floor
 
 # Before/after figures of the fixes recorded in docs/profiling.md (earlier runs, not this one).
 HISTORY = [
+    ("idle RSS per plain connection, 15k connections (≤ 2,048 B)", "4,060 B (no Redis), "
+     "4,071 B (Redis) by hand at 6307d19; 4,231 B (make bench)", "2,294 B (no Redis), "
+     "2,473–2,620 B (Redis) by hand (missed)", "one task per connection holding reader and "
+     "writer inline; pings and shutdown through a node-wide registry instead of a timer and "
+     "a token per connection; rarely used state boxed; one shared connection id"),
     ("idle RSS per wss:// connection, 5k connections (≤ 6,144 B)", "12,144 B (make bench); "
      "12,337–12,860 B by hand", "8,437–8,843 B by hand (missed)", "own TLS stream over rustls' "
      "unbuffered API: no 4 KiB record buffer per idle connection, reader and writer on "

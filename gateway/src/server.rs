@@ -228,8 +228,8 @@ fn spawn_background(
     tokio::spawn(async move {
         let shards = crate::conn::registry::SHARDS as u32;
         let step = (n.config.ping_interval() / shards).max(Duration::from_millis(1));
-        // Pinged when nothing was heard for about an interval: less one step, so that a
-        // peer that answered the last ping at once is pinged again at its next visit.
+        // Pinged when the last ping is about an interval old: less one step, so that each
+        // visit (one per interval) pings, whatever the sweep's jitter.
         let after = n.config.ping_interval().saturating_sub(step);
         let mut tick = tokio::time::interval(step);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

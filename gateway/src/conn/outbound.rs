@@ -69,6 +69,8 @@ pub struct Outbound {
 /// ping and heartbeat timers read it: it lives here because both hold the `Outbound`.
 pub struct Heard {
     last: [AtomicU64; 2],
+    /// When the ping sweep last queued a ping (the connection's opening before the first).
+    pinged: AtomicU64,
     /// The peer is a WebSocket, which must answer pings: the ping sweep closes it once it
     /// has been silent too long. An HTTP stream's client sends nothing on its stream.
     watched: AtomicBool,
@@ -79,6 +81,7 @@ impl Heard {
         let now = Heard::now();
         Heard {
             last: [AtomicU64::new(now), AtomicU64::new(now)],
+            pinged: AtomicU64::new(now),
             watched: AtomicBool::new(false),
         }
     }
@@ -371,14 +374,19 @@ impl Outbound {
     }
 
     /// The node's ping sweep at this connection (`conn::registry`): closes a WebSocket peer
-    /// that has sent nothing for longer than `timeout` (4001), and queues a ping in the
-    /// connection's protocol when nothing was heard for `after` (an HTTP stream's client is
-    /// never heard, so it gets one each time). A connection is not pinged before it has
-    /// been open for `after`, nor while its peer is talking.
+    /// that has sent nothing for longer than `timeout` (4001), and otherwise queues a ping in
+    /// the connection's protocol once `after` has passed since the last one (or since the
+    /// connection opened). Pings go whether or not the peer is talking: Centrifugo's SDKs
+    /// reconnect when the server's pings stop, whatever else arrives.
     pub fn ping(&self, after: Duration, timeout: Duration) {
         if self.heard.is_watched() && self.heard.longer_than(timeout) {
             self.close(CloseReason::HeartbeatTimeout);
-        } else if self.heard.longer_than(after) {
+            return;
+        }
+        let now = Heard::now();
+        let last = self.heard.pinged.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= after.as_millis() as u64 {
+            self.heard.pinged.store(now, Ordering::Relaxed);
             self.push(self.ping_frame());
         }
     }

@@ -102,8 +102,8 @@ impl Registry {
             .collect()
     }
 
-    /// One step of the node's ping sweep over shard `step`: a connection not heard from
-    /// for `ping_after` gets a ping, and a WebSocket peer silent for longer than
+    /// One step of the node's ping sweep over shard `step`: a connection not pinged for
+    /// `ping_after` (or opened that long ago) gets a ping, and a WebSocket peer silent for longer than
     /// `ping_timeout` is closed with 4001 ([`Outbound::ping`]). The node takes a step every
     /// ping interval / [`SHARDS`], so that each connection is visited once per interval,
     /// and the pings of a whole node are spread over the interval rather than sent at once.
@@ -180,11 +180,17 @@ mod tests {
         assert_eq!(r.sweep(3, soon, never), 2);
         let queued: Vec<usize> = conns.iter().map(|o| o.queued()).collect();
         assert_eq!(queued.iter().filter(|&&q| q > 0).count(), 2, "{queued:?}");
-        // A peer heard from just now is not pinged.
-        conns[3 + SHARDS].heard().frame(false);
+        // Pinged just now: not again until `ping_after` has passed, whatever the peer says.
         let before = conns[3 + SHARDS].queued();
-        r.sweep(3, soon, never);
+        r.sweep(3, Duration::from_secs(1), never);
         assert_eq!(conns[3 + SHARDS].queued(), before);
+        std::thread::sleep(Duration::from_millis(5));
+        conns[3 + SHARDS].heard().frame(true);
+        r.sweep(3, soon, never);
+        assert!(
+            conns[3 + SHARDS].queued() > before,
+            "a talking peer is pinged too"
+        );
         // A WebSocket peer that has said nothing for longer than the timeout is closed.
         conns[0].heard().watch();
         r.sweep(0, soon, Duration::from_millis(1));
