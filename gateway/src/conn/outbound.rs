@@ -16,10 +16,11 @@
 //! - each frame is charged [`FRAME_COST`] on top of its length: its slot in the queue, the
 //!   slack of a queue that doubled to make room, and the allocator's header of its buffer.
 //!   A flood of empty frames (2 bytes each) would otherwise hold some 30 times the cap;
-//! - a run of pongs not yet written is one pong: RFC 6455 §5.5.3 lets an endpoint answer
-//!   only the most recent ping ([`Outbound::push_pong`]), so a client that pings without
-//!   reading holds one queued pong, not one per ping (and its pings count against its
-//!   message rate, see `core::session`);
+//! - a run of pongs not yet written is at most [`PONG_RUN`] pongs: each of the first pings
+//!   gets its own, and past that the last pong is replaced by the newest, as RFC 6455
+//!   §5.5.3 allows (answering only the most recent ping; [`Outbound::push_pong`]). So a
+//!   client that pings without reading holds a few queued pongs, not one per ping (and its
+//!   pings count against its message rate, see `core::session`);
 //! - the queues give memory back: [`Outbound::take`] hands the queue's buffer to the batch
 //!   instead of copying into it, and [`release`] frees a drained batch that a burst made far
 //!   larger than a connection usually needs.
@@ -159,8 +160,10 @@ struct State {
     /// What `frames` costs: their lengths plus [`FRAME_COST`] each (a pong counts as the
     /// longest, [`MAX_PONG`]).
     bytes: usize,
-    /// Where in `frames` the pong not yet taken is, if there is one.
+    /// Where in `frames` the last pong not yet taken is, if there is one.
     pong: Option<usize>,
+    /// Pongs queued since the writer last took the queue.
+    pongs: u8,
     close: Option<CloseReason>,
     /// A close is on its way, after a reconnect hint's delay ([`Outbound::close_with_hint`]).
     leaving: bool,
@@ -177,6 +180,9 @@ struct State {
 /// for a queue that has just doubled, and 32 bytes for the allocator's header and rounding of
 /// the frame's own buffer (counted for shared fan-out frames too, which overstates them).
 pub const FRAME_COST: usize = 2 * size_of::<Bytes>() + 32;
+
+/// Pongs queued at most between two writes; past them, the last is replaced by the newest.
+pub const PONG_RUN: usize = 16;
 
 /// The longest pong: a control frame's 125 bytes of payload and its 2-byte header. A queued
 /// pong is charged this much, so that replacing it with the next one never moves the count
@@ -361,6 +367,7 @@ impl Outbound {
         s.frames = VecDeque::new();
         s.bytes = 0;
         s.pong = None;
+        s.pongs = 0;
         s.close = Some(CloseReason::SlowConsumer(self.cap));
         drop(s);
         self.notify.notify_one();
@@ -442,11 +449,16 @@ impl Outbound {
         self.push_at(frame, None)
     }
 
-    /// Queues a pong, or replaces the pong already queued and not yet taken by the writer:
-    /// a run of pings gets one pong, echoing the last of them (RFC 6455 §5.5.3).
+    /// Queues a pong; once [`PONG_RUN`] are queued and not yet taken by the writer, replaces
+    /// the last of them instead: a long run of pings ends with a pong for the last of them
+    /// (RFC 6455 §5.5.3), and a short one (the reader handles all the pings one read
+    /// brought before the writer runs) gets a pong for each.
     pub fn push_pong(&self, frame: Bytes) -> Pushed {
         let mut s = self.lock();
-        if let Some(at) = s.pong.filter(|_| s.close.is_none()) {
+        if let Some(at) = s
+            .pong
+            .filter(|_| s.close.is_none() && usize::from(s.pongs) >= PONG_RUN)
+        {
             s.frames[at] = frame;
             return Pushed::Queued;
         }
@@ -478,6 +490,7 @@ impl Outbound {
         }
         s.bytes += cost;
         if pong {
+            s.pongs = s.pongs.saturating_add(1);
             s.pong = Some(s.frames.len());
         }
         s.frames.push_back(frame);
@@ -577,6 +590,7 @@ impl Outbound {
         }
         s.bytes = 0;
         s.pong = None;
+        s.pongs = 0;
         let oldest = s.oldest.take();
         // The first such write is sampled, then every LATENCY_SAMPLE-th.
         let sampled = oldest.is_some() && {
@@ -784,21 +798,32 @@ mod tests {
         assert!(total <= 2 * CAP, "{total} bytes held for a cap of {CAP}");
         let mut pongs = VecDeque::new();
         q.take(&mut pongs);
-        assert_eq!(Vec::from(pongs), [frame::pong(&99_999u32.to_be_bytes())]);
+        let mut want: Vec<_> = (0..PONG_RUN as u32 - 1)
+            .map(|i| frame::pong(&i.to_be_bytes()))
+            .collect();
+        want.push(frame::pong(&99_999u32.to_be_bytes()));
+        assert_eq!(Vec::from(pongs), want);
     }
 
     #[test]
-    fn a_run_of_pongs_is_one_pong_in_place_until_taken() {
+    fn a_long_run_of_pongs_ends_in_one_replaced_in_place_until_taken() {
         let q = Outbound::new(1 << 20, &NoCodec);
         q.push(frame::text("a"));
+        let runs: Vec<Bytes> = (0..PONG_RUN).map(|i| frame::pong(&[i as u8])).collect();
+        for p in &runs[..PONG_RUN - 1] {
+            q.push_pong(p.clone());
+        }
         q.push_pong(frame::pong(b"1"));
-        q.push_pong(frame::pong(b"2"));
         q.push(frame::text("b"));
+        q.push_pong(frame::pong(b"2"));
         q.push_pong(frame::pong(b"3"));
-        assert_eq!(q.queued(), 3 + 3 + MAX_PONG + 3 * FRAME_COST);
+        let pongs = PONG_RUN * (MAX_PONG + FRAME_COST);
+        assert_eq!(q.queued(), 3 + 3 + 2 * FRAME_COST + pongs);
         let mut batch = VecDeque::new();
         q.take(&mut batch);
-        let want = [frame::text("a"), frame::pong(b"3"), frame::text("b")];
+        let mut want = vec![frame::text("a")];
+        want.extend(runs[..PONG_RUN - 1].iter().cloned());
+        want.extend([frame::pong(b"3"), frame::text("b")]);
         assert_eq!(Vec::from(std::mem::take(&mut batch)), want);
         // once taken (being written), the next ping gets a pong of its own
         q.push_pong(frame::pong(b"4"));
