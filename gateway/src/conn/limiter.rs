@@ -1,6 +1,7 @@
-//! Rate limits (governor): per connection, messages and bytes per second with strikes before
-//! the connection is closed ([`ConnLimiter`]); per key, a rate shared by everything with that
-//! key, such as a client IP's handshakes or a user's `send`s ([`KeyedLimiter`]).
+//! Rate limits: per connection, messages and bytes per second with strikes before the
+//! connection is closed ([`ConnLimiter`], a GCRA of its own); per key (governor), a rate
+//! shared by everything with that key, such as a client IP's handshakes or a user's `send`s
+//! ([`KeyedLimiter`]).
 
 use std::hash::Hash;
 use std::num::NonZeroU32;
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::state::keyed::HashMapStateStore;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{Quota, RateLimiter};
 
 /// What the per-connection limiter says about one message.
 #[derive(Debug, PartialEq, Eq)]
@@ -21,11 +22,55 @@ pub enum Verdict {
 }
 
 /// Messages and bytes per second for one connection.
+///
+/// Not governor's direct limiter: it keeps 40 bytes per limit (its clock and quota beside
+/// the state), and every idle connection holds two. This is the same algorithm (GCRA, the
+/// one governor implements) in 16 bytes per limit: the limit's cost per unit, its burst,
+/// and the theoretical arrival time of the next unit.
 pub struct ConnLimiter {
-    messages: Option<DefaultDirectRateLimiter>,
-    bytes: Option<DefaultDirectRateLimiter>,
+    messages: Option<Gcra>,
+    bytes: Option<Gcra>,
     strikes: u32,
     max_strikes: u32,
+}
+
+/// One limit of `rate` units per second with a burst of `burst` units.
+struct Gcra {
+    /// Nanoseconds per unit, at most ~4.3 s (a rate of at least 1 per second).
+    per_unit_ns: u32,
+    burst: u32,
+    /// When the bucket is next empty, in nanoseconds of [`Gcra::now`].
+    tat: u64,
+}
+
+impl Gcra {
+    fn new(rate: u32, burst: u32) -> Option<Gcra> {
+        (rate > 0).then(|| Gcra {
+            per_unit_ns: 1_000_000_000 / rate,
+            burst: burst.max(1),
+            tat: 0,
+        })
+    }
+
+    /// Nanoseconds since the first call in the process.
+    fn now() -> u64 {
+        static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        EPOCH
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_nanos() as u64
+    }
+
+    /// Takes `n` units if the bucket holds them; otherwise takes none.
+    fn take(&mut self, n: u64, now: u64) -> bool {
+        let per = u64::from(self.per_unit_ns);
+        let next = self.tat.max(now) + per * n;
+        if n > u64::from(self.burst) || next - now > per * u64::from(self.burst) {
+            return false;
+        }
+        self.tat = next;
+        true
+    }
 }
 
 impl ConnLimiter {
@@ -36,16 +81,10 @@ impl ConnLimiter {
         byte_burst: u32,
         max_strikes: u32,
     ) -> Self {
-        let direct = |rate: u32, burst: u32| {
-            NonZeroU32::new(rate).map(|r| {
-                RateLimiter::direct(
-                    Quota::per_second(r).allow_burst(NonZeroU32::new(burst).unwrap_or(r)),
-                )
-            })
-        };
+        let burst = |rate: u32, burst: u32| if burst == 0 { rate } else { burst };
         ConnLimiter {
-            messages: direct(message_rate, message_burst),
-            bytes: direct(byte_rate, byte_burst.max(byte_rate)),
+            messages: Gcra::new(message_rate, burst(message_rate, message_burst)),
+            bytes: Gcra::new(byte_rate, byte_burst.max(byte_rate)),
             strikes: 0,
             max_strikes,
         }
@@ -53,14 +92,18 @@ impl ConnLimiter {
 
     /// Accounts one message of `len` bytes.
     pub fn check(&mut self, len: usize) -> Verdict {
-        let kind = if self.messages.as_ref().is_some_and(|l| l.check().is_err()) {
+        let now = Gcra::now();
+        let kind = if self.messages.as_mut().is_some_and(|l| !l.take(1, now)) {
             Some("messages")
+        } else if len > 0
+            && self
+                .bytes
+                .as_mut()
+                .is_some_and(|l| !l.take(len as u64, now))
+        {
+            Some("bytes")
         } else {
-            let n = NonZeroU32::new(len.min(u32::MAX as usize) as u32);
-            match (&self.bytes, n) {
-                (Some(l), Some(n)) if !matches!(l.check_n(n), Ok(Ok(()))) => Some("bytes"),
-                _ => None,
-            }
+            None
         };
         match kind {
             None => {
@@ -152,5 +195,29 @@ mod tests {
         let mut l = ConnLimiter::new(0, 0, 100, 100, 0);
         assert_eq!(l.check(100), Verdict::Pass);
         assert_eq!(l.check(1), Verdict::Close("bytes"));
+        let mut l = ConnLimiter::new(0, 0, 100, 100, 0);
+        assert_eq!(
+            l.check(101),
+            Verdict::Close("bytes"),
+            "more than the burst at once"
+        );
+    }
+
+    #[test]
+    fn conn_limit_refills_at_its_rate() {
+        // 100 messages a second, a burst of 5: the burst goes at once, then one every 10 ms.
+        let mut l = ConnLimiter::new(100, 5, 0, 0, 1000);
+        for _ in 0..5 {
+            assert_eq!(l.check(1), Verdict::Pass);
+        }
+        assert_eq!(l.check(1), Verdict::Refuse("messages"));
+        std::thread::sleep(Duration::from_millis(25));
+        assert_eq!(l.check(1), Verdict::Pass);
+        assert_eq!(l.check(1), Verdict::Pass);
+        // refused messages took nothing: after a pause the bucket is full again
+        std::thread::sleep(Duration::from_millis(60));
+        for _ in 0..5 {
+            assert_eq!(l.check(1), Verdict::Pass);
+        }
     }
 }
