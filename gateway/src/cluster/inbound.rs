@@ -52,6 +52,23 @@ impl Inbound {
         let Some(redis) = &self.redis else {
             return Err(BrokerError::NotConfigured("no Redis is configured"));
         };
+        let xadd = self.xadd(redis, event, conn_id, user_id, data, destination);
+        let r = redis.call::<String>("xadd", xadd).await.map(|_| ());
+        if r.is_ok() {
+            self.metrics.inbound_appends.inc([event.as_str()]);
+        }
+        r
+    }
+
+    fn xadd(
+        &self,
+        redis: &Redis,
+        event: Event,
+        conn_id: &str,
+        user_id: Option<&str>,
+        data: &str,
+        destination: Option<&str>,
+    ) -> redis::Cmd {
         let mut xadd = redis::cmd("XADD");
         xadd.arg(crate::cluster::keys::Keys::new(&redis.prefix).inbound())
             .arg("MAXLEN")
@@ -73,11 +90,32 @@ impl Inbound {
         if let Some(destination) = destination {
             xadd.arg("destination").arg(destination);
         }
-        let r = redis.call::<String>("xadd", xadd).await.map(|_| ());
-        if r.is_ok() {
-            self.metrics.inbound_appends.inc([event.as_str()]);
+        xadd
+    }
+
+    /// [`Inbound::lifecycle`] after `before` (the directory's writes for the connection,
+    /// `op` labels their errors): Redis runs `before` first, then the append, in one round
+    /// trip on a standalone Redis (`Redis::in_order`). Returns the outcome of `before`, or
+    /// `None` without Redis (then neither ran).
+    pub async fn lifecycle_after(
+        &self,
+        op: &'static str,
+        before: Vec<redis::Cmd>,
+        event: Event,
+        conn_id: &str,
+        user_id: Option<&str>,
+        data: &str,
+    ) -> Option<Result<(), BrokerError>> {
+        let redis = self.redis.as_ref()?;
+        let xadd = self.xadd(redis, event, conn_id, user_id, data, None);
+        let (before, appended) = redis.in_order(op, before, "xadd", xadd).await;
+        match appended {
+            Ok(_) => self.metrics.inbound_appends.inc([event.as_str()]),
+            Err(e) => {
+                tracing::warn!(conn = conn_id, event = event.as_str(), error = %e, "inbound event lost")
+            }
         }
-        r
+        Some(before)
     }
 
     /// Appends a lifecycle event; failures are logged, never fatal to the connection.
