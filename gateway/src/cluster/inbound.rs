@@ -19,6 +19,8 @@ pub use shared::backend::Event;
 /// See the module docs.
 pub struct Inbound {
     redis: Option<Arc<Redis>>,
+    /// The stream's key, built once rather than per entry.
+    key: String,
     node_id: String,
     maxlen: usize,
     metrics: Arc<Metrics>,
@@ -31,8 +33,13 @@ impl Inbound {
         maxlen: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let key = redis
+            .as_ref()
+            .map(|r| crate::cluster::keys::Keys::new(&r.prefix).inbound())
+            .unwrap_or_default();
         Inbound {
             redis,
+            key,
             node_id: node_id.to_owned(),
             maxlen,
             metrics,
@@ -52,7 +59,7 @@ impl Inbound {
         let Some(redis) = &self.redis else {
             return Err(BrokerError::NotConfigured("no Redis is configured"));
         };
-        let xadd = self.xadd(redis, event, conn_id, user_id, data, destination);
+        let xadd = self.xadd(event, conn_id, user_id, data, destination);
         let r = redis.call::<String>("xadd", xadd).await.map(|_| ());
         if r.is_ok() {
             self.metrics.inbound_appends.inc([event.as_str()]);
@@ -62,7 +69,6 @@ impl Inbound {
 
     fn xadd(
         &self,
-        redis: &Redis,
         event: Event,
         conn_id: &str,
         user_id: Option<&str>,
@@ -70,7 +76,7 @@ impl Inbound {
         destination: Option<&str>,
     ) -> redis::Cmd {
         let mut xadd = redis::cmd("XADD");
-        xadd.arg(crate::cluster::keys::Keys::new(&redis.prefix).inbound())
+        xadd.arg(&self.key)
             .arg("MAXLEN")
             .arg("~")
             .arg(self.maxlen)
@@ -107,7 +113,7 @@ impl Inbound {
         data: &str,
     ) -> Option<Result<(), BrokerError>> {
         let redis = self.redis.as_ref()?;
-        let xadd = self.xadd(redis, event, conn_id, user_id, data, None);
+        let xadd = self.xadd(event, conn_id, user_id, data, None);
         let (before, appended) = redis.in_order(op, before, "xadd", xadd).await;
         match appended {
             Ok(_) => self.metrics.inbound_appends.inc([event.as_str()]),

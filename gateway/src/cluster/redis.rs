@@ -271,7 +271,10 @@ impl Redis {
         let (first, then) = match tokio::time::timeout(self.timeout, run).await {
             Ok(Ok(mut replies)) if replies.len() == n + 1 => {
                 let then = replies.pop().unwrap_or(Ok(Value::Nil));
-                let first = replies.into_iter().find(Result::is_err).unwrap_or(Ok(Value::Nil));
+                let first = replies
+                    .into_iter()
+                    .find(Result::is_err)
+                    .unwrap_or(Ok(Value::Nil));
                 (
                     first.map(|_| ()).map_err(BrokerError::from),
                     then.map_err(BrokerError::from),

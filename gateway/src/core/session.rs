@@ -199,7 +199,14 @@ impl Session {
             Some(records) => {
                 let written = core
                     .inbound
-                    .lifecycle_after("add", records, Inbound::Connect, &conn_id, user_id.as_deref(), "")
+                    .lifecycle_after(
+                        "add",
+                        records,
+                        Inbound::Connect,
+                        &conn_id,
+                        user_id.as_deref(),
+                        "",
+                    )
                     .await;
                 // Without the inbound stream's Redis (never, with the directory's), the
                 // records are written by the directory's next resync.
@@ -671,7 +678,14 @@ impl Ending {
                 let records = std::mem::take(&mut leaving.cmds);
                 let deleted = core
                     .inbound
-                    .lifecycle_after("remove", records, Inbound::Disconnect, &self.conn_id, user, &close)
+                    .lifecycle_after(
+                        "remove",
+                        records,
+                        Inbound::Disconnect,
+                        &self.conn_id,
+                        user,
+                        &close,
+                    )
                     .await;
                 core.directory.left(&self.conn_id, leaving, deleted).await;
             }

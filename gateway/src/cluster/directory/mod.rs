@@ -287,7 +287,12 @@ impl Directory {
     }
 
     async fn unregister(&self, conn: &str, user: Option<String>) {
-        if self.records.unregister(conn, user.as_deref()).await.is_err() {
+        if self
+            .records
+            .unregister(conn, user.as_deref())
+            .await
+            .is_err()
+        {
             self.pending.orphan(conn, user);
         }
     }
