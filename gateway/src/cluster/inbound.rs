@@ -19,6 +19,8 @@ pub use shared::backend::Event;
 /// See the module docs.
 pub struct Inbound {
     redis: Option<Arc<Redis>>,
+    /// The stream's key, built once rather than per entry.
+    key: String,
     node_id: String,
     maxlen: usize,
     metrics: Arc<Metrics>,
@@ -31,8 +33,13 @@ impl Inbound {
         maxlen: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let key = redis
+            .as_ref()
+            .map(|r| crate::cluster::keys::Keys::new(&r.prefix).inbound())
+            .unwrap_or_default();
         Inbound {
             redis,
+            key,
             node_id: node_id.to_owned(),
             maxlen,
             metrics,
@@ -52,8 +59,24 @@ impl Inbound {
         let Some(redis) = &self.redis else {
             return Err(BrokerError::NotConfigured("no Redis is configured"));
         };
+        let xadd = self.xadd(event, conn_id, user_id, data, destination);
+        let r = redis.call::<String>("xadd", xadd).await.map(|_| ());
+        if r.is_ok() {
+            self.metrics.inbound_appends.inc([event.as_str()]);
+        }
+        r
+    }
+
+    fn xadd(
+        &self,
+        event: Event,
+        conn_id: &str,
+        user_id: Option<&str>,
+        data: &str,
+        destination: Option<&str>,
+    ) -> redis::Cmd {
         let mut xadd = redis::cmd("XADD");
-        xadd.arg(crate::cluster::keys::Keys::new(&redis.prefix).inbound())
+        xadd.arg(&self.key)
             .arg("MAXLEN")
             .arg("~")
             .arg(self.maxlen)
@@ -73,11 +96,32 @@ impl Inbound {
         if let Some(destination) = destination {
             xadd.arg("destination").arg(destination);
         }
-        let r = redis.call::<String>("xadd", xadd).await.map(|_| ());
-        if r.is_ok() {
-            self.metrics.inbound_appends.inc([event.as_str()]);
+        xadd
+    }
+
+    /// [`Inbound::lifecycle`] after `before` (the directory's writes for the connection,
+    /// `op` labels their errors): Redis runs `before` first, then the append, in one round
+    /// trip on a standalone Redis (`Redis::in_order`). Returns the outcome of `before`, or
+    /// `None` without Redis (then neither ran).
+    pub async fn lifecycle_after(
+        &self,
+        op: &'static str,
+        before: Vec<redis::Cmd>,
+        event: Event,
+        conn_id: &str,
+        user_id: Option<&str>,
+        data: &str,
+    ) -> Option<Result<(), BrokerError>> {
+        let redis = self.redis.as_ref()?;
+        let xadd = self.xadd(event, conn_id, user_id, data, None);
+        let (before, appended) = redis.in_order(op, before, "xadd", xadd).await;
+        match appended {
+            Ok(_) => self.metrics.inbound_appends.inc([event.as_str()]),
+            Err(e) => {
+                tracing::warn!(conn = conn_id, event = event.as_str(), error = %e, "inbound event lost")
+            }
         }
-        r
+        Some(before)
     }
 
     /// Appends a lifecycle event; failures are logged, never fatal to the connection.

@@ -141,6 +141,9 @@ pub struct Conn {
     pub ip: IpAddr,
     /// The verified token's identity; `None` for anonymous connections.
     pub identity: Option<Identity>,
+    /// The connection's records in Redis, when the handshake left them to be written with
+    /// the `connect` event (`Directory::add_unwritten`).
+    pub unwritten: Option<Vec<redis::Cmd>>,
 }
 
 /// See the module docs.
@@ -177,7 +180,8 @@ pub struct Ending {
 
 impl Session {
     /// Opens a session: appends the `connect` event to the inbound stream first, so that it
-    /// comes before anything the connection sends.
+    /// comes before anything the connection sends, and, in the same round trip and just
+    /// before it, writes the connection's records if the handshake left them.
     pub async fn open(core: Arc<Core>, conn: Conn) -> (Session, Ending) {
         let Conn {
             id,
@@ -185,14 +189,37 @@ impl Session {
             out,
             identity,
             ip,
+            unwritten,
         } = conn;
         let clock = identity
             .as_ref()
             .map(|i| Arc::new(TokenClock::new(i.exp, core.config.token_grace())));
         let user_id = identity.as_ref().map(|i| i.user_id.clone());
-        core.inbound
-            .lifecycle(Inbound::Connect, &conn_id, user_id.as_deref(), "")
-            .await;
+        match unwritten {
+            Some(records) => {
+                let written = core
+                    .inbound
+                    .lifecycle_after(
+                        "add",
+                        records,
+                        Inbound::Connect,
+                        &conn_id,
+                        user_id.as_deref(),
+                        "",
+                    )
+                    .await;
+                // Without the inbound stream's Redis (never, with the directory's), the
+                // records are written by the directory's next resync.
+                core.directory.written(written.unwrap_or(Err(
+                    crate::error::BrokerError::NotConfigured("no Redis is configured"),
+                )));
+            }
+            None => {
+                core.inbound
+                    .lifecycle(Inbound::Connect, &conn_id, user_id.as_deref(), "")
+                    .await
+            }
+        }
         let c = &core.config;
         let limiter = ConnLimiter::new(
             c.message_rate,
@@ -642,17 +669,32 @@ impl Ending {
                 core.presence.leave(&channel, &self.conn_id).await;
             }
         }
-        core.directory.remove(&self.conn_id).await;
         let close =
             serde_json::json!({"code": reason.code(), "reason": reason.label()}).to_string();
-        core.inbound
-            .lifecycle(
-                Inbound::Disconnect,
-                &self.conn_id,
-                self.user_id.as_deref(),
-                &close,
-            )
-            .await;
+        // Out of the directory, then `disconnect`: in one round trip where Redis allows.
+        let user = self.user_id.as_deref();
+        match core.directory.take(&self.conn_id).await {
+            Some(mut leaving) => {
+                let records = std::mem::take(&mut leaving.cmds);
+                let deleted = core
+                    .inbound
+                    .lifecycle_after(
+                        "remove",
+                        records,
+                        Inbound::Disconnect,
+                        &self.conn_id,
+                        user,
+                        &close,
+                    )
+                    .await;
+                core.directory.left(&self.conn_id, leaving, deleted).await;
+            }
+            None => {
+                core.inbound
+                    .lifecycle(Inbound::Disconnect, &self.conn_id, user, &close)
+                    .await
+            }
+        }
         closed(core, self.ip, &self.conn_id, reason);
     }
 }

@@ -339,14 +339,17 @@ pub(super) async fn admit_http(
     let out = Arc::new(out.with_latency(latency));
     let mut slot = slot;
     slot.register(&out);
+    let mut unwritten = None;
     if !later {
+        // Uncapped, the records in Redis are written with the session's `connect` event, in
+        // one round trip (`Session::open`): still before the welcome and the first frame.
         let user = identity.as_ref().map(|i| i.user_id.as_str());
         match node
             .directory
-            .add(&conn_id, id, user, out.clone(), None)
+            .add_unwritten(&conn_id, id, user, out.clone())
             .await
         {
-            Ok(()) => {}
+            Ok(cmds) => unwritten = cmds,
             Err(AddError::UserLimit) => return Err(Refusal::UserLimit),
             Err(AddError::Unavailable(_)) => return Err(Refusal::DirectoryUnavailable),
         }
@@ -357,6 +360,7 @@ pub(super) async fn admit_http(
         out,
         ip,
         identity,
+        unwritten,
     };
     Ok((conn, slot))
 }

@@ -43,6 +43,24 @@ pub trait Records: Send + Sync {
         secret: Option<&'a str>,
     ) -> BoxFuture<'a, Result<bool, BrokerError>>;
 
+    /// The Redis commands that record an uncapped connection ([`Records::register`] with
+    /// `max_per_user` 0), for a caller that sends them in a pipeline of its own, ahead of
+    /// its own commands. `None`: this backend records nothing in Redis.
+    fn register_cmds(
+        &self,
+        _conn: &str,
+        _user: Option<&str>,
+        _connected_ms: u64,
+        _secret: Option<&str>,
+    ) -> Option<Vec<redis::Cmd>> {
+        None
+    }
+
+    /// The Redis commands of [`Records::unregister`], as [`Records::register_cmds`].
+    fn unregister_cmds(&self, _conn: &str, _user: Option<&str>) -> Option<Vec<redis::Cmd>> {
+        None
+    }
+
     /// Sends commands posted for a streaming connection that this node does not hold to the
     /// node that does, if `secret` is the one recorded for it: true when sent.
     fn forward_post<'a>(
@@ -268,6 +286,31 @@ impl RedisRecords {
         set
     }
 
+    /// `HSET <P>nodeconns:{node}`: the connection among this node's.
+    fn own_conn(&self, conn: &str, user: Option<&str>) -> redis::Cmd {
+        let mut own = redis::cmd("HSET");
+        own.arg(self.keys.nodeconns(&self.node_id))
+            .arg(conn)
+            .arg(user.unwrap_or("-"));
+        own
+    }
+
+    /// What deletes one connection's records: its `conn` key, its entry among this node's
+    /// and its user's.
+    fn delete_conn(&self, conn: &str, user: Option<&str>) -> Vec<redis::Cmd> {
+        let mut del = redis::cmd("DEL");
+        del.arg(self.keys.conn(conn));
+        let mut own = redis::cmd("HDEL");
+        own.arg(self.keys.nodeconns(&self.node_id)).arg(conn);
+        let mut cmds = vec![del, own];
+        if let Some(u) = user {
+            let mut hdel = redis::cmd("HDEL");
+            hdel.arg(self.keys.user(u)).arg(conn);
+            cmds.push(hdel);
+        }
+        cmds
+    }
+
     /// Writes the records of many connections of this node, uncapped, [`BATCH`] at a time:
     /// after an outage every local connection is re-registered this way.
     pub async fn register_many(&self, conns: &[Record]) -> Result<(), BrokerError> {
@@ -377,13 +420,28 @@ impl Records for RedisRecords {
                 }
             }
             let set = self.set_conn(conn, user, connected_ms, secret);
-            let mut own = redis::cmd("HSET");
-            own.arg(self.keys.nodeconns(&self.node_id))
-                .arg(conn)
-                .arg(user.unwrap_or("-"));
             // One pipeline: one write and one wake-up per handshake, not one per command.
-            redis.batch("add", vec![set, own]).await.map(|_| true)
+            redis
+                .batch("add", vec![set, self.own_conn(conn, user)])
+                .await
+                .map(|_| true)
         })
+    }
+
+    fn register_cmds(
+        &self,
+        conn: &str,
+        user: Option<&str>,
+        connected_ms: u64,
+        secret: Option<&str>,
+    ) -> Option<Vec<redis::Cmd>> {
+        let mut cmds = Vec::with_capacity(3);
+        if let Some(u) = user {
+            cmds.push(self.add_to_user(u, conn, connected_ms, 0));
+        }
+        cmds.push(self.set_conn(conn, user, connected_ms, secret));
+        cmds.push(self.own_conn(conn, user));
+        Some(cmds)
     }
 
     fn unregister<'a>(
@@ -392,18 +450,13 @@ impl Records for RedisRecords {
         user: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
         Box::pin(async move {
-            let mut del = redis::cmd("DEL");
-            del.arg(self.keys.conn(conn));
-            let mut own = redis::cmd("HDEL");
-            own.arg(self.keys.nodeconns(&self.node_id)).arg(conn);
-            let mut cmds = vec![del, own];
-            if let Some(u) = user {
-                let mut hdel = redis::cmd("HDEL");
-                hdel.arg(self.keys.user(u)).arg(conn);
-                cmds.push(hdel);
-            }
+            let cmds = self.delete_conn(conn, user);
             self.redis.batch("remove", cmds).await
         })
+    }
+
+    fn unregister_cmds(&self, conn: &str, user: Option<&str>) -> Option<Vec<redis::Cmd>> {
+        Some(self.delete_conn(conn, user))
     }
 
     fn forward_post<'a>(

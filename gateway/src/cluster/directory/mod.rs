@@ -80,6 +80,14 @@ pub enum Post {
     Unknown,
 }
 
+/// A connection taken out of this node's table whose records are still to be deleted: see
+/// [`Directory::take`].
+pub struct Leaving {
+    user: Option<String>,
+    /// What deletes its records, for the caller's pipeline.
+    pub cmds: Vec<redis::Cmd>,
+}
+
 /// Why a connection could not be registered.
 #[derive(Debug, thiserror::Error)]
 pub enum AddError {
@@ -210,6 +218,85 @@ impl Directory {
         Ok(())
     }
 
+    /// [`Directory::add`] for a connection without a per-user cap (anonymous, or no cap
+    /// set), leaving its records in Redis to the caller: it gets their commands, sends them
+    /// ahead of its own (the inbound stream's `connect`, so one round trip serves both) and
+    /// reports how that went with [`Directory::written`]. The connection is in this node's
+    /// table at once. `Ok(None)`: nothing is left to write (a capped user, registered here
+    /// as by `add`, or no Redis).
+    pub async fn add_unwritten(
+        &self,
+        conn: &Arc<str>,
+        id: u64,
+        user: Option<&str>,
+        out: Arc<Outbound>,
+    ) -> Result<Option<Vec<redis::Cmd>>, AddError> {
+        let capped = self.max_per_user > 0 && user.is_some();
+        let connected_ms = now_ms();
+        let cmds = match capped {
+            true => None,
+            false => self.records.register_cmds(conn, user, connected_ms, None),
+        };
+        let Some(cmds) = cmds else {
+            return self.add(conn, id, user, out, None).await.map(|()| None);
+        };
+        self.local
+            .insert(conn.clone(), id, user, out, connected_ms, None);
+        self.count("add");
+        Ok(Some(cmds))
+    }
+
+    /// How writing what [`Directory::add_unwritten`] left went. On failure the connection
+    /// is registered when Redis comes back, as an uncapped `add` during an outage is.
+    pub fn written(&self, r: Result<(), BrokerError>) {
+        if r.is_err() {
+            self.pending.mark_dirty();
+        }
+    }
+
+    /// [`Directory::remove`] for a caller that sends the deletion in a pipeline of its own,
+    /// ahead of its own commands (the inbound stream's `disconnect`): takes the connection
+    /// out of this node's table and returns what deletes its records, for
+    /// [`Directory::left`]. `None`: nothing is left to delete (the connection was not here,
+    /// or its records are not in Redis and are already gone).
+    pub async fn take(&self, conn: &str) -> Option<Leaving> {
+        let local = self.local.remove(conn)?;
+        self.count("remove");
+        let user = local.user;
+        let Some(cmds) = self.records.unregister_cmds(conn, user.as_deref()) else {
+            self.unregister(conn, user).await;
+            return None;
+        };
+        Some(Leaving { user, cmds })
+    }
+
+    /// How deleting what [`Directory::take`] returned went: `Some` with the outcome of its
+    /// commands, or `None` when the caller could not send them (they run here, now). On
+    /// failure the records are deleted when Redis comes back, as after `remove`.
+    pub async fn left(
+        &self,
+        conn: &str,
+        leaving: Leaving,
+        deleted: Option<Result<(), BrokerError>>,
+    ) {
+        match deleted {
+            Some(Ok(())) => {}
+            Some(Err(_)) => self.pending.orphan(conn, leaving.user),
+            None => self.unregister(conn, leaving.user).await,
+        }
+    }
+
+    async fn unregister(&self, conn: &str, user: Option<String>) {
+        if self
+            .records
+            .unregister(conn, user.as_deref())
+            .await
+            .is_err()
+        {
+            self.pending.orphan(conn, user);
+        }
+    }
+
     /// Hands commands posted with `session` (a streaming connection's secret, then its id)
     /// to that connection, on whichever node holds it. `Ok(None)`: no such session (unknown,
     /// closed, or the wrong secret); else whether it was held here and the inbox took it.
@@ -240,14 +327,7 @@ impl Directory {
             return;
         };
         self.count("remove");
-        if self
-            .records
-            .unregister(conn, local.user.as_deref())
-            .await
-            .is_err()
-        {
-            self.pending.orphan(conn, local.user);
-        }
+        self.unregister(conn, local.user).await;
     }
 
     /// Sends `{"type":"direct","data":data}` to every connection of `user`, on any node.
