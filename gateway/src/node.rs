@@ -174,13 +174,18 @@ impl Node {
     }
 
     /// A new connection id and its wire form. The wire form includes the node and its boot
-    /// time, so ids stay unique across nodes and restarts.
+    /// time, so ids stay unique across nodes and restarts. The numbers are in base 36: the id
+    /// is stored twice per connection in Redis (its record's key and its node's hash), so
+    /// every character is paid for in every connection's records.
     pub fn next_conn_id(&self) -> (ConnId, Arc<str>) {
         let n = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        (
-            n,
-            format!("{}.{:x}.{n}", self.config.node_id, self.boot_ms).into(),
-        )
+        let mut id = String::with_capacity(self.config.node_id.len() + 16);
+        id.push_str(&self.config.node_id);
+        id.push('.');
+        push_base36(&mut id, self.boot_ms);
+        id.push('.');
+        push_base36(&mut id, n);
+        (n, id.into())
     }
 
     /// Per-connection limits from the config.
@@ -191,6 +196,21 @@ impl Node {
             write_timeout: Duration::from_secs(2).min(self.config.ping_timeout()),
         }
     }
+}
+
+/// Appends `n` in base 36 (digits, then lower-case letters).
+fn push_base36(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 13];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdefghijklmnopqrstuvwxyz"[(n % 36) as usize];
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits[i..].iter().map(|&d| char::from(d)));
 }
 
 /// Everything a node offers, the core's services included: `node.hub`, `node.config`.
@@ -223,5 +243,23 @@ impl Drop for Slot {
             .hot
             .connections_open
             .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base36_is_short_and_exact() {
+        let s = |n| {
+            let mut out = String::new();
+            super::push_base36(&mut out, n);
+            out
+        };
+        assert_eq!(s(0), "0");
+        assert_eq!(s(35), "z");
+        assert_eq!(s(36), "10");
+        assert_eq!(s(u64::MAX), "3w5e11264sgsf");
+        // a boot time in milliseconds: 8 characters, against 11 in hex
+        assert_eq!(s(1_796_348_431_234).len(), 8);
     }
 }
