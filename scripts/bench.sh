@@ -57,14 +57,8 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 log() { printf '\n== %s\n' "$*"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "nothing listens on port $1" >&2; return 1
-}
+# free_port, wait_port
+. scripts/ports.sh
 
 log "building ($PROFILE)"
 # The container image's features, so that `make test` reuses its one build.

@@ -65,14 +65,8 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 log() { printf '== %s %s\n' "$(date +%T)" "$*"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 400); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "nothing listens on port $1" >&2; return 1
-}
+# free_port, wait_port
+. scripts/ports.sh
 # cpu_ticks PID...: utime+stime of the processes, in clock ticks (0 for a process gone).
 cpu_ticks() {
   local t=0 p s
@@ -133,7 +127,7 @@ redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
   >"$WORK/redis.log" 2>&1 &
 REDIS_PID=$!
 pids+=("$REDIS_PID")
-wait_port "$REDIS_PORT"
+wait_port "$REDIS_PORT" 400
 REDIS=redis://127.0.0.1:$REDIS_PORT
 REDIS_VERSION=$(rinfo server redis_version)
 
@@ -151,7 +145,7 @@ if [ "$MODE" = costs ]; then
       >"$WORK/cost-$i.log" 2>&1 &
     cpids+=($!); pids+=($!); cports+=("$port")
   done
-  for p in "${cports[@]}"; do wait_port "$p"; done
+  for p in "${cports[@]}"; do wait_port "$p" 400; done
   sleep 3
   U1=ws://127.0.0.1:${cports[0]}/ws; U2=ws://127.0.0.1:${cports[1]}/ws
   : >"$WORK/costs.txt"
@@ -259,7 +253,7 @@ for i in $(seq 1 "$NODES"); do
     --pre-stop-delay-ms 0 "${LIVENESS[@]}" ${GATEWAY_ARGS:-} >"$WORK/gw-$i.log" 2>&1 &
   gw_pids+=($!); pids+=($!); ports+=("$port"); admins+=("$admin")
 done
-for p in "${ports[@]}" "${admins[@]}"; do wait_port "$p"; done
+for p in "${ports[@]}" "${admins[@]}"; do wait_port "$p" 400; done
 log "redis $REDIS_VERSION on $REDIS_PORT (pid $REDIS_PID); $NODES nodes on ${ports[*]}"
 
 # sample NAME: CPU of the nodes and of Redis, Redis commands, memory and keys, now.

@@ -222,24 +222,13 @@ fn spawn_background(
     if let Some(jwks) = node.auth.as_ref().and_then(|a| a.jwks()) {
         tokio::spawn(crate::auth::refresh_jwks(jwks, stop.clone()));
     }
-    // Pings: one node-wide sweep, a shard of the connections at a time, instead of a timer
-    // in every connection (see `conn::registry`).
+    // Pings: one node-wide sweep instead of a timer in every connection.
     let (n, s) = (node.clone(), stop.clone());
     tokio::spawn(async move {
-        let shards = crate::conn::registry::SHARDS as u32;
-        let step = (n.config.ping_interval() / shards).max(Duration::from_millis(1));
-        // Pinged when the last ping is about an interval old: less one step, so that each
-        // visit (one per interval) pings, whatever the sweep's jitter.
-        let after = n.config.ping_interval().saturating_sub(step);
-        let mut tick = tokio::time::interval(step);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        for shard in 0.. {
-            tokio::select! {
-                _ = tick.tick() => {
-                    n.conns.sweep(shard, after, n.config.ping_timeout());
-                }
-                _ = s.cancelled() => return,
-            }
+        let (interval, timeout) = (n.config.ping_interval(), n.config.ping_timeout());
+        tokio::select! {
+            _ = n.conns.ping_all(interval, timeout) => {}
+            _ = s.cancelled() => {}
         }
     });
     let (n, s) = (node.clone(), stop.clone());

@@ -39,7 +39,7 @@ struct Gcra {
     /// Nanoseconds per unit, at most ~4.3 s (a rate of at least 1 per second).
     per_unit_ns: u32,
     burst: u32,
-    /// When the bucket is next empty, in nanoseconds of [`Gcra::now`].
+    /// When the bucket is next empty, in nanoseconds of [`crate::time::mono_ns`].
     tat: u64,
 }
 
@@ -50,15 +50,6 @@ impl Gcra {
             burst: burst.max(1),
             tat: 0,
         })
-    }
-
-    /// Nanoseconds since the first call in the process.
-    fn now() -> u64 {
-        static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        EPOCH
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_nanos() as u64
     }
 
     /// Takes `n` units if the bucket holds them; otherwise takes none.
@@ -92,7 +83,7 @@ impl ConnLimiter {
 
     /// Accounts one message of `len` bytes.
     pub fn check(&mut self, len: usize) -> Verdict {
-        let now = Gcra::now();
+        let now = crate::time::mono_ns();
         let kind = if self.messages.as_mut().is_some_and(|l| !l.take(1, now)) {
             Some("messages")
         } else if len > 0

@@ -22,8 +22,8 @@
 //!   client that pings without reading holds a few queued pongs, not one per ping (and its
 //!   pings count against its message rate, see `core::session`);
 //! - the queues give memory back: [`Outbound::take`] hands the queue's buffer to the batch
-//!   instead of copying into it, and [`release`] frees a drained batch that a burst made far
-//!   larger than a connection usually needs.
+//!   instead of copying into it, and [`release`] frees the batch once it is written, so an
+//!   idle connection holds no frame buffer.
 
 //!
 //! A queue may also hold its connection's [`Framer`] (protocols whose frames carry
@@ -66,8 +66,9 @@ pub struct Outbound {
 }
 
 /// When the reader last saw a frame (`[0]`) and a data frame (`[1]`: text, binary or
-/// continuation), in milliseconds of [`Heard::now`]. The reader writes it, the writer's
-/// ping and heartbeat timers read it: it lives here because both hold the `Outbound`.
+/// continuation), in milliseconds of [`Heard::now`]. The reader writes it; the node's ping
+/// sweep and the writer's heartbeat read it: it lives here because all of them hold the
+/// `Outbound`.
 pub struct Heard {
     last: [AtomicU64; 2],
     /// When the ping sweep last queued a ping (the connection's opening before the first).
@@ -92,14 +93,13 @@ impl Heard {
         self.watched.store(true, Ordering::Relaxed);
     }
 
-    fn is_watched(&self) -> bool {
+    pub fn is_watched(&self) -> bool {
         self.watched.load(Ordering::Relaxed)
     }
 
-    /// Milliseconds since the process first asked: a monotonic clock that fits an atomic.
+    /// Milliseconds of the process's monotonic clock.
     fn now() -> u64 {
-        static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+        crate::time::mono_ns() / 1_000_000
     }
 
     /// The reader saw a frame; `data`: a text, binary or continuation frame.

@@ -108,12 +108,28 @@ impl Registry {
     /// ping interval / [`SHARDS`], so that each connection is visited once per interval,
     /// and the pings of a whole node are spread over the interval rather than sent at once.
     /// Returns how many connections it visited.
-    pub fn sweep(&self, step: usize, ping_after: Duration, ping_timeout: Duration) -> usize {
+    fn sweep(&self, step: usize, ping_after: Duration, ping_timeout: Duration) -> usize {
         let live = self.live(step);
         for out in &live {
             out.ping(ping_after, ping_timeout);
         }
         live.len()
+    }
+
+    /// Pings every connection each `interval`, and closes WebSocket peers silent for longer
+    /// than `timeout`, one shard per `interval` / [`SHARDS`] ([`Registry::sweep`]); never
+    /// ends.
+    pub async fn ping_all(&self, interval: Duration, timeout: Duration) {
+        let step = (interval / SHARDS as u32).max(Duration::from_millis(1));
+        // Pinged when the last ping is about an interval old: less one step, so that each
+        // visit (one per interval) pings, whatever the sweep's jitter.
+        let after = interval.saturating_sub(step);
+        let mut tick = tokio::time::interval(step);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for shard in 0.. {
+            tick.tick().await;
+            self.sweep(shard, after, timeout);
+        }
     }
 
     /// Closes every connection with `reason` (1001 at shutdown): each writer writes what is

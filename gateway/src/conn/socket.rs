@@ -12,9 +12,10 @@
 //! - The writer is the connection's main loop: one `select!` over the outbound queue and
 //!   the timers a connection may have (a protocol's heartbeat, the token clock). Pings and
 //!   the close at shutdown come through the queue, from the node's registry
-//!   ([`crate::conn::registry`]), so an idle connection holds no timer of its own. It writes pre-encoded frames ([`crate::conn::frame`])
-//!   straight to the socket with vectored writes, so a frame fanned out to many connections
-//!   is encoded once and shared as [`Bytes`]. Every write is flushed, which TLS streams need.
+//!   ([`crate::conn::registry`]), so an idle connection holds no timer of its own. It
+//!   writes pre-encoded frames ([`crate::conn::frame`]) straight to the socket with vectored
+//!   writes, so a frame fanned out to many connections is encoded once and shared as
+//!   [`Bytes`]. Every write is flushed, which TLS streams need.
 //!
 //! Control frames the reader sees (ping → pong, close → our close) are answered through the
 //! same outbound queue, keeping a single writer per socket. A ping is first offered to the
@@ -412,7 +413,7 @@ impl Beat {
 
     /// The timer fired: queues the beat when due, and returns false when the peer has been
     /// silent for longer than the protocol allows.
-    fn fire(&mut self, outbound: &Outbound, watch_silence: bool) -> bool {
+    fn fire(&mut self, outbound: &Outbound) -> bool {
         let now = tokio::time::Instant::now();
         if let (Some(at), Some((every, frame))) = (self.next_send, &self.heartbeat.send) {
             if now >= at {
@@ -422,7 +423,7 @@ impl Beat {
         }
         if let (Some(at), Some(limit)) = (self.next_check, self.heartbeat.expect) {
             if now >= at {
-                if watch_silence && outbound.heard().no_data_for(limit) {
+                if outbound.heard().is_watched() && outbound.heard().no_data_for(limit) {
                     return false;
                 }
                 self.next_check = Some(now + check_every(limit));
@@ -519,7 +520,7 @@ pub(super) fn write_loop<S: Sink>(
             tokio::select! {
                 _ = outbound.changed() => {}
                 _ = beat_due => {
-                    if beat.as_mut().is_some_and(|b| !b.fire(&outbound, watch_silence)) {
+                    if beat.as_mut().is_some_and(|b| !b.fire(&outbound)) {
                         break CloseReason::HeartbeatTimeout;
                     }
                 }
@@ -543,9 +544,10 @@ pub(super) fn write_loop<S: Sink>(
             // Best effort: the peer may be gone or not reading (slow consumer); bounded by
             // timeout. Before the close frame go what is left of a batch whose write failed (so
             // that the peer never sees half a frame and then a close), and the frames queued
-            // since the last write: a drain's close comes through `take` and has none left,
-            // but shutdown and the timers end the loop from the `select!`, which can win over
-            // frames queued a moment before. The queue is closed now, so nothing joins later.
+            // since the last write: a close through the queue (a drain's, shutdown's, the ping
+            // timeout's) comes through `take` and has none left, but the timers end the loop
+            // from the `select!`, which can win over frames queued a moment before. The queue
+            // is closed now, so nothing joins later.
             let mut last = std::mem::take(&mut batch);
             outbound.take(&mut last);
             last.extend(outbound.farewell(&reason));

@@ -189,7 +189,7 @@ pub struct Conn {
     pub identity: Option<Identity>,
     /// The connection's records in Redis, when the handshake left them to be written with
     /// the `connect` event (`Directory::add_unwritten`).
-    pub unwritten: Option<Vec<redis::Cmd>>,
+    pub unwritten: Option<crate::cluster::directory::Unwritten>,
 }
 
 /// See the module docs.
@@ -243,22 +243,16 @@ impl Session {
         let user_id = identity.as_ref().map(|i| i.user_id.clone());
         match unwritten {
             Some(records) => {
-                let written = core
-                    .inbound
-                    .lifecycle_after(
-                        "add",
+                core.directory
+                    .write_with(
                         records,
+                        &core.inbound,
                         Inbound::Connect,
                         &conn_id,
                         user_id.as_deref(),
                         "",
                     )
-                    .await;
-                // Without the inbound stream's Redis (never, with the directory's), the
-                // records are written by the directory's next resync.
-                core.directory.written(written.unwrap_or(Err(
-                    crate::error::BrokerError::NotConfigured("no Redis is configured"),
-                )));
+                    .await
             }
             None => {
                 core.inbound
@@ -718,29 +712,15 @@ impl Ending {
         let close =
             serde_json::json!({"code": reason.code(), "reason": reason.label()}).to_string();
         // Out of the directory, then `disconnect`: in one round trip where Redis allows.
-        let user = self.user_id.as_deref();
-        match core.directory.take(&self.conn_id).await {
-            Some(mut leaving) => {
-                let records = std::mem::take(&mut leaving.cmds);
-                let deleted = core
-                    .inbound
-                    .lifecycle_after(
-                        "remove",
-                        records,
-                        Inbound::Disconnect,
-                        &self.conn_id,
-                        user,
-                        &close,
-                    )
-                    .await;
-                core.directory.left(&self.conn_id, leaving, deleted).await;
-            }
-            None => {
-                core.inbound
-                    .lifecycle(Inbound::Disconnect, &self.conn_id, user, &close)
-                    .await
-            }
-        }
+        core.directory
+            .remove_with(
+                &self.conn_id,
+                &core.inbound,
+                Inbound::Disconnect,
+                self.user_id.as_deref(),
+                &close,
+            )
+            .await;
         closed(core, self.ip, &self.conn_id, reason);
     }
 }

@@ -320,7 +320,7 @@ pub(super) async fn admit_http(
     if node.maintenance.is_on() {
         return Err(Refusal::Draining);
     }
-    let slot = node.try_admit(ip)?;
+    let mut slot = node.try_admit(ip)?;
     // Only v1 connections name their user at the handshake; the others may bring their
     // token later (STOMP's CONNECT, Centrifugo's `connect`).
     let later = !matches!(wire, Wire::V1 | Wire::Sse(_));
@@ -337,7 +337,6 @@ pub(super) async fn admit_http(
         Wire::Stomp { routes, .. } => Outbound::new(cap, &stomp::CODEC).with_framer(routes.clone()),
     };
     let out = Arc::new(out.with_latency(latency));
-    let mut slot = slot;
     slot.register(&out);
     let mut unwritten = None;
     if !later {

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use serde_json::json;
 
-use super::{emit, fixed_token, open_many, redis_conn, redis_memory, subscribe, targets, Common};
+use super::{
+    emit, fixed_token, key_memory, open_many, redis_conn, redis_memory, subscribe, targets, Common,
+};
 use crate::client::{Client, Received};
 use crate::net::Connector;
 
@@ -244,18 +246,6 @@ pub async fn idle(a: IdleArgs) -> anyhow::Result<()> {
         bail!("no connection opened");
     }
     Ok(())
-}
-
-/// `MEMORY USAGE key` (0 for a missing key).
-async fn key_memory(r: &mut redis::aio::MultiplexedConnection, key: &str) -> anyhow::Result<u64> {
-    let used: Option<u64> = redis::cmd("MEMORY")
-        .arg("USAGE")
-        .arg(key)
-        .arg("SAMPLES")
-        .arg(0)
-        .query_async(r)
-        .await?;
-    Ok(used.unwrap_or(0))
 }
 
 /// Subscribes every client to `channel` (when given), `common.concurrency` at a time;

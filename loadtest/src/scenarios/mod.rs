@@ -383,6 +383,18 @@ async fn redis_memory(r: &mut redis::aio::MultiplexedConnection) -> anyhow::Resu
     Ok((used, keys))
 }
 
+/// `MEMORY USAGE key` (0 for a missing key).
+async fn key_memory(r: &mut redis::aio::MultiplexedConnection, key: &str) -> anyhow::Result<u64> {
+    let used: Option<u64> = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(key)
+        .arg("SAMPLES")
+        .arg(0)
+        .query_async(r)
+        .await?;
+    Ok(used.unwrap_or(0))
+}
+
 /// `total_commands_processed` from `INFO stats`: what a scenario cost Redis.
 async fn redis_commands(r: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
     let info: String = redis::cmd("INFO").arg("stats").query_async(r).await?;

@@ -47,6 +47,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::inbound::{Event, Inbound};
 use crate::cluster::redis::Redis;
 use crate::config::Config;
 use crate::conn::outbound::Outbound;
@@ -80,13 +81,9 @@ pub enum Post {
     Unknown,
 }
 
-/// A connection taken out of this node's table whose records are still to be deleted: see
-/// [`Directory::take`].
-pub struct Leaving {
-    user: Option<String>,
-    /// What deletes its records, for the caller's pipeline.
-    pub cmds: Vec<redis::Cmd>,
-}
+/// A connection's records that [`Directory::add_unwritten`] left to be written with its
+/// `connect` event ([`Directory::write_with`]).
+pub struct Unwritten(Vec<redis::Cmd>);
 
 /// Why a connection could not be registered.
 #[derive(Debug, thiserror::Error)]
@@ -219,18 +216,17 @@ impl Directory {
     }
 
     /// [`Directory::add`] for a connection without a per-user cap (anonymous, or no cap
-    /// set), leaving its records in Redis to the caller: it gets their commands, sends them
-    /// ahead of its own (the inbound stream's `connect`, so one round trip serves both) and
-    /// reports how that went with [`Directory::written`]. The connection is in this node's
-    /// table at once. `Ok(None)`: nothing is left to write (a capped user, registered here
-    /// as by `add`, or no Redis).
+    /// set), leaving its records in Redis to be written with its `connect` event, in one
+    /// round trip ([`Directory::write_with`]). The connection is in this node's table at
+    /// once. `Ok(None)`: nothing is left to write (a capped user, registered here as by
+    /// `add`, or no Redis).
     pub async fn add_unwritten(
         &self,
         conn: &Arc<str>,
         id: u64,
         user: Option<&str>,
         out: Arc<Outbound>,
-    ) -> Result<Option<Vec<redis::Cmd>>, AddError> {
+    ) -> Result<Option<Unwritten>, AddError> {
         let capped = self.max_per_user > 0 && user.is_some();
         let connected_ms = now_ms();
         let cmds = match capped {
@@ -243,46 +239,57 @@ impl Directory {
         self.local
             .insert(conn.clone(), id, user, out, connected_ms, None);
         self.count("add");
-        Ok(Some(cmds))
+        Ok(Some(Unwritten(cmds)))
     }
 
-    /// How writing what [`Directory::add_unwritten`] left went. On failure the connection
-    /// is registered when Redis comes back, as an uncapped `add` during an outage is.
-    pub fn written(&self, r: Result<(), BrokerError>) {
-        if r.is_err() {
+    /// Writes what [`Directory::add_unwritten`] left, then appends `event` for `conn` to the
+    /// inbound stream: Redis runs them in that order, in one round trip where it can
+    /// (`Inbound::lifecycle_after`). Records that were not written are written when Redis
+    /// comes back, as an uncapped `add` during an outage is.
+    pub async fn write_with(
+        &self,
+        unwritten: Unwritten,
+        inbound: &Inbound,
+        event: Event,
+        conn: &str,
+        user: Option<&str>,
+        data: &str,
+    ) {
+        let written = inbound
+            .lifecycle_after("add", unwritten.0, event, conn, user, data)
+            .await;
+        if !matches!(written, Some(Ok(()))) {
             self.pending.mark_dirty();
         }
     }
 
-    /// [`Directory::remove`] for a caller that sends the deletion in a pipeline of its own,
-    /// ahead of its own commands (the inbound stream's `disconnect`): takes the connection
-    /// out of this node's table and returns what deletes its records, for
-    /// [`Directory::left`]. `None`: nothing is left to delete (the connection was not here,
-    /// or its records are not in Redis and are already gone).
-    pub async fn take(&self, conn: &str) -> Option<Leaving> {
-        let local = self.local.remove(conn)?;
-        self.count("remove");
-        let user = local.user;
-        let Some(cmds) = self.records.unregister_cmds(conn, user.as_deref()) else {
-            self.unregister(conn, user).await;
-            return None;
-        };
-        Some(Leaving { user, cmds })
-    }
-
-    /// How deleting what [`Directory::take`] returned went: `Some` with the outcome of its
-    /// commands, or `None` when the caller could not send them (they run here, now). On
-    /// failure the records are deleted when Redis comes back, as after `remove`.
-    pub async fn left(
+    /// [`Directory::remove`], then `event` appended to the inbound stream for `conn`: the
+    /// deletion and the append go in one round trip where Redis allows, in that order.
+    /// Records left undeleted are deleted when Redis comes back, as after `remove`.
+    pub async fn remove_with(
         &self,
         conn: &str,
-        leaving: Leaving,
-        deleted: Option<Result<(), BrokerError>>,
+        inbound: &Inbound,
+        event: Event,
+        user: Option<&str>,
+        data: &str,
     ) {
-        match deleted {
+        let Some(local) = self.local.remove(conn) else {
+            return inbound.lifecycle(event, conn, user, data).await;
+        };
+        self.count("remove");
+        let Some(cmds) = self.records.unregister_cmds(conn, local.user.as_deref()) else {
+            self.unregister(conn, local.user).await;
+            return inbound.lifecycle(event, conn, user, data).await;
+        };
+        match inbound
+            .lifecycle_after("remove", cmds, event, conn, user, data)
+            .await
+        {
             Some(Ok(())) => {}
-            Some(Err(_)) => self.pending.orphan(conn, leaving.user),
-            None => self.unregister(conn, leaving.user).await,
+            Some(Err(_)) => self.pending.orphan(conn, local.user),
+            // No Redis for the inbound stream: the deletion runs on its own.
+            None => self.unregister(conn, local.user).await,
         }
     }
 
